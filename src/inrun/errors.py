@@ -1,0 +1,43 @@
+"""Exceptions raised by inrun. Each message says what went wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class InRunError(Exception):
+    """Base class of every error inrun raises on purpose."""
+
+
+class UnsupportedOptimizerError(InRunError, TypeError):
+    """The optimizer (or one of its settings) has no attribution rule."""
+
+
+class UnsupportedModuleError(InRunError, TypeError):
+    """A module cannot be valued per example (e.g. BatchNorm in training mode)."""
+
+
+class BatchMismatchError(InRunError, ValueError):
+    """The ids given to ``tracker.step`` do not match the batch the model saw."""
+
+
+class ValidationLossError(InRunError, ValueError):
+    """``val_loss(model)`` returned something that cannot be differentiated or valued."""
+
+
+class StepOrderError(InRunError, RuntimeError):
+    """``tracker.step`` / backward / ``optimizer.step`` were called in an order that cannot be valued."""
+
+
+class ConsistencyError(InRunError, RuntimeError):
+    """The per-example values of a step do not add up to the batch gradient autograd computed.
+
+    This means a parameter is used in a way the tracker does not see (for example a weight
+    read directly in a parent module's ``forward``), or examples interact inside the model.
+    """
+
+
+class NonFiniteError(InRunError, FloatingPointError):
+    """A loss, gradient or value of a step is NaN or infinite."""
+
+
+class LedgerError(InRunError, ValueError):
+    """A saved ledger or run directory does not match what it is being combined with."""

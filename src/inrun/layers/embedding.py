@@ -1,0 +1,57 @@
+"""``nn.Embedding``: the per-example gradient is a scatter of output gradients into token rows,
+so ``<g_z, U> = Σ_t D_z,t · U[id_z,t]`` (gather the contraction vector's rows at z's tokens).
+
+A position embedding called on ``arange(T)`` (no batch dimension, nanoGPT) or on ``[1, T]``
+(Hugging Face GPT-2) is broadcast against the batch; its per-example gradient is example z's
+own output-gradient rows, which the tracker obtains by expanding the output to the batch.
+A 1-D input whose length equals the batch size is read as one id per example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from ..errors import UnsupportedModuleError
+from .registry import LayerHandler, Layout, as_float, first_input, register_handler
+
+
+class EmbeddingHandler(LayerHandler):
+    name = "embedding"
+
+    def check(self, module: nn.Module) -> None:
+        if module.scale_grad_by_freq:
+            raise UnsupportedModuleError(
+                "Embedding with scale_grad_by_freq=True divides each token's gradient by its "
+                "frequency in the whole batch, so examples interact and have no per-example "
+                "gradient. Use scale_grad_by_freq=False."
+            )
+        if module.sparse:
+            raise UnsupportedModuleError(
+                "Embedding(sparse=True) is not supported; use a dense embedding."
+            )
+
+    def layout(self, module: nn.Module, args: tuple, output: Tensor, batch_size: int) -> Layout:
+        ids = first_input(module, args, {})
+        if ids.dim() == 1 and ids.shape[0] != batch_size:
+            return Layout.UNBATCHED
+        return super().layout(module, args, output, batch_size)
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+        return first_input(module, args, kwargs).detach()
+
+    def dot(
+        self, module: nn.Module, saved: Tensor, grad_out: Tensor, vectors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        U = vectors["weight"]  # (K, num_embeddings, dim)
+        batch = grad_out.shape[0]
+        ids = saved.reshape(saved.shape[0], -1)  # (B|1, T)
+        D = as_float(grad_out, U).reshape(batch, -1, U.shape[-1])  # (B, T, dim)
+        if module.padding_idx is not None:
+            D = D * (ids != module.padding_idx).unsqueeze(-1).to(D.dtype)
+        rows = U[:, ids]  # (K, B|1, T, dim)
+        return {"weight": (rows * D.unsqueeze(0)).sum(dim=(2, 3)).T}
+
+
+register_handler(nn.Embedding, handler=EmbeddingHandler())

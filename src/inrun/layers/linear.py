@@ -1,0 +1,122 @@
+"""``nn.Linear`` and Hugging Face ``Conv1D`` (GPT-2's transposed linear layer).
+
+Per-example weight gradient of ``s = a Wᵀ + b`` for example z with T positions:
+``G_z = D_zᵀ A_z`` with ``A_z [T, d]`` inputs and ``D_z [T, p]`` output gradients.
+
+* vector route: ``<G_z, U> = sum(D_z ⊙ (A_z Uᵀ))``, cost ``T·d·p`` per example;
+* Gram route:   ``<G_z, G_val> = sum((A_z A_vᵀ) ⊙ (D_z D_vᵀ))`` over all validation tokens,
+  cost ``T·N_val·(d + p)``, cheaper when ``N_val·(d + p) < d·p``;
+* bias: ``<Σ_t D_z,t, u_b>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .registry import LayerHandler, as_float, first_input, register_handler, register_predicate
+
+
+class LinearHandler(LayerHandler):
+    """``nn.Linear`` with any number of leading dimensions ``[B, *, d] -> [B, *, p]``."""
+
+    name = "linear"
+    supports_gram = True
+
+    @staticmethod
+    def weight_out_in(module: nn.Module, weight_like: Tensor) -> Tensor:
+        """A weight-shaped tensor ``[..., *param.shape]`` as ``[..., p, d]``."""
+        return weight_like
+
+    @staticmethod
+    def in_out_features(module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+        return first_input(module, args, kwargs).detach()
+
+    def dot(
+        self, module: nn.Module, saved: Tensor, grad_out: Tensor, vectors: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        d, p = self.in_out_features(module)
+        out: dict[str, Tensor] = {}
+        batch = grad_out.shape[0]
+        if "weight" in vectors:
+            U = self.weight_out_in(module, vectors["weight"])  # (K, p, d)
+            A = as_float(saved, U).reshape(saved.shape[0], -1, d)  # (B|1, T, d)
+            D = as_float(grad_out, U).reshape(batch, -1, p)  # (B, T, p)
+            K = U.shape[0]
+            if K == 1:
+                # Multiply on the narrower side so the temporary is [B, T, min(d, p)].
+                if d <= p:
+                    val = ((D @ U[0]) * A).sum(dim=(1, 2))
+                else:
+                    val = ((A @ U[0].T) * D).sum(dim=(1, 2))
+                out["weight"] = val.unsqueeze(1)
+            else:
+                proj = (A @ U.reshape(K * p, d).T).unflatten(-1, (K, p))  # (B|1, T, K, p)
+                out["weight"] = (proj * D.unsqueeze(2)).sum(dim=(1, 3))
+        if "bias" in vectors:
+            ub = vectors["bias"]  # (K, p)
+            D = as_float(grad_out, ub).reshape(batch, -1, p)
+            out["bias"] = D.sum(dim=1) @ ub.T
+        return out
+
+    def gram_factors(self, module: nn.Module, saved: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+        d, p = self.in_out_features(module)
+        batch = grad_out.shape[0]
+        A = saved.reshape(saved.shape[0], -1, d)
+        if A.shape[0] != batch:
+            A = A.expand(batch, *A.shape[1:])
+        return A, grad_out.reshape(batch, -1, p)
+
+    def vector_cost(self, module: nn.Module) -> float:
+        d, p = self.in_out_features(module)
+        return float(d * p)
+
+    def gram_cost(self, module: nn.Module, n_val_tokens: int) -> float:
+        d, p = self.in_out_features(module)
+        return float(n_val_tokens * (d + p + 1))
+
+
+class HFConv1DHandler(LinearHandler):
+    """Hugging Face ``Conv1D``: ``y = x @ W + b`` with ``W [d, p]`` (transposed ``nn.Linear``)."""
+
+    name = "hf_conv1d"
+
+    @staticmethod
+    def weight_out_in(module: nn.Module, weight_like: Tensor) -> Tensor:
+        return weight_like.transpose(-1, -2)
+
+    @staticmethod
+    def in_out_features(module: nn.Module) -> tuple[int, int]:
+        d, p = module.weight.shape
+        return d, p
+
+
+def gram_dot(A: Tensor, D: Tensor, A_val: Tensor, D_val: Tensor, chunk_rows: int = 1 << 15) -> Tensor:
+    """``[B]`` Gram-route dot products ``sum((A_z A_valᵀ) ⊙ (D_z D_valᵀ))``.
+
+    ``A [B, T, d]``, ``D [B, T, p]``; ``A_val [N, d]``, ``D_val [N, p]`` hold every validation
+    token of every call of the module (their products sum to the validation weight gradient).
+    """
+    B, T, _ = A.shape
+    A = as_float(A, A_val).reshape(B * T, -1)
+    D = as_float(D, D_val).reshape(B * T, -1)
+    rows_per_chunk = max(T, (chunk_rows // max(1, A_val.shape[0])) // T * T)
+    parts = []
+    for start in range(0, B * T, rows_per_chunk):
+        stop = min(B * T, start + rows_per_chunk)
+        prod = (A[start:stop] @ A_val.T) * (D[start:stop] @ D_val.T)  # (rows, N)
+        parts.append(prod.reshape(-1, T * A_val.shape[0]).sum(dim=1))
+    return torch.cat(parts)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+register_handler(nn.Linear, handler=LinearHandler())
+register_predicate(_is_hf_conv1d, HFConv1DHandler())

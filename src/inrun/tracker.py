@@ -1,0 +1,903 @@
+"""``InRunShapley``: In-Run Data Shapley values computed inside the user's own training loop.
+
+One optimizer step, as the tracker sees it::
+
+    tracker.step(ids).__enter__   validation pass at θ_t if the parameters changed (g_val, and the
+                                  Gram factors of layers that use the Gram route)
+    user's forward                forward hooks keep each tracked layer's inputs
+    user's backward               output-gradient hooks form per-example dot products per layer
+    tracker.step(ids).__exit__    consistency data: gradient norms, Σ_z dots vs <grad, g_val>
+    optimizer.step() pre-hook     learning rates, clip factors; checks (one host sync per step)
+    optimizer.step() post-hook    values added to the ledger by example id
+
+All state lives in the tracker, keyed by module: nothing is stored on the user's modules,
+parameters or optimizer, and :meth:`InRunShapley.close` leaves them exactly as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import shapley
+from .errors import (
+    BatchMismatchError,
+    ConsistencyError,
+    InRunError,
+    NonFiniteError,
+    StepOrderError,
+    UnsupportedModuleError,
+    ValidationLossError,
+)
+from .layers import FALLBACK, LayerHandler, Layout, handler_for
+from .layers.linear import gram_dot
+from .layers.norm import batchnorm_message
+from .layers.registry import expand_leading
+from .ledger import ValueLedger, ValueTable, check_ids
+from .optim import UpdateRule, rule_for, unwrap_optimizer
+
+logger = logging.getLogger(__name__)
+
+ORDERS = (1, 2)
+SECOND_ORDER_VARIANTS = ("trapezoid", "hessian")
+ROUTES = ("auto", "vector", "gram")
+VAL_MODES = ("eval", "train")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """Settings of an :class:`InRunShapley` tracker; every field is validated on creation."""
+
+    order: int = 1
+    """1: first order ``η g_val·g_z``; 2: adds the interaction with the rest of the batch."""
+    second_order: str = "trapezoid"
+    """Order-2 variant: ``"trapezoid"`` (g_val at θ_t and θ_t+1) or ``"hessian"`` (one HVP)."""
+    route: str = "auto"
+    """Per-layer route: ``"auto"`` picks the cheaper of Gram and vector; or force one."""
+    check: bool = True
+    """Check every step that Σ_z of the per-example dots equals ``<grad, g_val>`` per parameter."""
+    check_rtol: float | None = None
+    """Relative tolerance of that check; default by dtype (float64 1e-6, float32 1e-3, else 5e-2)."""
+    on_nonfinite: str = "raise"
+    """NaN/Inf loss, gradient or value: ``"raise"`` before the update, or ``"skip"`` (recorded)."""
+    val_mode: str = "eval"
+    """Module mode during the validation pass: ``"eval"`` (no dropout) or ``"train"``."""
+    keep_trace: bool = False
+    """Keep one row per (step, example) with both value parts and the learning rate."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: Sequence[Any]) -> ValueError:
+            return ValueError(f"{name}={getattr(self, name)!r} is not one of {tuple(allowed)}")
+
+        if self.order not in ORDERS:
+            raise bad("order", ORDERS)
+        if self.second_order not in SECOND_ORDER_VARIANTS:
+            raise bad("second_order", SECOND_ORDER_VARIANTS)
+        if self.route not in ROUTES:
+            raise bad("route", ROUTES)
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise bad("on_nonfinite", NONFINITE_POLICIES)
+        if self.val_mode not in VAL_MODES:
+            raise bad("val_mode", VAL_MODES)
+        if self.check_rtol is not None and not (0 < self.check_rtol < 1):
+            raise ValueError(f"check_rtol={self.check_rtol!r} must be in (0, 1)")
+
+
+@dataclass
+class _Entry:
+    """A tracked module: its handler and where its parameters sit in the tracker's list."""
+
+    index: int
+    name: str
+    module: nn.Module
+    handler: LayerHandler
+    param_names: tuple[str, ...]
+    param_index: tuple[int, ...]
+    gram_capable: bool
+    route: str = "unused"
+
+
+@dataclass
+class _Capture:
+    """One forward call of a tracked module inside a step."""
+
+    entry: _Entry
+    saved: Any
+    microbatch: _MicroBatch
+    grad: Tensor | None = None
+    fired: bool = False
+
+
+@dataclass
+class _MicroBatch:
+    ids: list
+    size: int
+    dots: Tensor | None = None  # [P, B, K] float64: dots with g_val(θ_t)
+    captures: list[_Capture] = field(default_factory=list)
+    fired: int = 0
+    batched_seen: bool = False
+
+
+@dataclass
+class _Window:
+    """Everything between two optimizer steps (one or several micro-batches)."""
+
+    step: int
+    micro: list[_MicroBatch] = field(default_factory=list)
+    poisoned: str | None = None
+    exit_norms: Tensor | None = None
+    check_terms: tuple[Tensor, Tensor, Tensor] | None = None
+    coef: Tensor | None = None
+    first: np.ndarray | None = None
+    second: np.ndarray | None = None
+    skip_reason: str | None = None
+    lr: float | None = None
+
+    @property
+    def ids(self) -> list:
+        return [i for mb in self.micro for i in mb.ids]
+
+    def dots(self) -> Tensor:
+        return torch.cat([mb.dots for mb in self.micro], dim=1)
+
+
+@dataclass
+class _Validation:
+    version: int
+    loss: Tensor
+    grads: list[Tensor]  # per parameter [K, *shape]
+    gram: dict[int, tuple[Tensor, Tensor]]  # entry index -> (A_val [N, d], D_val [N, p])
+
+    @property
+    def columns(self) -> int:
+        return self.grads[0].shape[0] if self.grads else 1
+
+
+@dataclass
+class Coverage:
+    """Which route valued each trainable parameter, by name and as a fraction of parameters."""
+
+    routes: dict[str, list[str]]
+    numel: dict[str, int]
+
+    @property
+    def fraction(self) -> dict[str, float]:
+        total = sum(self.numel.values()) or 1
+        return {r: n / total for r, n in self.numel.items()}
+
+    def __str__(self) -> str:
+        lines = [f"{'route':<22}{'params':>8}{'elements':>14}{'share':>9}"]
+        for r in sorted(self.routes):
+            lines.append(
+                f"{r:<22}{len(self.routes[r]):>8}{self.numel[r]:>14,}{self.fraction[r]:>9.1%}"
+            )
+        return "\n".join(lines)
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel."""
+    inner = model
+    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        inner = inner.module
+    return inner
+
+
+class InRunShapley:
+    """In-Run Data Shapley values of every training example, computed during training.
+
+    Wrap the forward and backward of each step in ``with tracker.step(ids):`` and call your own
+    ``optimizer.step()`` as usual. At every optimizer step each example in the batch gets
+    ``φ_z = η · g_val · g_z`` (order 1, helpful = positive), where ``g_z`` is the gradient of the
+    example's share of the loss you back-propagated and ``g_val`` the gradient of ``val_loss`` at
+    the same parameters; values add up by id over the run. Per-example gradients of the whole
+    model are never formed: each layer contributes exact dot products from its inputs and
+    output gradients.
+
+    Args:
+        model: the model being trained (may be wrapped in DistributedDataParallel).
+        optimizer: its optimizer (see :mod:`inrun.optim` for what is supported).
+        val_loss: ``val_loss(model) -> Tensor``: a scalar validation loss, or a vector of
+            per-validation-example losses (their sum is the utility, and a per-(train,
+            validation) table is kept). Called in ``eval`` mode at the current parameters.
+        order: 1 or 2.
+        second_order: ``"trapezoid"`` or ``"hessian"`` (order 2 only).
+        **options: any other :class:`TrackerConfig` field.
+
+    Example:
+        >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP
+        >>> for ids, x, y in loader:                                                  # doctest: +SKIP
+        ...     with tracker.step(ids):
+        ...         loss_fn(model(x), y).backward()
+        ...     opt.step(); opt.zero_grad()
+        >>> tracker.values().top(5)                                                   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        val_loss: Callable[[nn.Module], Tensor],
+        *,
+        order: int = 1,
+        second_order: str = "trapezoid",
+        ledger: ValueLedger | None = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(val_loss):
+            raise TypeError("val_loss must be a callable taking the model and returning a loss")
+        self.config = TrackerConfig(order=order, second_order=second_order, **options)
+        self.model = model
+        self.module = _unwrap_model(model)
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.rule: UpdateRule = rule_for(self.optimizer)
+        self.val_loss = val_loss
+        self.ledger = ledger if ledger is not None else ValueLedger(keep_trace=self.config.keep_trace)
+        self.enabled = True
+
+        self._params: list[nn.Parameter] = []
+        self._param_names: list[str] = []
+        index: dict[int, int] = {}
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                index[id(p)] = len(self._params)
+                self._params.append(p)
+                self._param_names.append(name)
+        if not self._params:
+            raise InRunError("the model has no trainable parameters (requires_grad=True)")
+        self._index = index
+        self._entries = self._build_entries()
+        self._check_optimizer_covers_params()
+        self._batchnorms = [
+            m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        self._distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+
+        self._mode: str | None = None  # None | "train" | "val"
+        self._microbatch: _MicroBatch | None = None
+        self._window: _Window | None = None
+        self._pending: _Window | None = None  # trapezoid: waits for g_val(θ_t+1)
+        self._val: _Validation | None = None
+        self._val_gram: dict[int, list[tuple[Tensor, Tensor | None]]] = {}
+        self._val_hooks: list[Any] = []
+        self._version = 0
+        self.step_count = 0
+
+        self._handles: list[Any] = []
+        for entry in self._entries:
+            self._handles.append(
+                entry.module.register_forward_hook(
+                    self._make_forward_hook(entry), with_kwargs=True
+                )
+            )
+        self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
+        self._handles.append(self.optimizer.register_step_post_hook(self._post_step))
+
+    # ------------------------------------------------------------------ setup
+    def _build_entries(self) -> list[_Entry]:
+        owners: dict[int, int] = {}
+        for m in self.module.modules():
+            for _, p in m.named_parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        entries = []
+        for name, module in self.module.named_modules():
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            handler = handler_for(module) or FALLBACK
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                handler.check(module)  # BatchNorm's mode is checked at every step instead
+            names = tuple(n for n, _ in own)
+            weight = dict(own).get("weight")
+            gram_capable = (
+                handler.supports_gram and weight is not None and owners[id(weight)] == 1
+            )
+            entries.append(
+                _Entry(
+                    index=len(entries),
+                    name=name or type(module).__name__,
+                    module=module,
+                    handler=handler,
+                    param_names=names,
+                    param_index=tuple(self._index[id(p)] for _, p in own),
+                    gram_capable=gram_capable,
+                )
+            )
+            if handler is FALLBACK:
+                logger.info("no handler for %s (%s): using the torch.func fallback", name, type(module).__name__)
+        return entries
+
+    def _check_optimizer_covers_params(self) -> None:
+        in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in zip(self._param_names, self._params) if id(p) not in in_opt]
+        if missing:
+            logger.warning(
+                "%d trainable parameters are not in the optimizer and get no value: %s",
+                len(missing),
+                ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
+            )
+
+    # ------------------------------------------------------------------ public API
+    @contextlib.contextmanager
+    def step(self, ids: Any) -> Iterator[InRunShapley]:
+        """Value the examples of one (micro-)batch: run its forward and backward inside.
+
+        Args:
+            ids: one id (``int`` or ``str``) per row of the batch, in batch order.
+        """
+        if not self.enabled:
+            yield self
+            return
+        if self._microbatch is not None:
+            raise StepOrderError("tracker.step() blocks cannot be nested")
+        id_list = check_ids(ids)
+        if not id_list:
+            raise BatchMismatchError("tracker.step() needs at least one id")
+        for bn in self._batchnorms:
+            if bn.training:
+                raise UnsupportedModuleError(batchnorm_message(bn))
+        self._begin_microbatch(id_list)
+        mb = self._microbatch
+        try:
+            self._mode = "train"
+            yield self
+        except BaseException as exc:
+            self._mode = None
+            self._microbatch = None
+            if self._window is not None:
+                self._window.poisoned = f"{type(exc).__name__} inside tracker.step()"
+            raise
+        self._mode = None
+        self._microbatch = None
+        self._end_microbatch(mb)
+
+    def values(self) -> ValueTable:
+        """id -> accumulated value (float64). Completes a pending order-2 step first."""
+        self.flush()
+        return self.ledger.values()
+
+    def per_validation(self) -> tuple[list, np.ndarray] | None:
+        """``(ids, [N, V])`` per-(train, validation) values when ``val_loss`` returns a vector."""
+        self.flush()
+        return self.ledger.per_validation()
+
+    def flush(self) -> None:
+        """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
+        if self._pending is not None:
+            self._ensure_validation()
+
+    def coverage(self) -> Coverage:
+        """Which route (Gram, vector by layer family, fallback) valued each trainable parameter."""
+        routes: dict[str, list[str]] = {}
+        numel: dict[str, int] = {}
+        seen: set[int] = set()
+        for e in self._entries:
+            for i in e.param_index:
+                if i in seen:
+                    continue
+                seen.add(i)
+                route = e.route if e.route != "unused" else "not reached yet"
+                routes.setdefault(route, []).append(self._param_names[i])
+                numel[route] = numel.get(route, 0) + self._params[i].numel()
+        return Coverage(routes, numel)
+
+    def close(self) -> None:
+        """Finish pending work and remove every hook; the model and optimizer are left as found."""
+        with contextlib.suppress(InRunError):
+            self.flush()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.enabled = False
+
+    def __enter__(self) -> InRunShapley:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ step lifecycle
+    @property
+    def _defer(self) -> bool:
+        """Keep per-example factors until a vector known only later (order 2, Adam) arrives."""
+        return self.config.order == 2 or self.rule.elementwise
+
+    @property
+    def _immediate(self) -> bool:
+        """Dot products with ``g_val(θ_t)`` during backward (scalar-coefficient rules)."""
+        return not self.rule.elementwise
+
+    def _begin_microbatch(self, ids: list) -> None:
+        window = self._window
+        if window is not None and window.micro and self._grads_all_none():
+            # The previous micro-batches were zeroed away without an optimizer step
+            # (e.g. GradScaler skipped it): nothing they computed was applied.
+            self._skip_window(window, "gradients were zeroed without an optimizer step")
+            window = self._window = None
+        if window is None:
+            self._ensure_validation()
+            self._check_grads_zero()
+            window = self._window = _Window(step=self.step_count)
+        self._microbatch = _MicroBatch(ids=ids, size=len(ids))
+
+    def _end_microbatch(self, mb: _MicroBatch) -> None:
+        window = self._window
+        assert window is not None
+        if mb.fired == 0:
+            window.poisoned = "no backward pass reached a tracked layer inside tracker.step()"
+            raise StepOrderError(
+                "no backward pass reached a tracked layer inside tracker.step(ids): call "
+                "loss.backward() inside the `with tracker.step(ids):` block"
+            )
+        if mb.dots is None:
+            mb.dots = torch.zeros(
+                len(self._params), mb.size, self._val.columns, dtype=torch.float64,
+                device=self._params[0].device,
+            )
+        window.micro.append(mb)
+        grads = [p.grad for p in self._params]
+        with torch.no_grad():
+            window.exit_norms = _norms(grads, self._params)
+            if self.config.check and self._immediate and not self._distributed:
+                window.check_terms = self._check_terms(window, grads)
+
+    def _check_terms(self, window: _Window, grads: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per parameter: Σ_z dots, <grad, g_val> and a scale for the tolerance."""
+        ours = torch.stack([mb.dots.sum(dim=(1, 2)) for mb in window.micro]).sum(dim=0)
+        spread = torch.stack([mb.dots.sum(dim=2).abs().sum(dim=1) for mb in window.micro]).sum(0)
+        theirs, scale = [], []
+        for g, v in zip(grads, self._val.grads):
+            if g is None:
+                theirs.append(torch.zeros((), dtype=torch.float64, device=ours.device))
+                scale.append(torch.zeros((), dtype=torch.float64, device=ours.device))
+                continue
+            v_sum = v.sum(dim=0)
+            theirs.append((g.double() * v_sum.double()).sum().to(ours.device))
+            scale.append((g.double().norm() * v_sum.double().norm()).to(ours.device))
+        return ours, torch.stack(theirs), torch.stack(scale) + spread
+
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        window = self._window
+        if self._microbatch is not None:
+            raise StepOrderError("optimizer.step() was called inside a tracker.step() block")
+        if window is None or not window.micro:
+            if window is not None and window.poisoned:
+                window.skip_reason = window.poisoned
+                return
+            raise StepOrderError(
+                "optimizer.step() was called with no `with tracker.step(ids):` block since the "
+                "last step, so the update has no examples to credit. Wrap the forward/backward "
+                "in tracker.step(ids), or set tracker.enabled = False to train untracked."
+            )
+        if window.poisoned:
+            window.skip_reason = window.poisoned
+            return
+        with torch.no_grad():
+            grads = [p.grad for p in self._params]
+            ratio = _ratios(_norms(grads, self._params), window.exit_norms)
+            coef = self.rule.scalar_coefficients(self._params).to(ratio.device) * ratio
+            if self._distributed:
+                coef = coef / torch.distributed.get_world_size()
+            window.coef = coef
+            dots = window.dots()
+            first = shapley.first_order(coef.to(dots.device), dots)
+            second = None
+        if self.config.order == 2 and self.config.second_order == "hessian":
+            second = self._hessian_correction(window, coef, grads)
+        self._finalize_checks(window, first, second)
+
+    def _finalize_checks(self, window: _Window, first: Tensor, second: Tensor | None) -> None:
+        """One host transfer per step: values, and the flags that say whether to keep them."""
+        host = [first.cpu().numpy()]
+        if second is not None:
+            host.append(second.cpu().numpy())
+        check = window.check_terms
+        if check is not None:
+            ours, theirs, scale = (t.cpu().numpy() for t in check)
+            rtol = self.config.check_rtol or _default_rtol(self._params[0].dtype)
+            bad = np.abs(ours - theirs) > rtol * scale + 1e-30
+            finite = np.isfinite(ours).all() and np.isfinite(theirs).all()
+        else:
+            bad = np.zeros(0, dtype=bool)
+            finite = True
+        finite = finite and all(np.isfinite(h).all() for h in host)
+        finite = finite and bool(torch.isfinite(window.exit_norms).all())
+        if not finite:
+            reason = "non-finite gradient or value"
+            if self.config.on_nonfinite == "raise":
+                window.poisoned = reason
+                raise NonFiniteError(
+                    f"step {window.step}: {reason} (NaN/Inf in the loss or gradients). The "
+                    "parameters were not updated by this tracker's step hook. Pass "
+                    "on_nonfinite='skip' to record such steps as skipped and continue."
+                )
+            window.skip_reason = reason
+            return
+        if bad.any():
+            names = [self._param_names[i] for i in np.flatnonzero(bad)[:5]]
+            raise ConsistencyError(
+                f"step {window.step}: the per-example values of parameter(s) {names} do not add "
+                "up to the gradient autograd computed. A parameter is used outside the forward "
+                "of the module that owns it, examples interact inside the model, or the "
+                "gradients were modified (e.g. zero_grad(set_to_none=False) between micro-batches)."
+            )
+        window.first = host[0]
+        window.second = host[1] if second is not None else None
+        window.lr = float(self.optimizer.param_groups[0]["lr"])
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        window = self._window
+        if window is None:
+            return
+        self._version += 1
+        self._window = None
+        self.step_count += 1
+        if window.skip_reason is not None:
+            self.ledger.record_skip(window.step, window.skip_reason)
+            return
+        if self.config.order == 2 and self.config.second_order == "trapezoid":
+            self._pending = window
+            return
+        self.ledger.add(window.step, window.ids, window.first, window.second, lr=window.lr)
+        window.micro.clear()
+
+    def _skip_window(self, window: _Window, reason: str) -> None:
+        self.ledger.record_skip(window.step, reason)
+        logger.warning("step %d not valued: %s", window.step, reason)
+
+    # ------------------------------------------------------------------ validation pass
+    def _ensure_validation(self) -> None:
+        if self._val is not None and self._val.version == self._version:
+            return
+        self._val = self._validation_pass()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._finish_trapezoid(pending)
+
+    def _validation_pass(self) -> _Validation:
+        params = self._params
+        capture_gram = self.config.route != "vector"
+        self._val_gram = {}
+        with _module_mode(self.module, self.config.val_mode), _fork_rng(params):
+            self._mode = "val" if capture_gram else None
+            try:
+                loss = self.val_loss(self.module)
+            finally:
+                self._mode = None
+            loss = _check_val_loss(loss)
+            if loss.dim() == 1:
+                # Per-validation columns use the vector route: drop the Gram captures.
+                for handle in self._val_hooks:
+                    handle.remove()
+                self._val_gram = {}
+            self._val_hooks = []
+            if loss.dim() == 0:
+                total = loss
+                grads = torch.autograd.grad(total, params, allow_unused=True)
+                grads = [
+                    (g if g is not None else torch.zeros_like(p)).unsqueeze(0)
+                    for g, p in zip(grads, params)
+                ]
+            else:
+                grads = _per_validation_grads(loss, params)
+        gram: dict[int, tuple[Tensor, Tensor]] = {}
+        if grads[0].shape[0] == 1:
+            for idx, calls in self._val_gram.items():
+                if any(d is None for _, d in calls):
+                    continue
+                A = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in calls])
+                D = torch.cat([d.reshape(-1, d.shape[-1]) for _, d in calls])
+                gram[idx] = (A, D)
+        self._val_gram = {}
+        for entry in self._entries:
+            entry_route = self._choose_route(entry, gram)
+            if entry_route != "gram":
+                gram.pop(entry.index, None)
+        return _Validation(self._version, loss.detach(), [g.detach() for g in grads], gram)
+
+    def _choose_route(self, entry: _Entry, gram: dict[int, tuple[Tensor, Tensor]]) -> str:
+        if entry.index not in gram:
+            return "vector"
+        if self.config.route == "gram":
+            return "gram"
+        n_val = gram[entry.index][0].shape[0]
+        cheaper = entry.handler.gram_cost(entry.module, n_val) < entry.handler.vector_cost(entry.module)
+        return "gram" if cheaper else "vector"
+
+    def _hessian_correction(self, window: _Window, coef: Tensor, grads: list[Tensor | None]) -> Tensor:
+        """``−½ Σ_p <g_z,p, c_p (H (c ⊙ g_B))_p>`` with one Hessian-vector product at θ_t."""
+        params = self._params
+        with torch.no_grad():
+            direction = [
+                (g if g is not None else torch.zeros_like(p)) * coef[i].to(p.dtype)
+                for i, (g, p) in enumerate(zip(grads, params))
+            ]
+        with _module_mode(self.module, self.config.val_mode), _fork_rng(params):
+            loss = _check_val_loss(self.val_loss(self.module))
+            columns = [loss] if loss.dim() == 0 else list(loss)
+            hvps: list[list[Tensor]] = []
+            for k, column in enumerate(columns):
+                g = torch.autograd.grad(column, params, create_graph=True, allow_unused=True)
+                used = [(gi, d) for gi, d in zip(g, direction) if gi is not None and gi.requires_grad]
+                hv = torch.autograd.grad(
+                    [gi for gi, _ in used], params, grad_outputs=[d for _, d in used],
+                    retain_graph=k + 1 < len(columns), allow_unused=True,
+                )
+                hvps.append([
+                    (h if h is not None else torch.zeros_like(p)).detach() * coef[i].to(p.dtype)
+                    for i, (h, p) in enumerate(zip(hv, params))
+                ])
+        vectors = [torch.stack([col[i] for col in hvps]) for i in range(len(params))]
+        return shapley.hessian_correction(self._contract(window, vectors))
+
+    def _finish_trapezoid(self, window: _Window) -> None:
+        with torch.no_grad():
+            dots_next = self._contract(window, self._val.grads)
+            dots_now = window.dots()
+            second = shapley.trapezoid_correction(window.coef.to(dots_now.device), dots_now, dots_next)
+        second_host = second.cpu().numpy()
+        if not np.isfinite(second_host).all():
+            self.ledger.record_skip(window.step, "non-finite trapezoid correction")
+            return
+        self.ledger.add(window.step, window.ids, window.first, second_host, lr=window.lr)
+        window.micro.clear()
+
+    def _contract(self, window: _Window, vectors: list[Tensor]) -> Tensor:
+        """``[P, B, K]`` dots of the window's per-example gradients with per-parameter vectors."""
+        K = vectors[0].shape[0]
+        parts = []
+        with self._paused(), torch.no_grad():
+            for mb in window.micro:
+                out = torch.zeros(len(self._params), mb.size, K, dtype=torch.float64, device=mb.dots.device)
+                for cap in mb.captures:
+                    if cap.grad is None:
+                        continue
+                    e = cap.entry
+                    vecs = {n: vectors[i] for n, i in zip(e.param_names, e.param_index)}
+                    for n, d in e.handler.dot(e.module, cap.saved, cap.grad, vecs).items():
+                        out[e.param_index[e.param_names.index(n)]] += d.to(out.dtype)
+                parts.append(out)
+        return torch.cat(parts, dim=1)
+
+    # ------------------------------------------------------------------ hooks
+    def _make_forward_hook(self, entry: _Entry) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            mode = self._mode
+            if mode is None:
+                return None
+            if mode == "val":
+                return self._capture_validation(entry, args, kwargs, output)
+            return self._capture_train(entry, args, kwargs, output)
+
+        return hook
+
+    def _capture_train(self, entry: _Entry, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return None
+        if not isinstance(output, Tensor):
+            raise UnsupportedModuleError(
+                f"{entry.name} ({type(entry.module).__name__}) has trainable parameters and "
+                f"returns {type(output).__name__}, not a tensor; no handler knows it and the "
+                "fallback needs a single tensor output. Register a handler or freeze it."
+            )
+        if not output.requires_grad:
+            return None
+        mb = self._microbatch
+        layout = entry.handler.layout(entry.module, args, output, mb.size)
+        if layout is Layout.BATCHED:
+            mb.batched_seen = True
+        elif not mb.batched_seen:
+            # A broadcast call (positions, a shared prefix) only makes sense once the batch
+            # itself has gone through a tracked layer; before that, the ids and rows disagree.
+            raise BatchMismatchError(
+                f"{entry.name} ({type(entry.module).__name__}) saw {output.shape[0]} row(s) but "
+                f"the step has {mb.size} ids: pass exactly one id per row of the batch"
+            )
+        saved = entry.handler.capture(entry.module, args, kwargs)
+        if layout is Layout.UNBATCHED and isinstance(saved, Tensor):
+            saved = saved.unsqueeze(0)
+        cap = _Capture(entry=entry, saved=saved, microbatch=mb)
+        if self._defer:
+            mb.captures.append(cap)
+        new_output = None
+        if layout is not Layout.BATCHED:
+            output = new_output = expand_leading(output, layout, mb.size)
+        output.register_hook(lambda grad: self._on_grad(cap, grad))
+        return new_output
+
+    def _capture_validation(self, entry: _Entry, args: tuple, kwargs: dict, output: Any) -> None:
+        if not entry.gram_capable or not isinstance(output, Tensor) or not output.requires_grad:
+            return None
+        A = entry.handler.capture(entry.module, args, kwargs)
+        calls = self._val_gram.setdefault(entry.index, [])
+        slot = len(calls)
+        calls.append((A, None))
+
+        def keep(grad: Tensor) -> None:
+            calls[slot] = (calls[slot][0], grad.detach())
+
+        self._val_hooks.append(output.register_hook(keep))
+        return None
+
+    def _on_grad(self, cap: _Capture, grad: Tensor) -> None:
+        if cap.fired:
+            raise StepOrderError(
+                "a second backward pass went through the same forward inside one "
+                "tracker.step(ids) block; each example's gradient would be counted twice"
+            )
+        if self._microbatch is not cap.microbatch:
+            raise StepOrderError(
+                "backward() ran after its `with tracker.step(ids):` block had ended; call "
+                "loss.backward() inside the block"
+            )
+        cap.fired = True
+        mb = cap.microbatch
+        mb.fired += 1
+        entry = cap.entry
+        with self._paused(), torch.no_grad():
+            if self._immediate:
+                if mb.dots is None:
+                    mb.dots = torch.zeros(
+                        len(self._params), mb.size, self._val.columns,
+                        dtype=torch.float64, device=grad.device,
+                    )
+                for name, d in self._first_order_dots(entry, cap.saved, grad).items():
+                    mb.dots[entry.param_index[entry.param_names.index(name)]] += d.to(torch.float64)
+        if self._defer:
+            cap.grad = grad.detach()
+        else:
+            cap.saved = None
+
+    def _first_order_dots(self, entry: _Entry, saved: Any, grad: Tensor) -> dict[str, Tensor]:
+        val = self._val
+        handler = entry.handler
+        if entry.index in val.gram:
+            entry.route = "gram"
+            A_val, D_val = val.gram[entry.index]
+            A, D = handler.gram_factors(entry.module, saved, grad)
+            out = {"weight": gram_dot(A, D, A_val, D_val).unsqueeze(1)}
+            rest = {
+                n: val.grads[i] for n, i in zip(entry.param_names, entry.param_index) if n != "weight"
+            }
+            if rest:
+                out.update(handler.dot(entry.module, saved, grad, rest))
+            return out
+        entry.route = f"vector:{handler.name}" if handler is not FALLBACK else "fallback"
+        vectors = {n: val.grads[i] for n, i in zip(entry.param_names, entry.param_index)}
+        return handler.dot(entry.module, saved, grad, vectors)
+
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
+        """Suspend capture while handlers re-run modules (fallback, norms)."""
+        mode, self._mode = self._mode, None
+        try:
+            yield
+        finally:
+            self._mode = mode
+
+    # ------------------------------------------------------------------ small checks
+    def _grads_all_none(self) -> bool:
+        return all(p.grad is None for p in self._params)
+
+    def _check_grads_zero(self) -> None:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return
+        with torch.no_grad():
+            nonzero = bool(torch.stack(torch._foreach_norm(grads)).any())
+        if nonzero:
+            raise StepOrderError(
+                "gradients are not zero at the start of a step: call optimizer.zero_grad() "
+                "after each optimizer.step(), so the update is exactly the valued examples' "
+                "gradients"
+            )
+
+
+# ---------------------------------------------------------------------- helpers
+def _norms(grads: list[Tensor | None], params: list[nn.Parameter]) -> Tensor:
+    """``[P]`` float64 gradient norms (0 for a missing gradient)."""
+    device = params[0].device
+    present = [g for g in grads if g is not None]
+    values = iter(torch._foreach_norm(present)) if present else iter(())
+    out = [
+        next(values).double().to(device) if g is not None else torch.zeros((), dtype=torch.float64, device=device)
+        for g in grads
+    ]
+    return torch.stack(out)
+
+
+def _ratios(now: Tensor, before: Tensor) -> Tensor:
+    """Per-parameter factor applied to the gradient between backward and the step (clipping,
+    unscaling): ``‖grad now‖ / ‖grad after backward‖``, 1 where the gradient was zero."""
+    safe = torch.where(before > 0, before, torch.ones_like(before))
+    return torch.where(before > 0, now / safe, torch.ones_like(before))
+
+
+def _default_rtol(dtype: torch.dtype) -> float:
+    if dtype == torch.float64:
+        return 1e-6
+    if dtype == torch.float32:
+        return 1e-3
+    return 5e-2
+
+
+def _check_val_loss(loss: Any) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise ValidationLossError(
+            f"val_loss(model) must return a tensor (a scalar, or a vector of per-validation-"
+            f"example losses), got {type(loss).__name__}"
+        )
+    if loss.dim() > 1:
+        raise ValidationLossError(
+            f"val_loss(model) returned shape {tuple(loss.shape)}; expected a scalar or a 1-D "
+            "vector of per-validation-example losses"
+        )
+    if loss.dim() == 1 and loss.numel() == 0:
+        raise ValidationLossError("val_loss(model) returned an empty vector")
+    if not loss.requires_grad:
+        raise ValidationLossError(
+            "val_loss(model) returned a tensor without a gradient: compute it from the model's "
+            "output without torch.no_grad() (the tracker needs its gradient)"
+        )
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise ValidationLossError(f"val_loss(model) is not finite: {loss.detach()}")
+    return loss
+
+
+def _per_validation_grads(loss: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
+    """Per parameter ``[V, *shape]``: the gradient of each validation loss."""
+    V = loss.shape[0]
+    try:
+        eye = torch.eye(V, dtype=loss.dtype, device=loss.device)
+        grads = torch.autograd.grad(
+            loss, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True, retain_graph=True
+        )
+    except RuntimeError:
+        rows = [
+            torch.autograd.grad(loss[v], params, retain_graph=v + 1 < V, allow_unused=True)
+            for v in range(V)
+        ]
+        grads = tuple(
+            None if rows[0][i] is None else torch.stack([r[i] for r in rows])
+            for i in range(len(params))
+        )
+    return [
+        g if g is not None else torch.zeros((V, *p.shape), dtype=p.dtype, device=p.device)
+        for g, p in zip(grads, params)
+    ]
+
+
+@contextlib.contextmanager
+def _module_mode(module: nn.Module, mode: str) -> Iterator[None]:
+    """Run the validation pass in eval mode and restore every submodule's own flag after."""
+    if mode == "train":
+        yield
+        return
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def _fork_rng(params: list[nn.Parameter]) -> Iterator[None]:
+    """The validation pass must not consume the random numbers of the user's training."""
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield

@@ -1,0 +1,87 @@
+"""Ledger: accumulation by id, Parquet round trip, atomic writes, refusing bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inrun import LedgerError, ValueLedger
+
+
+def filled(keep_trace: bool = True, columns: int = 1) -> ValueLedger:
+    ledger = ValueLedger(keep_trace=keep_trace)
+    rng = np.random.default_rng(0)
+    ledger.add(0, ["a", "b", "c"], rng.normal(size=(3, columns)), lr=0.1)
+    ledger.add(1, ["b", "d", "b"], rng.normal(size=(3, columns)), rng.normal(size=(3, columns)), lr=0.05)
+    ledger.record_skip(2, "non-finite gradient or value")
+    ledger.set_sources({"a": "json", "d": "email"})
+    return ledger
+
+
+def test_accumulates_sum_and_count_by_id() -> None:
+    ledger = ValueLedger()
+    ledger.add(0, [1, 2], np.array([[1.0], [2.0]]))
+    ledger.add(1, [2, 2, 3], np.array([[0.5], [0.25], [4.0]]), np.array([[0.1], [0.0], [0.0]]))
+    v = ledger.values()
+    assert v[1] == 1.0 and v[2] == pytest.approx(2.85) and v[3] == 4.0
+    assert (v.count(1), v.count(2), v.count(3)) == (1, 3, 1)
+    assert v.top(1) == [(3, 4.0)] and v.bottom(1)[0][0] == 1
+    assert v.second_order[1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("columns", [1, 3])
+def test_parquet_round_trip(tmp_path, columns) -> None:
+    ledger = filled(columns=columns)
+    ledger.save(tmp_path)
+    back = ValueLedger.load(tmp_path)
+    a, b = ledger.values(), back.values()
+    assert list(a) == list(b)
+    np.testing.assert_array_equal(a.value, b.value)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    assert b.sources == ["json", None, None, "email"]
+    assert back.skipped == ledger.skipped and back.steps == 3
+    ta, tb = ledger.trace(), back.trace()
+    for key in ("step", "lr", "first_order", "second_order"):
+        np.testing.assert_array_equal(ta[key], tb[key])
+    assert list(ta["id"]) == list(tb["id"])
+    if columns > 1:
+        np.testing.assert_array_equal(ledger.per_validation()[1], back.per_validation()[1])
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files must be renamed or removed"
+
+
+def test_refuses_non_finite_and_bad_shapes() -> None:
+    ledger = ValueLedger()
+    with pytest.raises(LedgerError, match="non-finite"):
+        ledger.add(0, [1], np.array([[np.nan]]))
+    with pytest.raises(LedgerError, match="batch, columns"):
+        ledger.add(0, [1, 2], np.array([[1.0]]))
+    assert len(ledger) == 0
+
+
+def test_mixed_id_types_cannot_be_saved(tmp_path) -> None:
+    ledger = ValueLedger()
+    ledger.add(0, [1, "x"], np.ones((2, 1)))
+    with pytest.raises(LedgerError, match="mix int and str"):
+        ledger.save(tmp_path)
+
+
+def test_load_refuses_a_directory_that_is_not_a_ledger(tmp_path) -> None:
+    with pytest.raises(LedgerError, match="not a saved ledger"):
+        ValueLedger.load(tmp_path)
+
+
+def test_failed_write_leaves_previous_file(tmp_path, monkeypatch) -> None:
+    ledger = filled()
+    ledger.save(tmp_path)
+    before = (tmp_path / "values.parquet").read_bytes()
+    import pyarrow.parquet as pq
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", boom)
+    ledger.add(5, ["z"], np.ones((1, 1)))
+    with pytest.raises(OSError):
+        ledger.save(tmp_path)
+    assert (tmp_path / "values.parquet").read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -1,0 +1,279 @@
+"""Every handler and whole models: tracker values == η g_val·g_z from torch.func, float64 and float32.
+
+Adding a layer means adding a row to ``LAYER_CASES``; each test is: build, run ours, compare.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import Case, classification_case, compare_with_oracle, lm_case
+from torch import nn
+
+from inrun.layers import handler_for
+
+# ----------------------------------------------------------------------------- small modules
+
+
+class Pool(nn.Module):
+    """Averages every non-batch, non-feature position: [B, *, F] -> [B, F]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)
+
+
+class ChannelPool(nn.Module):
+    """[B, C, *spatial] -> [B, C]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], x.shape[1], -1).mean(dim=2)
+
+
+class GatedScale(nn.Module):
+    """A module no handler knows, nonlinear in its own parameters."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(dim) * 0.5 + 1)
+        self.gate = nn.Parameter(torch.randn(dim) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + torch.tanh(x * self.gate) * self.scale**2
+
+
+class TinyTiedLM(nn.Module):
+    """nanoGPT's two traps: tied token embedding / LM head, and positions without a batch dim."""
+
+    def __init__(self, vocab: int = 11, dim: int = 8, seq: int = 6) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(seq, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)  # (T,): no batch dimension
+        x = self.wte(ids) + self.wpe(pos)
+        x = x + self.mlp(self.ln(x))
+        return self.head(x)
+
+
+def llama_rmsnorm(dim: int) -> nn.Module:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    m = LlamaRMSNorm(dim)
+    with torch.no_grad():
+        m.weight.normal_(1.0, 0.2)
+    return m
+
+
+def hf_conv1d(nf: int, nx: int) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    m = Conv1D(nf, nx)
+    nn.init.normal_(m.weight, std=0.3)
+    nn.init.normal_(m.bias, std=0.3)
+    return m
+
+
+def perturbed(module: nn.Module) -> nn.Module:
+    """Random affine parameters, so the norm layers' gradients are not trivially symmetric."""
+    with torch.no_grad():
+        for name, p in module.named_parameters(recurse=False):
+            p.normal_(1.0 if name == "weight" else 0.0, 0.3)
+    return module
+
+
+def eval_batchnorm() -> nn.Module:
+    bn = perturbed(nn.BatchNorm1d(6))
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    return bn
+
+
+def seq_head(*layers: nn.Module, out: int = 6, classes: int = 4) -> nn.Module:
+    return nn.Sequential(*layers, Pool(), nn.Linear(out, classes))
+
+
+# ----------------------------------------------------------------------------- the table
+LAYER_CASES: list[Case] = [
+    classification_case("linear 4-d input", lambda: seq_head(nn.Linear(5, 6), nn.Tanh()), (2, 3, 5), 4),
+    classification_case("linear no bias", lambda: seq_head(nn.Linear(5, 6, bias=False), nn.Tanh()), (3, 5), 4),
+    classification_case("linear sum loss", lambda: seq_head(nn.Linear(5, 6), nn.Tanh()), (3, 5), 4, reduction="sum"),
+    classification_case("hf Conv1D", lambda: seq_head(hf_conv1d(6, 5), nn.Tanh()), (3, 5), 4),
+    classification_case("layernorm", lambda: seq_head(nn.Linear(5, 6), perturbed(nn.LayerNorm(6))), (3, 5), 4),
+    classification_case(
+        "layernorm no bias", lambda: seq_head(nn.Linear(5, 6), perturbed(nn.LayerNorm(6, bias=False))), (3, 5), 4
+    ),
+    classification_case("torch RMSNorm", lambda: seq_head(nn.Linear(5, 6), perturbed(nn.RMSNorm(6))), (3, 5), 4),
+    classification_case("LlamaRMSNorm", lambda: seq_head(nn.Linear(5, 6), llama_rmsnorm(6)), (3, 5), 4),
+    classification_case(
+        "groupnorm",
+        lambda: nn.Sequential(nn.Conv1d(3, 6, 3), perturbed(nn.GroupNorm(2, 6)), ChannelPool(), nn.Linear(6, 4)),
+        (3, 7), 4,
+    ),
+    classification_case(
+        "conv1d", lambda: nn.Sequential(nn.Conv1d(3, 6, 3, stride=2, padding=1), nn.Tanh(), ChannelPool(), nn.Linear(6, 4)),
+        (3, 9), 4,
+    ),
+    classification_case(
+        "conv2d groups dilation circular",
+        lambda: nn.Sequential(
+            nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, padding_mode="circular"),
+            nn.Tanh(), ChannelPool(), nn.Linear(6, 4),
+        ),
+        (4, 6, 5), 4,
+    ),
+    classification_case(
+        "conv2d no bias stride",
+        lambda: nn.Sequential(nn.Conv2d(3, 6, (3, 2), stride=(2, 1), bias=False), nn.Tanh(), ChannelPool(), nn.Linear(6, 4)),
+        (3, 7, 6), 4,
+    ),
+    classification_case(
+        "batchnorm eval", lambda: nn.Sequential(nn.Linear(5, 6), eval_batchnorm(), nn.Linear(6, 4)), (5,), 4
+    ),
+    classification_case(
+        "unknown module (fallback)", lambda: seq_head(nn.Linear(5, 6), GatedScale(6)), (3, 5), 4
+    ),
+    classification_case(
+        "in-place activations",
+        lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 6), nn.Hardtanh(inplace=True), nn.Linear(6, 4)),
+        (5,), 4,
+    ),
+    lm_case(
+        "embedding padding_idx",
+        lambda: nn.Sequential(nn.Embedding(9, 6, padding_idx=0), nn.Tanh(), nn.Linear(6, 9)),
+        vocab=9, hf=False,
+    ),
+    lm_case("tied embedding + arange positions (nanoGPT)", lambda: TinyTiedLM(), vocab=11, hf=False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)
+def test_layer_matches_oracle(case: Case, dtype: torch.dtype) -> None:
+    compare_with_oracle(case, dtype)
+
+
+@pytest.mark.parametrize("route", ["vector", "gram"])
+@pytest.mark.parametrize(
+    "case", [c for c in LAYER_CASES if c.name in ("linear 4-d input", "hf Conv1D", "tied embedding + arange positions (nanoGPT)")],
+    ids=lambda c: c.name,
+)
+def test_forced_routes_match_oracle(case: Case, route: str) -> None:
+    compare_with_oracle(case, torch.float64, route=route)
+
+
+# ----------------------------------------------------------------------------- whole models
+def gpt2(n_layer: int = 2, vocab: int = 40, dim: int = 16) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        n_layer=n_layer, n_embd=dim, n_head=2, vocab_size=vocab, n_positions=16,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    return model
+
+
+def llama(vocab: int = 40) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=16,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg)
+    for m in model.modules():
+        if type(m).__name__ == "LlamaRMSNorm":
+            perturbed(m)
+    return model
+
+
+def lora_gpt2(vocab: int = 40) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        gpt2(vocab=vocab),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False),
+    )
+    return model
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), perturbed(nn.GroupNorm(4, 8)), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(), ChannelPool(), nn.Linear(8, 5),
+    )
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def with_unknown_module() -> nn.Module:
+    return nn.Sequential(nn.Linear(10, 12), GatedScale(12), nn.ReLU(), nn.Linear(12, 3))
+
+
+MODEL_CASES = [
+    lm_case("GPT-2 (tied embeddings)", gpt2, vocab=40),
+    lm_case("Llama", llama, vocab=40),
+    lm_case("GPT-2 + LoRA", lora_gpt2, vocab=40),
+    classification_case("CNN conv2d + groupnorm", cnn, (3, 8, 8), 5),
+    classification_case("MLP", mlp, (10,), 3, batch=8),
+    classification_case("unknown module", with_unknown_module, (10,), 3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", MODEL_CASES, ids=lambda c: c.name)
+def test_model_matches_oracle(case: Case, dtype: torch.dtype) -> None:
+    compare_with_oracle(case, dtype)
+
+
+@pytest.mark.parametrize("route", ["vector", "gram"])
+def test_gpt2_routes_match_oracle(route: str) -> None:
+    compare_with_oracle(MODEL_CASES[0], torch.float64, route=route)
+
+
+def test_lora_values_only_the_adapter() -> None:
+    from inrun import InRunShapley
+
+    model = lora_gpt2()
+    tracker = InRunShapley(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+                           val_loss=lambda m: m(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.mean())
+    covered = {n for names in tracker.coverage().routes.values() for n in names}
+    assert covered and all("lora_" in n for n in covered)
+    tracker.close()
+
+
+def test_handlers_cover_the_families() -> None:
+    """The registry routes each family to its own handler (none silently to the fallback)."""
+    expected = {
+        nn.Linear(2, 2): "linear", hf_conv1d(2, 2): "hf_conv1d", nn.Embedding(3, 2): "embedding",
+        nn.LayerNorm(2): "layernorm", nn.RMSNorm(2): "rmsnorm", llama_rmsnorm(2): "affine_norm",
+        nn.GroupNorm(1, 2): "groupnorm", nn.Conv1d(1, 1, 1): "conv", nn.Conv2d(1, 1, 1): "conv",
+        nn.BatchNorm2d(2): "batchnorm_eval",
+    }
+    for module, name in expected.items():
+        assert handler_for(module).name == name
+    assert handler_for(GatedScale(2)) is None
+
+
+def test_example_loss_is_the_share() -> None:
+    """Sanity of the oracle convention: per-example shares sum to the batch gradient."""
+    from inrun import exact
+
+    torch.manual_seed(0)
+    model = mlp().double()
+    x, y = torch.randn(6, 10, dtype=torch.float64), torch.randint(0, 3, (6,))
+    pe = exact.per_example_gradients(model, lambda f, xr, yr: F.cross_entropy(f(xr), yr, reduction="sum") / 6, (x, y))
+    F.cross_entropy(model(x), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(pe[name].sum(0), p.grad, rtol=1e-12, atol=1e-14)
