@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -389,6 +389,27 @@ class InRunShapley:
                 routes.setdefault(route, []).append(self._param_names[i])
                 numel[route] = numel.get(route, 0) + self._params[i].numel()
         return Coverage(routes, numel)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and settings to checkpoint beside ``self.ledger`` (saved as Parquet).
+
+        Only valid between optimizer steps; a pending order-2 step is completed first (at the
+        current parameters, which the resumed run would use anyway, so values are unchanged).
+        """
+        if self._microbatch is not None or (self._window is not None and self._window.micro):
+            raise StepOrderError("a checkpoint must be taken between optimizer steps, not inside one")
+        self.flush()
+        return {"step_count": self.step_count, "config": asdict(self.config)}
+
+    def load_state_dict(self, state: dict[str, Any], ledger: ValueLedger | None = None) -> None:
+        """Restore :meth:`state_dict` (and optionally the ledger saved with it)."""
+        saved = TrackerConfig(**state["config"])
+        if saved != self.config:
+            raise InRunError(f"checkpoint was made with {saved}, this tracker has {self.config}")
+        self.step_count = int(state["step_count"])
+        if ledger is not None:
+            self.ledger = ledger
+        self._val = None
 
     def close(self) -> None:
         """Finish pending work and remove every hook; the model and optimizer are left as found."""
