@@ -241,9 +241,6 @@ def test_unsupported_optimizer_names_what_is_supported() -> None:
     model = mlp()
     with pytest.raises(UnsupportedOptimizerError, match="Supported: .*SGD"):
         InRunShapley(model, torch.optim.Adagrad(model.parameters()), val_loss=lambda m: m(torch.randn(1, 10)).sum())
-    with pytest.raises(UnsupportedOptimizerError, match="momentum"):
-        InRunShapley(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                     val_loss=lambda m: m(torch.randn(1, 10)).sum())
 
 
 def test_nested_step_is_an_error(setup) -> None:

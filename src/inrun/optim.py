@@ -1,11 +1,30 @@
 """What one optimizer step means for the values: the part of the update the batch's data causes.
 
-A rule turns the optimizer's state at the step into contraction data for the tracker:
+Write ``x`` for the gradient the optimizer sees at the step (``p.grad`` after clipping or
+unscaling; the tracker knows the per-parameter factor ``r`` between it and the sum of the
+examples' gradients, so ``x_S = r · Σ_{z∈S} g_z``). Each coordinate of the update is a function
+of it, ``Δθ_j(S) = f_j(x_S,j)``. A rule describes ``f`` at the step by
 
-* *scalar* rules (plain SGD): the data part of the step of parameter ``p`` is ``−c_p · g_B,p``,
-  so ``φ_z = Σ_p c_p · <g_val,p, g_z,p>`` and the dot products can be taken during backward;
-* *elementwise* rules (Adam, added by the optimizer work) give a per-coordinate vector.
+* ``f(0)``, the step the optimizer would take with no data (momentum, weight decay): no example's
+  contribution; the order-2 values linearize around ``θ + f(0)``;
+* a per-coordinate slope ``D`` with ``f(x_S) ≈ f(0) + D ⊙ x_S``, so that
+  ``φ_z = −<g_val, D ⊙ r g_z>``: one dot product per example, computed by the layer handlers.
 
+*Scalar* rules (SGD with or without momentum: ``D = −c_p`` on a whole parameter) let the tracker
+take the dot products with ``g_val`` during backward. *Elementwise* rules (Adam, AdamW) give a
+per-coordinate ``D`` known only at the step; the tracker keeps each layer's per-example factors
+until then.
+
+Adam's slope (``adam="secant"``, default): ``D_j = (f_j(x_B,j) − f_j(0)) / x_B,j``, the actual
+data step of coordinate ``j`` over the gradient that caused it (Aumann–Shapley along the
+diagonal: exact efficiency for the game linearized along that segment), evaluated in a form with
+no cancellation and equal to ``f_j'(0)`` at ``x = 0``. ``adam="fixed_state"`` (arXiv
+2602.00329): the second moment held at its post-step value, ``D_j = −η (1−β1)/(1−β1^t) /
+(sqrt(v_j/(1−β2^t)) + ε)``.
+
+Attribution of carried state: momentum (SGD's buffer, Adam's first moment) carries each
+gradient into later steps. The value of a step credits only the batch's *immediate* effect on
+that step's update; the carried part is in later steps' ``f(0)`` and is credited to nobody.
 Weight decay does not depend on the data and is no example's contribution.
 """
 
@@ -18,7 +37,11 @@ from torch import Tensor
 
 from .errors import UnsupportedOptimizerError
 
-SUPPORTED = "torch.optim.SGD (momentum=0)"
+SUPPORTED = (
+    "torch.optim.SGD (momentum, Nesterov, dampening, weight decay, maximize), "
+    "torch.optim.Adam and AdamW (weight decay, amsgrad, maximize); any optimizer with proxy='sgd'"
+)
+ADAM_LINEARIZATIONS = ("secant", "fixed_state")
 
 
 class UpdateRule:
@@ -34,43 +57,195 @@ class UpdateRule:
     def validate(self) -> None:
         """Raise :class:`UnsupportedOptimizerError` for settings this rule cannot attribute."""
 
+    def _groups(self, params: Sequence[Tensor]) -> list[dict | None]:
+        """The parameter group of each parameter (``None`` if not in the optimizer)."""
+        group_of: dict[int, dict] = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                group_of[id(p)] = group
+        return [group_of.get(id(p)) for p in params]
+
     def scalar_coefficients(self, params: Sequence[Tensor]) -> Tensor:
-        """``[n_params]`` float64: ``c_p`` with data part of the step ``−c_p · g_B,p``."""
+        """``[n_params]`` float64 ``c_p`` with data part of the step ``−c_p · x`` (scalar rules)."""
         raise NotImplementedError
+
+    def slopes(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Per-coordinate ``D_p`` (elementwise rules), from the optimizer state *before* the step."""
+        coef = self.scalar_coefficients(params)
+        return [None if g is None else torch.full_like(p, -float(c)) for p, g, c in zip(params, grads, coef)]
+
+    def data_free_step(self, params: Sequence[Tensor]) -> list[Tensor] | None:
+        """``f(0)`` per parameter, or ``None`` when the step without data is zero or negligible."""
+        return None
+
+    @staticmethod
+    def _lr(group: dict) -> float:
+        lr = group["lr"]
+        return float(lr.item() if isinstance(lr, Tensor) else lr)
 
 
 class SGDRule(UpdateRule):
-    """Plain SGD: ``θ ← θ − η (g + λθ)``; the data part is ``−η g`` (``+η g`` with ``maximize``)."""
+    """``torch.optim.SGD``: the data part of the step is ``−c x`` with
+
+    ``c = η`` (no momentum, or the first step without Nesterov), ``η (1 − dampening)`` (momentum),
+    ``η (1 + μ (1 − dampening))`` (Nesterov; ``η (1 + μ)`` on the first step); ``−`` for ``maximize``.
+    """
 
     name = "sgd"
 
     def validate(self) -> None:
         for i, group in enumerate(self.optimizer.param_groups):
-            if group.get("momentum", 0) != 0 or group.get("nesterov", False):
-                raise UnsupportedOptimizerError(
-                    f"SGD with momentum (param group {i}: momentum={group.get('momentum')}) is not "
-                    f"supported yet: momentum carries each gradient into later steps. Supported: "
-                    f"{SUPPORTED}."
-                )
+            if group.get("nesterov") and (group.get("momentum", 0) <= 0 or group.get("dampening", 0) != 0):
+                raise UnsupportedOptimizerError(f"SGD param group {i}: Nesterov needs momentum > 0 and dampening 0")
+
+    def _first_step(self, p: Tensor) -> bool:
+        return self.optimizer.state.get(p, {}).get("momentum_buffer") is None
 
     def scalar_coefficients(self, params: Sequence[Tensor]) -> Tensor:
-        lr_of: dict[int, float] = {}
-        for group in self.optimizer.param_groups:
-            sign = -1.0 if group.get("maximize", False) else 1.0
-            lr = float(group["lr"])
-            for p in group["params"]:
-                lr_of[id(p)] = sign * lr
-        return torch.tensor([lr_of.get(id(p), 0.0) for p in params], dtype=torch.float64)
+        out = []
+        for p, group in zip(params, self._groups(params)):
+            if group is None:
+                out.append(0.0)
+                continue
+            mu, tau = group.get("momentum", 0.0), group.get("dampening", 0.0)
+            if mu == 0:
+                factor = 1.0
+            elif group.get("nesterov"):
+                factor = 1.0 + mu * (1.0 if self._first_step(p) else (1.0 - tau))
+            else:
+                factor = 1.0 if self._first_step(p) else (1.0 - tau)
+            sign = -1.0 if group.get("maximize") else 1.0
+            out.append(sign * self._lr(group) * factor)
+        return torch.tensor(out, dtype=torch.float64)
+
+    def data_free_step(self, params: Sequence[Tensor]) -> list[Tensor] | None:
+        steps, any_state = [], False
+        for p, group in zip(params, self._groups(params)):
+            if group is None or group.get("momentum", 0) == 0:
+                steps.append(torch.zeros_like(p))
+                continue
+            mu, tau, wd = group["momentum"], group.get("dampening", 0.0), group.get("weight_decay", 0.0)
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            decay = wd * p.detach()
+            if buf is None:
+                d0 = decay * (1 + mu) if group.get("nesterov") else decay
+            else:
+                any_state = True
+                buf0 = mu * buf + (1 - tau) * decay
+                d0 = decay + mu * buf0 if group.get("nesterov") else buf0
+            steps.append(-self._lr(group) * d0)
+        return steps if any_state else None
+
+
+class SGDProxyRule(UpdateRule):
+    """The paper's proxy for any optimizer: value the step as if it were ``θ ← θ − η g``."""
+
+    name = "sgd_proxy"
+
+    def scalar_coefficients(self, params: Sequence[Tensor]) -> Tensor:
+        return torch.tensor(
+            [0.0 if g is None else (-1.0 if g.get("maximize") else 1.0) * self._lr(g) for g in self._groups(params)],
+            dtype=torch.float64,
+        )
+
+
+class AdamRule(UpdateRule):
+    """``torch.optim.Adam`` / ``AdamW`` (coupled or decoupled weight decay, amsgrad, maximize)."""
+
+    name = "adam"
+    elementwise = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer, linearization: str = "secant") -> None:
+        if linearization not in ADAM_LINEARIZATIONS:
+            raise ValueError(f"adam={linearization!r} is not one of {ADAM_LINEARIZATIONS}")
+        self.linearization = linearization
+        super().__init__(optimizer)
+
+    def validate(self) -> None:
+        for i, group in enumerate(self.optimizer.param_groups):
+            if group.get("differentiable"):
+                raise UnsupportedOptimizerError(f"Adam param group {i}: differentiable=True is not supported")
+
+    def _pieces(self, p: Tensor, group: dict, x: Tensor) -> dict[str, Tensor | float]:
+        """The state of coordinate-wise ``f`` for parameter ``p``, in the gradient's dtype."""
+        state = self.optimizer.state.get(p, {})
+        beta1, beta2 = (float(b) for b in group["betas"])
+        t = float(state["step"]) + 1 if "step" in state else 1.0
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        m = state.get("exp_avg", torch.zeros_like(p)).to(dtype)
+        v = state.get("exp_avg_sq", torch.zeros_like(p)).to(dtype)
+        wd = float(group.get("weight_decay", 0.0))
+        decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(self.optimizer, torch.optim.AdamW)
+        coupled = p.detach().to(dtype) * wd if (wd and not decoupled) else torch.zeros_like(m)
+        sigma = -1.0 if group.get("maximize") else 1.0
+        vmax = state.get("max_exp_avg_sq") if group.get("amsgrad") else None
+        return {
+            "s": self._lr(group) / (1 - beta1**t),
+            "sb": (1 - beta2**t) ** 0.5,
+            "eps": float(group["eps"]),
+            "a": beta1 * m + (1 - beta1) * coupled,  # first moment with no data
+            "b": (1 - beta1) * sigma,
+            "V0": beta2 * v + (1 - beta2) * coupled**2,  # second moment with no data
+            "e": 1 - beta2,
+            "w": coupled * sigma,  # the data-free part of the gradient, in data units
+            "vmax": None if vmax is None else vmax.to(dtype),
+        }
+
+    @staticmethod
+    def _den(q: dict, second_moment: Tensor) -> Tensor:
+        if q["vmax"] is not None:
+            second_moment = torch.maximum(q["vmax"], second_moment)
+        return second_moment.sqrt() / q["sb"] + q["eps"]
+
+    def slopes(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        out: list[Tensor | None] = []
+        for p, g, group in zip(params, grads, self._groups(params)):
+            if g is None or group is None:
+                out.append(None)
+                continue
+            x = g.detach()
+            q = self._pieces(p, group, x)
+            x = x.to(q["a"].dtype)
+            v_x = q["V0"] + q["e"] * (x * x + 2 * q["w"] * x)
+            den_x, den0 = self._den(q, v_x), self._den(q, q["V0"])
+            if self.linearization == "fixed_state":
+                out.append((-q["s"] * q["b"] / den_x).to(p.dtype))
+                continue
+            if q["vmax"] is None:
+                # (f(x) − f(0)) / x without cancellation: den0 − den(x) = −e(x² + 2wx)/(sb(R0 + R)).
+                r_sum = q["V0"].sqrt() + v_x.sqrt()
+                safe = torch.where(r_sum > 0, r_sum, torch.ones_like(r_sum))
+                cross = torch.where(r_sum > 0, q["a"] * q["e"] * (x + 2 * q["w"]) / (q["sb"] * safe), torch.zeros_like(x))
+                slope = -q["s"] * (q["b"] * den0 - cross) / (den_x * den0)
+            else:
+                f_x = -q["s"] * (q["a"] + q["b"] * x) / den_x
+                f_0 = -q["s"] * q["a"] / den0
+                nonzero = x != 0
+                slope = torch.where(nonzero, (f_x - f_0) / torch.where(nonzero, x, torch.ones_like(x)), -q["s"] * q["b"] / den0)
+            out.append(slope.to(p.dtype))
+        return out
+
+    def data_free_step(self, params: Sequence[Tensor]) -> list[Tensor] | None:
+        steps = []
+        for p, group in zip(params, self._groups(params)):
+            if group is None:
+                steps.append(torch.zeros_like(p))
+                continue
+            q = self._pieces(p, group, p.detach())
+            step = -q["s"] * q["a"] / self._den(q, q["V0"])
+            wd = float(group.get("weight_decay", 0.0))
+            if wd and (group.get("decoupled_weight_decay") or isinstance(self.optimizer, torch.optim.AdamW)):
+                step = step - self._lr(group) * wd * p.detach().to(step.dtype)
+            steps.append(step.to(p.dtype))
+        return steps
 
 
 def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
     """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-        seen += 1
-        if seen > 5:
+    for _ in range(5):
+        if isinstance(optimizer, torch.optim.Optimizer) or not hasattr(optimizer, "optimizer"):
             break
+        optimizer = optimizer.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise UnsupportedOptimizerError(
             f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}. Supported: {SUPPORTED}."
@@ -78,12 +253,23 @@ def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
     return optimizer
 
 
-def rule_for(optimizer: object) -> UpdateRule:
-    """The attribution rule for ``optimizer``, or a clear error naming what is supported."""
+def rule_for(optimizer: object, proxy: str | None = None, adam: str = "secant") -> UpdateRule:
+    """The attribution rule for ``optimizer``, or a clear error naming what is supported.
+
+    Args:
+        proxy: ``"sgd"`` values every step with the SGD formula ``η g_val·g_z`` whatever the
+            optimizer (the paper's proxy for AdamW runs), for comparison.
+        adam: ``"secant"`` or ``"fixed_state"`` linearization of Adam's step.
+    """
     opt = unwrap_optimizer(optimizer)
+    if proxy is not None:
+        if proxy != "sgd":
+            raise ValueError(f"proxy={proxy!r}: the only proxy is 'sgd'")
+        return SGDProxyRule(opt)
     if type(opt) is torch.optim.SGD:
         return SGDRule(opt)
+    if type(opt) in (torch.optim.Adam, torch.optim.AdamW):
+        return AdamRule(opt, adam)
     raise UnsupportedOptimizerError(
-        f"{type(opt).__name__} is not supported: its update is not attributed yet. "
-        f"Supported: {SUPPORTED}."
+        f"{type(opt).__name__} is not supported: its update is not attributed yet. Supported: {SUPPORTED}."
     )

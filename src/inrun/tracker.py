@@ -41,7 +41,7 @@ from .layers.linear import gram_dot
 from .layers.norm import batchnorm_message
 from .layers.registry import expand_leading
 from .ledger import ValueLedger, ValueTable, check_ids
-from .optim import UpdateRule, rule_for, unwrap_optimizer
+from .optim import ADAM_LINEARIZATIONS, UpdateRule, rule_for, unwrap_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,10 @@ class TrackerConfig:
     """Module mode during the validation pass: ``"eval"`` (no dropout) or ``"train"``."""
     keep_trace: bool = False
     """Keep one row per (step, example) with both value parts and the learning rate."""
+    adam: str = "secant"
+    """Adam/AdamW linearization: ``"secant"`` (actual step / gradient) or ``"fixed_state"``."""
+    proxy: str | None = None
+    """``"sgd"``: value every step with ``η g_val·g_z`` whatever the optimizer (the paper's proxy)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: Sequence[Any]) -> ValueError:
@@ -87,6 +91,10 @@ class TrackerConfig:
             raise bad("on_nonfinite", NONFINITE_POLICIES)
         if self.val_mode not in VAL_MODES:
             raise bad("val_mode", VAL_MODES)
+        if self.adam not in ADAM_LINEARIZATIONS:
+            raise bad("adam", ADAM_LINEARIZATIONS)
+        if self.proxy not in (None, "sgd"):
+            raise bad("proxy", (None, "sgd"))
         if self.check_rtol is not None and not (0 < self.check_rtol < 1):
             raise ValueError(f"check_rtol={self.check_rtol!r} must be in (0, 1)")
 
@@ -124,6 +132,7 @@ class _MicroBatch:
     captures: list[_Capture] = field(default_factory=list)
     fired: int = 0
     batched_seen: bool = False
+    low_precision: bool = False
 
 
 @dataclass
@@ -136,6 +145,8 @@ class _Window:
     exit_norms: Tensor | None = None
     check_terms: tuple[Tensor, Tensor, Tensor] | None = None
     coef: Tensor | None = None
+    multipliers: list[Any] = field(default_factory=list)  # per parameter: c_p, or −ratio·D_p
+    base_values: Tensor | None = None  # order 2 trapezoid: values with g_val at θ_t + f(0)
     first: np.ndarray | None = None
     second: np.ndarray | None = None
     skip_reason: str | None = None
@@ -239,10 +250,15 @@ class InRunShapley:
         self.model = model
         self.module = _unwrap_model(model)
         self.optimizer = unwrap_optimizer(optimizer)
-        self.rule: UpdateRule = rule_for(self.optimizer)
+        self.rule: UpdateRule = rule_for(self.optimizer, proxy=self.config.proxy, adam=self.config.adam)
+        if self.rule.elementwise and self.config.order == 2 and self.config.second_order == "hessian":
+            raise ValueError(
+                f"second_order='hessian' is defined for SGD-type steps; for {type(self.optimizer).__name__} "
+                "use second_order='trapezoid' (g_val averaged at θ + f(0) and at θ_t+1)"
+            )
         self.val_loss = val_loss
         self.ledger = ledger if ledger is not None else ValueLedger(keep_trace=self.config.keep_trace)
-        self.enabled = True
+        self._enabled = True
 
         self._params: list[nn.Parameter] = []
         self._param_names: list[str] = []
@@ -360,6 +376,20 @@ class InRunShapley:
         self._microbatch = None
         self._end_microbatch(mb)
 
+    @property
+    def enabled(self) -> bool:
+        """While ``False``, steps are not valued (``tracker.step`` does nothing) and
+        ``optimizer.step()`` needs no ``tracker.step`` block: e.g. warm-up steps left out."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        if self._enabled and not value:
+            if self._microbatch is not None or (self._window is not None and self._window.micro):
+                raise StepOrderError("tracking can only be switched off between optimizer steps")
+            self.flush()
+        self._enabled = bool(value)
+
     def values(self) -> ValueTable:
         """id -> accumulated value (float64). Completes a pending order-2 step first."""
         self.flush()
@@ -418,7 +448,7 @@ class InRunShapley:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.enabled = False
+        self._enabled = False
 
     def __enter__(self) -> InRunShapley:
         return self
@@ -504,19 +534,71 @@ class InRunShapley:
         if window.poisoned:
             window.skip_reason = window.poisoned
             return
+        grads = [p.grad for p in self._params]
         with torch.no_grad():
-            grads = [p.grad for p in self._params]
+            # Clipping or unscaling between backward and the step multiplies each gradient by a
+            # factor: the optimizer sees x_S = ratio · Σ_S g_z.
             ratio = _ratios(_norms(grads, self._params), window.exit_norms)
-            coef = self.rule.scalar_coefficients(self._params).to(ratio.device) * ratio
             if self._distributed:
-                coef = coef / torch.distributed.get_world_size()
-            window.coef = coef
-            dots = window.dots()
-            first = shapley.first_order(coef.to(dots.device), dots)
-            second = None
-        if self.config.order == 2 and self.config.second_order == "hessian":
-            second = self._hessian_correction(window, coef, grads)
+                ratio = ratio / torch.distributed.get_world_size()
+            if self.rule.elementwise:
+                slopes = self.rule.slopes(self._params, grads)
+                window.multipliers = [
+                    None if s is None else s * (-ratio[i]).to(s.dtype) for i, s in enumerate(slopes)
+                ]
+                dots = self._contract(window, self._weighted(window.multipliers, self._val.grads))
+                window.check_terms = self._deferred_check_terms(dots, grads, ratio, window.multipliers)
+                first = dots.sum(dim=0)
+            else:
+                base = self.rule.scalar_coefficients(self._params).to(ratio.device)
+                window.coef = base * ratio
+                window.multipliers = list(window.coef)
+                first = shapley.first_order(window.coef, window.dots())
+        second = None
+        if self.config.order == 2:
+            shift = self.rule.data_free_step(self._params)
+            if self.config.second_order == "hessian":
+                second = self._hessian_correction(window, base, grads, shift)
+            elif shift is None:
+                window.base_values = first
+            else:
+                # Linearize around θ + f(0): the point the step reaches with no data at all.
+                g_shift = self._validation_gradients_at(shift)
+                window.base_values = self._contract(window, self._weighted(window.multipliers, g_shift)).sum(0)
         self._finalize_checks(window, first, second)
+
+    def _weighted(self, multipliers: list[Any], vectors: list[Tensor]) -> list[Tensor]:
+        """Per parameter ``multiplier ⊙ vector`` (a scalar or a per-coordinate tensor), ``[K, *shape]``."""
+        out = []
+        for m, v in zip(multipliers, vectors):
+            if m is None:
+                out.append(torch.zeros_like(v))
+            elif isinstance(m, Tensor) and m.dim() > 0:
+                out.append(m.to(v.dtype).unsqueeze(0) * v)
+            else:
+                out.append(float(m) * v)
+        return out
+
+    def _deferred_check_terms(
+        self, dots: Tensor, grads: list[Tensor | None], ratio: Tensor, multipliers: list[Tensor | None]
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The consistency check for values contracted at the step: Σ_z dots vs <g_B, W>."""
+        if not self.config.check or self._distributed:
+            return None
+        ours = dots.sum(dim=(1, 2))
+        spread = dots.sum(dim=2).abs().sum(dim=1)
+        theirs, scale = [], []
+        zero = torch.zeros((), dtype=torch.float64, device=ours.device)
+        for i, (g, m, v) in enumerate(zip(grads, multipliers, self._val.grads)):
+            if g is None or m is None or ratio[i] == 0:
+                theirs.append(zero)
+                scale.append(zero)
+                continue
+            w = (m.to(v.dtype) * v.sum(dim=0)).double()
+            g_b = g.double() / ratio[i]
+            theirs.append((g_b * w).sum().to(ours.device))
+            scale.append((g_b.norm() * w.norm()).to(ours.device))
+        return ours, torch.stack(theirs), torch.stack(scale) + spread
 
     def _finalize_checks(self, window: _Window, first: Tensor, second: Tensor | None) -> None:
         """One host transfer per step: values, and the flags that say whether to keep them."""
@@ -526,7 +608,8 @@ class InRunShapley:
         check = window.check_terms
         if check is not None:
             ours, theirs, scale = (t.cpu().numpy() for t in check)
-            rtol = self.config.check_rtol or _default_rtol(self._params[0].dtype)
+            low = any(mb.low_precision for mb in window.micro)
+            rtol = self.config.check_rtol or _default_rtol(torch.bfloat16 if low else self._params[0].dtype)
             bad = np.abs(ours - theirs) > rtol * scale + 1e-30
             finite = np.isfinite(ours).all() and np.isfinite(theirs).all()
         else:
@@ -558,12 +641,10 @@ class InRunShapley:
         window.lr = float(self.optimizer.param_groups[0]["lr"])
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self.enabled:
-            return
+        self._version += 1  # the parameters changed: any cached validation gradient is stale
         window = self._window
-        if window is None:
+        if not self.enabled or window is None:
             return
-        self._version += 1
         self._window = None
         self.step_count += 1
         if window.skip_reason is not None:
@@ -588,9 +669,9 @@ class InRunShapley:
             pending, self._pending = self._pending, None
             self._finish_trapezoid(pending)
 
-    def _validation_pass(self) -> _Validation:
+    def _validation_gradients(self, capture_gram: bool) -> tuple[Tensor, list[Tensor]]:
+        """``(loss, per parameter [K, *shape])`` at the current parameters (eval mode)."""
         params = self._params
-        capture_gram = self.config.route != "vector"
         self._val_gram = {}
         with _module_mode(self.module, self.config.val_mode), _fork_rng(params):
             self._mode = "val" if capture_gram else None
@@ -606,14 +687,17 @@ class InRunShapley:
                 self._val_gram = {}
             self._val_hooks = []
             if loss.dim() == 0:
-                total = loss
-                grads = torch.autograd.grad(total, params, allow_unused=True)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
                 grads = [
                     (g if g is not None else torch.zeros_like(p)).unsqueeze(0)
                     for g, p in zip(grads, params)
                 ]
             else:
                 grads = _per_validation_grads(loss, params)
+        return loss.detach(), [g.detach() for g in grads]
+
+    def _validation_pass(self) -> _Validation:
+        loss, grads = self._validation_gradients(capture_gram=self.config.route != "vector")
         gram: dict[int, tuple[Tensor, Tensor]] = {}
         if grads[0].shape[0] == 1:
             for idx, calls in self._val_gram.items():
@@ -624,10 +708,22 @@ class InRunShapley:
                 gram[idx] = (A, D)
         self._val_gram = {}
         for entry in self._entries:
-            entry_route = self._choose_route(entry, gram)
-            if entry_route != "gram":
+            if self._choose_route(entry, gram) != "gram":
                 gram.pop(entry.index, None)
-        return _Validation(self._version, loss.detach(), [g.detach() for g in grads], gram)
+        return _Validation(self._version, loss, grads, gram)
+
+    def _validation_gradients_at(self, shift: list[Tensor]) -> list[Tensor]:
+        """Validation gradients at ``θ + shift``; the parameters are restored bit for bit."""
+        saved = [p.detach().clone() for p in self._params]
+        try:
+            with torch.no_grad():
+                for p, s in zip(self._params, shift):
+                    p.add_(s.to(p.dtype))
+            return self._validation_gradients(capture_gram=False)[1]
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self._params, saved):
+                    p.copy_(s)
 
     def _choose_route(self, entry: _Entry, gram: dict[int, tuple[Tensor, Tensor]]) -> str:
         if entry.index not in gram:
@@ -638,14 +734,24 @@ class InRunShapley:
         cheaper = entry.handler.gram_cost(entry.module, n_val) < entry.handler.vector_cost(entry.module)
         return "gram" if cheaper else "vector"
 
-    def _hessian_correction(self, window: _Window, coef: Tensor, grads: list[Tensor | None]) -> Tensor:
-        """``−½ Σ_p <g_z,p, c_p (H (c ⊙ g_B))_p>`` with one Hessian-vector product at θ_t."""
+    def _hessian_correction(
+        self, window: _Window, base: Tensor, grads: list[Tensor | None], shift: list[Tensor] | None
+    ) -> Tensor:
+        """Second-order term with one Hessian-vector product at θ_t.
+
+        The step is ``Δ(S) = δ0 − c ⊙ g_S`` (``c`` = learning rate × clip factor, ``δ0`` the
+        data-free part). The Shapley value of the quadratic Taylor utility is
+        ``<c ⊙ g_z, g_val> − ½ <c ⊙ g_z, H (c ⊙ g_B − 2 δ0)>``; ``c ⊙ g_B`` equals
+        ``base ⊙ p.grad`` at the step (the clip factor is already in ``p.grad``).
+        """
         params = self._params
         with torch.no_grad():
-            direction = [
-                (g if g is not None else torch.zeros_like(p)) * coef[i].to(p.dtype)
-                for i, (g, p) in enumerate(zip(grads, params))
-            ]
+            direction = []
+            for i, (g, p) in enumerate(zip(grads, params)):
+                d = (g if g is not None else torch.zeros_like(p)) * base[i].to(p.dtype)
+                if shift is not None:
+                    d = d - 2 * shift[i].to(p.dtype)
+                direction.append(d)
         with _module_mode(self.module, self.config.val_mode), _fork_rng(params):
             loss = _check_val_loss(self.val_loss(self.module))
             columns = [loss] if loss.dim() == 0 else list(loss)
@@ -658,18 +764,17 @@ class InRunShapley:
                     retain_graph=k + 1 < len(columns), allow_unused=True,
                 )
                 hvps.append([
-                    (h if h is not None else torch.zeros_like(p)).detach() * coef[i].to(p.dtype)
-                    for i, (h, p) in enumerate(zip(hv, params))
+                    (h if h is not None else torch.zeros_like(p)).detach() for h, p in zip(hv, params)
                 ])
         vectors = [torch.stack([col[i] for col in hvps]) for i in range(len(params))]
-        return shapley.hessian_correction(self._contract(window, vectors))
+        return shapley.hessian_correction(self._contract(window, self._weighted(window.multipliers, vectors)))
 
     def _finish_trapezoid(self, window: _Window) -> None:
+        """``φ = ½ (values at the base point + values with g_val(θ_t+1))``, now that g_val(θ_t+1) is known."""
         with torch.no_grad():
-            dots_next = self._contract(window, self._val.grads)
-            dots_now = window.dots()
-            second = shapley.trapezoid_correction(window.coef.to(dots_now.device), dots_now, dots_next)
-        second_host = second.cpu().numpy()
+            end = self._contract(window, self._weighted(window.multipliers, self._val.grads)).sum(0)
+            trapezoid = (window.base_values + end) / 2
+        second_host = trapezoid.cpu().numpy() - window.first
         if not np.isfinite(second_host).all():
             self.ledger.record_skip(window.step, "non-finite trapezoid correction")
             return
@@ -767,6 +872,8 @@ class InRunShapley:
         cap.fired = True
         mb = cap.microbatch
         mb.fired += 1
+        if grad.dtype in (torch.float16, torch.bfloat16):
+            mb.low_precision = True
         entry = cap.entry
         with self._paused(), torch.no_grad():
             if self._immediate:
