@@ -159,7 +159,7 @@ def test_layer_matches_oracle(case: Case, dtype: torch.dtype) -> None:
     compare_with_oracle(case, dtype)
 
 
-@pytest.mark.parametrize("route", ["vector", "gram"])
+@pytest.mark.parametrize("route", ["vector", "gram", "bookkeeping"])
 @pytest.mark.parametrize(
     "case", [c for c in LAYER_CASES if c.name in ("linear 4-d input", "hf Conv1D", "tied embedding + arange positions (nanoGPT)")],
     ids=lambda c: c.name,
@@ -237,9 +237,34 @@ def test_model_matches_oracle(case: Case, dtype: torch.dtype) -> None:
     compare_with_oracle(case, dtype)
 
 
-@pytest.mark.parametrize("route", ["vector", "gram"])
-def test_gpt2_routes_match_oracle(route: str) -> None:
-    compare_with_oracle(MODEL_CASES[0], torch.float64, route=route)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("route", ["vector", "gram", "bookkeeping"])
+@pytest.mark.parametrize("case", MODEL_CASES[:3], ids=lambda c: c.name)
+def test_model_routes_match_oracle(case: Case, route: str, dtype: torch.dtype) -> None:
+    compare_with_oracle(case, dtype, route=route)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_bookkeeping_route_is_used_and_matches_oracle(order: int) -> None:
+    """The forced book-keeping route really runs (coverage) and its values equal the oracle's."""
+    from inrun import InRunShapley
+
+    case = MODEL_CASES[0]
+    if order == 1:
+        compare_with_oracle(case, torch.float64, route="bookkeeping")
+    torch.manual_seed(0)
+    model = case.make_model().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = InRunShapley(model, opt, val_loss=case.val_loss, route="bookkeeping", order=order)
+    (x,) = case.make_batch(torch.Generator().manual_seed(0))
+    with tracker.step(range(len(x))):
+        case.batch_loss(model, (x,)).backward()
+    opt.step()
+    routes = tracker.coverage().routes
+    assert "bookkeeping" in routes and any("c_attn" in n for n in routes["bookkeeping"])
+    # the tied token embedding / LM head: vector route for its embedding use, book-keeping for the head
+    assert routes["vector:embedding+bookkeeping"] == ["transformer.wte.weight"]
+    tracker.close()
 
 
 def test_lora_values_only_the_adapter() -> None:

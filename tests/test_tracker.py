@@ -36,10 +36,10 @@ def gpt2_with_dropout() -> nn.Module:
     return GPT2LMHeadModel(cfg)  # dropout 0.1 everywhere: the validation pass must not eat RNG
 
 
-def train(model: nn.Module, batches: list[torch.Tensor], tracked: bool, lr: float = 0.1) -> InRunShapley | None:
+def train(model: nn.Module, batches: list[torch.Tensor], tracked: bool, lr: float = 0.1, **options) -> InRunShapley | None:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     val = lm_batches(1, batch=2, seed=99)[0]
-    tracker = InRunShapley(model, opt, val_loss=lambda m: m(input_ids=val, labels=val).loss) if tracked else None
+    tracker = InRunShapley(model, opt, val_loss=lambda m: m(input_ids=val, labels=val).loss, **options) if tracked else None
     model.train()
     torch.manual_seed(123)
     for step, x in enumerate(batches):
@@ -67,6 +67,27 @@ def test_parameters_bit_identical_with_and_without_tracker() -> None:
         assert torch.equal(a, b), f"{name} differs after training with the tracker"
     tracker.close()
     assert all(not m._forward_hooks for m in tracked.modules()), "close() must remove every hook"
+
+
+def test_bookkeeping_update_equals_autograd_within_rounding() -> None:
+    """The book-keeping route sums the weight gradient in another order: equal within float32
+    rounding (not bit for bit), and a deep copy of the tracked model trains like the original."""
+    torch.manual_seed(0)
+    base = gpt2_with_dropout()
+    plain, tracked = copy.deepcopy(base), copy.deepcopy(base)
+    batches = lm_batches(5)
+    train(plain, batches, tracked=False)
+    tracker = train(tracked, batches, tracked=True, route="bookkeeping")
+    assert "bookkeeping" in tracker.coverage().routes
+    for (name, a), (_, b) in zip(plain.named_parameters(), tracked.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} differs beyond float32 rounding")
+    twin = copy.deepcopy(tracked)  # carries the bound forward override: must run as an untracked model
+    x = batches[0]
+    twin(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None for p in twin.parameters())
+    assert all(p.grad is None for p in tracked.parameters())
+    tracker.close()
+    assert "forward" not in vars(tracked.lm_head), "close() must remove the forward override"
 
 
 def test_batch_values_sum_to_plain_autograd() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 ORDERS = (1, 2)
 SECOND_ORDER_VARIANTS = ("trapezoid", "hessian")
-ROUTES = ("auto", "vector", "gram")
+ROUTES = ("auto", "vector", "gram", "bookkeeping")
 VAL_MODES = ("eval", "train")
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -61,7 +62,8 @@ class TrackerConfig:
     second_order: str = "trapezoid"
     """Order-2 variant: ``"trapezoid"`` (g_val at θ_t and θ_t+1) or ``"hessian"`` (one HVP)."""
     route: str = "auto"
-    """Per-layer route: ``"auto"`` picks the cheaper of Gram and vector; or force one."""
+    """Per-layer route: ``"auto"`` picks the cheapest allowed route per layer and call; or force
+    ``"vector"``, ``"gram"`` or ``"bookkeeping"`` wherever a layer supports it (for tests)."""
     check: bool = True
     """Check every step that Σ_z of the per-example dots equals ``<grad, g_val>`` per parameter."""
     check_rtol: float | None = None
@@ -72,6 +74,10 @@ class TrackerConfig:
     """Module mode during the validation pass: ``"eval"`` (no dropout) or ``"train"``."""
     keep_trace: bool = False
     """Keep one row per (step, example) with both value parts and the learning rate."""
+    bookkeeping: bool = False
+    """Allow the book-keeping route for Linear/Conv1D layers where it is cheaper: per-example
+    weight gradients formed instead of autograd's weight-gradient GEMM (no extra FLOPs). The
+    update then equals the untracked one within float32 rounding instead of bit for bit."""
     adam: str = "secant"
     """Adam/AdamW linearization: ``"secant"`` (actual step / gradient) or ``"fixed_state"``."""
     proxy: str | None = None
@@ -288,6 +294,14 @@ class InRunShapley:
         self._version = 0
         self.step_count = 0
 
+        self._bookkeeping_calls: set[int] = set()
+        self._bookkeeping_entries: dict[int, _Entry] = {}
+        self._forward_overrides: list[tuple[nn.Module, Any]] = []
+        if self.config.bookkeeping or self.config.route == "bookkeeping":
+            for entry in self._entries:
+                if entry.handler.supports_bookkeeping:
+                    self._install_bookkeeping(entry)
+
         self._handles: list[Any] = []
         for entry in self._entries:
             self._handles.append(
@@ -406,18 +420,21 @@ class InRunShapley:
             self._ensure_validation()
 
     def coverage(self) -> Coverage:
-        """Which route (Gram, vector by layer family, fallback) valued each trainable parameter."""
+        """Which route (Gram, vector by layer family, book-keeping, fallback) valued each trainable
+        parameter. A parameter shared by several modules (a tied embedding and LM head) is listed
+        under the routes of all its uses joined by ``+``."""
+        by_param: dict[int, list[str]] = {}
+        for e in self._entries:
+            route = e.route if e.route != "unused" else "not reached yet"
+            for i in e.param_index:
+                if route not in by_param.setdefault(i, []):
+                    by_param[i].append(route)
         routes: dict[str, list[str]] = {}
         numel: dict[str, int] = {}
-        seen: set[int] = set()
-        for e in self._entries:
-            for i in e.param_index:
-                if i in seen:
-                    continue
-                seen.add(i)
-                route = e.route if e.route != "unused" else "not reached yet"
-                routes.setdefault(route, []).append(self._param_names[i])
-                numel[route] = numel.get(route, 0) + self._params[i].numel()
+        for i, used in sorted(by_param.items()):
+            label = "+".join(used)
+            routes.setdefault(label, []).append(self._param_names[i])
+            numel[label] = numel.get(label, 0) + self._params[i].numel()
         return Coverage(routes, numel)
 
     def state_dict(self) -> dict[str, Any]:
@@ -448,6 +465,12 @@ class InRunShapley:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for module, previous in self._forward_overrides:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._forward_overrides.clear()
         self._enabled = False
 
     def __enter__(self) -> InRunShapley:
@@ -502,19 +525,21 @@ class InRunShapley:
                 window.check_terms = self._check_terms(window, grads)
 
     def _check_terms(self, window: _Window, grads: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
-        """Per parameter: Σ_z dots, <grad, g_val> and a scale for the tolerance."""
+        """Per parameter: Σ_z dots, <grad, g_val> and a scale for the tolerance (no host sync)."""
         ours = torch.stack([mb.dots.sum(dim=(1, 2)) for mb in window.micro]).sum(dim=0)
         spread = torch.stack([mb.dots.sum(dim=2).abs().sum(dim=1) for mb in window.micro]).sum(0)
-        theirs, scale = [], []
-        for g, v in zip(grads, self._val.grads):
-            if g is None:
-                theirs.append(torch.zeros((), dtype=torch.float64, device=ours.device))
-                scale.append(torch.zeros((), dtype=torch.float64, device=ours.device))
-                continue
-            v_sum = v.sum(dim=0)
-            theirs.append((g.double() * v_sum.double()).sum().to(ours.device))
-            scale.append((g.double().norm() * v_sum.double().norm()).to(ours.device))
-        return ours, torch.stack(theirs), torch.stack(scale) + spread
+        present = [i for i, g in enumerate(grads) if g is not None]
+        theirs = torch.zeros_like(ours)
+        scale = torch.zeros_like(ours)
+        if present:
+            g_list = [grads[i].reshape(-1) for i in present]
+            v_list = [self._val.grads[i].sum(dim=0).reshape(-1).to(g_list[k].dtype) for k, i in enumerate(present)]
+            dots = torch.stack([torch.dot(g, v) for g, v in zip(g_list, v_list)]).to(ours)
+            norms = torch.stack(torch._foreach_norm(g_list)).to(ours) * torch.stack(torch._foreach_norm(v_list)).to(ours)
+            index = torch.tensor(present, device=ours.device)
+            theirs[index] = dots
+            scale[index] = norms
+        return ours, theirs, scale + spread
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self.enabled:
@@ -811,6 +836,9 @@ class InRunShapley:
         return hook
 
     def _capture_train(self, entry: _Entry, args: tuple, kwargs: dict, output: Any) -> Any:
+        if entry.index in self._bookkeeping_calls:
+            self._bookkeeping_calls.discard(entry.index)  # this call went through the Function
+            return None
         if not torch.is_grad_enabled():
             return None
         if not isinstance(output, Tensor):
@@ -858,7 +886,8 @@ class InRunShapley:
         self._val_hooks.append(output.register_hook(keep))
         return None
 
-    def _on_grad(self, cap: _Capture, grad: Tensor) -> None:
+    def _accept_gradient(self, cap: _Capture, grad: Tensor) -> _MicroBatch:
+        """Checks shared by every route when a tracked call's output gradient arrives."""
         if cap.fired:
             raise StepOrderError(
                 "a second backward pass went through the same forward inside one "
@@ -874,20 +903,93 @@ class InRunShapley:
         mb.fired += 1
         if grad.dtype in (torch.float16, torch.bfloat16):
             mb.low_precision = True
-        entry = cap.entry
+        if self._immediate and mb.dots is None:
+            mb.dots = torch.zeros(
+                len(self._params), mb.size, self._val.columns, dtype=torch.float64, device=grad.device
+            )
+        return mb
+
+    def _add_dots(self, mb: _MicroBatch, entry: _Entry, dots: dict[str, Tensor]) -> None:
+        for name, d in dots.items():
+            mb.dots[entry.param_index[entry.param_names.index(name)]] += d.to(torch.float64)
+
+    def _on_grad(self, cap: _Capture, grad: Tensor) -> None:
+        mb = self._accept_gradient(cap, grad)
         with self._paused(), torch.no_grad():
             if self._immediate:
-                if mb.dots is None:
-                    mb.dots = torch.zeros(
-                        len(self._params), mb.size, self._val.columns,
-                        dtype=torch.float64, device=grad.device,
-                    )
-                for name, d in self._first_order_dots(entry, cap.saved, grad).items():
-                    mb.dots[entry.param_index[entry.param_names.index(name)]] += d.to(torch.float64)
+                self._add_dots(mb, cap.entry, self._first_order_dots(cap.entry, cap.saved, grad))
         if self._defer:
             cap.grad = grad.detach()
         else:
             cap.saved = None
+
+    # ------------------------------------------------------------------ book-keeping route
+    def _install_bookkeeping(self, entry: _Entry) -> None:
+        """Route the module's calls through :meth:`_bookkeeping_call` when that is cheapest.
+
+        The override is a method bound to the module, so a deep copy of the model rebinds it to
+        the copy, which is not tracked and runs its class's own forward.
+        """
+        module = entry.module
+        previous = module.__dict__.get("forward")
+        by_module = self._bookkeeping_entries
+
+        def forward(module_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            tracked = by_module.get(id(module_self))
+            if tracked is not None and tracked.module is module_self and self._use_bookkeeping(tracked, args, kwargs):
+                return self._bookkeeping_call(tracked, args[0])
+            if previous is not None and module_self is module:
+                return previous(*args, **kwargs)
+            return type(module_self).forward(module_self, *args, **kwargs)
+
+        by_module[id(module)] = entry
+        module.forward = types.MethodType(forward, module)
+        self._forward_overrides.append((module, previous))
+
+    def _use_bookkeeping(self, entry: _Entry, args: tuple, kwargs: dict) -> bool:
+        """Book-keeping for this call: tracking a batched call, no autocast, and cheapest."""
+        mb = self._microbatch
+        if (
+            self._mode != "train" or mb is None or not self._immediate or kwargs or len(args) != 1
+            or not torch.is_grad_enabled() or torch.is_autocast_enabled()
+        ):
+            return False
+        x, weight = args[0], entry.module.weight
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != mb.size or x.dtype != weight.dtype:
+            return False
+        if "weight" not in entry.param_names or self._val.columns > 4:
+            return False
+        if self.config.route == "bookkeeping":
+            return True
+        d, p = entry.handler.in_out_features(entry.module)
+        tokens = x[0].numel() // d
+        cost = bookkeeping_cost(d, p)
+        vector = tokens * entry.handler.vector_cost(entry.module)
+        gram = (
+            tokens * entry.handler.gram_cost(entry.module, self._val.gram[entry.index][0].shape[0])
+            if entry.index in self._val.gram else float("inf")
+        )
+        return cost < min(vector, gram)
+
+    def _bookkeeping_call(self, entry: _Entry, x: Tensor) -> Tensor:
+        from .layers.linear import BookkeepingLinear
+
+        mb = self._microbatch
+        cap = _Capture(entry=entry, saved=None, microbatch=mb)
+        if self._defer:
+            mb.captures.append(cap)
+        vectors = {n: self._val.grads[i] for n, i in zip(entry.param_names, entry.param_index)}
+
+        def sink(dots: dict[str, Tensor], x: Tensor, grad_out: Tensor) -> None:
+            batch = self._accept_gradient(cap, grad_out)
+            entry.route = "bookkeeping"
+            self._add_dots(batch, entry, dots)
+            if self._defer:
+                cap.saved, cap.grad = x.detach(), grad_out.detach()
+
+        self._bookkeeping_calls.add(entry.index)
+        module = entry.module
+        return BookkeepingLinear.apply(x, module.weight, module.bias, (entry.handler.transposed, vectors, sink))
 
     def _first_order_dots(self, entry: _Entry, saved: Any, grad: Tensor) -> dict[str, Tensor]:
         val = self._val
@@ -952,6 +1054,16 @@ def _ratios(now: Tensor, before: Tensor) -> Tensor:
     unscaling): ``‖grad now‖ / ‖grad after backward‖``, 1 where the gradient was zero."""
     safe = torch.where(before > 0, before, torch.ones_like(before))
     return torch.where(before > 0, now / safe, torch.ones_like(before))
+
+
+BOOKKEEPING_COST_PER_ELEMENT = 24.0
+"""Per-example cost of the book-keeping route in multiply-add equivalents per weight element:
+writing, reading and summing the per-example gradients is memory-bound. Calibrated on a
+2-core CPU with benchmarks/overhead.py; the route is used only where cheaper than Gram/vector."""
+
+
+def bookkeeping_cost(d: int, p: int) -> float:
+    return BOOKKEEPING_COST_PER_ELEMENT * d * p
 
 
 def _default_rtol(dtype: torch.dtype) -> float:

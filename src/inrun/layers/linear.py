@@ -12,8 +12,10 @@ Per-example weight gradient of ``s = a Wᵀ + b`` for example z with T positions
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import LayerHandler, as_float, first_input, register_handler, register_predicate
@@ -24,6 +26,8 @@ class LinearHandler(LayerHandler):
 
     name = "linear"
     supports_gram = True
+    supports_bookkeeping = True
+    transposed = False
 
     @staticmethod
     def weight_out_in(module: nn.Module, weight_like: Tensor) -> Tensor:
@@ -85,6 +89,7 @@ class HFConv1DHandler(LinearHandler):
     """Hugging Face ``Conv1D``: ``y = x @ W + b`` with ``W [d, p]`` (transposed ``nn.Linear``)."""
 
     name = "hf_conv1d"
+    transposed = True
 
     @staticmethod
     def weight_out_in(module: nn.Module, weight_like: Tensor) -> Tensor:
@@ -96,7 +101,7 @@ class HFConv1DHandler(LinearHandler):
         return d, p
 
 
-def gram_dot(A: Tensor, D: Tensor, A_val: Tensor, D_val: Tensor, chunk_rows: int = 1 << 15) -> Tensor:
+def gram_dot(A: Tensor, D: Tensor, A_val: Tensor, D_val: Tensor, max_elements: int = 1 << 24) -> Tensor:
     """``[B]`` Gram-route dot products ``sum((A_z A_valᵀ) ⊙ (D_z D_valᵀ))``.
 
     ``A [B, T, d]``, ``D [B, T, p]``; ``A_val [N, d]``, ``D_val [N, p]`` hold every validation
@@ -105,7 +110,8 @@ def gram_dot(A: Tensor, D: Tensor, A_val: Tensor, D_val: Tensor, chunk_rows: int
     B, T, _ = A.shape
     A = as_float(A, A_val).reshape(B * T, -1)
     D = as_float(D, D_val).reshape(B * T, -1)
-    rows_per_chunk = max(T, (chunk_rows // max(1, A_val.shape[0])) // T * T)
+    # Whole examples per chunk, with the two [rows, N] products bounded by max_elements each.
+    rows_per_chunk = max(T, (max_elements // max(1, A_val.shape[0])) // T * T)
     parts = []
     for start in range(0, B * T, rows_per_chunk):
         stop = min(B * T, start + rows_per_chunk)
@@ -120,3 +126,71 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 
 register_handler(nn.Linear, handler=LinearHandler())
 register_predicate(_is_hf_conv1d, HFConv1DHandler())
+
+
+# ----------------------------------------------------------------------------- book-keeping route
+BOOKKEEPING_CHUNK_ELEMENTS = 1 << 22
+"""Per-example weight gradients formed at once by the book-keeping route (16 MiB in float32)."""
+
+
+class BookkeepingLinear(torch.autograd.Function):
+    """A linear op whose backward forms the per-example weight gradients ``G_z = D_zᵀ A_z``
+    (in chunks of examples) *instead of* autograd's weight-gradient GEMM, dots them with the
+    contraction vectors, and returns their sum as the ordinary weight gradient (Bu et al. 2023).
+
+    The FLOPs equal the weight-gradient GEMM's; the added cost is writing and reading the
+    chunk's ``[c, p, d]`` per-example gradients. The weight gradient equals autograd's within
+    float32 rounding (it is summed in another order). The forward is the module's own op.
+
+    ``sink(dots_by_name, x, grad_out)`` receives ``{"weight": [B, K], "bias": [B, K]}``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, spec: tuple) -> Tensor:
+        transposed = spec[0]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.spec = spec
+        if transposed:  # Hugging Face Conv1D: addmm(b, x, W) with W [d, p]
+            out_shape = (*x.shape[:-1], weight.shape[1])
+            flat = x.reshape(-1, x.shape[-1])
+            y = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
+            return y.view(out_shape)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        transposed, vectors, sink = ctx.spec
+        batch = grad_out.shape[0]
+        p = grad_out.shape[-1]
+        d = x.shape[-1]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w_out_in = weight.T if transposed else weight  # [p, d]
+            grad_x = (grad_out.reshape(-1, p) @ w_out_in).view(x.shape)
+        A = x.reshape(batch, -1, d)  # (B, T, d)
+        D = grad_out.reshape(batch, -1, p)  # (B, T, p)
+        U = vectors.get("weight")
+        U = None if U is None else U.reshape(U.shape[0], -1)  # (K, numel) in the weight's layout
+        grad_w = torch.zeros_like(weight)
+        dots_w = []
+        chunk = max(1, BOOKKEEPING_CHUNK_ELEMENTS // (d * p))
+        for start in range(0, batch, chunk):
+            a, g = A[start : start + chunk], D[start : start + chunk]
+            # per-example gradients in the parameter's own layout
+            G = torch.bmm(a.transpose(1, 2), g) if transposed else torch.bmm(g.transpose(1, 2), a)
+            if U is not None:
+                dots_w.append(G.reshape(G.shape[0], -1) @ U.T)
+            grad_w += G.sum(dim=0)
+        dots: dict[str, Tensor] = {}
+        if U is not None:
+            dots["weight"] = torch.cat(dots_w)
+        grad_b = None
+        if ctx.has_bias:
+            per_example_b = D.sum(dim=1)  # (B, p)
+            grad_b = per_example_b.sum(dim=0)
+            if "bias" in vectors:
+                dots["bias"] = per_example_b @ vectors["bias"].T
+        sink(dots, x, grad_out)
+        return grad_x, grad_w, grad_b, None

@@ -39,6 +39,7 @@ class LayerHandler:
 
     name: ClassVar[str] = "handler"
     supports_gram: ClassVar[bool] = False
+    supports_bookkeeping: ClassVar[bool] = False
 
     def param_names(self, module: nn.Module) -> tuple[str, ...]:
         """Names of the module's own trainable parameters this handler values."""
