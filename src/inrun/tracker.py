@@ -36,6 +36,7 @@ from .errors import (
     UnsupportedModuleError,
     ValidationLossError,
 )
+from .integrations.ddp import DDP_CHECK_HINT, DDPSync
 from .layers import FALLBACK, LayerHandler, Layout, handler_for
 from .layers.linear import gram_dot
 from .layers.norm import batchnorm_message
@@ -261,6 +262,8 @@ class InRunShapley:
             m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
         self._distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+        # DDP (see inrun.integrations.ddp): its process group; None for a single process.
+        self._ddp: DDPSync | None = DDPSync.of(model) if self._distributed else None
 
         self._mode: str | None = None  # None | "train" | "val"
         self._microbatch: _MicroBatch | None = None
@@ -361,14 +364,30 @@ class InRunShapley:
         self._end_microbatch(mb)
 
     def values(self) -> ValueTable:
-        """id -> accumulated value (float64). Completes a pending order-2 step first."""
-        self.flush()
-        return self.ledger.values()
+        """id -> accumulated value (float64). Completes a pending order-2 step first.
+
+        With a DDP model this is the global table, merged over ranks by example id, and a
+        collective call: every rank must call it (see :meth:`global_ledger`).
+        """
+        return self.global_ledger().values()
 
     def per_validation(self) -> tuple[list, np.ndarray] | None:
-        """``(ids, [N, V])`` per-(train, validation) values when ``val_loss`` returns a vector."""
+        """``(ids, [N, V])`` per-(train, validation) values when ``val_loss`` returns a vector.
+
+        With a DDP model: global, and a collective call like :meth:`values`.
+        """
+        return self.global_ledger().per_validation()
+
+    def global_ledger(self) -> ValueLedger:
+        """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, the
+        ledgers of every rank merged by example id (``self.ledger`` holds only this rank's
+        examples). Under DDP this is a collective: call it on every rank (each gets the merged
+        ledger), e.g. ``ledger = tracker.global_ledger()`` then save it on rank 0.
+        """
         self.flush()
-        return self.ledger.per_validation()
+        if self._ddp is None:
+            return self.ledger
+        return self._ddp.gather_ledger(self.ledger)
 
     def flush(self) -> None:
         """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
@@ -468,7 +487,7 @@ class InRunShapley:
         grads = [p.grad for p in self._params]
         with torch.no_grad():
             window.exit_norms = _norms(grads, self._params)
-            if self.config.check and self._immediate and not self._distributed:
+            if self.config.check and self._immediate:
                 window.check_terms = self._check_terms(window, grads)
 
     def _check_terms(self, window: _Window, grads: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
@@ -508,14 +527,19 @@ class InRunShapley:
             grads = [p.grad for p in self._params]
             ratio = _ratios(_norms(grads, self._params), window.exit_norms)
             coef = self.rule.scalar_coefficients(self._params).to(ratio.device) * ratio
-            if self._distributed:
-                coef = coef / torch.distributed.get_world_size()
+            if self._ddp is not None:
+                # DDP averages over ranks: each rank's example adds g_z / W to the update. The
+                # check's terms become the group's: one all-reduce per step.
+                coef = coef / self._ddp.world_size
+                if window.check_terms is not None:
+                    window.check_terms = self._ddp.reduce_check_terms(window.check_terms)
             window.coef = coef
             dots = window.dots()
             first = shapley.first_order(coef.to(dots.device), dots)
             second = None
         if self.config.order == 2 and self.config.second_order == "hessian":
-            second = self._hessian_correction(window, coef, grads)
+            direction = grads if self._ddp is None else self._ddp.update_direction(grads)
+            second = self._hessian_correction(window, coef, direction)
         self._finalize_checks(window, first, second)
 
     def _finalize_checks(self, window: _Window, first: Tensor, second: Tensor | None) -> None:
@@ -552,6 +576,7 @@ class InRunShapley:
                 "up to the gradient autograd computed. A parameter is used outside the forward "
                 "of the module that owns it, examples interact inside the model, or the "
                 "gradients were modified (e.g. zero_grad(set_to_none=False) between micro-batches)."
+                + (DDP_CHECK_HINT if self._ddp is not None else "")
             )
         window.first = host[0]
         window.second = host[1] if second is not None else None
