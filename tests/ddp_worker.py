@@ -191,6 +191,29 @@ def run_ddp(s: Scenario, rank: int, world: int, out: Path) -> dict[str, Any]:
     return result
 
 
+TRAINER_BATCH = 1
+"""Per-device batch of the DDP Trainer run: with 2 ranks it matches test_hf's one-process batch 2."""
+
+
+def run_trainer(rank: int, world: int, out: Path) -> dict[str, Any]:
+    """``InRunTrainer`` under torchrun: accelerate wraps the model in DDP, accumulation uses no_sync."""
+    from test_hf import N_TRAIN, make_trainer
+
+    ids = [f"ex{i}" for i in range(N_TRAIN)]
+    trainer = make_trainer(out / "trainer", ids, args={"per_device_train_batch_size": TRAINER_BATCH})
+    trainer.train()
+    values = trainer.inrun_values()
+    tracker = trainer.inrun_tracker
+    return {
+        "ids": values.ids(),
+        "value": values.value.tolist(),
+        "count": values.counts.tolist(),
+        "local_ids": tracker.ledger.values().ids(),
+        "wrapped": type(tracker.model).__name__,
+        "num_items": trainer.num_items,
+    }
+
+
 def main(out: Path) -> None:
     import torch.distributed as dist
 
@@ -208,6 +231,7 @@ def main(out: Path) -> None:
                 traceback.print_exc()
         results[s.name]["scenario"] = asdict(s)
         dist.barrier()
+    results["trainer"] = run_trainer(rank, world, out)
     (out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 

@@ -209,3 +209,29 @@ def test_merge_states_sums_by_id() -> None:
     np.testing.assert_array_equal(ledger.per_validation()[1][0], [11.5, 22.5])
     assert ledger.skipped == [{"step": 2, "reason": "non-finite"}]
     assert list(ledger.trace()["step"]) == [0, 0, 0, 0, 1]
+
+
+def test_ddp_trainer_equals_one_process(ddp_results: dict[str, Any]) -> None:
+    """``InRunTrainer`` under torchrun (2 ranks x batch 1, accumulation 2 with no_sync, clipping)
+    == the plain-loop tracker in one process with batch 2 on the same global batches (which
+    ``test_hf`` shows equal to the one-process ``InRunTrainer``)."""
+    from test_hf import gpt2, plain_loop
+
+    rank0, rank1 = (r["trainer"] for r in ddp_results["ranks"])
+    assert rank0["wrapped"] == "DistributedDataParallel"
+    assert (rank0["ids"], rank0["value"]) == (rank1["ids"], rank1["value"])
+    assert not set(rank0["local_ids"]) & set(rank1["local_ids"])
+    assert rank0["num_items"] == rank1["num_items"], "the Trainer normalizes by the global token count"
+    ids = sorted(rank0["ids"], key=lambda i: int(i[2:]))
+    expected, at_step_2, _ = plain_loop(gpt2(), ids, rank0["num_items"])
+    got = dict(zip(rank0["ids"], rank0["value"]))
+    scale = max(abs(v) for v in expected.values())
+    assert sorted(got) == sorted(expected) and set(rank0["count"]) == {1}
+    err = max(abs(got[i] - expected[i]) for i in ids) / scale
+    assert err <= 1e-9, f"DDP Trainer vs one process: {err:.2e} of the largest value"
+    saved = ValueLedger.load(ddp_results["dir"] / "trainer" / "inrun").values()
+    assert dict(saved) == got
+    checkpoint = ValueLedger.load(ddp_results["dir"] / "trainer" / "checkpoint-2" / "inrun").values()
+    assert max(abs(checkpoint[i] - at_step_2[i]) for i in at_step_2) <= 1e-9 * scale
+    assert sorted(checkpoint) == sorted(at_step_2)
+    print(f"DDP Trainer vs one process: max |Δ| / max |value| = {err:.2e}")
