@@ -36,7 +36,9 @@ This costs one ``all_gather_object`` of the ledgers per read instead of one per 
 per-step path stays a single small all-reduce. Every rank receives the global ledger (an
 example seen on several ranks, e.g. in different epochs, gets the sum of its values and
 counts). Reading is therefore a *collective*: call it on every rank of the group, like
-``dist.barrier()``; calling it on rank 0 alone blocks.
+``dist.barrier()``; calling it on rank 0 alone blocks. With NCCL, ``all_gather_object`` uses
+the current CUDA device: call ``torch.cuda.set_device(local_rank)`` on each rank first (as
+DDP setups usually do).
 """
 
 from __future__ import annotations
