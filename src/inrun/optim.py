@@ -241,11 +241,14 @@ class AdamRule(UpdateRule):
 
 
 def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
-    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
-    for _ in range(5):
-        if isinstance(optimizer, torch.optim.Optimizer) or not hasattr(optimizer, "optimizer"):
+    """The optimizer whose ``step`` really runs, inside wrappers such as accelerate's
+    ``AcceleratedOptimizer`` (itself a ``torch.optim.Optimizer`` subclass wrapping ``.optimizer``):
+    the tracker's step hooks must sit on the inner one."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
             break
-        optimizer = optimizer.optimizer
+        optimizer = inner
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise UnsupportedOptimizerError(
             f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}. Supported: {SUPPORTED}."

@@ -37,6 +37,7 @@ from .errors import (
     UnsupportedModuleError,
     ValidationLossError,
 )
+from .integrations.ddp import DDP_CHECK_HINT, DDPSync
 from .layers import FALLBACK, LayerHandler, Layout, handler_for
 from .layers.linear import gram_dot
 from .layers.norm import batchnorm_message
@@ -283,6 +284,8 @@ class InRunShapley:
             m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
         self._distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+        # DDP (see inrun.integrations.ddp): its process group; None for a single process.
+        self._ddp: DDPSync | None = DDPSync.of(model) if self._distributed else None
 
         self._mode: str | None = None  # None | "train" | "val"
         self._microbatch: _MicroBatch | None = None
@@ -405,14 +408,30 @@ class InRunShapley:
         self._enabled = bool(value)
 
     def values(self) -> ValueTable:
-        """id -> accumulated value (float64). Completes a pending order-2 step first."""
-        self.flush()
-        return self.ledger.values()
+        """id -> accumulated value (float64). Completes a pending order-2 step first.
+
+        With a DDP model this is the global table, merged over ranks by example id, and a
+        collective call: every rank must call it (see :meth:`global_ledger`).
+        """
+        return self.global_ledger().values()
 
     def per_validation(self) -> tuple[list, np.ndarray] | None:
-        """``(ids, [N, V])`` per-(train, validation) values when ``val_loss`` returns a vector."""
+        """``(ids, [N, V])`` per-(train, validation) values when ``val_loss`` returns a vector.
+
+        With a DDP model: global, and a collective call like :meth:`values`.
+        """
+        return self.global_ledger().per_validation()
+
+    def global_ledger(self) -> ValueLedger:
+        """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, the
+        ledgers of every rank merged by example id (``self.ledger`` holds only this rank's
+        examples). Under DDP this is a collective: call it on every rank (each gets the merged
+        ledger), e.g. ``ledger = tracker.global_ledger()`` then save it on rank 0.
+        """
         self.flush()
-        return self.ledger.per_validation()
+        if self._ddp is None:
+            return self.ledger
+        return self._ddp.gather_ledger(self.ledger)
 
     def flush(self) -> None:
         """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
@@ -521,7 +540,7 @@ class InRunShapley:
         grads = [p.grad for p in self._params]
         with torch.no_grad():
             window.exit_norms = _norms(grads, self._params)
-            if self.config.check and self._immediate and not self._distributed:
+            if self.config.check and self._immediate:
                 window.check_terms = self._check_terms(window, grads)
 
     def _check_terms(self, window: _Window, grads: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
@@ -564,8 +583,10 @@ class InRunShapley:
             # Clipping or unscaling between backward and the step multiplies each gradient by a
             # factor: the optimizer sees x_S = ratio · Σ_S g_z.
             ratio = _ratios(_norms(grads, self._params), window.exit_norms)
-            if self._distributed:
-                ratio = ratio / torch.distributed.get_world_size()
+            if self._ddp is not None:
+                # DDP averages over ranks: each rank's example adds g_z / W to the update.
+                ratio = ratio / self._ddp.world_size
+            base = None
             if self.rule.elementwise:
                 slopes = self.rule.slopes(self._params, grads)
                 window.multipliers = [
@@ -578,6 +599,9 @@ class InRunShapley:
                 base = self.rule.scalar_coefficients(self._params).to(ratio.device)
                 window.coef = base * ratio
                 window.multipliers = list(window.coef)
+                if self._ddp is not None and window.check_terms is not None:
+                    # the check's terms become the group's: one all-reduce per step
+                    window.check_terms = self._ddp.reduce_check_terms(window.check_terms)
                 first = shapley.first_order(window.coef, window.dots())
         second = None
         if self.config.order == 2:
@@ -607,8 +631,11 @@ class InRunShapley:
     def _deferred_check_terms(
         self, dots: Tensor, grads: list[Tensor | None], ratio: Tensor, multipliers: list[Tensor | None]
     ) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The consistency check for values contracted at the step: Σ_z dots vs <g_B, W>."""
-        if not self.config.check or self._distributed:
+        """The consistency check for values contracted at the step: Σ_z dots vs <g_B, W>.
+
+        ``p.grad / ratio`` is the sum of the per-example gradients over the (global) batch, so
+        under DDP this rank's sums are added over the ranks (one all-reduce)."""
+        if not self.config.check:
             return None
         ours = dots.sum(dim=(1, 2))
         spread = dots.sum(dim=2).abs().sum(dim=1)
@@ -623,6 +650,8 @@ class InRunShapley:
             g_b = g.double() / ratio[i]
             theirs.append((g_b * w).sum().to(ours.device))
             scale.append((g_b.norm() * w.norm()).to(ours.device))
+        if self._ddp is not None:
+            ours, spread = self._ddp.sum_over_ranks(torch.stack([ours, spread]))
         return ours, torch.stack(theirs), torch.stack(scale) + spread
 
     def _finalize_checks(self, window: _Window, first: Tensor, second: Tensor | None) -> None:
@@ -660,6 +689,7 @@ class InRunShapley:
                 "up to the gradient autograd computed. A parameter is used outside the forward "
                 "of the module that owns it, examples interact inside the model, or the "
                 "gradients were modified (e.g. zero_grad(set_to_none=False) between micro-batches)."
+                + (DDP_CHECK_HINT if self._ddp is not None else "")
             )
         window.first = host[0]
         window.second = host[1] if second is not None else None

@@ -1,0 +1,217 @@
+"""``DistributedDataParallel``: what the tracker does differently when the model is DDP-wrapped.
+
+Semantics. With DDP every rank runs the forward/backward of its own local batch and DDP's
+reducer averages the gradients over the ``W`` ranks of its process group, so the update of a
+step is ``−η · (1/W) Σ_r g_{B_r}``: the *global* batch (the union of the ranks' local batches,
+over all micro-batches of the step) makes one update, and the step's utility is the change of
+validation loss that this global update causes. Example ``z`` on rank ``r`` contributes
+``g_z / W`` to it (``g_z``: the gradient of ``z``'s share of the loss rank ``r`` back-propagates),
+so its coefficient is ``η/W``. With a batch-mean loss of ``b`` examples per rank this is exactly
+one process with batch ``W·b`` and a mean loss.
+
+What each rank computes. Every rank runs the validation pass on its own replica (the
+parameters are identical across ranks, so ``g_val`` is too): no communication, at the cost of
+one validation forward/backward per rank. Each rank values its own examples against it, during
+its own backward, and adds them to its *local* ledger. DDP's gradient all-reduce is untouched.
+
+Communication per optimizer step: one ``all_reduce`` of ``2·P`` float64 numbers (``P`` =
+number of trainable parameter tensors) for the consistency check, and nothing else. The check
+compares ``(1/W) Σ_r Σ_{z∈B_r} <g_z, g_val>`` with ``<p.grad, g_val>`` per parameter, where
+``p.grad`` is DDP's averaged gradient, so it also catches a gradient that was not averaged
+(a custom communication hook that sums, a last micro-batch left inside ``no_sync()``).
+
+Gradient accumulation with ``model.no_sync()`` for the first ``k−1`` micro-batches: inside
+``no_sync`` the gradients are local and unaveraged; the last micro-batch's backward all-reduces
+the accumulated sum, so after it ``p.grad = (1/W) Σ_r Σ_micro g``. The tracker reads gradient
+norms (for clip-factor detection) and the check's ``<p.grad, g_val>`` at the end of every
+micro-batch but only the last reading is used, which is the synchronized one: clip factors are
+those of the global gradient, identical on all ranks, and the coefficients stay ``η·clip/W``.
+Accumulating *without* ``no_sync`` (an all-reduce every micro-batch) gives the same averaged
+sum and the same values.
+
+The global ledger. Values are *not* exchanged at every step: each rank keeps its own examples,
+and the ledgers are merged by example id only when they are read (:func:`gather_ledger`,
+called by ``tracker.values()``, ``tracker.per_validation()`` and ``tracker.global_ledger()``).
+This costs one ``all_gather_object`` of the ledgers per read instead of one per step, and the
+per-step path stays a single small all-reduce. Every rank receives the global ledger (an
+example seen on several ranks, e.g. in different epochs, gets the sum of its values and
+counts). Reading is therefore a *collective*: call it on every rank of the group, like
+``dist.barrier()``; calling it on rank 0 alone blocks. With NCCL, ``all_gather_object`` uses
+the current CUDA device: call ``torch.cuda.set_device(local_rank)`` on each rank first (as
+DDP setups usually do).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..errors import InRunError
+from ..ledger import ValueLedger
+
+logger = logging.getLogger(__name__)
+
+DDP_CHECK_HINT = (
+    " Under DDP the check compares the ranks' summed dots with DDP's averaged gradient: the "
+    "last micro-batch of a step must run its backward outside model.no_sync(), and a "
+    "communication hook must average (not sum) the gradients."
+)
+
+
+def is_ddp(model: nn.Module) -> bool:
+    """Whether ``model`` is wrapped in ``DistributedDataParallel``."""
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+@dataclass(frozen=True)
+class DDPSync:
+    """The process group of a DDP-wrapped model and the few collectives the tracker needs."""
+
+    group: Any
+    world_size: int
+    rank: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> DDPSync:
+        """The sync object of a DDP-wrapped ``model`` (its own process group)."""
+        if not is_ddp(model):
+            raise InRunError(f"expected a DistributedDataParallel model, got {type(model).__name__}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise InRunError(
+                "the model is wrapped in DistributedDataParallel but torch.distributed is not "
+                "initialized; call torch.distributed.init_process_group() first (torchrun does "
+                "not do it for you)"
+            )
+        group = getattr(model, "process_group", None)
+        return cls(group=group, world_size=dist.get_world_size(group), rank=dist.get_rank(group))
+
+    def reduce_check_terms(self, terms: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Consistency-check terms of the whole group from this rank's terms: one all-reduce.
+
+        ``terms`` are per parameter: this rank's ``Σ_z <g_z, g_val>``, the averaged gradient's
+        ``<p.grad, g_val>`` (identical on every rank) and the tolerance scale (a part identical
+        on every rank plus this rank's ``Σ_z |dot|``). Returned: ``(1/W) Σ_r`` of the first and
+        the third, which compare with the unchanged second because DDP averaged ``p.grad``.
+        """
+        ours, theirs, scale = terms
+        both = torch.stack([ours, scale.to(ours.device)])  # (2, P) float64
+        dist.all_reduce(both, group=self.group)
+        both /= self.world_size
+        return both[0], theirs, both[1].to(scale.device)
+
+    def sum_over_ranks(self, t: Tensor) -> Tensor:
+        """``Σ_r t`` over the group (one all-reduce; ``t`` is not modified)."""
+        out = t.clone()
+        dist.all_reduce(out, group=self.group)
+        return out
+
+    def gather_ledger(self, ledger: ValueLedger) -> ValueLedger:
+        """Merge the ledgers of every rank by example id; every rank gets the result."""
+        return gather_ledger(ledger, group=self.group)
+
+
+def gather_ledger(ledger: ValueLedger, group: Any = None) -> ValueLedger:
+    """The ledgers of all ranks of ``group`` merged by example id (a collective call).
+
+    Every rank must call it; every rank returns the merged ledger. Only ids and numbers travel.
+    """
+    world = dist.get_world_size(group)
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, _portable_state(ledger), group=group)
+    return merge_states(states)
+
+
+def _portable_state(ledger: ValueLedger) -> dict[str, Any]:
+    state = ledger.state()
+    trace = state["trace"]
+    if trace is not None:
+        state["trace"] = {k: (list(v) if k == "id" else np.asarray(v)) for k, v in trace.items()}
+    return state
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> ValueLedger:
+    """One ledger from several :meth:`ValueLedger.state` dicts, summing values and counts by id.
+
+    Sources: the first rank's non-empty label wins. Per-validation tables must have the same
+    columns on every rank. Traces are concatenated and ordered by step (stable, rank order
+    within a step); skipped steps are listed once.
+    """
+    if not states:
+        raise InRunError("no ledger states to merge")
+    index: dict[Any, int] = {}
+    ids: list[Any] = []
+    for st in states:
+        for i in st["ids"]:
+            if i not in index:
+                index[i] = len(ids)
+                ids.append(i)
+    n = len(ids)
+    first = np.zeros(n, dtype=np.float64)
+    second = np.zeros(n, dtype=np.float64)
+    count = np.zeros(n, dtype=np.int64)
+    sources: list[str | None] = [None] * n
+    widths = {st["per_validation"].shape[1] for st in states if st["per_validation"] is not None}
+    if len(widths) > 1:
+        raise InRunError(f"ranks disagree on the number of validation columns: {sorted(widths)}")
+    per_val = np.zeros((n, widths.pop()), dtype=np.float64) if widths else None
+    for st in states:
+        rows = np.fromiter((index[i] for i in st["ids"]), dtype=np.int64, count=len(st["ids"]))
+        np.add.at(first, rows, np.asarray(st["first_order"], dtype=np.float64))
+        np.add.at(second, rows, np.asarray(st["second_order"], dtype=np.float64))
+        np.add.at(count, rows, np.asarray(st["count"], dtype=np.int64))
+        if per_val is not None and st["per_validation"] is not None:
+            np.add.at(per_val, rows, np.asarray(st["per_validation"], dtype=np.float64))
+        for r, s in zip(rows, st["sources"]):
+            if sources[r] is None and s is not None:
+                sources[r] = s
+    keep_trace = any(st.get("keep_trace", False) for st in states)
+    return ValueLedger.from_state(
+        {
+            "ids": ids,
+            "sources": sources,
+            "first_order": first,
+            "second_order": second,
+            "count": count,
+            "per_validation": per_val,
+            "validation_names": next(
+                (st["validation_names"] for st in states if st.get("validation_names")), None
+            ),
+            "trace": _merge_traces([st.get("trace") for st in states]) if keep_trace else None,
+            "skipped": _merge_skipped([st.get("skipped", []) for st in states]),
+            "steps": max(int(st.get("steps", 0)) for st in states),
+            "keep_trace": keep_trace,
+        }
+    )
+
+
+def _merge_traces(traces: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    present = [t for t in traces if t is not None and len(t["step"])]
+    if not present:
+        return None
+    cols = ("step", "lr", "first_order", "second_order")
+    out: dict[str, Any] = {c: np.concatenate([np.asarray(t[c]) for t in present]) for c in cols}
+    out["id"] = [i for t in present for i in t["id"]]
+    order = np.argsort(out["step"], kind="stable")
+    for c in cols:
+        out[c] = out[c][order]
+    out["id"] = [out["id"][k] for k in order]
+    return out
+
+
+def _merge_skipped(lists: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    seen: set[tuple[int, str]] = set()
+    out = []
+    for entries in lists:
+        for e in entries:
+            key = (int(e["step"]), str(e["reason"]))
+            if key not in seen:
+                seen.add(key)
+                out.append({"step": key[0], "reason": key[1]})
+    return sorted(out, key=lambda e: e["step"])
