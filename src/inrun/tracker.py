@@ -814,10 +814,20 @@ class InRunShapley:
             for k, column in enumerate(columns):
                 g = torch.autograd.grad(column, params, create_graph=True, allow_unused=True)
                 used = [(gi, d) for gi, d in zip(g, direction) if gi is not None and gi.requires_grad]
-                hv = torch.autograd.grad(
-                    [gi for gi, _ in used], params, grad_outputs=[d for _, d in used],
-                    retain_graph=k + 1 < len(columns), allow_unused=True,
-                )
+                try:
+                    hv = torch.autograd.grad(
+                        [gi for gi, _ in used], params, grad_outputs=[d for _, d in used],
+                        retain_graph=k + 1 < len(columns), allow_unused=True,
+                    )
+                except RuntimeError as exc:
+                    if "not implemented" not in str(exc):
+                        raise
+                    raise UnsupportedModuleError(
+                        f"second_order='hessian' needs a double backward through the validation "
+                        f"loss, and an op of this model has none ({exc}). Use "
+                        "second_order='trapezoid' (no Hessian), or an implementation with a double "
+                        "backward, e.g. attn_implementation='eager' for Hugging Face attention."
+                    ) from exc
                 hvps.append([
                     (h if h is not None else torch.zeros_like(p)).detach() for h, p in zip(hv, params)
                 ])
