@@ -15,6 +15,17 @@ from torch import nn
 
 from inrun import exact
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster, and immune to a shared machine's load
+    (two spinning OpenMP threads on busy cores made this module several times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # float64 throughout; the games below are exact up to rounding of O(2^n) additions.
 EXACT_RTOL = 1e-12
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,6 @@ def hessian_vector_products(
     Returns:
         name -> ``[K, *param.shape]`` products, for every trainable parameter.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     params = trainable_parameters(model)
     K = next(iter(vectors.values())).shape[0]
     loss_module = _LossModule(model, val_loss)
