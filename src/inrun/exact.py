@@ -383,9 +383,10 @@ class StepGame:
             loss, as from :func:`per_example_gradients`), for every trainable parameter.
         update: see :data:`UpdateFn`; e.g. ``sgd_update(lr)``.
         eval_mode: evaluate the validation loss in eval mode (the tracker's default).
-        chunk_size: subsets evaluated together under ``torch.func.vmap`` (several times faster
-            for small models); ``None`` evaluates one subset at a time. A model that ``vmap``
-            cannot batch (data-dependent control flow, random ops) falls back to one at a time.
+        chunk_size: subsets evaluated together under ``torch.func.vmap`` (about 3x faster than
+            one at a time for a small MLP on a CPU, no gain for a small GPT-2); ``None``
+            evaluates one subset at a time. A model that ``vmap`` cannot batch (data-dependent
+            control flow, random ops) falls back to one at a time.
 
     Example:
         >>> import torch, torch.nn.functional as F
