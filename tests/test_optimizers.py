@@ -298,9 +298,13 @@ def test_sgd_proxy_is_the_papers_formula() -> None:
 
 
 @pytest.mark.parametrize("variant", ["hessian", "trapezoid"])
-def test_momentum_order2_beats_order1_against_exact_shapley(variant) -> None:
+@pytest.mark.parametrize(
+    "options", [dict(momentum=0.9, weight_decay=0.01), dict(weight_decay=0.2)], ids=["momentum", "weight-decay"]
+)
+def test_momentum_order2_beats_order1_against_exact_shapley(variant, options) -> None:
+    """Order 2 linearizes around the data-free step f(0) (momentum, weight decay) for both variants."""
     model = make_mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, **options)
     warm_up(model, opt, mlp_batches(4, 10), mlp_loss)
     batch = mlp_batches(1, 10, seed=7)[0]
     truth = exact_shapley(optimizer_step_utility(model, opt, per_example(model, mlp_example_loss, batch), mlp_val_loss), 10)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from inrun import InRunError, InRunShapley, exact
+from inrun import InRunShapley, exact
 from inrun.layers import FALLBACK, Layout, handler_for
 
 logger = logging.getLogger(__name__)
@@ -279,12 +279,8 @@ def test_order2_matches_oracle(case: Case, variant: str) -> None:
         run_and_compare(case, variant)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="tracker's Hessian-vector product runs the user's val_loss with the default SDPA backend; "
-    "the fused CPU kernel has no double-backward derivative",
-)
 def test_hessian_variant_with_default_attention_backend() -> None:
+    """The tracker runs its Hessian-vector product under SDPA's math backend by itself."""
     run_and_compare(MODEL_CASES[0], "hessian", steps=1)
 
 
@@ -428,31 +424,23 @@ def test_values_mid_run_then_training_continues() -> None:
     np.testing.assert_allclose([got[i] for i in range(15)], expected, rtol=1e-10, atol=1e-15)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="the tracker keeps captured inputs by reference (detach, no copy) until the trapezoid "
-    "contraction at the next step's validation pass; an input buffer refilled in place for the "
-    "next batch silently changes the previous step's values",
-)
 def test_trapezoid_with_an_input_buffer_refilled_in_place() -> None:
-    """A static input buffer (CUDA-graph style loops) must give right values or a clear error."""
+    """A static input buffer (CUDA-graph style loops): the tracker copies user-data inputs it
+    reads after the step, so the values stay right."""
     model, batches, case = mlp_setup(2)
     lr = 0.4
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     tracker = InRunShapley(model, opt, val_loss=case.val_loss, order=2)
     x_buffer, y_buffer = torch.empty_like(batches[0][0]), torch.empty_like(batches[0][1])
     expected = np.zeros(10)
-    try:
-        for step, (x, y) in enumerate(batches[:2]):
-            values, _, _ = oracle_step(case, model, (x, y), lr, "trapezoid")
-            expected[5 * step : 5 * step + 5] = values.numpy()
-            x_buffer.copy_(x)
-            y_buffer.copy_(y)
-            with tracker.step(range(5 * step, 5 * step + 5)):
-                case.batch_loss(model, (x_buffer, y_buffer)).backward()
-            opt.step()
-            opt.zero_grad()
-        got = tracker.values()
-    except InRunError:
-        return  # refusing with a clear error is an acceptable fix
+    for step, (x, y) in enumerate(batches[:2]):
+        values, _, _ = oracle_step(case, model, (x, y), lr, "trapezoid")
+        expected[5 * step : 5 * step + 5] = values.numpy()
+        x_buffer.copy_(x)
+        y_buffer.copy_(y)
+        with tracker.step(range(5 * step, 5 * step + 5)):
+            case.batch_loss(model, (x_buffer, y_buffer)).backward()
+        opt.step()
+        opt.zero_grad()
+    got = tracker.values()
     np.testing.assert_allclose([got[i] for i in range(10)], expected, rtol=1e-10, atol=1e-15)

@@ -119,22 +119,25 @@ class SGDRule(UpdateRule):
         return torch.tensor(out, dtype=torch.float64)
 
     def data_free_step(self, params: Sequence[Tensor]) -> list[Tensor] | None:
-        steps, any_state = [], False
+        steps, any_shift = [], False
         for p, group in zip(params, self._groups(params)):
-            if group is None or group.get("momentum", 0) == 0:
+            mu = 0.0 if group is None else group.get("momentum", 0.0)
+            wd = 0.0 if group is None else group.get("weight_decay", 0.0)
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer") if mu else None
+            if group is None or (wd == 0 and buf is None):
                 steps.append(torch.zeros_like(p))
                 continue
-            mu, tau, wd = group["momentum"], group.get("dampening", 0.0), group.get("weight_decay", 0.0)
-            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-            decay = wd * p.detach()
-            if buf is None:
+            any_shift = True
+            decay = wd * p.detach()  # torch adds it after maximize's sign flip: never flipped
+            if mu == 0:
+                d0 = decay
+            elif buf is None:
                 d0 = decay * (1 + mu) if group.get("nesterov") else decay
             else:
-                any_state = True
-                buf0 = mu * buf + (1 - tau) * decay
+                buf0 = mu * buf + (1 - group.get("dampening", 0.0)) * decay
                 d0 = decay + mu * buf0 if group.get("nesterov") else buf0
             steps.append(-self._lr(group) * d0)
-        return steps if any_state else None
+        return steps if any_shift else None
 
 
 class SGDProxyRule(UpdateRule):

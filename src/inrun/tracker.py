@@ -129,6 +129,7 @@ class _Capture:
     microbatch: _MicroBatch
     grad: Tensor | None = None
     fired: bool = False
+    versions: list[tuple[Tensor, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -807,7 +808,9 @@ class InRunShapley:
                 if shift is not None:
                     d = d - 2 * shift[i].to(p.dtype)
                 direction.append(d)
-        with _module_mode(self.module, self.config.val_mode), _fork_rng(params):
+        # Fused attention kernels have no double backward: the math backend computes the same
+        # attention and can be differentiated twice.
+        with _module_mode(self.module, self.config.val_mode), _fork_rng(params), _math_attention():
             loss = _check_val_loss(self.val_loss(self.module))
             columns = [loss] if loss.dim() == 0 else list(loss)
             hvps: list[list[Tensor]] = []
@@ -856,6 +859,12 @@ class InRunShapley:
                 for cap in mb.captures:
                     if cap.grad is None:
                         continue
+                    if any(t._version != v for t, v in cap.versions):
+                        raise InRunError(
+                            f"the input of {cap.entry.name} was modified in place after its forward, "
+                            "before the step's values were complete (order 2 and Adam read each "
+                            "layer's input at the optimizer step or the next tracker.step)"
+                        )
                     e = cap.entry
                     vecs = {n: vectors[i] for n, i in zip(e.param_names, e.param_index)}
                     for n, d in e.handler.dot(e.module, cap.saved, cap.grad, vecs).items():
@@ -903,8 +912,13 @@ class InRunShapley:
         saved = entry.handler.capture(entry.module, args, kwargs)
         if layout is Layout.UNBATCHED and isinstance(saved, Tensor):
             saved = saved.unsqueeze(0)
+        if self._defer:
+            # The factors are read again after the step: copy inputs that are the user's data
+            # (a loop may refill one input buffer in place) and remember activations' versions.
+            saved = _own_leaf_tensors(saved)
         cap = _Capture(entry=entry, saved=saved, microbatch=mb)
         if self._defer:
+            cap.versions = _versions(saved)
             mb.captures.append(cap)
         new_output = None
         if layout is not Layout.BATCHED:
@@ -1025,7 +1039,8 @@ class InRunShapley:
             entry.route = "bookkeeping"
             self._add_dots(batch, entry, dots)
             if self._defer:
-                cap.saved, cap.grad = x.detach(), grad_out.detach()
+                cap.saved, cap.grad = _own_leaf_tensors(x.detach()), grad_out.detach()
+                cap.versions = _versions(cap.saved)
 
         self._bookkeeping_calls.add(entry.index)
         module = entry.module
@@ -1077,6 +1092,24 @@ class InRunShapley:
 
 
 # ---------------------------------------------------------------------- helpers
+def _own_leaf_tensors(saved: Any) -> Any:
+    """Copies of the tensors in ``saved`` that are user data (no autograd history)."""
+    if isinstance(saved, Tensor):
+        return saved.clone() if saved.grad_fn is None and not saved.requires_grad else saved
+    if isinstance(saved, (list, tuple)):
+        items = [_own_leaf_tensors(x) for x in saved]
+        return type(saved)(items) if isinstance(saved, tuple) else items
+    return saved
+
+
+def _versions(saved: Any) -> list[tuple[Tensor, int]]:
+    if isinstance(saved, Tensor):
+        return [(saved, saved._version)]
+    if isinstance(saved, (list, tuple)):
+        return [tv for x in saved for tv in _versions(x)]
+    return []
+
+
 def _norms(grads: list[Tensor | None], params: list[nn.Parameter]) -> Tensor:
     """``[P]`` float64 gradient norms (0 for a missing gradient)."""
     device = params[0].device
@@ -1173,6 +1206,15 @@ def _module_mode(module: nn.Module, mode: str) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    """``scaled_dot_product_attention`` restricted to its math backend (twice differentiable)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: nothing to restrict
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 @contextlib.contextmanager
