@@ -1,7 +1,7 @@
 """Optimizers: values of the update the optimizer actually makes, against real optimizer steps.
 
 Oracles: (a) exact Shapley values of the real step's utility, enumerated through a copy of the
-real optimizer (``step_oracle``); (b) for steps affine in the gradient (SGD with momentum), the
+real optimizer (``inrun.exact.optimizer_update``); (b) for steps affine in the gradient (SGD with momentum), the
 exact first-order values ``−g_val·(Δθ({z}) − Δθ(∅))`` from the real optimizer; (c) efficiency
 of the linearized game: ``Σ_z φ_z = −g_val·(Δθ(B) − Δθ(∅))`` with the real step.
 """
@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from step_oracle import exact_shapley, optimizer_step_utility, per_example
 from test_oracle import gpt2
 from torch import nn
 
@@ -97,6 +96,22 @@ def tracked_step(model, opt, batch, loss, val_loss, clip=None, **options) -> np.
     return np.array([v[i] for i in range(B)])
 
 
+def per_example(model: nn.Module, example_loss: Callable, batch: tuple) -> dict[str, torch.Tensor]:
+    B = batch[0].shape[0]
+    return exact.per_example_gradients(model, lambda f, *rows: example_loss(f, *rows, batch_size=B), batch)
+
+
+def true_values(model, opt, example_loss, batch, val_loss) -> np.ndarray:
+    """Exact Shapley values of the real optimizer step (2^B validation losses)."""
+    B = batch[0].shape[0]
+    result = exact.exact_step_values(
+        model, lambda f, *rows: example_loss(f, *rows, batch_size=B), batch, val_loss,
+        update=exact.optimizer_update(model, opt), chunk_size=None,
+    )
+    assert result.method == "enumeration"
+    return result.values.numpy()
+
+
 def rel_rmse(est: np.ndarray, truth: np.ndarray) -> float:
     return float(np.sqrt(np.mean((est - truth) ** 2)) / np.mean(np.abs(truth)))
 
@@ -146,7 +161,7 @@ def test_adam_secant_matches_exact_shapley_of_the_real_step(adam_case, opt_cls) 
     opt = opt_cls(model.parameters(), lr=1e-3, weight_decay=0.01)
     warm_up(model, opt, batches[:-1], loss)
     batch = batches[-1]
-    truth = exact_shapley(optimizer_step_utility(model, opt, per_example(model, example_loss, batch), val_loss), batch[0].shape[0])
+    truth = true_values(model, opt, example_loss, batch, val_loss)
     secant = tracked_step(model, opt, batch, loss, val_loss)
     fixed = tracked_step(model, opt, batch, loss, val_loss, adam="fixed_state")
     proxy = tracked_step(model, opt, batch, loss, val_loss, proxy="sgd")
@@ -163,7 +178,7 @@ def test_adam_order2_fixes_large_learning_rate(adam_case) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     warm_up(model, opt, batches[:-1], loss)
     batch = batches[-1]
-    truth = exact_shapley(optimizer_step_utility(model, opt, per_example(model, example_loss, batch), val_loss), batch[0].shape[0])
+    truth = true_values(model, opt, example_loss, batch, val_loss)
     first = tracked_step(model, opt, batch, loss, val_loss)
     second = tracked_step(model, opt, batch, loss, val_loss, order=2)
     assert rel_rmse(second, truth) <= 0.05, (name, rel_rmse(first, truth), rel_rmse(second, truth))
@@ -184,11 +199,16 @@ def real_step(model: nn.Module, opt: torch.optim.Optimizer, grads: list[torch.Te
 
 
 def linear_values(model, opt, batch, val_loss, factor: float = 1.0) -> tuple[np.ndarray, float]:
-    """Per example ``−g_val·(Δθ({z}) − Δθ(∅))`` and ``−g_val·(Δθ(B) − Δθ(∅))`` from real steps."""
+    """Per example ``−g_val·(Δθ({z}) − Δθ(∅))`` and ``−g_val·(Δθ(B) − Δθ(∅))`` from real steps,
+    with ``g_val`` at ``θ + Δθ(∅)``: where the step lands without data (the linearization point)."""
     pe = per_example(model, mlp_example_loss, batch)
-    gv = exact.validation_gradient(model, val_loss)
     names = [n for n, _ in model.named_parameters()]
     zero = real_step(model, opt, [torch.zeros_like(pe[n][0]) for n in names])
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, z in zip(shifted.parameters(), zero):
+            p.add_(z)
+    gv = exact.validation_gradient(shifted, val_loss)
 
     def gain(step):
         return -sum(float((gv[n] * (s - z)).sum()) for n, s, z in zip(names, step, zero))
@@ -307,7 +327,7 @@ def test_momentum_order2_beats_order1_against_exact_shapley(variant, options) ->
     opt = torch.optim.SGD(model.parameters(), lr=0.5, **options)
     warm_up(model, opt, mlp_batches(4, 10), mlp_loss)
     batch = mlp_batches(1, 10, seed=7)[0]
-    truth = exact_shapley(optimizer_step_utility(model, opt, per_example(model, mlp_example_loss, batch), mlp_val_loss), 10)
+    truth = true_values(model, opt, mlp_example_loss, batch, mlp_val_loss)
     first = tracked_step(model, opt, batch, mlp_loss, mlp_val_loss)
     second = tracked_step(model, opt, batch, mlp_loss, mlp_val_loss, order=2, second_order=variant)
     assert rel_rmse(second, truth) < 0.3 * rel_rmse(first, truth), (rel_rmse(first, truth), rel_rmse(second, truth))

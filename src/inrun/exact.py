@@ -199,6 +199,56 @@ def sgd_update(lr: float | Mapping[str, float]) -> UpdateFn:
     return update
 
 
+def optimizer_update(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, grad_factor: float = 1.0
+) -> UpdateFn:
+    """The *real* step of ``optimizer`` as an update rule: for each subset, the change a scratch
+    copy of the optimizer (its state restored every time) makes with gradient
+    ``grad_factor · Σ_{z∈S} g_z``. Exact for any torch optimizer (momentum, Adam's moments, weight
+    decay, amsgrad...); ``grad_factor`` is a clip factor or gradient scale applied before the step.
+    ``Δ(∅)`` is the optimizer's data-free step, which shifts every subset alike and so leaves the
+    Shapley values unchanged.
+
+    Call it before the real step (it copies the optimizer's state at that moment). One optimizer
+    step per subset: fine for audits of small batches.
+    """
+    named = trainable_parameters(model)
+    name_of = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    scratch = {n: nn.Parameter(t.clone()) for n, t in named.items()}
+    groups, state = [], {}
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            if id(p) not in name_of:
+                continue
+            q = scratch[name_of[id(p)]]
+            params.append(q)
+            state[q] = {
+                k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in optimizer.state.get(p, {}).items()
+            }
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    opt = type(optimizer)(groups)
+    order = list(state)
+
+    def update(summed: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        S = next(iter(summed.values())).shape[0]
+        out = {n: torch.empty_like(g) for n, g in summed.items()}
+        for s in range(S):
+            with torch.no_grad():
+                for n, p in scratch.items():
+                    p.copy_(named[n])
+                    p.grad = (grad_factor * summed[n][s]).to(p.dtype).clone() if n in summed else None
+            for q in order:
+                opt.state[q] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state[q].items()}
+            opt.step()
+            with torch.no_grad():
+                for n in out:
+                    out[n][s] = scratch[n] - named[n]
+        return out
+
+    return update
+
+
 def learning_rates(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Trainable parameter name -> learning rate of its optimizer parameter group.
 

@@ -6,7 +6,9 @@ examples' gradients, so ``x_S = r · Σ_{z∈S} g_z``). Each coordinate of the u
 of it, ``Δθ_j(S) = f_j(x_S,j)``. A rule describes ``f`` at the step by
 
 * ``f(0)``, the step the optimizer would take with no data (momentum, weight decay): no example's
-  contribution; the order-2 values linearize around ``θ + f(0)``;
+  contribution. It depends only on the optimizer's state, so it is known before the batch, and
+  the tracker takes its validation gradient at ``θ + f(0)``: the data part of the step is
+  linearized where it starts (for plain SGD, ``f(0) = 0``);
 * a per-coordinate slope ``D`` with ``f(x_S) ≈ f(0) + D ⊙ x_S``, so that
   ``φ_z = −<g_val, D ⊙ r g_z>``: one dot product per example, computed by the layer handlers.
 
@@ -229,18 +231,19 @@ class AdamRule(UpdateRule):
         return out
 
     def data_free_step(self, params: Sequence[Tensor]) -> list[Tensor] | None:
-        steps = []
+        steps, any_shift = [], False
         for p, group in zip(params, self._groups(params)):
-            if group is None:
+            if group is None or ("exp_avg" not in self.optimizer.state.get(p, {}) and not group.get("weight_decay")):
                 steps.append(torch.zeros_like(p))
                 continue
+            any_shift = True
             q = self._pieces(p, group, p.detach())
             step = -q["s"] * q["a"] / self._den(q, q["V0"])
             wd = float(group.get("weight_decay", 0.0))
             if wd and (group.get("decoupled_weight_decay") or isinstance(self.optimizer, torch.optim.AdamW)):
                 step = step - self._lr(group) * wd * p.detach().to(step.dtype)
             steps.append(step.to(p.dtype))
-        return steps
+        return steps if any_shift else None
 
 
 def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:

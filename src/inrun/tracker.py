@@ -2,8 +2,10 @@
 
 One optimizer step, as the tracker sees it::
 
-    tracker.step(ids).__enter__   validation pass at θ_t if the parameters changed (g_val, and the
-                                  Gram factors of layers that use the Gram route)
+    tracker.step(ids).__enter__   validation pass if the parameters changed: g_val at θ_t + f(0),
+                                  where the step lands with no data (θ_t for plain SGD; momentum,
+                                  Adam's first moment and weight decay move it), and the Gram
+                                  factors of layers that use the Gram route
     user's forward                forward hooks keep each tracked layer's inputs
     user's backward               output-gradient hooks form per-example dot products per layer
     tracker.step(ids).__exit__    consistency data: gradient norms, Σ_z dots vs <grad, g_val>
@@ -154,7 +156,7 @@ class _Window:
     check_terms: tuple[Tensor, Tensor, Tensor] | None = None
     coef: Tensor | None = None
     multipliers: list[Any] = field(default_factory=list)  # per parameter: c_p, or −ratio·D_p
-    base_values: Tensor | None = None  # order 2 trapezoid: values with g_val at θ_t + f(0)
+    base_values: Tensor | None = None  # order 2 trapezoid: the values at the data part's start
     first: np.ndarray | None = None
     second: np.ndarray | None = None
     skip_reason: str | None = None
@@ -171,6 +173,7 @@ class _Window:
 @dataclass
 class _Validation:
     version: int
+    shifted: bool  # computed at θ + f(0) (the step's data-free point) rather than at θ
     loss: Tensor
     grads: list[Tensor]  # per parameter [K, *shape]
     gram: dict[int, tuple[Tensor, Tensor]]  # entry index -> (A_val [N, d], D_val [N, p])
@@ -437,7 +440,8 @@ class InRunShapley:
     def flush(self) -> None:
         """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
         if self._pending is not None:
-            self._ensure_validation()
+            pending, self._pending = self._pending, None
+            self._finish_trapezoid(pending, self._plain_validation().grads)
 
     def coverage(self) -> Coverage:
         """Which route (Gram, vector by layer family, book-keeping, fallback) valued each trainable
@@ -606,15 +610,10 @@ class InRunShapley:
                 first = shapley.first_order(window.coef, window.dots())
         second = None
         if self.config.order == 2:
-            shift = self.rule.data_free_step(self._params)
             if self.config.second_order == "hessian":
-                second = self._hessian_correction(window, base, grads, shift)
-            elif shift is None:
-                window.base_values = first
+                second = self._hessian_correction(window, base, grads)
             else:
-                # Linearize around θ + f(0): the point the step reaches with no data at all.
-                g_shift = self._validation_gradients_at(shift)
-                window.base_values = self._contract(window, self._weighted(window.multipliers, g_shift)).sum(0)
+                window.base_values = first  # the data part's start: g_val at θ_t + f(0)
         self._finalize_checks(window, first, second)
 
     def _weighted(self, multipliers: list[Any], vectors: list[Tensor]) -> list[Tensor]:
@@ -718,12 +717,25 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ validation pass
     def _ensure_validation(self) -> None:
-        if self._val is not None and self._val.version == self._version:
-            return
-        self._val = self._validation_pass()
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._finish_trapezoid(pending)
+        """The validation gradient the coming step's values use, at θ_t + f(0).
+
+        ``f(0)`` is the step the optimizer would take with no data (momentum, Adam's first
+        moment, weight decay). It depends only on the optimizer's state, so it is known before
+        the batch: linearizing the step's data part there instead of at θ_t costs nothing and
+        removes the error of the data-free move. For plain SGD ``f(0) = 0``.
+        """
+        self.flush()
+        shift = self.rule.data_free_step(self._params)
+        if shift is None:
+            self._val = self._plain_validation()
+        elif not (self._val is not None and self._val.version == self._version and self._val.shifted):
+            self._val = self._validation_pass(shift)
+
+    def _plain_validation(self) -> _Validation:
+        """The validation gradient at the current parameters (cached until they change)."""
+        if self._val is None or self._val.version != self._version or self._val.shifted:
+            self._val = self._validation_pass()
+        return self._val
 
     def _validation_gradients(self, capture_gram: bool) -> tuple[Tensor, list[Tensor]]:
         """``(loss, per parameter [K, *shape])`` at the current parameters (eval mode)."""
@@ -752,8 +764,11 @@ class InRunShapley:
                 grads = _per_validation_grads(loss, params)
         return loss.detach(), [g.detach() for g in grads]
 
-    def _validation_pass(self) -> _Validation:
-        loss, grads = self._validation_gradients(capture_gram=self.config.route != "vector")
+    def _validation_pass(self, shift: list[Tensor] | None = None) -> _Validation:
+        """Validation gradients (and Gram factors) at θ, or at θ + shift with the parameters
+        restored bit for bit afterwards."""
+        with _parameters_shifted(self._params, shift):
+            loss, grads = self._validation_gradients(capture_gram=self.config.route != "vector")
         gram: dict[int, tuple[Tensor, Tensor]] = {}
         if grads[0].shape[0] == 1:
             for idx, calls in self._val_gram.items():
@@ -766,20 +781,7 @@ class InRunShapley:
         for entry in self._entries:
             if self._choose_route(entry, gram) != "gram":
                 gram.pop(entry.index, None)
-        return _Validation(self._version, loss, grads, gram)
-
-    def _validation_gradients_at(self, shift: list[Tensor]) -> list[Tensor]:
-        """Validation gradients at ``θ + shift``; the parameters are restored bit for bit."""
-        saved = [p.detach().clone() for p in self._params]
-        try:
-            with torch.no_grad():
-                for p, s in zip(self._params, shift):
-                    p.add_(s.to(p.dtype))
-            return self._validation_gradients(capture_gram=False)[1]
-        finally:
-            with torch.no_grad():
-                for p, s in zip(self._params, saved):
-                    p.copy_(s)
+        return _Validation(self._version, shift is not None, loss, grads, gram)
 
     def _choose_route(self, entry: _Entry, gram: dict[int, tuple[Tensor, Tensor]]) -> str:
         if entry.index not in gram:
@@ -790,27 +792,26 @@ class InRunShapley:
         cheaper = entry.handler.gram_cost(entry.module, n_val) < entry.handler.vector_cost(entry.module)
         return "gram" if cheaper else "vector"
 
-    def _hessian_correction(
-        self, window: _Window, base: Tensor, grads: list[Tensor | None], shift: list[Tensor] | None
-    ) -> Tensor:
-        """Second-order term with one Hessian-vector product at θ_t.
+    def _hessian_correction(self, window: _Window, base: Tensor, grads: list[Tensor | None]) -> Tensor:
+        """Second-order term with one Hessian-vector product.
 
-        The step is ``Δ(S) = δ0 − c ⊙ g_S`` (``c`` = learning rate × clip factor, ``δ0`` the
-        data-free part). The Shapley value of the quadratic Taylor utility is
-        ``<c ⊙ g_z, g_val> − ½ <c ⊙ g_z, H (c ⊙ g_B − 2 δ0)>``; ``c ⊙ g_B`` equals
-        ``base ⊙ p.grad`` at the step (the clip factor is already in ``p.grad``).
+        The step is ``Δ(S) = δ0 − c ⊙ g_S`` (``c`` = learning rate × clip factor, ``δ0 = f(0)``
+        the data-free part). Expanded around ``θ + δ0``, where the first-order term's validation
+        gradient is taken, the Shapley value of the quadratic Taylor utility is
+        ``<c ⊙ g_z, g_val(θ + δ0)> − ½ <c ⊙ g_z, H (c ⊙ g_B)>``; ``c ⊙ g_B`` equals
+        ``base ⊙ p.grad`` at the step (the clip factor is already in ``p.grad``). ``H`` is taken
+        at ``θ + δ0`` too.
         """
         params = self._params
         with torch.no_grad():
             direction = []
             for i, (g, p) in enumerate(zip(grads, params)):
-                d = (g if g is not None else torch.zeros_like(p)) * base[i].to(p.dtype)
-                if shift is not None:
-                    d = d - 2 * shift[i].to(p.dtype)
-                direction.append(d)
+                direction.append((g if g is not None else torch.zeros_like(p)) * base[i].to(p.dtype))
         # Fused attention kernels have no double backward: the math backend computes the same
         # attention and can be differentiated twice.
-        with _module_mode(self.module, self.config.val_mode), _fork_rng(params), _math_attention():
+        shift = self.rule.data_free_step(params)
+        with _module_mode(self.module, self.config.val_mode), _fork_rng(params), _math_attention(), \
+                _parameters_shifted(params, shift):
             loss = _check_val_loss(self.val_loss(self.module))
             columns = [loss] if loss.dim() == 0 else list(loss)
             hvps: list[list[Tensor]] = []
@@ -837,10 +838,10 @@ class InRunShapley:
         vectors = [torch.stack([col[i] for col in hvps]) for i in range(len(params))]
         return shapley.hessian_correction(self._contract(window, self._weighted(window.multipliers, vectors)))
 
-    def _finish_trapezoid(self, window: _Window) -> None:
-        """``φ = ½ (values at the base point + values with g_val(θ_t+1))``, now that g_val(θ_t+1) is known."""
+    def _finish_trapezoid(self, window: _Window, g_next: list[Tensor]) -> None:
+        """``φ = ½ (values at θ_t + f(0) + values with g_val(θ_t+1))``, now that g_val(θ_t+1) is known."""
         with torch.no_grad():
-            end = self._contract(window, self._weighted(window.multipliers, self._val.grads)).sum(0)
+            end = self._contract(window, self._weighted(window.multipliers, g_next)).sum(0)
             trapezoid = (window.base_values + end) / 2
         second_host = trapezoid.cpu().numpy() - window.first
         if not np.isfinite(second_host).all():
@@ -1206,6 +1207,24 @@ def _module_mode(module: nn.Module, mode: str) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def _parameters_shifted(params: list[nn.Parameter], shift: list[Tensor] | None) -> Iterator[None]:
+    """Parameters moved to ``θ + shift`` inside the block, restored bit for bit after it."""
+    if shift is None:
+        yield
+        return
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, s in zip(params, shift):
+                p.add_(s.to(p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
 
 
 def _math_attention() -> contextlib.AbstractContextManager:
