@@ -58,7 +58,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from .config import demo_config, demo_config_text
 
     if args.print_config:
-        console.print(demo_config_text(), markup=False, highlight=False, end="")
+        sys.stdout.write(demo_config_text())  # verbatim: no wrapping, so it can be saved as a file
         return 0
     overrides = list(args.set)
     for flag, key in ((args.steps, "training.steps"), (args.order, "values.order"), (args.seed, "seed")):

@@ -58,10 +58,15 @@ PATH_KEYS = (("data", "path"), ("data", "subset"), ("validation", "path"))
 class ConfigError(InRunError, ValueError):
     """A config key is unknown, missing, or has a bad value; ``key`` is its dotted name."""
 
-    def __init__(self, key: str, reason: str) -> None:
+    def __init__(self, key: str, reason: str, source: str | None = None) -> None:
         self.key = key
         self.reason = reason
-        super().__init__(f"config key '{key}': {reason}")
+        super().__init__(f"config key '{key}': {reason}" if source is None else f"{source}: {reason}")
+
+    @classmethod
+    def file(cls, source: str, reason: str) -> ConfigError:
+        """An error about the whole file (unreadable, not TOML): no key to name."""
+        return cls("", reason, source=source)
 
     def under(self, prefix: str) -> ConfigError:
         """The same error with the key inside section ``prefix``."""
@@ -468,7 +473,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError("(file)", f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ConfigError.file(str(path), f"cannot read the config: {exc.strerror or exc}") from None
     return parse_config(text, base_dir=path.parent, source=str(path), overrides=overrides)
 
 
@@ -479,7 +484,7 @@ def parse_config(
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("(file)", f"{source} is not valid TOML: {exc}") from None
+        raise ConfigError.file(source, f"not valid TOML: {exc}") from None
     data = apply_overrides(data, overrides)
     if base_dir is not None:
         for section, key in PATH_KEYS:
