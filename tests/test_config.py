@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import tomllib
 
-import pytest
-
 from inrun.cli import main
-from inrun.config import ConfigError, RunConfig, demo_config, demo_config_text, load_config, parse_config
+from inrun.config import (
+    ConfigError,
+    RunConfig,
+    demo_config,
+    demo_config_text,
+    load_config,
+    parse_config,
+)
 
 # (override, key the error must name, part of the message)
 BAD = [
