@@ -49,6 +49,7 @@ output = "{out}"
 kind = "hf"
 hf_type = "gpt2"
 hf_config = {{ n_layer = 1, n_embd = 32, n_head = 2, resid_pdrop = 0.0, embd_pdrop = 0.0, attn_pdrop = 0.0 }}
+{lora}
 [data]
 kind = "stdlib"
 length = 32
@@ -74,8 +75,9 @@ def digits_config(out: Path, steps: int = 40, order: int = 1, every: int = 10, *
     return DIGITS_MLP.format(out=out, steps=steps, order=order, every=every)
 
 
-def gpt2_config(out: Path, steps: int = 24) -> str:
-    return TINY_GPT2.format(out=out, steps=steps)
+def gpt2_config(out: Path, steps: int = 24, lora: bool = False) -> str:
+    adapters = '[model.lora]\nr = 2\ntarget_modules = ["c_attn"]' if lora else ""
+    return TINY_GPT2.format(out=out, steps=steps, lora=adapters)
 
 
 def run_in_process(text: str, overrides: tuple[str, ...] = (), **kwargs: Any) -> RunResult:

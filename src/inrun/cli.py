@@ -314,10 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, console) or 0)
     except RunStopped as exc:
-        console.print(f"[bold red]run stopped:[/] {escape(str(exc))}")
+        console.print(f"[bold red]run stopped:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_STOPPED
     except InRunError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

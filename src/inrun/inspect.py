@@ -93,7 +93,7 @@ class InspectReport:
         if modules or len(self.modules) <= 12 or self.frozen_params:
             table = Table(title="Valued modules", title_justify="left")
             for col in ("module", "type", "route", "parameters", "elements"):
-                table.add_column(col, justify="right" if col == "elements" else "left")
+                table.add_column(col, justify="right" if col == "elements" else "left", overflow="fold")
             for m in self.modules:
                 table.add_row(escape(m.name), m.type, m.route, escape(", ".join(m.params)), f"{m.numel:,}")
             console.print(table)
@@ -203,7 +203,9 @@ def inspect_config(config: Any, batch_size: int | None = None, order: int | None
     B = batch_size or config.training.batch_size
     n_val = int((val_set.targets != -100).sum()) if val_set.task == "lm" else len(val_set)
     settings = f"batch {B}, {n_val:,} validation tokens, order {v.order}"
-    report = _report(f"{type(model).__name__} from {config.model.kind} config", model, coverage.routes,
+    kind = config.model.hf_type or config.model.kind
+    title = f"{type(model).__name__} ({kind}{' + LoRA' if config.model.lora else ''}) as the run config builds it"
+    report = _report(title, model, coverage.routes,
                      coverage.numel, modules, B, n_val, deferred, settings)
     if config.model.lora is not None:
         report.notes.append("LoRA: the base model is frozen; only the adapter parameters are valued.")

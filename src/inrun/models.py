@@ -74,8 +74,10 @@ def _hf_model(cfg: ModelConfig, data: ExampleSet) -> nn.Module:
         from .config import ConfigError
 
         raise ConfigError("model.hf_config.vocab_size", f"must be at least {VOCAB_SIZE} (byte tokens)")
-    hf_config.loss_type = "ForCausalLM"
     model = AutoModelForCausalLM.from_config(hf_config)
+    if getattr(model, "loss_type", None) is None:
+        # transformers infers the loss from the class name; GPT2LMHeadModel's does not say it.
+        model.loss_type = "ForCausalLM"
     if cfg.lora is not None:
         model = _with_lora(model, cfg)
     return model
@@ -92,6 +94,8 @@ def _with_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     with warnings.catch_warnings():
         # GPT-2's Conv1D stores its weight transposed; peft warns and sets fan_in_fan_out itself.
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        # peft calls a transformers method that transformers 5 deprecates; nothing to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_cfg = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
             fan_in_fan_out=cfg.hf_type == "gpt2",
