@@ -210,10 +210,10 @@ def print_summary(summary: dict[str, Any], console: Console, rows: int = 5) -> N
         console.print(f"[yellow]{len(summary['skipped_steps'])} step(s) skipped (non-finite loss or gradient)[/]")
     for title, key in (("Most helpful", "most_helpful"), ("Most harmful", "most_harmful")):
         table = Table(title=title, title_justify="left")
-        table.add_column("value", justify="right")
-        table.add_column("source")
-        table.add_column("where")
-        table.add_column("text")
+        table.add_column("value", justify="right", no_wrap=True)
+        table.add_column("source", no_wrap=True)
+        table.add_column("where", no_wrap=True, overflow="ellipsis", max_width=28)
+        table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=60)
         for r in summary[key][:rows]:
             table.add_row(f"{r['value']:+.2e}", escape(str(r["source"])), escape(str(r["location"])), escape(_one_line(r["preview"])))
         console.print(table)
