@@ -1,7 +1,8 @@
 """A run's headline numbers: totals, most helpful and harmful examples, value per source.
 
 Examples that never were in a valued step (count 0) have no value and are left out of shares
-and rankings; they are counted separately.
+and rankings; they are counted separately. "Most helpful" lists only positive values and "most
+harmful" only negative ones, so a run with few negative values shows a short harmful list.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def summarize(rd: RunDir, top: int = 8) -> dict[str, Any]:
         "train_loss_last": float(np.mean(train[-10:])) if train else float("nan"),
         "val_loss_first": vals[0] if vals else float("nan"),
         "val_loss_final": vals[-1] if vals else float("nan"),
-        "most_helpful": rows(ranked.iloc[::-1].head(top)),
-        "most_harmful": rows(ranked.head(top)),
+        "most_helpful": rows(ranked[ranked["value"] > 0].iloc[::-1].head(top)),
+        "most_harmful": rows(ranked[ranked["value"] < 0].head(top)),
         "per_source": per_source,
     }
 

@@ -76,8 +76,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
             "Cumulative value over steps",
             plots.cumulative_value(steps, cumulative, eval_steps, val_loss[0] - val_loss if len(val_loss) else val_loss, by_source),
             "Left: the sum of all values up to each step next to the measured drop of validation "
-            "loss since the start (values are a Taylor approximation of that drop, step by step). "
-            "Right: the same sum per source.",
+            "loss since the start. Each step's values add up to a Taylor approximation of that "
+            "step's drop; at a large learning rate the first-order sum can be far above the "
+            "measured drop (curvature is left out; order 2 adds it). Right: the same sum per source.",
         )
     eval_steps, val_loss = _evals(metrics)
     train_steps = np.array([s for s, sk in zip(metrics.step, metrics.skipped) if s > 0 and not sk])
@@ -175,7 +176,7 @@ figcaption{color:#555;font-size:13px;margin-top:4px}
 table{border-collapse:collapse;width:100%;font-size:13px;margin:8px 0}
 th,td{border-bottom:1px solid #eee;padding:4px 8px;text-align:left;vertical-align:top}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-pre{margin:0;font-size:11px;line-height:1.25;white-space:pre-wrap;word-break:break-all;max-height:9.5em;overflow:hidden}
+pre{margin:0;font-size:11px;line-height:1.25;white-space:pre-wrap;word-break:break-all;max-height:12.5em;overflow:hidden}
 .pos{color:#1e7a46}.neg{color:#b3263a}
 details pre{max-height:none;background:#f6f6f6;padding:8px}
 .cols{display:grid;grid-template-columns:1fr 1fr;gap:16px}
@@ -218,6 +219,9 @@ def _page(
     parts.append('<h2>Most helpful and most harmful examples</h2><div class="cols">')
     parts.append("<div><h3>Most helpful</h3>" + _examples_table(summary["most_helpful"]) + "</div>")
     parts.append("<div><h3>Most harmful</h3>" + _examples_table(summary["most_harmful"]) + "</div></div>")
+    n_negative = round(summary["negative_share"] * summary["examples_valued"])
+    if n_negative < len(summary["most_helpful"]):
+        parts.append(f'<p class="sub">Only {n_negative} valued example(s) have a negative value.</p>')
     parts += _figure_html("sources", figures)
     if summary["per_source"]:
         parts.append(_source_table(summary["per_source"]))
@@ -257,6 +261,8 @@ def _figure_html(key: str, figures: dict[str, tuple[str, bytes, str]]) -> list[s
 
 def _examples_table(rows: list[dict[str, Any]]) -> str:
     e = html.escape
+    if not rows:
+        return "<p>none</p>"
     body = "".join(
         f"<tr><td class='num {'pos' if r['value'] >= 0 else 'neg'}'>{r['value']:+.3e}</td>"
         f"<td class=num>{r['count']}</td><td>{e(str(r['source']))}<br><small>{e(str(r['location']))}</small></td>"
