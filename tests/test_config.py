@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import tomllib
 
@@ -115,3 +118,12 @@ def test_cli_reports_a_bad_key_in_one_line(tmp_path, capsys) -> None:
     assert "error:" in out and "'optimizer.lr'" in out and "expected a number" in out
     assert main(["train", "--config", str(path), "--set", "optimizer.lr=0.5", "--set", "training.stepz=3"]) == 1
     assert "'training.stepz'" in capsys.readouterr().out
+
+
+def test_the_readme_config_example_is_valid() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+    assert blocks, "README has no TOML example"
+    for block in blocks:
+        cfg = parse_config(block)
+        assert cfg.data.kind == "file" and cfg.schedule.kind == "cosine"

@@ -217,6 +217,8 @@ def train(
     due = False  # a checkpoint waits while a skipped step leaves the tracker mid-window
     skip_reason: str | None = None
     session_start, done_here = time.perf_counter(), 0
+    if progress is not None:
+        progress(start, tc.steps, float("nan"), 0.0)
     try:
         for step in range(start, tc.steps):
             rows = order.rows(step)
