@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from inrun.cli import main
 from inrun.config import (
@@ -16,6 +15,7 @@ from inrun.config import (
     demo_config_text,
     load_config,
     parse_config,
+    tomllib,
 )
 
 # (override, key the error must name, part of the message)

@@ -41,6 +41,11 @@ import tomllib
 
 from .errors import InRunError
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 MODEL_KINDS = ("hf", "mlp", "cnn")
 DATA_KINDS = ("stdlib", "sklearn", "file")
 SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
@@ -74,7 +79,7 @@ class ConfigError(InRunError, ValueError):
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A dataclass field with a help string (shown by ``inrun train --help-config``)."""
+    """A dataclass field with a help string (listed by ``inrun train --list-keys``)."""
     return field(default=default, metadata={"help": text}, **kw)
 
 

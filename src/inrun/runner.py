@@ -157,7 +157,7 @@ def train(
         rd.clean_temporary()
     else:
         rd.create(meta, config.to_toml())
-    if resume is False or not rd.file("examples.parquet").exists():
+    if not resume or not rd.file("examples.parquet").exists():
         rd.write_examples(train_set.ids, train_set.sources, train_set.locations, train_set.previews)
 
     loss_fn = loss_function(train_set)
