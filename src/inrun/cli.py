@@ -249,8 +249,8 @@ def _print_keys(console: Console) -> None:
             if dataclasses.is_dataclass(tp) or inner:
                 walk(tp if dataclasses.is_dataclass(tp) else inner[0], f"{prefix}{f.name}.")
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else "(required)"
-            console.print(f"[bold]{prefix}{f.name}[/] = {escape(repr(default))}  {escape(f.metadata.get('help', ''))}")
+            default = repr(f.default) if f.default is not dataclasses.MISSING else "(required)"
+            console.print(f"[bold]{prefix}{f.name}[/] = {escape(default)}  {escape(f.metadata.get('help', ''))}")
 
     walk(RunConfig, "")
 
