@@ -214,10 +214,10 @@ def print_summary(summary: dict[str, Any], console: Console, rows: int = 5) -> N
             continue
         table = Table(title=title, title_justify="left")
         table.add_column("value", justify="right", no_wrap=True, min_width=9)
-        table.add_column("source", no_wrap=True, overflow="ellipsis", min_width=6, max_width=14)
-        table.add_column("where", no_wrap=True, overflow="ellipsis", min_width=10, max_width=26)
-        # value + source + where + borders take about 60 columns; the text gets the rest.
-        table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=max(16, console.width - 62))
+        table.add_column("source", no_wrap=True, overflow="ellipsis", min_width=6, max_width=12)
+        table.add_column("where", no_wrap=True, overflow="ellipsis", min_width=10, max_width=22)
+        # value + source + where + borders take about 56 columns; the text gets the rest.
+        table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=max(16, console.width - 56))
         for r in summary[key][:rows]:
             table.add_row(f"{r['value']:+.2e}", escape(str(r["source"])), escape(str(r["location"])), escape(_one_line(r["preview"])))
         console.print(table)
