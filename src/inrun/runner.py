@@ -173,7 +173,7 @@ def train(
     start, metrics = 0, Metrics()
     checkpoints = rd.checkpoints() if resume else []
     if checkpoints:
-        step, path = checkpoints[-1]
+        _, path = checkpoints[-1]
         state, ledger, metrics = rd.load_checkpoint(path, torch.device("cpu"))
         if state["data"] != order.state():
             raise RunDirError(f"{path}: its data order {state['data']} does not match this run's {order.state()}")
