@@ -62,7 +62,7 @@ def test_curate_retrain_compares_kept_with_a_random_subset(digits_run, capsys) -
     for curve in curves.values():
         assert curve["steps"][0] == 0 and curve["steps"][-1] == 40 and np.isfinite(curve["val_loss"]).all()
     assert (digits_run.path / "curate" / "negative" / "val_loss.png").exists()
-    assert 'id="plot-curation"' in digits_run.file("report.html").read_text()
+    assert 'id="plot-curation-negative"' in digits_run.file("report.html").read_text()
 
 
 def test_inspect_lora_config_values_only_the_adapters(tmp_path, capsys, monkeypatch) -> None:

@@ -29,7 +29,7 @@ from . import plots
 
 __all__ = ["PLOT_IDS", "build_report"]
 
-PLOT_IDS = ("distribution", "sources", "stages", "cumulative", "loss", "curation")
+PLOT_IDS = ("distribution", "sources", "stages", "cumulative", "loss")  # + "curation-<drop>" per curation
 MAX_SOURCES_IN_STAGE_PLOT = 16
 
 
@@ -90,7 +90,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
     curation = _curations(rd)
     for result in curation:
         curves = {k: (np.array(v["steps"]), np.array(v["val_loss"])) for k, v in result["curves"].items()}
-        figures["curation"] = (
+        figures[_curation_key(result)] = (
             f"Curation: drop {result['drop']}", plots.curation_curves(curves),
             f"The same config retrained on the {result['kept']:,} kept examples and on a random "
             f"subset of the same size (same seed and steps); the original run for reference.",
@@ -151,6 +151,10 @@ def _evals(metrics: Any) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0), np.zeros(0)
     steps, vals = zip(*pairs)
     return np.array(steps), np.array(vals)
+
+
+def _curation_key(result: dict[str, Any]) -> str:
+    return "curation-" + "".join(c if c.isalnum() else "-" for c in result["drop"])
 
 
 def _curations(rd: RunDir) -> list[dict[str, Any]]:
@@ -230,8 +234,9 @@ def _page(
     if "stages" not in figures:
         parts.append("<h2>Value by training stage</h2><p>This run kept no per-step trace (values.trace = false).</p>")
     parts += _figure_html("loss", figures)
+    for result in curation:
+        parts += _figure_html(_curation_key(result), figures)
     if curation:
-        parts += _figure_html("curation", figures)
         parts.append(_curation_table(curation))
     if summary["skipped_steps"]:
         rows = "".join(f"<tr><td class=num>{s['step']}</td><td>{e(s['reason'])}</td></tr>" for s in summary["skipped_steps"])
