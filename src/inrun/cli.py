@@ -1,21 +1,36 @@
-"""The ``inrun`` command line."""
+"""The ``inrun`` command line: demo, train, report, curate, inspect.
+
+Every command that runs for long shows a progress bar (step, loss, examples/s, ETA). Errors
+that inrun raises on purpose (bad config, data, run directory...) are printed as one line and
+exit with status 1; a run stopped by a NaN/Inf step exits with status 3.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from .errors import InRunError
+
+EXIT_ERROR = 1
+EXIT_STOPPED = 3
 
 
 def _progress_bar(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]step {task.completed}/{task.total}"),
+        TextColumn("[bold]{task.description}"),
+        TextColumn("step {task.completed}/{task.total}"),
         BarColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"),
         TextColumn("{task.fields[rate]:.0f} ex/s"),
@@ -26,69 +41,291 @@ def _progress_bar(console: Console) -> Progress:
     )
 
 
-def cmd_demo(args: argparse.Namespace, console: Console) -> int:
-    from .demo import DemoConfig, run_demo
-
-    cfg = DemoConfig(steps=args.steps, order=args.order, seed=args.seed)
-    out = Path(args.out)
-    console.print(
-        f"[bold]inrun demo[/]: GPT-2 ({cfg.n_layer} layers, d={cfg.n_embd}) on chunks of Python's "
-        f"standard library, {cfg.steps} steps x {cfg.batch_size}, order {cfg.order}"
-    )
+@contextmanager
+def training_progress(console: Console, description: str, total: int) -> Iterator[Callable[..., None]]:
+    """A rich progress bar; yields the ``progress(step, total, loss, rate)`` callback."""
     with _progress_bar(console) as bar:
-        task = bar.add_task("train", total=cfg.steps, loss=float("nan"), rate=0.0)
+        task = bar.add_task(description, total=total, loss=float("nan"), rate=0.0)
 
         def progress(step: int, total: int, loss: float, rate: float) -> None:
             bar.update(task, completed=step, loss=loss, rate=rate)
 
-        summary = run_demo(cfg, out, progress=progress)
+        yield progress
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    from .config import demo_config, demo_config_text
+
+    if args.print_config:
+        sys.stdout.write(demo_config_text())  # verbatim: no wrapping, so it can be saved as a file
+        return 0
+    overrides = list(args.set)
+    for flag, key in ((args.steps, "training.steps"), (args.order, "values.order"), (args.seed, "seed")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    config = demo_config(overrides)
+    out = Path(args.out or config.output)
+    from .rundir import RunDir
+
+    if RunDir(out).exists:
+        console.print(f"Replacing the previous demo run in {out}")
+        shutil.rmtree(out)
+    m, t = config.model, config.training
+    console.print(
+        f"[bold]inrun demo[/]: {m.hf_type} ({(m.hf_config or {}).get('n_layer')} layers, d="
+        f"{(m.hf_config or {}).get('n_embd')}) on chunks of Python's standard library, "
+        f"{t.steps} steps x {t.batch_size}, value order {config.values.order}"
+    )
+    result = _train(config, out, resume=False, console=console)
+    return _finish_run(result, console, report=not args.no_report)
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from .config import config_diff, load_config, parse_config
+    from .rundir import CONFIG_FILE, RunDir
+
+    if args.list_keys:
+        _print_keys(console)
+        return 0
+    if args.config is None and args.resume is None:
+        raise InRunError("give --config FILE for a new run, or --resume RUN_DIR to continue one")
+    if args.resume is not None:
+        rd = RunDir(args.resume)
+        saved = parse_config(rd.file(CONFIG_FILE).read_text(), source=str(rd.file(CONFIG_FILE))) if rd.exists else None
+        if args.config is not None:
+            config = load_config(args.config, args.set)
+            if saved is not None and config.to_dict() != saved.to_dict():
+                keys = config_diff(saved.to_dict(), config.to_dict())
+                raise InRunError(
+                    f"--config {args.config} differs from the config of {rd.path} in {', '.join(keys)}; "
+                    "a resumed run must use the config it started with (leave out --config to use it)"
+                )
+        elif saved is None:
+            raise InRunError(f"cannot resume {rd.path}: it is not a run directory (no run.json)")
+        else:
+            config = saved.with_overrides(args.set) if args.set else saved
+        result = _train(config, rd.path, resume=True, console=console)
+    else:
+        config = load_config(args.config, args.set)
+        result = _train(config, Path(args.out or config.output), resume=False, console=console)
+    return _finish_run(result, console, report=args.report)
+
+
+def _train(config: Any, out: Path, resume: bool, console: Console) -> Any:
+    from .runner import train
+
+    with training_progress(console, "train", config.training.steps) as progress:
+        return train(config, out, resume=resume, progress=progress)
+
+
+def _finish_run(result: Any, console: Console, report: bool) -> int:
+    from .rundir import SUMMARY_FILE
+
+    rd = result.run_dir
+    if result.resumed_from:
+        console.print(f"Resumed from step {result.resumed_from}.")
+    if not rd.has_values():
+        console.print(f"\nRun directory: [bold]{rd.path.resolve()}[/] (values.enabled = false: no values)")
+        return 0
+    import json
+
+    summary = json.loads(rd.file(SUMMARY_FILE).read_text())
     print_summary(summary, console)
-    console.print(f"\nRun directory: [bold]{out.resolve()}[/] (values.parquet, chunks.parquet, summary.json)")
+    if report:
+        from .report import build_report
+
+        with console.status("writing the report"):
+            path = build_report(rd.path)
+        console.print(f"\nReport: [bold]{path.resolve()}[/]")
+    else:
+        console.print(f"\nWrite the report with: inrun report {rd.path}")
+    console.print(f"Run directory: {rd.path.resolve()}")
     return 0
 
 
-def print_summary(summary: dict[str, Any], console: Console) -> None:
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from .report import build_report
+
+    with console.status("writing the report"):
+        path = build_report(args.run_dir, out=args.out, top=args.top, stages=args.stages)
+    console.print(f"Report: [bold]{path.resolve()}[/]")
+    return 0
+
+
+def cmd_curate(args: argparse.Namespace, console: Console) -> int:
+    from .curate import curate, retrain
+
+    selection = curate(args.run_dir, args.drop)
     console.print(
-        f"\n{summary['examples_valued']} chunks valued in {summary['seconds']:.0f} s; train loss "
-        f"{summary['train_loss_first']:.2f} -> {summary['train_loss_last']:.2f}, validation loss "
-        f"{summary['val_loss_final']:.2f}; {summary['negative_share']:.1%} of chunks have a negative value."
+        f"drop {selection.drop}: keeping {selection.kept:,} of {selection.total:,} training examples "
+        f"({selection.dropped:,} dropped, {selection.unvalued:,} never valued are kept)"
     )
-    for title, key in (("Most helpful chunks", "most_helpful"), ("Most harmful chunks", "most_harmful")):
-        table = Table(title=title, title_justify="left")
-        table.add_column("value", justify="right")
-        table.add_column("source")
-        table.add_column("file@offset")
-        table.add_column("text")
-        for r in summary[key]:
-            table.add_row(f"{r['value']:+.2e}", r["source"], r["location"], r["preview"])
-        console.print(table)
-    table = Table(title="Value per source", title_justify="left")
-    for col in ("source", "chunks", "total", "mean", "negative"):
-        table.add_column(col, justify="right" if col != "source" else "left")
-    for source, s in summary["per_source"].items():
-        table.add_row(source, str(s["chunks"]), f"{s['total']:+.3e}", f"{s['mean']:+.2e}", f"{s['negative_share']:.0%}")
+    console.print(f"Kept ids: {selection.kept_path}\nConfig for the kept data: {selection.kept_config}")
+    if selection.filtered_data is not None:
+        console.print(f"Filtered data file: {selection.filtered_data}")
+    if not args.retrain:
+        console.print("Add --retrain to compare training on the kept data with a random subset of the same size.")
+        return 0
+
+    def progress_for(name: str, steps: int) -> Any:
+        return training_progress(console, name, steps)
+
+    result = retrain(selection, progress_for=progress_for)
+    table = Table(title=f"Curation (drop {selection.drop}): final validation loss", title_justify="left")
+    for col in ("run", "training examples", "final validation loss"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for name, curve in result["curves"].items():
+        table.add_row(name, f"{curve['examples']:,}", f"{curve['val_loss'][-1]:.4f}")
     console.print(table)
+    console.print(f"Plot: {result['plot']}")
+    if result.get("report"):
+        console.print(f"Report (with a curation section): [bold]{result['report']}[/]")
+    return 0
 
 
+def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
+    from .inspect import inspect_target
+
+    report = inspect_target(
+        args.target, overrides=args.set, batch_size=args.batch_size, length=args.length,
+        val_tokens=args.val_tokens, order=args.order,
+    )
+    report.print(console, modules=args.modules)
+    return 0
+
+
+# -- output ---------------------------------------------------------------------------------------
+def print_summary(summary: dict[str, Any], console: Console, rows: int = 5) -> None:
+    """The short summary a run ends with: headline numbers, top and bottom examples, sources."""
+    seconds = summary.get("seconds")
+    took = f" in {seconds:.0f} s" if seconds else ""
+    console.print(
+        f"\n{summary['examples_valued']:,} examples valued{took}; training loss "
+        f"{summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f}, validation loss "
+        f"{summary['val_loss_first']:.3f} -> {summary['val_loss_final']:.3f}; "
+        f"{summary['negative_share']:.1%} of the examples have a negative value."
+    )
+    if summary["skipped_steps"]:
+        console.print(f"[yellow]{len(summary['skipped_steps'])} step(s) skipped (non-finite loss or gradient)[/]")
+    for title, key in (("Most helpful", "most_helpful"), ("Most harmful", "most_harmful")):
+        if not summary[key]:
+            console.print(f"{title}: none ({'no positive' if key == 'most_helpful' else 'no negative'} values)")
+            continue
+        table = Table(title=title, title_justify="left")
+        table.add_column("value", justify="right", no_wrap=True, min_width=9)
+        table.add_column("source", no_wrap=True, overflow="ellipsis", min_width=6, max_width=12)
+        table.add_column("where", no_wrap=True, overflow="ellipsis", min_width=10, max_width=22)
+        # value + source + where + borders take about 56 columns; the text gets the rest.
+        table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=max(16, console.width - 56))
+        for r in summary[key][:rows]:
+            table.add_row(f"{r['value']:+.2e}", escape(str(r["source"])), escape(str(r["location"])), escape(_one_line(r["preview"])))
+        console.print(table)
+    if summary["per_source"]:
+        table = Table(title="Value per source", title_justify="left")
+        for col in ("source", "examples", "total", "mean", "negative"):
+            table.add_column(col, justify="left" if col == "source" else "right")
+        for source, s in summary["per_source"].items():
+            table.add_row(escape(source), str(s["examples"]), f"{s['total']:+.3e}", f"{s['mean']:+.2e}", f"{s['negative_share']:.0%}")
+        console.print(table)
+
+
+def _one_line(text: str, width: int = 56) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _print_keys(console: Console) -> None:
+    import dataclasses
+    import typing
+
+    from .config import RunConfig
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+            if dataclasses.is_dataclass(tp) or inner:
+                walk(tp if dataclasses.is_dataclass(tp) else inner[0], f"{prefix}{f.name}.")
+                continue
+            default = repr(f.default) if f.default is not dataclasses.MISSING else "(required)"
+            console.print(f"[bold]{prefix}{f.name}[/] = {escape(default)}  {escape(f.metadata.get('help', ''))}")
+
+    walk(RunConfig, "")
+
+
+# -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inrun", description="In-Run Data Shapley from the command line.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="value a small GPT-2 trained on Python's standard library")
-    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.add_argument("--steps", type=int, default=400, help="optimizer steps (default: 400)")
-    demo.add_argument("--order", type=int, choices=(1, 2), default=1, help="value order (default: 1)")
-    demo.add_argument("--seed", type=int, default=0)
+    set_help = "override a config key, e.g. --set training.steps=100 (repeatable; value in TOML syntax)"
+
+    demo = sub.add_parser("demo", help="value a small GPT-2 trained on Python's standard library, then report")
+    demo.add_argument("--out", default=None, help="run directory (default: runs/demo; a previous demo there is replaced)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 400)")
+    demo.add_argument("--order", type=int, choices=(1, 2), default=None, help="value order (default: 1)")
+    demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    demo.add_argument("--print-config", action="store_true", help="print the embedded demo config (a template) and exit")
     demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="a run from a TOML config, with checkpoints; or --resume one")
+    train.add_argument("--config", help="the run's TOML config (see `inrun demo --print-config`)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
+    train.add_argument("--out", help="run directory (default: the config's output)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    train.add_argument("--report", action="store_true", help="write the HTML report at the end")
+    train.add_argument("--list-keys", action="store_true", help="list every config key with its default and help")
+    train.set_defaults(func=cmd_train)
+
+    report = sub.add_parser("report", help="write the self-contained HTML report of a run")
+    report.add_argument("run_dir")
+    report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
+    report.add_argument("--top", type=int, default=10, help="examples in the helpful/harmful tables")
+    report.add_argument("--stages", type=int, default=8, help="training stages in the per-source plot")
+    report.set_defaults(func=cmd_report)
+
+    curate = sub.add_parser("curate", help="drop low-value examples; --retrain compares with a random subset")
+    curate.add_argument("run_dir")
+    curate.add_argument("--drop", required=True, help="'negative' (value < 0) or 'bottom:FRACTION' (e.g. bottom:0.1)")
+    curate.add_argument("--retrain", action="store_true", help="retrain on the kept data and on a random subset of the same size")
+    curate.set_defaults(func=cmd_curate)
+
+    inspect = sub.add_parser("inspect", help="which parameters each route values, and the predicted extra memory")
+    inspect.add_argument("target", metavar="MODEL_OR_CONFIG", help="a run config (.toml) or a Hugging Face model type (gpt2, llama...)")
+    inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help + " (config only)")
+    inspect.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the config's, or 16)")
+    inspect.add_argument("--length", type=int, default=None, help="tokens per example for a model type (default 128)")
+    inspect.add_argument("--val-tokens", type=int, default=None, help="validation tokens for a model type (default 1024)")
+    inspect.add_argument("--order", type=int, choices=(1, 2), default=None, help="value order (default: the config's, or 1)")
+    inspect.add_argument("--modules", action="store_true", help="list every valued module")
+    inspect.set_defaults(func=cmd_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("transformers").setLevel(logging.ERROR)
     console = Console()
-    return int(args.func(args, console) or 0)
+    from .runner import RunStopped
+
+    try:
+        return int(args.func(args, console) or 0)
+    except RunStopped as exc:
+        console.print(f"[bold red]run stopped:[/] {escape(str(exc))}", soft_wrap=True)
+        return EXIT_STOPPED
+    except InRunError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
 
 
 if __name__ == "__main__":

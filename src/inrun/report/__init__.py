@@ -1,0 +1,304 @@
+"""``inrun report RUN_DIR``: one self-contained HTML page about a run's values.
+
+The page has no external resources (no scripts, fonts or stylesheets; the PNG plots are embedded
+as base64), so it can be mailed or archived as one file. Sections:
+
+* headline numbers: examples valued, share of negative values, validation loss;
+* value distribution;
+* the most helpful and most harmful examples, with previews of their text;
+* value per data source, and how each source's share changes over training stages (the
+  paper's Fig. 3: per stage, the share of value among sources with a positive total);
+* cumulative value over steps next to the measured drop of validation loss;
+* training and validation loss; curation results when ``inrun curate --retrain`` ran.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..ledger import atomic_write
+from ..rundir import CONFIG_FILE, REPORT_FILE, RunDir
+from ..summary import NO_SOURCE, summarize, value_frame
+from . import plots
+
+__all__ = ["PLOT_IDS", "build_report"]
+
+PLOT_IDS = ("distribution", "sources", "stages", "cumulative", "loss")  # + "curation-<drop>" per curation
+MAX_SOURCES_IN_STAGE_PLOT = 16
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 10, stages: int = 8) -> Path:
+    """Write the HTML report of ``run_dir`` (default ``RUN_DIR/report.html``) and return its path.
+
+    Raises:
+        RunDirError: not a run directory, or a run without values.
+    """
+    rd = RunDir(run_dir)
+    meta = rd.meta()
+    frame = value_frame(rd)
+    valued = frame[frame["count"] > 0]
+    summary = summarize(rd, top=top)
+    metrics = rd.metrics()
+    trace = _trace(rd, frame)
+    figures: dict[str, tuple[str, bytes, str]] = {}
+
+    figures["distribution"] = (
+        "Value distribution", plots.value_distribution(valued["value"].to_numpy()),
+        "Each example's value summed over the steps it was in. Positive: the example lowered the "
+        "validation loss; negative: it raised it.",
+    )
+    per_source = summary["per_source"]
+    if per_source:
+        names = list(per_source)
+        figures["sources"] = (
+            "Value per data source",
+            plots.source_values(names, [per_source[s]["total"] for s in names], [per_source[s]["mean"] for s in names]),
+            "Sum and mean of the values of each source's examples.",
+        )
+    if trace is not None and len(trace):
+        total_steps = max(int(metrics.step[-1]) if metrics.step else 0, int(trace["step"].max()) + 1)
+        labels, names, table = _stage_table(trace, total_steps, stages)
+        figures["stages"] = (
+            "Value by training stage (the paper's Fig. 3)", plots.source_shares(labels, names, table),
+            "Left: per stage of training, each source's share of the value among sources whose "
+            "total in that stage is positive (sources with a negative total are left out, as in "
+            "the paper). Right: each source's signed value per stage.",
+        )
+        steps, cumulative, by_source = _cumulative(trace)
+        eval_steps, val_loss = _evals(metrics)
+        figures["cumulative"] = (
+            "Cumulative value over steps",
+            plots.cumulative_value(steps, cumulative, eval_steps, val_loss[0] - val_loss if len(val_loss) else val_loss, by_source),
+            "Left: the sum of all values up to each step next to the measured drop of validation "
+            "loss since the start. Each step's values add up to a Taylor approximation of that "
+            "step's drop; at a large learning rate the first-order sum can be far above the "
+            "measured drop (curvature is left out; order 2 adds it). Right: the same sum per source.",
+        )
+    eval_steps, val_loss = _evals(metrics)
+    train_steps = np.array([s for s, sk in zip(metrics.step, metrics.skipped) if s > 0 and not sk])
+    train_loss = np.array([x for s, x, sk in zip(metrics.step, metrics.train_loss, metrics.skipped) if s > 0 and not sk])
+    figures["loss"] = (
+        "Loss", plots.loss_curves(train_steps, train_loss, eval_steps, val_loss),
+        "Training loss of each batch and validation loss at the evaluation steps.",
+    )
+    curation = _curations(rd)
+    for result in curation:
+        curves = {k: (np.array(v["steps"]), np.array(v["val_loss"])) for k, v in result["curves"].items()}
+        figures[_curation_key(result)] = (
+            f"Curation: drop {result['drop']}", plots.curation_curves(curves),
+            f"The same config retrained on the {result['kept']:,} kept examples and on a random "
+            f"subset of the same size (same seed and steps); the original run for reference.",
+        )
+    config_text = rd.file(CONFIG_FILE).read_text() if rd.file(CONFIG_FILE).exists() else json.dumps(meta.get("config"), indent=2)
+    page = _page(rd, meta, summary, figures, curation, config_text)
+    path = Path(out) if out is not None else rd.file(REPORT_FILE)
+    atomic_write(path, lambda p: Path(p).write_text(page, encoding="utf-8"))
+    return path
+
+
+# -- data preparation -----------------------------------------------------------------------------
+def _trace(rd: RunDir, frame: Any) -> Any:
+    import pandas as pd
+
+    path = rd.file("trace.parquet")
+    if not path.exists():
+        return None
+    trace = pd.read_parquet(path)
+    trace["value"] = trace["first_order"] + trace["second_order"]
+    sources = dict(zip(frame["id"], frame["source"]))
+    trace["source"] = trace["id"].map(sources).fillna(NO_SOURCE)
+    return trace
+
+
+def _stage_table(trace: Any, total_steps: int, stages: int) -> tuple[list[str], list[str], np.ndarray]:
+    import pandas as pd
+
+    stages = max(1, min(stages, total_steps))
+    edges = np.linspace(0, total_steps, stages + 1).round().astype(int)
+    stage = np.searchsorted(edges, trace["step"].to_numpy(), side="right") - 1
+    stage = np.clip(stage, 0, stages - 1)
+    pivot = trace.assign(stage=stage).pivot_table(index="source", columns="stage", values="value", aggfunc="sum", fill_value=0.0)
+    pivot = pivot.reindex(columns=range(stages), fill_value=0.0)
+    order = pivot.abs().sum(axis=1).sort_values(ascending=False).index
+    pivot = pivot.loc[order]
+    if len(pivot) > MAX_SOURCES_IN_STAGE_PLOT:
+        head = pivot.iloc[: MAX_SOURCES_IN_STAGE_PLOT - 1]
+        rest = pivot.iloc[MAX_SOURCES_IN_STAGE_PLOT - 1 :].sum(axis=0).rename("(other sources)")
+        pivot = pd.concat([head, rest.to_frame().T])
+    labels = [f"{edges[k]}-{edges[k + 1] - 1}" for k in range(stages)]
+    return labels, [str(s) for s in pivot.index], pivot.to_numpy()
+
+
+def _cumulative(trace: Any, n_sources: int = 8) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    per_step = trace.groupby("step")["value"].sum().sort_index()
+    steps = per_step.index.to_numpy() + 1  # value of step t is realized after it
+    cumulative = per_step.cumsum().to_numpy()
+    by = trace.pivot_table(index="step", columns="source", values="value", aggfunc="sum", fill_value=0.0)
+    by = by.reindex(per_step.index, fill_value=0.0).cumsum()
+    largest = by.iloc[-1].abs().sort_values(ascending=False).index[:n_sources]
+    return steps, cumulative, {str(s): by[s].to_numpy() for s in largest}
+
+
+def _evals(metrics: Any) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [(s, v) for s, v in zip(metrics.step, metrics.val_loss) if np.isfinite(v)]
+    if not pairs:
+        return np.zeros(0), np.zeros(0)
+    steps, vals = zip(*pairs)
+    return np.array(steps), np.array(vals)
+
+
+def _curation_key(result: dict[str, Any]) -> str:
+    return "curation-" + "".join(c if c.isalnum() else "-" for c in result["drop"])
+
+
+def _curations(rd: RunDir) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(rd.path.glob("curate/*/curation.json")):
+        result = json.loads(path.read_text())
+        if result.get("curves"):
+            out.append(result)
+    return out
+
+
+# -- HTML ---------------------------------------------------------------------------------------
+CSS = """
+body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}
+main{max-width:1100px;margin:0 auto;padding:24px 32px 48px;background:#fff}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:32px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.sub{color:#666;font-size:13px;margin-bottom:16px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:10px;margin:12px 0}
+.card{border:1px solid #e3e3e3;border-radius:6px;padding:8px 12px}.card b{display:block;font-size:20px}
+.card span{color:#666;font-size:12px}
+figure{margin:8px 0 16px}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{color:#555;font-size:13px;margin-top:4px}
+table{border-collapse:collapse;width:100%;font-size:13px;margin:8px 0}
+th,td{border-bottom:1px solid #eee;padding:4px 8px;text-align:left;vertical-align:top}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+pre{margin:0;font-size:11px;line-height:1.25;white-space:pre-wrap;word-break:break-all;max-height:12.5em;overflow:hidden}
+.pos{color:#1e7a46}.neg{color:#b3263a}
+details pre{max-height:none;background:#f6f6f6;padding:8px}
+.cols{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+@media (max-width:900px){.cols{grid-template-columns:1fr}}
+"""
+
+
+def _page(
+    rd: RunDir, meta: dict[str, Any], summary: dict[str, Any], figures: dict[str, tuple[str, bytes, str]],
+    curation: list[dict[str, Any]], config_text: str,
+) -> str:
+    e = html.escape
+    cfg = meta.get("config", {})
+    model, data, opt, tr = cfg.get("model", {}), cfg.get("data", {}), cfg.get("optimizer", {}), cfg.get("training", {})
+    model_desc = model.get("hf_type") or model.get("kind", "?")
+    if model.get("lora"):
+        model_desc += " + LoRA"
+    data_desc = data.get("dataset") or (Path(data["path"]).name if data.get("path") else data.get("kind", "?"))
+    cards = [
+        (f"{summary['examples_valued']:,} / {summary['examples']:,}", "examples valued / in training set"),
+        (f"{summary['negative_share']:.1%}", "of valued examples are negative"),
+        (f"{summary['total_value']:+.4g}", "sum of all values"),
+        (f"{summary['val_loss_first']:.4g} → {summary['val_loss_final']:.4g}", "validation loss, start → end"),
+        (f"{summary['steps']:,}", f"steps ({summary['state']})"),
+        (f"{len(summary['skipped_steps'])}", "skipped steps (NaN/Inf)"),
+    ]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>inrun report: {e(rd.path.name)}</title><style>{CSS}</style></head><body><main>",
+        f"<h1>In-Run Data Shapley: {e(rd.path.name)}</h1>",
+        f'<div class="sub">{e(str(model_desc))} on {e(str(data_desc))}; {e(str(opt.get("name", "?")))} '
+        f'lr {e(str(opt.get("lr", "?")))}, {tr.get("steps", "?")} steps x {tr.get("batch_size", "?")}; '
+        f'value order {cfg.get("values", {}).get("order", 1)}. inrun {e(str(meta.get("inrun_version")))}, '
+        f'run created {e(str(meta.get("created", "")))}.</div>',
+        '<div class="cards">' + "".join(f"<div class=card><b>{e(v)}</b><span>{e(k)}</span></div>" for v, k in cards) + "</div>",
+    ]
+    parts += _figure_html("distribution", figures)
+    parts.append('<h2>Most helpful and most harmful examples</h2><div class="cols">')
+    parts.append("<div><h3>Most helpful</h3>" + _examples_table(summary["most_helpful"]) + "</div>")
+    parts.append("<div><h3>Most harmful</h3>" + _examples_table(summary["most_harmful"]) + "</div></div>")
+    n_negative = round(summary["negative_share"] * summary["examples_valued"])
+    if n_negative < len(summary["most_helpful"]):
+        parts.append(f'<p class="sub">Only {n_negative} valued example(s) have a negative value.</p>')
+    parts += _figure_html("sources", figures)
+    if summary["per_source"]:
+        parts.append(_source_table(summary["per_source"]))
+    for key in ("stages", "cumulative"):
+        parts += _figure_html(key, figures)
+    if "stages" not in figures:
+        parts.append("<h2>Value by training stage</h2><p>This run kept no per-step trace (values.trace = false).</p>")
+    parts += _figure_html("loss", figures)
+    for result in curation:
+        parts += _figure_html(_curation_key(result), figures)
+    if curation:
+        parts.append(_curation_table(curation))
+    if summary["skipped_steps"]:
+        rows = "".join(f"<tr><td class=num>{s['step']}</td><td>{e(s['reason'])}</td></tr>" for s in summary["skipped_steps"])
+        parts.append(f"<h2>Skipped steps</h2><table><tr><th>step</th><th>reason</th></tr>{rows}</table>")
+    parts.append(f"<details><summary>Config</summary><pre>{e(config_text)}</pre></details>")
+    parts.append(
+        '<p class="sub">A value is the example\'s contribution to the drop of validation loss, summed '
+        "over the steps it was in: φ = η·g_val·g_z per step (first order), where g_z is the gradient "
+        "of the example's share of the batch loss. Wang et al., Data Shapley in One Training Run "
+        "(ICLR 2025).</p>"
+    )
+    parts.append("</main></body></html>")
+    return "\n".join(parts)
+
+
+def _figure_html(key: str, figures: dict[str, tuple[str, bytes, str]]) -> list[str]:
+    if key not in figures:
+        return []
+    title, png, caption = figures[key]
+    data = base64.b64encode(png).decode()
+    return [
+        f"<h2>{html.escape(title)}</h2>",
+        f'<figure><img id="plot-{key}" class="plot" alt="{html.escape(title)}" src="data:image/png;base64,{data}">',
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>",
+    ]
+
+
+def _examples_table(rows: list[dict[str, Any]]) -> str:
+    e = html.escape
+    if not rows:
+        return "<p>none</p>"
+    body = "".join(
+        f"<tr><td class='num {'pos' if r['value'] >= 0 else 'neg'}'>{r['value']:+.3e}</td>"
+        f"<td class=num>{r['count']}</td><td>{e(str(r['source']))}<br><small>{e(str(r['location']))}</small></td>"
+        f"<td><pre>{e(str(r['preview']))}</pre></td></tr>"
+        for r in rows
+    )
+    return f"<table><tr><th>value</th><th>seen</th><th>source</th><th>text</th></tr>{body}</table>"
+
+
+def _source_table(per_source: dict[str, dict[str, float]]) -> str:
+    e = html.escape
+    body = "".join(
+        f"<tr><td>{e(s)}</td><td class=num>{v['examples']}</td><td class=num>{v['total']:+.3e}</td>"
+        f"<td class=num>{v['mean']:+.2e}</td><td class=num>{v['negative_share']:.0%}</td></tr>"
+        for s, v in per_source.items()
+    )
+    return (
+        "<table><tr><th>source</th><th>examples</th><th>total</th><th>mean</th><th>negative</th></tr>"
+        f"{body}</table>"
+    )
+
+
+def _curation_table(curation: list[dict[str, Any]]) -> str:
+    rows = []
+    for result in curation:
+        for name, curve in result["curves"].items():
+            rows.append(
+                f"<tr><td>{html.escape(result['drop'])}</td><td>{html.escape(name)}</td>"
+                f"<td class=num>{curve['examples']:,}</td><td class=num>{curve['val_loss'][-1]:.4f}</td></tr>"
+            )
+    return (
+        "<table><tr><th>drop</th><th>run</th><th>training examples</th><th>final validation loss</th></tr>"
+        + "".join(rows) + "</table>"
+    )

@@ -1,0 +1,164 @@
+"""The report's figures, as PNG bytes (matplotlib, Agg backend; no display needed).
+
+Every function takes plain pandas/numpy data and returns the PNG, so each plot can be tested
+and reused on its own.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+POSITIVE = "#2a9d5c"
+NEGATIVE = "#d1495b"
+NEUTRAL = "#4c72b0"
+DPI = 110
+
+
+def _figure(width: float = 8.0, height: float = 3.6, ncols: int = 1) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), dpi=DPI)
+    return fig, axes
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def value_distribution(values: np.ndarray) -> bytes:
+    """Histogram of example values, negative bins red, with the share of negative values."""
+    fig, ax = _figure()
+    values = np.asarray(values, dtype=np.float64)
+    lo, hi = np.quantile(values, [0.005, 0.995]) if len(values) else (0.0, 1.0)
+    span = max(abs(lo), abs(hi)) or 1.0
+    bins = np.linspace(-span, span, 61)
+    counts, edges = np.histogram(np.clip(values, -span, span), bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    ax.bar(centers, counts, width=edges[1] - edges[0], color=[NEGATIVE if c < 0 else POSITIVE for c in centers])
+    ax.axvline(0, color="black", lw=0.8)
+    neg = float((values < 0).mean()) if len(values) else 0.0
+    ax.set_title(f"Value distribution: {len(values):,} examples, {neg:.1%} negative (outer 0.5% clipped)")
+    ax.set_xlabel("value (helpful > 0, harmful < 0)")
+    ax.set_ylabel("examples")
+    return _png(fig)
+
+
+def source_values(sources: Sequence[str], totals: Sequence[float], means: Sequence[float]) -> bytes:
+    """Total value per source and mean value per example, as horizontal bars."""
+    n = len(sources)
+    fig, (a, b) = _figure(9.0, max(2.6, 0.28 * n + 1.2), ncols=2)
+    y = np.arange(n)[::-1]
+    for ax, data, title in ((a, totals, "total value"), (b, means, "mean value per example")):
+        ax.barh(y, data, color=[NEGATIVE if v < 0 else POSITIVE for v in data])
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(y, sources if ax is a else [""] * n, fontsize=8)
+        ax.set_title(title)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
+    return _png(fig)
+
+
+def source_shares(stage_labels: Sequence[str], sources: Sequence[str], stage_totals: np.ndarray) -> bytes:
+    """The paper's Fig. 3: each source's share of the (positive) value per training stage.
+
+    Args:
+        stage_labels: one label per stage (e.g. ``"0-49"``).
+        sources: one name per row of ``stage_totals``.
+        stage_totals: ``[sources, stages]`` summed values.
+
+    Left: share of value per stage among sources whose stage total is positive (negative
+    totals are excluded, as in the paper). Right: each source's signed value per stage.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = _figure(10.0, 4.2, ncols=2)
+    totals = np.asarray(stage_totals, dtype=np.float64)
+    positive = np.where(totals > 0, totals, 0.0)
+    denom = positive.sum(axis=0)
+    shares = np.divide(positive, denom, out=np.zeros_like(positive), where=denom > 0)
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(sources), 1)))
+    x = np.arange(len(stage_labels))
+    bottom = np.zeros(len(stage_labels))
+    for k, name in enumerate(sources):
+        a.bar(x, shares[k], bottom=bottom, color=colors[k], label=name, width=0.85)
+        b.plot(x, totals[k], marker="o", ms=3, color=colors[k], label=name)
+        bottom += shares[k]
+    for ax in (a, b):
+        ax.set_xticks(x, stage_labels, rotation=45, ha="right", fontsize=7)
+        ax.set_xlabel("training stage (steps)")
+    a.set_ylim(0, 1)
+    a.set_ylabel("share of positive value")
+    a.set_title("Share of value per source and stage")
+    b.axhline(0, color="black", lw=0.8)
+    b.set_title("Value per source and stage")
+    b.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    b.legend(fontsize=6, ncol=2, loc="upper right", frameon=False)
+    return _png(fig)
+
+
+def cumulative_value(
+    steps: np.ndarray,
+    cumulative: np.ndarray,
+    eval_steps: np.ndarray,
+    val_decrease: np.ndarray,
+    per_source: dict[str, np.ndarray],
+) -> bytes:
+    """Left: Σ values over steps vs the measured drop of validation loss. Right: per source."""
+    fig, (a, b) = _figure(10.0, 3.8, ncols=2)
+    a.plot(steps, cumulative, color=NEUTRAL, label="Σ values of the steps so far")
+    if len(eval_steps):
+        a.plot(eval_steps, val_decrease, "o--", color="black", ms=3, lw=1, label="measured drop of validation loss")
+    a.set_xlabel("step")
+    a.set_title("Cumulative value")
+    a.legend(fontsize=8, frameon=False)
+    for name, series in per_source.items():
+        b.plot(steps, series, lw=1.2, label=name)
+    b.axhline(0, color="black", lw=0.8)
+    b.set_xlabel("step")
+    b.set_title("Cumulative value per source (largest)")
+    b.legend(fontsize=6, ncol=2, frameon=False)
+    return _png(fig)
+
+
+def loss_curves(steps: np.ndarray, train_loss: np.ndarray, eval_steps: np.ndarray, val_loss: np.ndarray) -> bytes:
+    """Training loss (and a moving average) and validation loss over steps."""
+    fig, ax = _figure()
+    if len(steps):
+        ax.plot(steps, train_loss, color="#bbbbbb", lw=0.8, label="training loss (batch)")
+        window = max(1, len(steps) // 40)
+        if window > 1:
+            kernel = np.ones(window) / window
+            smooth = np.convolve(train_loss, kernel, mode="valid")
+            ax.plot(steps[window - 1 :], smooth, color="#555555", lw=1.2, label=f"training loss ({window}-step mean)")
+    ax.plot(eval_steps, val_loss, "o-", color=NEUTRAL, ms=3, label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss")
+    ax.legend(fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def curation_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """Validation loss over steps of several runs (original, curated, random subset)."""
+    fig, ax = _figure()
+    styles = {"original (all data)": ("#999999", "--"), "kept (curated)": (POSITIVE, "-"), "random subset": (NEGATIVE, "-")}
+    for name, (steps, loss) in curves.items():
+        color, ls = styles.get(name, (NEUTRAL, "-"))
+        ax.plot(steps, loss, ls, color=color, marker="o", ms=3, label=f"{name}: final {loss[-1]:.4f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Curation: validation loss")
+    ax.legend(fontsize=8, frameon=False)
+    return _png(fig)
