@@ -372,3 +372,17 @@ def test_exception_inside_step_skips_the_window(setup) -> None:
     opt.zero_grad()
     assert tracker.ledger.skipped[0]["reason"].startswith("KeyError")
     assert len(tracker.values()) == 0
+
+
+def test_skip_step_records_the_reason_and_consumes_the_step(setup) -> None:
+    model, opt, tracker, x, y = setup
+    with tracker.step(range(6)):
+        F.cross_entropy(model(x), y).backward()
+    tracker.skip_step("loss spike")
+    opt.zero_grad()
+    with tracker.step(range(6, 12)):
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert tracker.ledger.skipped == [{"step": 0, "reason": "loss spike"}]
+    assert set(tracker.values()) == set(range(6, 12))
+    assert tracker.step_count == 2

@@ -244,6 +244,8 @@ def train(
                     skip_reason = f"non-finite values at step {step} ({exc})"
             if skip_reason is not None:
                 metrics.append(step + 1, loss_value, lr, float("nan"), True)
+                if tracker is not None:
+                    tracker.skip_step(skip_reason)
                 if config.values.on_nonfinite == "stop":
                     _stop(rd, tracker, metrics, step, tc.steps, skip_reason)
                 optimizer.zero_grad(set_to_none=True)
@@ -267,9 +269,6 @@ def train(
         rd.write_status("interrupted", metrics.step[-1] if metrics.step else start, tc.steps,
                         f"interrupted; continue with `inrun train --resume {rd.path}`")
         raise
-    if skip_reason is not None and tracker is not None:
-        # The last step was skipped: nothing later closes its window, so record it here.
-        tracker.ledger.record_skip(tracker.step_count, skip_reason)
     if tracker is not None:
         tracker.flush()
         tracker.close()
@@ -322,10 +321,7 @@ def _evaluate(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Ten
 
 
 def _stop(rd: RunDir, tracker: Any, metrics: Metrics, step: int, steps: int, reason: str) -> None:
-    ledger = None
-    if tracker is not None:
-        ledger = tracker.ledger
-        ledger.record_skip(tracker.step_count, reason)
+    ledger = tracker.ledger if tracker is not None else None
     rd.save_results(ledger, metrics)
     message = (
         f"{reason}. The run stopped before this step changed the model; values of steps "

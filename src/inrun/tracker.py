@@ -72,7 +72,10 @@ class TrackerConfig:
     check_rtol: float | None = None
     """Relative tolerance of that check; default by dtype (float64 1e-6, float32 1e-3, else 5e-2)."""
     on_nonfinite: str = "raise"
-    """NaN/Inf loss, gradient or value: ``"raise"`` before the update, or ``"skip"`` (recorded)."""
+    """NaN/Inf gradient or value at ``optimizer.step()``: ``"raise"`` (from the pre-step hook, so
+    the update is not applied), or ``"skip"``: the step's values are dropped and the skip is
+    recorded, but the optimizer still applies the step. To drop the update too, check the loss
+    in your loop and call :meth:`InRunShapley.skip_step` instead of ``optimizer.step()``."""
     val_mode: str = "eval"
     """Module mode during the validation pass: ``"eval"`` (no dropout) or ``"train"``."""
     keep_trace: bool = False
@@ -411,6 +414,20 @@ class InRunShapley:
             self.flush()
         self._enabled = bool(value)
 
+    def skip_step(self, reason: str) -> None:
+        """Drop the current step without valuing it, recorded with ``reason`` in the ledger.
+
+        Call it between the ``tracker.step`` block(s) and where ``optimizer.step()`` would be,
+        when your loop decides not to apply this step (NaN loss, a ``GradScaler`` overflow),
+        then zero the gradients yourself. The step number is consumed, as the step was.
+        """
+        if self._microbatch is not None:
+            raise StepOrderError("skip_step() must be called after the tracker.step() block, not inside it")
+        window = self._window
+        self._window = None
+        self.ledger.record_skip(window.step if window is not None else self.step_count, reason)
+        self.step_count += 1
+
     def values(self) -> ValueTable:
         """id -> accumulated value (float64). Completes a pending order-2 step first.
 
@@ -713,6 +730,7 @@ class InRunShapley:
 
     def _skip_window(self, window: _Window, reason: str) -> None:
         self.ledger.record_skip(window.step, reason)
+        self.step_count += 1
         logger.warning("step %d not valued: %s", window.step, reason)
 
     # ------------------------------------------------------------------ validation pass

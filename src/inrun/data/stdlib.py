@@ -1,7 +1,7 @@
 """Python's own standard-library sources as a code corpus that needs no download.
 
-Every ``.py`` file of the running interpreter's standard library (tests, ``site-packages`` and
-``idlelib`` excluded) is cut into fixed-length byte chunks. A chunk's *source* is its
+Every ``.py`` file of the running interpreter's standard library (test packages at any depth,
+``site-packages`` and ``idlelib`` excluded) is cut into fixed-length byte chunks. A chunk's *source* is its
 top-level package (``json``, ``email``, ``encodings``...; single-file modules share
 ``(modules)``). Validation data comes from *held-out modules*: whole files chosen by a stable
 hash of their path, so no validation text is ever a training chunk's neighbour.
@@ -76,7 +76,7 @@ def iter_source_files(root: Path | None = None) -> Iterator[tuple[Path, str]]:
     root = root or stdlib_root()
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if rel.parts[0] in EXCLUDED_TOP or "tests" in rel.parts or rel.parts[0].startswith("config-"):
+        if rel.parts[0] in EXCLUDED_TOP or {"test", "tests"} & set(rel.parts[:-1]) or rel.parts[0].startswith("config-"):
             continue
         yield rel, source_of(rel)
 
