@@ -112,7 +112,7 @@ def test_demo_config_is_a_valid_template(capsys) -> None:
 
 def test_cli_reports_a_bad_key_in_one_line(tmp_path, capsys) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(demo_config_text().replace("lr = 1.0", "lr = 'fast'"))
+    path.write_text(demo_config_text().replace("lr = 0.003", "lr = 'fast'"))
     assert main(["train", "--config", str(path)]) == 1
     out = capsys.readouterr().out
     assert "error:" in out and "'optimizer.lr'" in out and "expected a number" in out
