@@ -24,7 +24,7 @@ BAD = [
     ("optimizer.lrr=0.1", "optimizer.lrr", "did you mean 'lr'"),
     ("optimizer.name='rmsprop'", "optimizer.name", "is not one of"),
     ("optimizer.betas=[0.9]", "optimizer.betas", "2 values"),
-    ("optimizer.momentum=0.9", None, None),  # fine for sgd
+    ("optimizer.betas=[0.9, 0.95]", None, None),  # fine for adamw
     ("training.steps='many'", "training.steps", "expected an integer"),
     ("training.steps=0", "training.steps", "must be > 0"),
     ("training.batch_size=1.5", "training.batch_size", "expected an integer"),
@@ -105,7 +105,7 @@ def test_toml_round_trip_and_paths_resolved_against_the_file(tmp_path) -> None:
 
 def test_demo_config_is_a_valid_template(capsys) -> None:
     cfg = demo_config()
-    assert cfg.data.kind == "stdlib" and cfg.model.hf_type == "gpt2" and cfg.optimizer.name == "sgd"
+    assert cfg.data.kind == "stdlib" and cfg.model.hf_type == "gpt2" and cfg.optimizer.name == "adamw"
     assert main(["demo", "--print-config"]) == 0
     assert parse_config(capsys.readouterr().out) == parse_config(demo_config_text())
 
