@@ -99,7 +99,7 @@ def mlp_workload() -> Workload:
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(256, 784, generator=g), torch.randint(0, 10, (256,), generator=g)) for _ in range(4)]
-    val = (torch.randn(256, 784, generator=g), torch.randint(0, 10, (256,), generator=g))
+    val = (torch.randn(32, 784, generator=g), torch.randint(0, 10, (32,), generator=g))
 
     def loss(m: nn.Module, b: tuple) -> torch.Tensor:
         return F.cross_entropy(m(b[0]), b[1])
@@ -108,8 +108,8 @@ def mlp_workload() -> Workload:
         return F.cross_entropy(f(x), y, reduction="sum") / batch_size
 
     return Workload(
-        "M", make_model, batches, val, loss, example_loss, lambda m: loss(m, val), 1, 256, lr=0.05,
-        notes="MLP 784-512-512-10, batch 256, 256 val rows", linears=[(784, 512, True), (512, 512, True), (512, 10, True)],
+        "M", make_model, batches, val, loss, example_loss, lambda m: loss(m, val), 1, 32, lr=0.05,
+        notes="MLP 784-512-512-10, batch 256, 32 val rows", linears=[(784, 512, True), (512, 512, True), (512, 10, True)],
     )
 
 

@@ -33,6 +33,7 @@ Weight decay does not depend on the data and is no example's contribution.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -171,36 +172,43 @@ class AdamRule(UpdateRule):
             if group.get("differentiable"):
                 raise UnsupportedOptimizerError(f"Adam param group {i}: differentiable=True is not supported")
 
-    def _pieces(self, p: Tensor, group: dict, x: Tensor) -> dict[str, Tensor | float]:
-        """The state of coordinate-wise ``f`` for parameter ``p``, in the gradient's dtype."""
+    def _pieces(self, p: Tensor, group: dict, dtype: torch.dtype) -> dict[str, Any]:
+        """Coordinate-wise ``f`` of parameter ``p`` at this step: ``f(x) = −s N(x) / den(x)`` with
+        ``N(x) = a + b x`` and ``den(x) = sqrt(V0 + e (x² + 2 w x)) / sb + ε`` (``vmax``: amsgrad)."""
         state = self.optimizer.state.get(p, {})
         beta1, beta2 = (float(b) for b in group["betas"])
         t = float(state["step"]) + 1 if "step" in state else 1.0
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        m = state.get("exp_avg", torch.zeros_like(p)).to(dtype)
-        v = state.get("exp_avg_sq", torch.zeros_like(p)).to(dtype)
         wd = float(group.get("weight_decay", 0.0))
-        decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(self.optimizer, torch.optim.AdamW)
-        coupled = p.detach().to(dtype) * wd if (wd and not decoupled) else torch.zeros_like(m)
+        coupled_wd = wd if wd and not self._decoupled(group) else 0.0
         sigma = -1.0 if group.get("maximize") else 1.0
+        m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+        c = p.detach().to(dtype) * coupled_wd if coupled_wd else None  # data-free part of the gradient
+        a = torch.zeros_like(p, dtype=dtype) if m is None else m.to(dtype) * beta1
+        V0 = torch.zeros_like(p, dtype=dtype) if v is None else v.to(dtype) * beta2
+        if c is not None:
+            a.add_(c, alpha=1 - beta1)
+            V0.addcmul_(c, c, value=1 - beta2)
         vmax = state.get("max_exp_avg_sq") if group.get("amsgrad") else None
         return {
             "s": self._lr(group) / (1 - beta1**t),
             "sb": (1 - beta2**t) ** 0.5,
             "eps": float(group["eps"]),
-            "a": beta1 * m + (1 - beta1) * coupled,  # first moment with no data
+            "a": a,
             "b": (1 - beta1) * sigma,
-            "V0": beta2 * v + (1 - beta2) * coupled**2,  # second moment with no data
+            "V0": V0,
             "e": 1 - beta2,
-            "w": coupled * sigma,  # the data-free part of the gradient, in data units
+            "w": None if c is None else c * sigma,
             "vmax": None if vmax is None else vmax.to(dtype),
         }
+
+    def _decoupled(self, group: dict) -> bool:
+        return bool(group.get("decoupled_weight_decay", False)) or isinstance(self.optimizer, torch.optim.AdamW)
 
     @staticmethod
     def _den(q: dict, second_moment: Tensor) -> Tensor:
         if q["vmax"] is not None:
             second_moment = torch.maximum(q["vmax"], second_moment)
-        return second_moment.sqrt() / q["sb"] + q["eps"]
+        return second_moment.sqrt().div_(q["sb"]).add_(q["eps"])
 
     def slopes(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         out: list[Tensor | None] = []
@@ -208,21 +216,28 @@ class AdamRule(UpdateRule):
             if g is None or group is None:
                 out.append(None)
                 continue
-            x = g.detach()
-            q = self._pieces(p, group, x)
-            x = x.to(q["a"].dtype)
-            v_x = q["V0"] + q["e"] * (x * x + 2 * q["w"] * x)
-            den_x, den0 = self._den(q, v_x), self._den(q, q["V0"])
-            if self.linearization == "fixed_state":
-                out.append((-q["s"] * q["b"] / den_x).to(p.dtype))
-                continue
+            dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+            q = self._pieces(p, group, dtype)
+            x = g.detach().to(dtype)
+            x_2w = x if q["w"] is None else x + 2 * q["w"]  # x + 2w
+            v_x = torch.addcmul(q["V0"], x, x_2w, value=q["e"])  # V0 + e (x² + 2wx)
             if q["vmax"] is None:
-                # (f(x) − f(0)) / x without cancellation: den0 − den(x) = −e(x² + 2wx)/(sb(R0 + R)).
-                r_sum = q["V0"].sqrt() + v_x.sqrt()
-                safe = torch.where(r_sum > 0, r_sum, torch.ones_like(r_sum))
-                cross = torch.where(r_sum > 0, q["a"] * q["e"] * (x + 2 * q["w"]) / (q["sb"] * safe), torch.zeros_like(x))
-                slope = -q["s"] * (q["b"] * den0 - cross) / (den_x * den0)
+                # (f(x) − f(0)) / x without cancellation: den0 − den(x) = −e x (x + 2w) / (sb (R0 + R)),
+                # so the slope is −s (b den0 − a e (x + 2w) / (sb (R0 + R))) / (den(x) den0).
+                R, R0 = v_x.sqrt_(), q["V0"].sqrt_()
+                den_x = R.div(q["sb"]).add_(q["eps"])
+                if self.linearization == "fixed_state":
+                    out.append(den_x.reciprocal_().mul_(-q["s"] * q["b"]).to(p.dtype))
+                    continue
+                den0 = R0.div(q["sb"]).add_(q["eps"])
+                r_sum = R0.add_(R).mul_(q["sb"]).clamp_min_(torch.finfo(dtype).tiny)
+                cross = q["a"].mul_(x_2w).mul_(q["e"]).div_(r_sum)
+                slope = den0.mul(q["b"]).sub_(cross).div_(den_x.mul_(den0)).mul_(-q["s"])
             else:
+                den_x, den0 = self._den(q, v_x), self._den(q, q["V0"])
+                if self.linearization == "fixed_state":
+                    out.append(den_x.reciprocal_().mul_(-q["s"] * q["b"]).to(p.dtype))
+                    continue
                 f_x = -q["s"] * (q["a"] + q["b"] * x) / den_x
                 f_0 = -q["s"] * q["a"] / den0
                 nonzero = x != 0
@@ -237,11 +252,12 @@ class AdamRule(UpdateRule):
                 steps.append(torch.zeros_like(p))
                 continue
             any_shift = True
-            q = self._pieces(p, group, p.detach())
-            step = -q["s"] * q["a"] / self._den(q, q["V0"])
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            q = self._pieces(p, group, dtype)
+            step = q["a"].div_(self._den(q, q["V0"])).mul_(-q["s"])
             wd = float(group.get("weight_decay", 0.0))
-            if wd and (group.get("decoupled_weight_decay") or isinstance(self.optimizer, torch.optim.AdamW)):
-                step = step - self._lr(group) * wd * p.detach().to(step.dtype)
+            if wd and self._decoupled(group):
+                step.add_(p.detach().to(dtype), alpha=-self._lr(group) * wd)
             steps.append(step.to(p.dtype))
         return steps if any_shift else None
 

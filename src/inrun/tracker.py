@@ -656,20 +656,22 @@ class InRunShapley:
             return None
         ours = dots.sum(dim=(1, 2))
         spread = dots.sum(dim=2).abs().sum(dim=1)
-        theirs, scale = [], []
-        zero = torch.zeros((), dtype=torch.float64, device=ours.device)
-        for i, (g, m, v) in enumerate(zip(grads, multipliers, self._val.grads)):
-            if g is None or m is None or ratio[i] == 0:
-                theirs.append(zero)
-                scale.append(zero)
-                continue
-            w = (m.to(v.dtype) * v.sum(dim=0)).double()
-            g_b = g.double() / ratio[i]
-            theirs.append((g_b * w).sum().to(ours.device))
-            scale.append((g_b.norm() * w.norm()).to(ours.device))
+        theirs, scale = torch.zeros_like(ours), torch.zeros_like(ours)
+        present = [i for i, (g, m) in enumerate(zip(grads, multipliers)) if g is not None and m is not None]
+        if present:
+            # <p.grad / ratio, W> in the parameter dtype (the check's tolerance is far above its rounding)
+            g_list = [grads[i].reshape(-1) for i in present]
+            w_list = [(multipliers[i].to(self._val.grads[i].dtype) * self._val.grads[i].sum(dim=0)).reshape(-1).to(g_list[k].dtype)
+                      for k, i in enumerate(present)]
+            r = ratio[present].to(ours)
+            inv = torch.where(r > 0, 1 / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(r))
+            index = torch.tensor(present, device=ours.device)
+            theirs[index] = torch.stack([torch.dot(g, w) for g, w in zip(g_list, w_list)]).to(ours) * inv
+            scale[index] = (torch.stack(torch._foreach_norm(g_list)).to(ours) * inv
+                            * torch.stack(torch._foreach_norm(w_list)).to(ours))
         if self._ddp is not None:
             ours, spread = self._ddp.sum_over_ranks(torch.stack([ours, spread]))
-        return ours, torch.stack(theirs), torch.stack(scale) + spread
+        return ours, theirs, scale + spread
 
     def _finalize_checks(self, window: _Window, first: Tensor, second: Tensor | None) -> None:
         """One host transfer per step: values, and the flags that say whether to keep them."""
