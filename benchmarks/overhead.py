@@ -70,7 +70,7 @@ def gpt2_workload(name: str, n_layer: int, n_embd: int, n_head: int, batch: int,
 
     def make_model() -> nn.Module:
         torch.manual_seed(0)
-        return GPT2LMHeadModel(cfg, attn_implementation="eager")
+        return GPT2LMHeadModel(cfg)
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, vocab, (batch, seq), generator=g),) for _ in range(4)]

@@ -1150,10 +1150,11 @@ def _ratios(now: Tensor, before: Tensor) -> Tensor:
     return torch.where(before > 0, now / safe, torch.ones_like(before))
 
 
-BOOKKEEPING_COST_PER_ELEMENT = 24.0
-"""Per-example cost of the book-keeping route in multiply-add equivalents per weight element:
-writing, reading and summing the per-example gradients is memory-bound. Calibrated on a
-2-core CPU with benchmarks/overhead.py; the route is used only where cheaper than Gram/vector."""
+BOOKKEEPING_COST_PER_ELEMENT = 64.0
+"""Per-example cost of the book-keeping route, in multiply-add equivalents per weight element:
+writing, reading and adding each example's gradient is memory-bound. Measured on a 2-core CPU
+(benchmarks/overhead.py shapes): 40-90 for layers of 0.06-1M weights at 128 tokens. So the route
+wins for sequences (vector costs T per element) and loses for one position per example (T = 1)."""
 
 
 def bookkeeping_cost(d: int, p: int) -> float:

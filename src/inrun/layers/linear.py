@@ -129,17 +129,14 @@ register_predicate(_is_hf_conv1d, HFConv1DHandler())
 
 
 # ----------------------------------------------------------------------------- book-keeping route
-BOOKKEEPING_CHUNK_ELEMENTS = 1 << 22
-"""Per-example weight gradients formed at once by the book-keeping route (16 MiB in float32)."""
-
-
 class BookkeepingLinear(torch.autograd.Function):
     """A linear op whose backward forms the per-example weight gradients ``G_z = D_zᵀ A_z``
     (in chunks of examples) *instead of* autograd's weight-gradient GEMM, dots them with the
     contraction vectors, and returns their sum as the ordinary weight gradient (Bu et al. 2023).
 
-    The FLOPs equal the weight-gradient GEMM's; the added cost is writing and reading the
-    chunk's ``[c, p, d]`` per-example gradients. The weight gradient equals autograd's within
+    The FLOPs equal the weight-gradient GEMM's; the added cost is one write and two reads of
+    each example's ``[p, d]`` gradient, in a buffer reused across examples (cache-resident for
+    layers of a few MB), and one GEMM per example instead of one per batch. The weight gradient equals autograd's within
     float32 rounding (it is summed in another order). The forward is the module's own op.
 
     ``sink(dots_by_name, x, grad_out)`` receives ``{"weight": [B, K], "bias": [B, K]}``.
@@ -174,18 +171,23 @@ class BookkeepingLinear(torch.autograd.Function):
         U = vectors.get("weight")
         U = None if U is None else U.reshape(U.shape[0], -1)  # (K, numel) in the weight's layout
         grad_w = torch.zeros_like(weight)
-        dots_w = []
-        chunk = max(1, BOOKKEEPING_CHUNK_ELEMENTS // (d * p))
-        for start in range(0, batch, chunk):
-            a, g = A[start : start + chunk], D[start : start + chunk]
-            # per-example gradients in the parameter's own layout
-            G = torch.bmm(a.transpose(1, 2), g) if transposed else torch.bmm(g.transpose(1, 2), a)
+        # One example at a time into one reused buffer: G_z stays in cache for its dot product and
+        # its addition to the weight gradient (a batched [B, p, d] product thrashes the cache).
+        G = torch.empty_like(weight)
+        flat = G.view(-1)
+        dots_w = torch.empty(batch, 0 if U is None else U.shape[0], dtype=U.dtype if U is not None else weight.dtype,
+                             device=weight.device)
+        for z in range(batch):
+            if transposed:
+                torch.mm(A[z].T, D[z], out=G)  # [d, p]
+            else:
+                torch.mm(D[z].T, A[z], out=G)  # [p, d]
             if U is not None:
-                dots_w.append(G.reshape(G.shape[0], -1) @ U.T)
-            grad_w += G.sum(dim=0)
+                torch.mv(U, flat, out=dots_w[z])
+            grad_w += G
         dots: dict[str, Tensor] = {}
         if U is not None:
-            dots["weight"] = torch.cat(dots_w)
+            dots["weight"] = dots_w
         grad_b = None
         if ctx.has_bias:
             per_example_b = D.sum(dim=1)  # (B, p)
