@@ -195,6 +195,12 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 # -- output ---------------------------------------------------------------------------------------
 def print_summary(summary: dict[str, Any], console: Console, rows: int = 5) -> None:
     """The short summary a run ends with: headline numbers, top and bottom examples, sources."""
@@ -303,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--order", type=int, choices=(1, 2), default=None, help="value order (default: the config's, or 1)")
     inspect.add_argument("--modules", action="store_true", help="list every valued module")
     inspect.set_defaults(func=cmd_inspect)
+
+    from .bench import build_parser as bench_arguments
+
+    bench = sub.add_parser(
+        "bench", help="time plain training vs each method side by side (ratios, FLOP floors, memory)"
+    )
+    bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -574,7 +574,7 @@ class InRunShapley:
         scale = torch.zeros_like(ours)
         if present:
             g_list = [grads[i].reshape(-1) for i in present]
-            v_list = [self._val.grads[i].sum(dim=0).reshape(-1).to(g_list[k].dtype) for k, i in enumerate(present)]
+            v_list = [_column_sum(self._val.grads[i]).reshape(-1).to(g_list[k].dtype) for k, i in enumerate(present)]
             dots = torch.stack([torch.dot(g, v) for g, v in zip(g_list, v_list)]).to(ours)
             norms = torch.stack(torch._foreach_norm(g_list)).to(ours) * torch.stack(torch._foreach_norm(v_list)).to(ours)
             index = torch.tensor(present, device=ours.device)
@@ -661,7 +661,7 @@ class InRunShapley:
         if present:
             # <p.grad / ratio, W> in the parameter dtype (the check's tolerance is far above its rounding)
             g_list = [grads[i].reshape(-1) for i in present]
-            w_list = [(multipliers[i].to(self._val.grads[i].dtype) * self._val.grads[i].sum(dim=0)).reshape(-1).to(g_list[k].dtype)
+            w_list = [(multipliers[i].to(self._val.grads[i].dtype) * _column_sum(self._val.grads[i])).reshape(-1).to(g_list[k].dtype)
                       for k, i in enumerate(present)]
             r = ratio[present].to(ours)
             inv = torch.where(r > 0, 1 / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(r))
@@ -1113,6 +1113,11 @@ class InRunShapley:
 
 
 # ---------------------------------------------------------------------- helpers
+def _column_sum(v: Tensor) -> Tensor:
+    """``[K, *shape] -> [*shape]``: the summed validation gradient (a view when ``K = 1``)."""
+    return v[0] if v.shape[0] == 1 else v.sum(dim=0)
+
+
 def _own_leaf_tensors(saved: Any) -> Any:
     """Copies of the tensors in ``saved`` that are user data (no autograd history)."""
     if isinstance(saved, Tensor):

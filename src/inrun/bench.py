@@ -1,0 +1,376 @@
+"""Side-by-side cost of In-Run Data Shapley vs plain training, printed as ratios.
+
+Same model, same batches, one process: every method gets its own copy of the same initial
+model and optimizer and runs the same batches. After warm-up, methods run in alternation
+(A B C A B C ...) so drift of the machine cancels; each ratio is the median step time of a
+method over the median of plain training (≥ 20 steps each). Peak memory is measured for each
+method in a fresh process (CPU: growth of the resident-set high-water mark over the steps;
+GPU: ``max_memory_allocated``), as a ratio to plain training.
+
+Each ratio is printed beside its *floor*: the multiply-adds the method adds to training,
+counted from the layer shapes (docs/performance.md explains the counts), so a ratio can be read
+against what is physically possible on any machine.
+
+Workloads (the issue's): R = GPT-2 n_layer=4, n_embd=256, n_head=4, vocab 4096, 16 x 128 tokens,
+1 validation sequence; S = GPT-2 n_layer=2, n_embd=768, vocab 4096, 8 x 256 tokens, 1 validation
+sequence of 128 tokens; M = MLP 784-512-512-10, batch 256, 256 validation rows. GPT-2 uses eager
+attention in every method (the Hessian variant needs a double backward, which CPU SDPA lacks).
+
+Usage: ``inrun bench`` or ``python benchmarks/overhead.py`` [--workloads R,S,M] [--steps 24]
+[--methods ...].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .exact import per_example_gradients
+from .tracker import InRunShapley
+
+
+# ----------------------------------------------------------------------------- workloads
+@dataclass
+class Workload:
+    name: str
+    make_model: Callable[[], nn.Module]
+    batches: list[tuple[torch.Tensor, ...]]
+    val: tuple[torch.Tensor, ...]
+    loss: Callable[[nn.Module, tuple], torch.Tensor]
+    example_loss: Callable[..., torch.Tensor]
+    val_loss: Callable[[nn.Module], torch.Tensor]
+    tokens: int  # positions per example
+    val_tokens: int  # positions in the whole validation set
+    lr: float = 1e-3
+    notes: str = ""
+    linears: list[tuple[int, int, bool]] = field(default_factory=list)  # (d, p, gram-capable)
+
+
+def gpt2_workload(name: str, n_layer: int, n_embd: int, n_head: int, batch: int, seq: int, val_seq: int) -> Workload:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    vocab = 4096
+    cfg = GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=max(seq, val_seq),
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        loss_type="ForCausalLM",
+    )
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(cfg)
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, vocab, (batch, seq), generator=g),) for _ in range(4)]
+    val = (torch.randint(0, vocab, (1, val_seq), generator=g),)
+
+    def loss(m: nn.Module, b: tuple) -> torch.Tensor:
+        return m(input_ids=b[0], labels=b[0]).loss
+
+    def example_loss(f: Callable, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+        logits = f(input_ids=ids).logits
+        return F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum") / (batch_size * (seq - 1))
+
+    d = n_embd
+    linears = [(d, 3 * d, True), (d, d, True), (d, 4 * d, True), (4 * d, d, True)] * n_layer
+    linears.append((d, vocab, False))  # the LM head, tied to the token embedding
+    return Workload(
+        name, make_model, batches, val, loss, example_loss, lambda m: loss(m, val), seq, val_seq,
+        notes=f"GPT-2 {n_layer}x{n_embd}, vocab {vocab}, {batch}x{seq}, 1 val x {val_seq}", linears=linears,
+    )
+
+
+def mlp_workload() -> Workload:
+    def make_model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(256, 784, generator=g), torch.randint(0, 10, (256,), generator=g)) for _ in range(4)]
+    val = (torch.randn(32, 784, generator=g), torch.randint(0, 10, (32,), generator=g))
+
+    def loss(m: nn.Module, b: tuple) -> torch.Tensor:
+        return F.cross_entropy(m(b[0]), b[1])
+
+    def example_loss(f: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return F.cross_entropy(f(x), y, reduction="sum") / batch_size
+
+    return Workload(
+        "M", make_model, batches, val, loss, example_loss, lambda m: loss(m, val), 1, 32, lr=0.05,
+        notes="MLP 784-512-512-10, batch 256, 32 val rows", linears=[(784, 512, True), (512, 512, True), (512, 10, True)],
+    )
+
+
+WORKLOADS: dict[str, Callable[[], Workload]] = {
+    "R": lambda: gpt2_workload("R", 4, 256, 4, 16, 128, 128),
+    "S": lambda: gpt2_workload("S", 2, 768, 12, 8, 256, 128),
+    "M": mlp_workload,
+}
+
+
+# ----------------------------------------------------------------------------- methods
+class Method:
+    """One way to train a step: builds its own model/optimizer copy, then ``step(batch, ids)``."""
+
+    name = "plain"
+    optimizer = "sgd"
+
+    def __init__(self, w: Workload) -> None:
+        self.w = w
+        self.model = w.make_model()
+        self.model.train()
+        if self.optimizer == "adamw":
+            self.opt: torch.optim.Optimizer = torch.optim.AdamW(self.model.parameters(), lr=w.lr)
+        else:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=w.lr)
+        self.setup()
+
+    def setup(self) -> None:
+        pass
+
+    def step(self, batch: tuple, ids: list[int]) -> None:
+        self.w.loss(self.model, batch).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class PlainAdam(Method):
+    name = "plain AdamW"
+    optimizer = "adamw"
+
+
+class Tracked(Method):
+    options: ClassVar[dict[str, Any]] = {}
+
+    def setup(self) -> None:
+        self.tracker = InRunShapley(self.model, self.opt, val_loss=self.w.val_loss, check=True, **self.options)
+
+    def step(self, batch: tuple, ids: list[int]) -> None:
+        with self.tracker.step(ids):
+            self.w.loss(self.model, batch).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def tracked(name: str, optimizer: str = "sgd", **options: Any) -> type[Tracked]:
+    return type(name, (Tracked,), {"name": name, "optimizer": optimizer, "options": options})
+
+
+class TorchFuncBaseline(Method):
+    """Per-example gradients of the whole model (torch.func), dotted with g_val, summed for the update."""
+
+    name = "torch.func per-example"
+
+    def step(self, batch: tuple, ids: list[int]) -> None:
+        params = [p for p in self.model.parameters()]
+        g_val = torch.autograd.grad(self.w.val_loss(self.model), params)
+        B = batch[0].shape[0]
+        pe = per_example_gradients(self.model, lambda f, *rows: self.w.example_loss(f, *rows, batch_size=B), batch)
+        lr = self.opt.param_groups[0]["lr"]
+        values = sum(lr * (g.flatten(1) @ v.flatten()) for g, v in zip(pe.values(), g_val))
+        for p, g in zip(params, pe.values()):
+            p.grad = g.sum(0)
+        values.sum().item()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class BatchOneBaseline(Method):
+    """One forward/backward per example, each gradient dotted with g_val, accumulated for the update."""
+
+    name = "batch-size-1 loop"
+
+    def step(self, batch: tuple, ids: list[int]) -> None:
+        params = list(self.model.parameters())
+        g_val = torch.autograd.grad(self.w.val_loss(self.model), params)
+        B = batch[0].shape[0]
+        lr = self.opt.param_groups[0]["lr"]
+        total = [torch.zeros_like(p) for p in params]
+        values = []
+        for i in range(B):
+            rows = tuple(t[i : i + 1] for t in batch)
+            g = torch.autograd.grad(self.w.loss(self.model, rows) / B, params)
+            values.append(lr * sum((a * b).sum() for a, b in zip(g, g_val)))
+            for t, gi in zip(total, g):
+                t += gi
+        for p, t in zip(params, total):
+            p.grad = t
+        torch.stack(values).sum().item()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+METHODS: dict[str, type[Method]] = {
+    "plain": Method,
+    "order 1": tracked("order 1"),
+    "order 1 + book-keeping": tracked("order 1 + book-keeping", bookkeeping=True),
+    "order 2 trapezoid": tracked("order 2 trapezoid", order=2),
+    "order 2 hessian": tracked("order 2 hessian", order=2, second_order="hessian"),
+    "plain AdamW": PlainAdam,
+    "Adam-aware order 1": tracked("Adam-aware order 1", optimizer="adamw"),
+    "torch.func per-example": TorchFuncBaseline,
+    "batch-size-1 loop": BatchOneBaseline,
+}
+BASELINE_OF = {"Adam-aware order 1": "plain AdamW"}
+
+
+# ----------------------------------------------------------------------------- FLOP floors
+def floors(w: Workload) -> dict[str, float]:
+    """Multiply-adds added to training, as a ratio (1 + added / training), per method."""
+    T, N = w.tokens, w.val_tokens
+    B = w.batches[0][0].shape[0]
+    train = sum(3 * T * d * p for d, p, _ in w.linears)  # per example: forward + 2 backward GEMMs
+    val_pass = (N / (B * T)) * train  # forward + backward on the validation set, per example
+    vector = sum(T * d * p for d, p, _ in w.linears)
+    best = sum(min(T * d * p, T * N * (d + p)) if gram else T * d * p for d, p, gram in w.linears)
+    out = {
+        "plain": 1.0,
+        "plain AdamW": 1.0,
+        "order 1": 1 + (val_pass + best) / train,
+        "order 1 + book-keeping": 1 + val_pass / train,
+        "order 2 trapezoid": 1 + (val_pass + best + vector) / train,
+        "order 2 hessian": 1 + (3 * val_pass + best + vector) / train,
+        "Adam-aware order 1": 1 + (val_pass + vector) / train,
+        "torch.func per-example": 1 + val_pass / train,
+        "batch-size-1 loop": 1 + val_pass / train,
+    }
+    return out
+
+
+# ----------------------------------------------------------------------------- measurement
+def time_methods(w: Workload, names: list[str], steps: int, warmup: int, rounds: int) -> dict[str, list[float]]:
+    methods = {n: METHODS[n](w) for n in names}
+    B = w.batches[0][0].shape[0]
+    counter = {n: 0 for n in names}
+
+    def run(n: str) -> float:
+        batch = w.batches[counter[n] % len(w.batches)]
+        ids = list(range(counter[n] * B, (counter[n] + 1) * B))
+        counter[n] += 1
+        start = time.perf_counter()
+        methods[n].step(batch, ids)
+        return time.perf_counter() - start
+
+    for n in names:
+        for _ in range(warmup):
+            run(n)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    per_round = max(1, steps // rounds)
+    for r in range(rounds):
+        order = names if r % 2 == 0 else list(reversed(names))
+        for n in order:
+            for _ in range(per_round):
+                times[n].append(run(n))
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return times
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def memory_probe(workload: str, method: str, steps: int) -> float:
+    """Peak memory (bytes) that ``steps`` steps of ``method`` need above what the process held
+    before them, in this fresh process. GPU: ``max_memory_allocated``. CPU (Linux): the peak
+    resident set size (``VmHWM``) after resetting it, minus the resident size before the steps;
+    the parent runs this with glibc mapping every large block separately, so that freed tensors
+    leave the resident set."""
+    w = WORKLOADS[workload]()
+    m = METHODS[method](w)
+    B = w.batches[0][0].shape[0]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _status_kib("VmRSS") * 1024
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set size
+    for i in range(steps):
+        m.step(w.batches[i % len(w.batches)], list(range(i * B, (i + 1) * B)))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    return float(_status_kib("VmHWM") * 1024 - base)
+
+
+def measure_memory(workload: str, names: list[str]) -> dict[str, float]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = {}
+    for n in names:
+        res = subprocess.run(
+            [sys.executable, "-m", "inrun.bench", "--memory-probe", workload, n],
+            capture_output=True, text=True, check=True, env=env,
+        )
+        out[n] = json.loads(res.stdout.strip().splitlines()[-1])["bytes"]
+    return out
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="R,S,M")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=24, help="timed steps per method (>= 20 for results)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternation rounds")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``args``; prints the tables."""
+    torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        print(json.dumps({"bytes": memory_probe(*args.memory_probe, steps=3)}))
+        return 0
+    unknown = [n for n in args.methods.split(",") if n.strip() not in METHODS]
+    unknown += [w for w in args.workloads.split(",") if w not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown method or workload {unknown}; methods: {list(METHODS)}, workloads: {list(WORKLOADS)}")
+    names = [n.strip() for n in args.methods.split(",")]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; medians of {args.steps} steps per method\n")
+    for wname in args.workloads.split(","):
+        w = WORKLOADS[wname]()
+        print(f"### Workload {wname}: {w.notes}", file=sys.stderr)
+        times = time_methods(w, names, args.steps, args.warmup, args.rounds)
+        memory = {} if args.no_memory else measure_memory(wname, names)
+        floor = floors(w)
+        print(f"### Workload {wname}: {w.notes}\n")
+        print("| method | median step (ms) | time ratio | FLOP floor | peak memory (MiB) | memory ratio |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for n in names:
+            base = BASELINE_OF.get(n, "plain")
+            med = statistics.median(times[n])
+            ratio = med / statistics.median(times[base]) if base in times else float("nan")
+            mem = memory[n] / memory[base] if memory and base in memory else float("nan")
+            mib = memory[n] / 2**20 if memory else float("nan")
+            print(f"| {n} | {med * 1000:.0f} | {ratio:.2f}x | {floor[n]:.2f}x | {mib:.0f} | {mem:.2f}x |")
+        print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
