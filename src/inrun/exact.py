@@ -28,10 +28,9 @@ cancellation error (~1e-7 of the loss) would swamp the small steps one wants to 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .modes import evaluating
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def validation_gradient(
 ) -> dict[str, Tensor]:
     """Gradient of ``val_loss(model).sum()`` for every trainable parameter (eval mode by default)."""
     params = trainable_parameters(model)
-    with _mode(model, eval_mode):
+    with evaluating(model, eval_mode):
         loss = val_loss(model).sum()
         names = list(params)
         live = dict(model.named_parameters())
@@ -146,7 +147,7 @@ def hessian_vector_products(
         return functional_call(loss_module, {"model." + n: t for n, t in p.items()}, ())
 
     out: dict[str, list[Tensor]] = {n: [] for n in params}
-    with _mode(model, eval_mode), sdpa_kernel([SDPBackend.MATH]):
+    with evaluating(model, eval_mode), sdpa_kernel([SDPBackend.MATH]):
         for k in range(K):
             tangent = {
                 n: vectors[n][k].to(p.dtype) if n in vectors else torch.zeros_like(p)
@@ -478,7 +479,7 @@ class StepGame:
         self._theta = params
         self._grads = {n: per_example[n].detach() for n in params}
         self._loss_module = _LossModule(model, val_loss)
-        with torch.no_grad(), _mode(model, eval_mode):
+        with torch.no_grad(), evaluating(model, eval_mode):
             self.base_loss = float(self._loss_at(params))
             """``L_val(θ)``."""
 
@@ -514,7 +515,7 @@ class StepGame:
             raise ValueError(f"masks must be [S, {self.n}], got {tuple(masks.shape)}")
         out = []
         step = self.chunk_size or 1
-        with torch.no_grad(), _mode(self.model, self.eval_mode):
+        with torch.no_grad(), evaluating(self.model, self.eval_mode):
             for start in range(0, masks.shape[0], step):
                 delta = self._deltas(masks[start : start + step])
                 out.append(self._losses(delta))
@@ -694,18 +695,3 @@ def _resolve_update(
     if (lr is None) == (update is None):
         raise ValueError("give exactly one of lr (plain SGD) and update (any rule)")
     return update if update is not None else sgd_update(lr)
-
-
-@contextlib.contextmanager
-def _mode(model: nn.Module, eval_mode: bool) -> Iterator[None]:
-    """Eval mode inside (if asked), every submodule's own flag restored after."""
-    if not eval_mode:
-        yield
-        return
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag

@@ -40,6 +40,7 @@ from .config import RunConfig
 from .data import ExampleSet, load_data
 from .errors import InRunError, NonFiniteError
 from .models import build_model, build_optimizer, build_schedule, loss_function, model_fingerprint
+from .modes import evaluating
 from .rundir import RUN_FORMAT, Metrics, RunDir, RunDirError
 
 logger = logging.getLogger(__name__)
@@ -310,14 +311,8 @@ def _grad_norm(params: list[nn.Parameter], clip: float | None) -> float:
 
 def _evaluate(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> float:
     """Validation loss in eval mode, without gradients; every module's mode is restored."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            return float(loss_fn(model, x, y))
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with evaluating(model), torch.no_grad():
+        return float(loss_fn(model, x, y))
 
 
 def _stop(rd: RunDir, tracker: Any, metrics: Metrics, step: int, steps: int, reason: str) -> None:

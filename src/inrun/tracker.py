@@ -45,6 +45,7 @@ from .layers.linear import gram_dot
 from .layers.norm import batchnorm_message
 from .layers.registry import expand_leading
 from .ledger import ValueLedger, ValueTable, check_ids
+from .modes import evaluating
 from .optim import ADAM_LINEARIZATIONS, UpdateRule, rule_for, unwrap_optimizer
 
 logger = logging.getLogger(__name__)
@@ -761,7 +762,7 @@ class InRunShapley:
         """``(loss, per parameter [K, *shape])`` at the current parameters (eval mode)."""
         params = self._params
         self._val_gram = {}
-        with _module_mode(self.module, self.config.val_mode), _fork_rng(params):
+        with evaluating(self.module, self.config.val_mode == "eval"), _fork_rng(params):
             self._mode = "val" if capture_gram else None
             try:
                 loss = self.val_loss(self.module)
@@ -830,7 +831,7 @@ class InRunShapley:
         # Fused attention kernels have no double backward: the math backend computes the same
         # attention and can be differentiated twice.
         shift = self.rule.data_free_step(params)
-        with _module_mode(self.module, self.config.val_mode), _fork_rng(params), _math_attention(), \
+        with evaluating(self.module, self.config.val_mode == "eval"), _fork_rng(params), _math_attention(), \
                 _parameters_shifted(params, shift):
             loss = _check_val_loss(self.val_loss(self.module))
             columns = [loss] if loss.dim() == 0 else list(loss)
@@ -1218,21 +1219,6 @@ def _per_validation_grads(loss: Tensor, params: list[nn.Parameter]) -> list[Tens
         g if g is not None else torch.zeros((V, *p.shape), dtype=p.dtype, device=p.device)
         for g, p in zip(grads, params)
     ]
-
-
-@contextlib.contextmanager
-def _module_mode(module: nn.Module, mode: str) -> Iterator[None]:
-    """Run the validation pass in eval mode and restore every submodule's own flag after."""
-    if mode == "train":
-        yield
-        return
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 @contextlib.contextmanager
