@@ -18,9 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from inrun import BatchMismatchError, InRunShapley, UnsupportedOptimizerError, ValueLedger
+from inrun import BatchMismatchError, InRunShapley, ValueLedger
 from inrun.integrations.hf import InRunArguments, InRunTrainer
-from inrun.optim import rule_for
 
 VOCAB, SEQ = 40, 8
 N_TRAIN, BATCH, ACCUM, CLIP, LR = 12, 2, 2, 0.3, 0.5
@@ -101,13 +100,15 @@ def make_trainer(out: Path, ids: list[Any], model: nn.Module | None = None, **kw
     )
 
 
-def plain_loop(model: nn.Module, ids: list[Any], num_items: list[int]) -> tuple[dict, dict, list[float]]:
+def plain_loop(
+    model: nn.Module, ids: list[Any], num_items: list[int], make_opt: Any = sgd, steps: int = N_TRAIN // (BATCH * ACCUM)
+) -> tuple[dict, dict, list[float]]:
     """The same training with the tracker in an ordinary loop: final values, after-step-2 values."""
-    opt, sched = sgd(model)
+    opt, sched = make_opt(model)
     tracker = InRunShapley(model, opt, val_loss=lambda m: m(input_ids=VAL, labels=VAL).loss)
     norms, at_step_2 = [], {}
     per_step = BATCH * ACCUM
-    for t in range(N_TRAIN // per_step):
+    for t in range(steps):
         rows = range(t * per_step, (t + 1) * per_step)
         for micro in range(ACCUM):
             idx = list(rows)[micro * BATCH : (micro + 1) * BATCH]
@@ -215,19 +216,36 @@ def test_trainer_int_ids_through_the_accelerated_optimizer(tmp_path: Path) -> No
     assert trainer.inrun_tracker.step_count == 1
 
 
-def test_trainer_default_adamw(tmp_path: Path) -> None:
-    """The Trainer's own AdamW, unchanged: valued once the optimizer rule exists, a clear error before."""
-    model = gpt2()
-    trainer = InRunTrainer(
-        model=model, args=training_args(tmp_path, max_steps=2, save_strategy="no", learning_rate=1e-3),
-        train_dataset=Rows(TRAIN, list(range(N_TRAIN))), inrun_val_loss=lambda m: m(input_ids=VAL, labels=VAL).loss,
+def test_trainer_default_adamw_equals_plain_loop(tmp_path: Path) -> None:
+    """The Trainer's own AdamW (decay / no-decay groups, linear schedule), valued by the Adam-aware
+    rule, gives the values of the plain loop with the same optimizer groups and schedule."""
+    from transformers import get_linear_schedule_with_warmup
+
+    ids = list(range(N_TRAIN))
+    SpyTrainer.num_items = []
+    trainer = SpyTrainer(
+        model=gpt2(), args=training_args(tmp_path, max_steps=2, save_strategy="no", learning_rate=3e-3, weight_decay=0.1),
+        train_dataset=Rows(TRAIN, ids), inrun_val_loss=lambda m: m(input_ids=VAL, labels=VAL).loss,
     )
-    try:
-        rule_for(torch.optim.AdamW(gpt2().parameters()))
-    except UnsupportedOptimizerError:
-        with pytest.raises(UnsupportedOptimizerError, match="AdamW"):
-            trainer.train()
-        return
     trainer.train()
-    values = trainer.inrun_values()
-    assert sorted(values) == list(range(2 * BATCH * ACCUM)) and np.isfinite(values.value).all()
+    assert type(trainer.inrun_tracker.rule).__name__ == "AdamRule"
+    name_of = {id(p): n for n, p in trainer.model.named_parameters()}
+    groups = [
+        ({k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} | {"lr": g["initial_lr"]},
+         [name_of[id(p)] for p in g["params"]])
+        for g in trainer.inrun_tracker.optimizer.param_groups
+    ]
+    assert {g["weight_decay"] for g, _ in groups} == {0.0, 0.1}, "the Trainer's decay / no-decay groups"
+
+    def adamw(model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        named = dict(model.named_parameters())
+        opt = torch.optim.AdamW([{**h, "params": [named[n] for n in names]} for h, names in groups])
+        return opt, get_linear_schedule_with_warmup(opt, 0, 2)
+
+    ref_model = gpt2()
+    values, _, norms = plain_loop(ref_model, ids, trainer.num_items, make_opt=adamw, steps=2)
+    assert max(norms) > CLIP, "clipping never happened"
+    for (name, a), b in zip(trainer.model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=f"{name}: training differs")
+    err = assert_same(dict(trainer.inrun_values()), values, "Trainer AdamW vs plain loop")
+    print(f"Trainer AdamW vs plain loop: max |Δ| / max |value| = {err:.2e}")
