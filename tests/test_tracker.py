@@ -36,8 +36,10 @@ def gpt2_with_dropout() -> nn.Module:
     return GPT2LMHeadModel(cfg)  # dropout 0.1 everywhere: the validation pass must not eat RNG
 
 
-def train(model: nn.Module, batches: list[torch.Tensor], tracked: bool, lr: float = 0.1, **options) -> InRunShapley | None:
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+def train(
+    model: nn.Module, batches: list[torch.Tensor], tracked: bool, lr: float = 0.1, adamw: bool = False, **options
+) -> InRunShapley | None:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr / 100) if adamw else torch.optim.SGD(model.parameters(), lr=lr)
     val = lm_batches(1, batch=2, seed=99)[0]
     tracker = InRunShapley(model, opt, val_loss=lambda m: m(input_ids=val, labels=val).loss, **options) if tracked else None
     model.train()
@@ -55,13 +57,15 @@ def train(model: nn.Module, batches: list[torch.Tensor], tracked: bool, lr: floa
     return tracker
 
 
-def test_parameters_bit_identical_with_and_without_tracker() -> None:
+@pytest.mark.parametrize("adamw", [False, True], ids=["sgd", "adamw"])
+def test_parameters_bit_identical_with_and_without_tracker(adamw: bool) -> None:
+    """Also with AdamW, whose validation pass runs at θ + f(0) and puts the parameters back."""
     torch.manual_seed(0)
     base = gpt2_with_dropout()
     plain, tracked = copy.deepcopy(base), copy.deepcopy(base)
     batches = lm_batches(5)
-    train(plain, batches, tracked=False)
-    tracker = train(tracked, batches, tracked=True)
+    train(plain, batches, tracked=False, adamw=adamw)
+    tracker = train(tracked, batches, tracked=True, adamw=adamw)
     assert tracker is not None and len(tracker.values()) == 20
     for (name, a), (_, b) in zip(plain.named_parameters(), tracked.named_parameters()):
         assert torch.equal(a, b), f"{name} differs after training with the tracker"
