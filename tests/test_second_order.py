@@ -229,12 +229,12 @@ def oracle_step(case: Case, model: nn.Module, batch: tuple[Tensor, ...], lr: flo
     return values.detach(), scale.detach(), nxt
 
 
-def run_and_compare(case: Case, variant: str, steps: int = 2, lr: float = 0.05) -> None:
+def run_and_compare(case: Case, variant: str, steps: int = 2, lr: float = 0.05, **tracker_options) -> None:
     torch.manual_seed(0)
     model = case.make_model().double()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     options = {"order": 1} if variant == "first" else {"order": 2, "second_order": variant}
-    tracker = InRunShapley(model, opt, val_loss=case.val_loss, **options)
+    tracker = InRunShapley(model, opt, val_loss=case.val_loss, **options, **tracker_options)
     gen = torch.Generator().manual_seed(1)
     expected, scale = {}, {}
     for step in range(steps):
@@ -277,6 +277,13 @@ def test_order2_matches_oracle(case: Case, variant: str) -> None:
     # xfail below for the default backend).
     with sdpa_kernel([SDPBackend.MATH]):
         run_and_compare(case, variant)
+
+
+@pytest.mark.parametrize("route", ["gram", "bookkeeping"])
+def test_trapezoid_on_the_gram_and_bookkeeping_routes(route: str) -> None:
+    """The trapezoid's second contraction uses the next validation pass's Gram factors; with
+    book-keeping, the first part comes from the per-example gradients formed in backward."""
+    run_and_compare(MODEL_CASES[0], "trapezoid", route=route)
 
 
 def test_hessian_variant_with_default_attention_backend() -> None:

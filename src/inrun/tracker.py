@@ -459,7 +459,7 @@ class InRunShapley:
         """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            self._finish_trapezoid(pending, self._plain_validation().grads)
+            self._finish_trapezoid(pending, self._plain_validation())
 
     def coverage(self) -> Coverage:
         """Which route (Gram, vector by layer family, book-keeping, fallback) valued each trainable
@@ -859,10 +859,16 @@ class InRunShapley:
         vectors = [torch.stack([col[i] for col in hvps]) for i in range(len(params))]
         return shapley.hessian_correction(self._contract(window, self._weighted(window.multipliers, vectors)))
 
-    def _finish_trapezoid(self, window: _Window, g_next: list[Tensor]) -> None:
+    def _finish_trapezoid(self, window: _Window, val_next: _Validation) -> None:
         """``φ = ½ (values at θ_t + f(0) + values with g_val(θ_t+1))``, now that g_val(θ_t+1) is known."""
         with torch.no_grad():
-            end = self._contract(window, self._weighted(window.multipliers, g_next)).sum(0)
+            vectors = self._weighted(window.multipliers, val_next.grads)
+            if window.coef is not None:
+                # SGD-type step: g_val(θ_t+1) is a validation gradient, so the layers on the Gram
+                # route use the factors its pass captured, as order 1 does.
+                end = self._contract(window, vectors, gram=val_next.gram, coef=window.coef).sum(0)
+            else:
+                end = self._contract(window, vectors).sum(0)
             trapezoid = (window.base_values + end) / 2
         second_host = trapezoid.cpu().numpy() - window.first
         if not np.isfinite(second_host).all():
@@ -871,8 +877,18 @@ class InRunShapley:
         self.ledger.add(window.step, window.ids, window.first, second_host, lr=window.lr)
         window.micro.clear()
 
-    def _contract(self, window: _Window, vectors: list[Tensor]) -> Tensor:
-        """``[P, B, K]`` dots of the window's per-example gradients with per-parameter vectors."""
+    def _contract(
+        self,
+        window: _Window,
+        vectors: list[Tensor],
+        gram: dict[int, tuple[Tensor, Tensor]] | None = None,
+        coef: Tensor | None = None,
+    ) -> Tensor:
+        """``[P, B, K]`` dots of the window's per-example gradients with per-parameter vectors.
+
+        With ``gram`` (validation factors by layer) and ``coef`` (``vectors[p] = coef[p] · g``),
+        a layer with factors takes its weight's dots by the Gram route instead, times ``coef``.
+        """
         K = vectors[0].shape[0]
         parts = []
         with self._paused(), torch.no_grad():
@@ -888,9 +904,16 @@ class InRunShapley:
                             "layer's input at the optimizer step or the next tracker.step)"
                         )
                     e = cap.entry
-                    vecs = {n: vectors[i] for n, i in zip(e.param_names, e.param_index)}
-                    for n, d in e.handler.dot(e.module, cap.saved, cap.grad, vecs).items():
-                        out[e.param_index[e.param_names.index(n)]] += d.to(out.dtype)
+                    names = list(e.param_names)
+                    if gram is not None and e.index in gram and K == 1:
+                        A, D = e.handler.gram_factors(e.module, cap.saved, cap.grad)
+                        w = e.param_index[names.index("weight")]
+                        out[w] += gram_dot(A, D, *gram[e.index]).to(out.dtype).unsqueeze(1) * coef[w].to(out.dtype)
+                        names.remove("weight")
+                    vecs = {n: vectors[e.param_index[e.param_names.index(n)]] for n in names}
+                    if vecs:
+                        for n, d in e.handler.dot(e.module, cap.saved, cap.grad, vecs).items():
+                            out[e.param_index[e.param_names.index(n)]] += d.to(out.dtype)
                 parts.append(out)
         return torch.cat(parts, dim=1)
 
