@@ -7,9 +7,10 @@ method over the median of plain training (≥ 20 steps each). Peak memory is mea
 method in a fresh process (CPU: growth of the resident-set high-water mark over the steps;
 GPU: ``max_memory_allocated``), as a ratio to plain training.
 
-Each ratio is printed beside its *floor*: the multiply-adds the method adds to training,
-counted from the layer shapes (docs/performance.md explains the counts), so a ratio can be read
-against what is physically possible on any machine.
+Each ratio is printed beside its *FLOP floor*: 1 + the multiply-adds the method adds to
+training over training's own, counted from the shapes of the linear layers (the bulk of the
+work; attention scores and elementwise ops are not counted, so a measured ratio can sit a
+little below its floor). docs/performance.md explains the counts.
 
 Workloads (the issue's): R = GPT-2 n_layer=4, n_embd=256, n_head=4, vocab 4096, 16 x 128 tokens,
 1 validation sequence; S = GPT-2 n_layer=2, n_embd=768, vocab 4096, 8 x 256 tokens, 1 validation
