@@ -197,7 +197,7 @@ def norms(per_example: dict[str, Tensor]) -> Tensor:
 
 
 def vnorm(vector: dict[str, Tensor]) -> float:
-    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in vector.values())))
+    return float(torch.sqrt(sum((v.detach().double() ** 2).sum() for v in vector.values())))
 
 
 def oracle_step(case: Case, model: nn.Module, batch: tuple[Tensor, ...], lr: float, variant: str):
