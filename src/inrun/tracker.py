@@ -41,7 +41,7 @@ from .errors import (
 )
 from .integrations.ddp import DDP_CHECK_HINT, DDPSync
 from .layers import FALLBACK, LayerHandler, Layout, handler_for
-from .layers.linear import gram_dot
+from .layers.linear import GramFactors, gram_dot, residual_rows
 from .layers.norm import batchnorm_message
 from .layers.registry import expand_leading
 from .ledger import ValueLedger, ValueTable, check_ids
@@ -124,6 +124,7 @@ class _Entry:
     param_index: tuple[int, ...]
     gram_capable: bool
     route: str = "unused"
+    residual_from: tuple[int, ...] = ()  # embeddings sharing this layer's weight (tied LM head)
 
 
 @dataclass
@@ -180,7 +181,7 @@ class _Validation:
     shifted: bool  # computed at θ + f(0) (the step's data-free point) rather than at θ
     loss: Tensor
     grads: list[Tensor]  # per parameter [K, *shape]
-    gram: dict[int, tuple[Tensor, Tensor]]  # entry index -> (A_val [N, d], D_val [N, p])
+    gram: dict[int, GramFactors]  # entry index -> validation factors of the Gram route
 
     @property
     def columns(self) -> int:
@@ -306,6 +307,8 @@ class InRunShapley:
         self.step_count = 0
 
         self._bookkeeping_calls: set[int] = set()
+        self._residual_sources = {i for e in self._entries for i in e.residual_from}
+        self._val_ids: dict[int, list[Tensor]] = {}
         self._bookkeeping_entries: dict[int, _Entry] = {}
         self._forward_overrides: list[tuple[nn.Module, Any]] = []
         if self.config.bookkeeping or self.config.route == "bookkeeping":
@@ -325,10 +328,10 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ setup
     def _build_entries(self) -> list[_Entry]:
-        owners: dict[int, int] = {}
+        owners: dict[int, list[nn.Module]] = {}
         for m in self.module.modules():
             for _, p in m.named_parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
+                owners.setdefault(id(p), []).append(m)
         entries = []
         for name, module in self.module.named_modules():
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -337,24 +340,31 @@ class InRunShapley:
             handler = handler_for(module) or FALLBACK
             if not isinstance(module, nn.modules.batchnorm._BatchNorm):
                 handler.check(module)  # BatchNorm's mode is checked at every step instead
-            names = tuple(n for n, _ in own)
             weight = dict(own).get("weight")
-            gram_capable = (
-                handler.supports_gram and weight is not None and owners[id(weight)] == 1
-            )
             entries.append(
                 _Entry(
                     index=len(entries),
                     name=name or type(module).__name__,
                     module=module,
                     handler=handler,
-                    param_names=names,
+                    param_names=tuple(n for n, _ in own),
                     param_index=tuple(self._index[id(p)] for _, p in own),
-                    gram_capable=gram_capable,
+                    gram_capable=handler.supports_gram and weight is not None and len(owners[id(weight)]) == 1,
                 )
             )
             if handler is FALLBACK:
                 logger.info("no handler for %s (%s): using the torch.func fallback", name, type(module).__name__)
+        # A weight shared only with embeddings (a tied LM head) can use the Gram route too: the
+        # embeddings add validation gradient only in the rows of the validation tokens.
+        by_module = {id(e.module): e for e in entries}
+        for e in entries:
+            weight = getattr(e.module, "weight", None)
+            if not e.handler.supports_gram or weight is None or "weight" not in e.param_names or e.gram_capable:
+                continue
+            others = [by_module.get(id(m)) for m in owners[id(weight)] if m is not e.module]
+            if others and all(o is not None and o.handler.name == "embedding" for o in others):
+                e.gram_capable = True
+                e.residual_from = tuple(o.index for o in others)
         return entries
 
     def _check_optimizer_covers_params(self) -> None:
@@ -790,28 +800,42 @@ class InRunShapley:
         restored bit for bit afterwards."""
         with _parameters_shifted(self._params, shift):
             loss, grads = self._validation_gradients(capture_gram=self.config.route != "vector")
-        gram: dict[int, tuple[Tensor, Tensor]] = {}
+        gram: dict[int, GramFactors] = {}
         if grads[0].shape[0] == 1:
             for idx, calls in self._val_gram.items():
                 if any(d is None for _, d in calls):
                     continue
                 A = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in calls])
                 D = torch.cat([d.reshape(-1, d.shape[-1]) for _, d in calls])
-                gram[idx] = (A, D)
-        self._val_gram = {}
+                gram[idx] = GramFactors(A, D)
+                entry = self._entries[idx]
+                if entry.residual_from:
+                    gram[idx] = self._with_residual(entry, gram[idx], grads)
+        self._val_gram, self._val_ids = {}, {}
         for entry in self._entries:
             if self._choose_route(entry, gram) != "gram":
                 gram.pop(entry.index, None)
         return _Validation(self._version, shift is not None, loss, grads, gram)
 
-    def _choose_route(self, entry: _Entry, gram: dict[int, tuple[Tensor, Tensor]]) -> str:
+    def _with_residual(self, entry: _Entry, factors: GramFactors, grads: list[Tensor]) -> GramFactors:
+        """Complete a tied weight's factors with its embeddings' rows (the validation tokens)."""
+        ids = []
+        for src in entry.residual_from:
+            emb = self._entries[src].module
+            for t in self._val_ids.get(src, []):
+                t = t.reshape(-1)
+                ids.append(t if emb.padding_idx is None else t[t != emb.padding_idx])
+        rows = torch.unique(torch.cat(ids)) if ids else torch.zeros(0, dtype=torch.long)
+        total = grads[entry.param_index[entry.param_names.index("weight")]][0]
+        return residual_rows(entry.handler, entry.module, total, factors, rows.to(total.device))
+
+    def _choose_route(self, entry: _Entry, gram: dict[int, GramFactors]) -> str:
         if entry.index not in gram:
             return "vector"
         if self.config.route == "gram":
             return "gram"
-        n_val = gram[entry.index][0].shape[0]
-        cheaper = entry.handler.gram_cost(entry.module, n_val) < entry.handler.vector_cost(entry.module)
-        return "gram" if cheaper else "vector"
+        d, p = entry.handler.in_out_features(entry.module)
+        return "gram" if gram[entry.index].cost(d, p) < entry.handler.vector_cost(entry.module) else "vector"
 
     def _hessian_correction(self, window: _Window, base: Tensor, grads: list[Tensor | None]) -> Tensor:
         """Second-order term with one Hessian-vector product.
@@ -881,7 +905,7 @@ class InRunShapley:
         self,
         window: _Window,
         vectors: list[Tensor],
-        gram: dict[int, tuple[Tensor, Tensor]] | None = None,
+        gram: dict[int, GramFactors] | None = None,
         coef: Tensor | None = None,
     ) -> Tensor:
         """``[P, B, K]`` dots of the window's per-example gradients with per-parameter vectors.
@@ -908,7 +932,7 @@ class InRunShapley:
                     if gram is not None and e.index in gram and K == 1:
                         A, D = e.handler.gram_factors(e.module, cap.saved, cap.grad)
                         w = e.param_index[names.index("weight")]
-                        out[w] += gram_dot(A, D, *gram[e.index]).to(out.dtype).unsqueeze(1) * coef[w].to(out.dtype)
+                        out[w] += gram_dot(A, D, gram[e.index]).to(out.dtype).unsqueeze(1) * coef[w].to(out.dtype)
                         names.remove("weight")
                     vecs = {n: vectors[e.param_index[e.param_names.index(n)]] for n in names}
                     if vecs:
@@ -972,6 +996,8 @@ class InRunShapley:
         return new_output
 
     def _capture_validation(self, entry: _Entry, args: tuple, kwargs: dict, output: Any) -> None:
+        if entry.index in self._residual_sources:
+            self._val_ids.setdefault(entry.index, []).append(entry.handler.capture(entry.module, args, kwargs))
         if not entry.gram_capable or not isinstance(output, Tensor) or not output.requires_grad:
             return None
         A = entry.handler.capture(entry.module, args, kwargs)
@@ -1064,10 +1090,7 @@ class InRunShapley:
         tokens = x[0].numel() // d
         cost = bookkeeping_cost(d, p)
         vector = tokens * entry.handler.vector_cost(entry.module)
-        gram = (
-            tokens * entry.handler.gram_cost(entry.module, self._val.gram[entry.index][0].shape[0])
-            if entry.index in self._val.gram else float("inf")
-        )
+        gram = tokens * self._val.gram[entry.index].cost(d, p) if entry.index in self._val.gram else float("inf")
         return cost < min(vector, gram)
 
     def _bookkeeping_call(self, entry: _Entry, x: Tensor) -> Tensor:
@@ -1096,9 +1119,8 @@ class InRunShapley:
         handler = entry.handler
         if entry.index in val.gram:
             entry.route = "gram"
-            A_val, D_val = val.gram[entry.index]
             A, D = handler.gram_factors(entry.module, saved, grad)
-            out = {"weight": gram_dot(A, D, A_val, D_val).unsqueeze(1)}
+            out = {"weight": gram_dot(A, D, val.gram[entry.index]).unsqueeze(1)}
             rest = {
                 n: val.grads[i] for n, i in zip(entry.param_names, entry.param_index) if n != "weight"
             }

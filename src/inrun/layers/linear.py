@@ -12,6 +12,7 @@ Per-example weight gradient of ``s = a Wᵀ + b`` for example z with T positions
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -85,6 +86,7 @@ class LinearHandler(LayerHandler):
         return float(n_val_tokens * (d + p + 1))
 
 
+
 class HFConv1DHandler(LinearHandler):
     """Hugging Face ``Conv1D``: ``y = x @ W + b`` with ``W [d, p]`` (transposed ``nn.Linear``)."""
 
@@ -101,12 +103,38 @@ class HFConv1DHandler(LinearHandler):
         return d, p
 
 
-def gram_dot(A: Tensor, D: Tensor, A_val: Tensor, D_val: Tensor, max_elements: int = 1 << 24) -> Tensor:
-    """``[B]`` Gram-route dot products ``sum((A_z A_valᵀ) ⊙ (D_z D_valᵀ))``.
+@dataclass
+class GramFactors:
+    """The validation side of the Gram route for one layer's weight.
 
-    ``A [B, T, d]``, ``D [B, T, p]``; ``A_val [N, d]``, ``D_val [N, p]`` hold every validation
-    token of every call of the module (their products sum to the validation weight gradient).
+    ``A [N, d]``, ``D [N, p]`` hold every validation token of every call of the layer, so
+    ``Dᵀ A`` is the part of the validation weight gradient that flows through this layer. A
+    weight shared with embeddings (GPT-2's tied LM head) also gets gradient from their lookups,
+    only in the rows of the validation tokens: ``rows [R]`` and ``residual [R, d]`` (output-by-input
+    layout) hold the total validation gradient minus ``Dᵀ A`` there.
     """
+
+    A: Tensor
+    D: Tensor
+    rows: Tensor | None = None
+    residual: Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.A.shape[0]
+
+    def cost(self, d: int, p: int) -> float:
+        """Multiply-adds per training token."""
+        extra = 0 if self.rows is None else self.rows.numel() * (d + 1)
+        return float(self.tokens * (d + p + 1) + extra)
+
+
+def gram_dot(A: Tensor, D: Tensor, factors: GramFactors, max_elements: int = 1 << 24) -> Tensor:
+    """``[B]`` Gram-route dot products ``sum((A_z A_valᵀ) ⊙ (D_z D_valᵀ))`` (+ the residual rows).
+
+    ``A [B, T, d]``, ``D [B, T, p]``: a training example's layer inputs and output gradients.
+    """
+    A_val, D_val = factors.A, factors.D
     B, T, _ = A.shape
     A = as_float(A, A_val).reshape(B * T, -1)
     D = as_float(D, D_val).reshape(B * T, -1)
@@ -117,7 +145,21 @@ def gram_dot(A: Tensor, D: Tensor, A_val: Tensor, D_val: Tensor, max_elements: i
         stop = min(B * T, start + rows_per_chunk)
         prod = (A[start:stop] @ A_val.T) * (D[start:stop] @ D_val.T)  # (rows, N)
         parts.append(prod.reshape(-1, T * A_val.shape[0]).sum(dim=1))
-    return torch.cat(parts)
+    out = torch.cat(parts)
+    if factors.rows is not None:
+        # Σ_t Σ_r D_z[t, r] (A_z[t] · residual[r]) over the residual rows only
+        extra = (A @ factors.residual.T) * D[:, factors.rows]  # (B·T, R)
+        out = out + extra.reshape(B, -1).sum(dim=1)
+    return out
+
+
+def residual_rows(
+    handler: LinearHandler, module: nn.Module, total_grad: Tensor, factors: GramFactors, rows: Tensor
+) -> GramFactors:
+    """Factors completed with the residual of a weight shared with embeddings looked up at ``rows``."""
+    total = handler.weight_out_in(module, total_grad)[rows]  # (R, d)
+    own = factors.D[:, rows].T @ factors.A  # (R, d): this layer's part at those rows
+    return GramFactors(factors.A, factors.D, rows, total - own.to(total.dtype))
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:

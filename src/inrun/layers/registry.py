@@ -98,6 +98,7 @@ class LayerHandler:
         return float("inf")
 
 
+
 def first_input(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
     """The module's input tensor (first positional argument, or the single keyword argument)."""
     if args:
