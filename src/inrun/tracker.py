@@ -805,10 +805,11 @@ class InRunShapley:
             for idx, calls in self._val_gram.items():
                 if any(d is None for _, d in calls):
                     continue
-                A = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in calls])
-                D = torch.cat([d.reshape(-1, d.shape[-1]) for _, d in calls])
-                gram[idx] = GramFactors(A, D)
                 entry = self._entries[idx]
+                dtype = entry.module.weight.dtype  # autocast leaves 16-bit activations and gradients
+                A = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in calls]).to(dtype)
+                D = torch.cat([d.reshape(-1, d.shape[-1]) for _, d in calls]).to(dtype)
+                gram[idx] = GramFactors(A, D)
                 if entry.residual_from:
                     gram[idx] = self._with_residual(entry, gram[idx], grads)
         self._val_gram, self._val_ids = {}, {}
