@@ -539,7 +539,7 @@ class InRunShapley:
 
     @property
     def _immediate(self) -> bool:
-        """Dot products with ``g_val(θ_t)`` during backward (scalar-coefficient rules)."""
+        """Dot products with the step's validation gradient during backward (SGD-type rules)."""
         return not self.rule.elementwise
 
     def _begin_microbatch(self, ids: list) -> None:
@@ -645,15 +645,16 @@ class InRunShapley:
         self._finalize_checks(window, first, second)
 
     def _weighted(self, multipliers: list[Any], vectors: list[Tensor]) -> list[Tensor]:
-        """Per parameter ``multiplier ⊙ vector`` (a scalar or a per-coordinate tensor), ``[K, *shape]``."""
+        """Per parameter ``multiplier ⊙ vector``, ``[K, *shape]``: the multiplier is a 0-dim tensor
+        (SGD-type coefficient), a per-coordinate tensor (Adam's slope) or ``None`` (no step).
+        Stays on the device: no host sync."""
         out = []
         for m, v in zip(multipliers, vectors):
             if m is None:
                 out.append(torch.zeros_like(v))
-            elif isinstance(m, Tensor) and m.dim() > 0:
-                out.append(m.to(v.dtype).unsqueeze(0) * v)
             else:
-                out.append(float(m) * v)
+                m = m.to(device=v.device, dtype=v.dtype)
+                out.append((m.unsqueeze(0) if m.dim() > 0 else m) * v)
         return out
 
     def _deferred_check_terms(
@@ -686,12 +687,19 @@ class InRunShapley:
 
     def _finalize_checks(self, window: _Window, first: Tensor, second: Tensor | None) -> None:
         """One host transfer per step: values, and the flags that say whether to keep them."""
-        host = [first.cpu().numpy()]
+        parts = [first, second, *(window.check_terms or ()), torch.isfinite(window.exit_norms).all()]
+        present = [t for t in parts if t is not None]
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in present]).cpu().numpy()
+        pieces, start = [], 0
+        for t in present:
+            pieces.append(flat[start : start + t.numel()].reshape(t.shape))
+            start += t.numel()
+        host = [pieces.pop(0)]
         if second is not None:
-            host.append(second.cpu().numpy())
-        check = window.check_terms
-        if check is not None:
-            ours, theirs, scale = (t.cpu().numpy() for t in check)
+            host.append(pieces.pop(0))
+        norms_finite = bool(pieces.pop())
+        if window.check_terms is not None:
+            ours, theirs, scale = pieces
             low = any(mb.low_precision for mb in window.micro)
             rtol = self.config.check_rtol or _default_rtol(torch.bfloat16 if low else self._params[0].dtype)
             bad = np.abs(ours - theirs) > rtol * scale + 1e-30
@@ -699,8 +707,7 @@ class InRunShapley:
         else:
             bad = np.zeros(0, dtype=bool)
             finite = True
-        finite = finite and all(np.isfinite(h).all() for h in host)
-        finite = finite and bool(torch.isfinite(window.exit_norms).all())
+        finite = finite and norms_finite and all(np.isfinite(h).all() for h in host)
         if not finite:
             reason = "non-finite gradient or value"
             if self.config.on_nonfinite == "raise":
