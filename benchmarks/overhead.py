@@ -22,7 +22,6 @@ Usage: python benchmarks/overhead.py [--workloads R,S,M] [--steps 24] [--methods
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import statistics

@@ -33,12 +33,17 @@ import torch
 from studies import lm, plots
 
 SEEDS = (0, 1, 2)
-ARMS = ("full", "minus negative", "minus random")
+ARMS = ("full", "minus negative", "minus random")  # "minus negative" = the removal rule of --remove
 
 
 def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=len(SEEDS), help="retraining seeds (default 3)")
+    p.add_argument(
+        "--remove", default="negative",
+        help="'negative' (every chunk with a negative order-2 value, the paper's rule) or 'bottom:F' "
+        "(the fraction F of seen chunks with the lowest values, e.g. bottom:0.16)",
+    )
     args = p.parse_args()
     common.setup(args)
     clock = common.Clock()
@@ -57,7 +62,7 @@ def main() -> None:
     sources = np.array([c.source for c in chunks])
     out: list[str] = []
     out.append(
-        f"Valued run: {cfg.steps} SGD steps × {cfg.batch} chunks of {cfg.length} bytes, {seen.sum()} of "
+        f"Valued run: {cfg.steps} SGD steps (cosine lr {cfg.lr} → {cfg.lr_min}, clip {cfg.clip}) × {cfg.batch} chunks of {cfg.length} bytes, {seen.sum()} of "
         f"{len(ids)} training chunks seen; final test loss {base.evals['test'][-1]:.3f} nats/byte."
     )
     out.append(
@@ -93,7 +98,13 @@ def main() -> None:
 
     # ---------------------------------------------------------------- 2. retraining
     pool = np.flatnonzero(seen)
-    negative = pool[v2[pool] < 0]
+    if args.remove == "negative":
+        negative = pool[v2[pool] < 0]
+        removed_label = "minus negative"
+    else:
+        frac = float(args.remove.split(":")[1])
+        negative = pool[np.argsort(v2[pool], kind="stable")[: round(frac * len(pool))]]
+        removed_label = f"minus bottom {frac:.0%}"
     val_all = torch.cat(list(data.columns))
     runs: dict[str, list[lm.LMRun]] = {a: [] for a in ARMS}
     for seed in seeds:
@@ -105,7 +116,7 @@ def main() -> None:
         }
         for arm in ARMS:
             keep = np.setdiff1d(pool, removed[arm])
-            settings = {"cfg": dataclasses.asdict(cfg), "seed": seed, "keep": common.key(keep.tolist()), "kind": "retrain-v1"}
+            settings = {"cfg": dataclasses.asdict(cfg), "seed": seed, "keep": common.key(keep.tolist()), "kind": "retrain-v2"}
             run = lm.cached_run(
                 "retrain", settings, args.fresh,
                 lambda keep=keep, seed=seed: lm.train_lm(
@@ -116,34 +127,44 @@ def main() -> None:
             runs[arm].append(run)
             common.log(f"seed {seed} {arm:>15}: {len(keep)} chunks kept, final test loss {run.evals['test'][-1]:.4f}")
     steps = runs["full"][0].eval_steps
-    target = float(np.mean([r.evals["test"][-1] for r in runs["full"]]))
+    at = int(np.searchsorted(steps, 3 * cfg.steps // 4))
+    targets = {
+        f"full-data loss at step {steps[at]}": float(np.mean([r.evals["test"][at] for r in runs["full"]])),
+        "full-data final loss": float(np.mean([r.evals["test"][-1] for r in runs["full"]])),
+    }
+    targets["full-data final loss"]
 
-    def reach(curve: np.ndarray) -> float:
-        hit = np.flatnonzero(curve <= target)
+    def reach(curve: np.ndarray, level: float) -> float:
+        hit = np.flatnonzero(curve <= level)
         return float(steps[hit[0]]) if hit.size else np.nan
 
     rows = []
     for arm in ARMS:
         rs = runs[arm]
-        hits = [reach(r.evals["test"]) for r in rs]
+        cells = []
+        for level in targets.values():
+            hits = [reach(r.evals["test"], level) for r in rs]
+            cells.append(common.mean_std(hits, 0) + (f" ({sum(np.isnan(hits))} of {len(hits)} never)" if any(np.isnan(hits)) else ""))
         rows.append([
-            arm, len(pool) - (0 if arm == "full" else len(negative)),
+            removed_label if arm == "minus negative" else arm, len(pool) - (0 if arm == "full" else len(negative)),
             common.mean_std([r.evals["test"][-1] for r in rs], 4),
             common.mean_std([r.evals["valuation set"][-1] for r in rs], 4),
-            common.mean_std([np.mean(r.evals["test"][-5:]) for r in rs], 4),
-            common.mean_std(hits, 0) + (f" ({sum(np.isnan(hits))} of {len(hits)} never)" if any(np.isnan(hits)) else ""),
+            *cells,
         ])
     out.append(
-        f"\n**Retraining** ({len(seeds)} seeds; {cfg.steps} steps each; target = the full-data runs' mean final test "
-        f"loss {target:.4f}; loss evaluated every {cfg.eval_every} steps)\n"
+        f"\n**Retraining** ({len(seeds)} seeds; {cfg.steps} steps each, cosine lr {cfg.lr} → {cfg.lr_min}; removed: "
+        f"{removed_label[6:]} ({len(negative)} chunks, {len(negative) / len(pool):.0%}); test loss evaluated every "
+        f"{cfg.eval_every} steps on {len(data.test)} held-out chunks; targets: "
+        + ", ".join(f"{k} = {v:.4f}" for k, v in targets.items()) + ")\n"
     )
     out.append(common.table(
-        ["run", "chunks sampled from", "final test loss", "final valuation-set loss", "test loss, mean of last 5 evals", "first step at target test loss"],
+        ["run", "chunks sampled from", "final test loss", "final valuation-set loss"]
+        + [f"first step at {k} (mean (std) over seeds)" for k in targets],
         rows,
     ))
     paired = [r.evals["test"][-1] - q.evals["test"][-1] for r, q in zip(runs["minus negative"], runs["minus random"])]
     out.append(
-        f"\nPaired difference of final test loss, minus negative − minus random (same seed): "
+        f"\nPaired difference of final test loss, {removed_label} − minus random (same seed): "
         f"{common.mean_std(paired, 4)}; per seed {', '.join(f'{x:+.4f}' for x in paired)}."
     )
 
@@ -156,10 +177,11 @@ def main() -> None:
         for arm in ARMS:
             curves = np.stack([r.evals[key] for r in runs[arm]])
             mu, sd = curves.mean(0), curves.std(0)
-            ax.plot(steps, mu, color=colors[arm], label=arm)
+            ax.plot(steps, mu, color=colors[arm], label=removed_label if arm == "minus negative" else arm)
             ax.fill_between(steps, mu - sd, mu + sd, color=colors[arm], alpha=0.15)
         if key == "test":
-            ax.axhline(target, color="gray", ls=":", lw=1, label="target")
+            for level in targets.values():
+                ax.axhline(level, color="gray", ls=":", lw=1)
         ax.set_xlabel("step")
         ax.set_ylabel(f"{key} loss (nats/byte)")
         ax.set_ylim(None, float(np.mean([r.evals[key][len(steps) // 6] for r in runs['full']])))
@@ -168,7 +190,7 @@ def main() -> None:
     ax = axes[2]
     for arm in ("minus negative", "minus random"):
         diff = np.stack([r.evals["test"] - f.evals["test"] for r, f in zip(runs[arm], runs["full"])])
-        ax.plot(steps, diff.mean(0), color=colors[arm], label=f"{arm} − full")
+        ax.plot(steps, diff.mean(0), color=colors[arm], label=f"{removed_label if arm == 'minus negative' else arm} − full")
         ax.fill_between(steps, diff.mean(0) - diff.std(0), diff.mean(0) + diff.std(0), color=colors[arm], alpha=0.15)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel("step")
@@ -179,8 +201,9 @@ def main() -> None:
     print(text)
     print(f"\nTime: {clock.summary()}" + (" (valued run loaded from cache)" if base.meta.get("cached") else ""))
     if not args.no_docs and not args.quick:
-        png = plots.save(fig, "curation.png")
-        plots.write_md("curation.md", text + f"\n\n![curation](curation.png)\n\nTime: {clock.summary()}\n")
+        suffix = "" if args.remove == "negative" else "-" + args.remove.replace(":", "")
+        png = plots.save(fig, f"curation{suffix}.png")
+        plots.write_md(f"curation{suffix}.md", text + f"\n\n![curation]({png.name})\n\nTime: {clock.summary()}\n")
         print(f"wrote {png.relative_to(common.REPO)}")
 
 

@@ -47,6 +47,16 @@ def main() -> None:
         "In-Run, order 1": runs[1].per_val,
         "In-Run, order 2": runs[2].per_val,
     }
+    # Diagnostics (not the paper's method): the run's early steps carry most of the value (see the
+    # stages study), so also rank by the value of the last third of training only, and by values
+    # with every step's values divided by the absolute sum of that step's values (per column), the
+    # per-iteration normalization the author suggested in GhostSuite issue #1.
+    snaps = runs[2].snapshots.astype(np.float64)
+    last = int(np.searchsorted(runs[2].snap_steps, 2 * cfg.steps // 3))
+    diag = {
+        f"In-Run, order 2, steps {runs[2].snap_steps[last]}–{cfg.steps} only (diagnostic)": snaps[-1] - snaps[last],
+        "In-Run, order 2, each step normalized (diagnostic)": runs[2].per_val_normalized,
+    }
     t0 = clock.wall()
     dot, cos = lm.final_gradient_similarity(runs[2].model(cfg), data.train.tokens, data.columns)
     common.log(f"final-checkpoint gradients of {len(chunks)} chunks: {clock.wall() - t0:.0f} s")
@@ -56,6 +66,7 @@ def main() -> None:
     scores["BM25"] = np.stack(
         [bm.scores(code_terms("\n".join(c.text for c in col))) for col in data.column_chunks], axis=1
     )
+    scores.update(diag)
     domains = [d for d in data.column_names if d in set(sources)]
     share = {d: np.mean(sources == d) for d in domains}
     out: list[str] = [
@@ -90,9 +101,9 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, len(KS), figsize=(7 * len(KS), 4.2))
     for ax, k in zip(np.atleast_1d(axes), KS):
-        w = 0.8 / len(scores)
+        w = 0.8 / len([m for m in scores if "diagnostic" not in m])
         x = np.arange(len(domains))
-        for i, (method, rec) in enumerate(results[k].items()):
+        for i, (method, rec) in enumerate((m, r) for m, r in results[k].items() if "diagnostic" not in m):
             ax.bar(x + i * w, rec, width=w, label=method)
         ax.axhline(1, color="k", lw=0.8, ls=":")
         ax.set_xticks(x + 0.4 - w / 2, domains)

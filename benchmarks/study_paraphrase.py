@@ -132,7 +132,7 @@ def main() -> None:
         return torch.tensor([list(text.encode()[: cfg.length])], dtype=torch.long)
 
     columns = [tok(t) for s in sources for t in s["texts"]]
-    settings = {"cfg": dataclasses.asdict(cfg), "sources": [s["key"] for s in sources], "kind": "paraphrase-v1"}
+    settings = {"cfg": dataclasses.asdict(cfg), "sources": [s["key"] for s in sources], "kind": "paraphrase-v2"}
     runs = {}
     for order in (1, 2):
         runs[order] = lm.cached_run(
@@ -150,6 +150,10 @@ def main() -> None:
     scores["grad cosine, final checkpoint"] = cos
     bm = BM25([code_terms(t) for t in texts])
     scores["BM25"] = np.stack([bm.scores(code_terms(t)) for s in sources for t in s["texts"]], axis=1)
+    # diagnostic, not the paper's value: each step's values divided by the absolute sum of that
+    # step's values (per item), the per-iteration normalization suggested in GhostSuite issue #1
+    for order in (1, 2):
+        scores[f"In-Run, order {order}, each step normalized (diagnostic)"] = runs[order].per_val_normalized
 
     ranks = {m: np.zeros((len(sources), len(LEVELS))) for m in scores}
     for m, sc in scores.items():
@@ -159,7 +163,7 @@ def main() -> None:
     count = runs[2].count[src_rows]
     out = [
         f"{len(ids)} training chunks of {cfg.length} bytes; {cfg.steps} SGD steps of {cfg.batch} chunks "
-        f"(lr {cfg.lr}, clip {cfg.clip}); final test loss {runs[2].evals['test'][-1]:.3f} nats/byte. "
+        f"(cosine lr {cfg.lr} → {cfg.lr_min}, clip {cfg.clip}); final test loss {runs[2].evals['test'][-1]:.3f} nats/byte. "
         f"Each source chunk was in {', '.join(str(int(c)) for c in count)} batch(es)."
     ]
     out.append(f"\n**Mean rank of the source chunk among all {len(ids)} training chunks** (1 = top; mean over {len(sources)} sources)\n")
@@ -183,9 +187,9 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    w = 0.8 / len(scores)
+    w = 0.8 / len([m for m in scores if "diagnostic" not in m])
     x = np.arange(len(LEVELS))
-    for i, (m, r) in enumerate(ranks.items()):
+    for i, (m, r) in enumerate((m, r) for m, r in ranks.items() if "diagnostic" not in m):
         ax.bar(x + i * w, r.mean(0), width=w, label=m)
         ax.scatter(np.repeat(x + i * w, len(sources)), r.T.ravel(), color="k", s=6, zorder=3)
     ax.set_yscale("log")

@@ -66,7 +66,7 @@ def main() -> None:
 
     out: list[str] = []
     out.append(
-        f"Valued run: order {args.order}, {cfg.steps} SGD steps (lr {cfg.lr}, clip {cfg.clip}), {STAGES} stages of "
+        f"Valued run: order {args.order}, {cfg.steps} SGD steps (cosine lr {cfg.lr} → {cfg.lr_min}, clip {cfg.clip}), {STAGES} stages of "
         f"{stage_len} steps. Stage totals of value (= first-order estimate of the validation-loss decrease in the "
         f"stage): {', '.join(f'{t:.3f}' for t in total[:, 0])}."
     )

@@ -23,6 +23,7 @@ limitations shape how this is done (see docs/case-studies.md, "Library notes"):
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,8 @@ class LMConfig:
     steps: int = 600
     batch: int = 16
     lr: float = 1.0
+    lr_min: float = 0.1
+    """Cosine decay from ``lr`` to ``lr_min`` over the run (constant if equal), as in the paper."""
     clip: float = 1.0
     max_train_per_source: int = 600
     domains: tuple[str, ...] = DOMAINS
@@ -162,6 +165,13 @@ def eval_loss(model: nn.Module, tokens: Tensor | Sequence[Tensor], batch: int = 
     return total / count
 
 
+def lr_at(cfg: LMConfig, step: int) -> float:
+    """Cosine decay from ``cfg.lr`` at step 0 to ``cfg.lr_min`` at the last step."""
+    if cfg.steps <= 1:
+        return cfg.lr
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / (cfg.steps - 1)))
+
+
 def batch_order(n: int, steps: int, batch: int, seed: int) -> np.ndarray:
     """``[steps, batch]`` indices: a fresh permutation per epoch, the remainder of each dropped."""
     gen = torch.Generator().manual_seed(seed)
@@ -185,6 +195,7 @@ class LMRun:
     first: np.ndarray | None = None  # [N] first-order part
     count: np.ndarray | None = None  # [N] times valued
     per_val: np.ndarray | None = None  # [N, K]
+    per_val_normalized: np.ndarray | None = None  # [N, K] Σ_t values of step t / |their sum| (diagnostic)
     snap_steps: np.ndarray | None = None  # [S] step after which each snapshot was taken
     snapshots: np.ndarray | None = None  # [S, N, K] cumulative per-column values
     trace: dict[str, np.ndarray] | None = None  # step, row, first, second
@@ -204,7 +215,7 @@ class LMRun:
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, np.ndarray] = {"ids": self.ids, "train_loss": self.train_loss, "eval_steps": self.eval_steps}
-        for name in ("value", "first", "count", "per_val", "snap_steps", "snapshots"):
+        for name in ("value", "first", "count", "per_val", "per_val_normalized", "snap_steps", "snapshots"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
         for k, v in (self.trace or {}).items():
@@ -220,7 +231,7 @@ class LMRun:
     def load(cls, path: Path) -> LMRun:
         z = np.load(path / "run.npz", allow_pickle=False)
         run = cls(ids=z["ids"], train_loss=z["train_loss"], eval_steps=z["eval_steps"])
-        for name in ("value", "first", "count", "per_val", "snap_steps", "snapshots"):
+        for name in ("value", "first", "count", "per_val", "per_val_normalized", "snap_steps", "snapshots"):
             if name in z:
                 setattr(run, name, z[name])
         trace = {k[6:]: z[k] for k in z.files if k.startswith("trace.")}
@@ -266,6 +277,8 @@ def train_lm(
     eval_steps, eval_vals = [], {k: [] for k in evals}
     snap_steps, snaps = [], []
     losses = np.zeros(cfg.steps)
+    prev: np.ndarray | None = None
+    normalized: np.ndarray | None = None
 
     def evaluate(step: int) -> None:
         eval_steps.append(step)
@@ -275,6 +288,8 @@ def train_lm(
     for step in range(cfg.steps):
         if evals and step % cfg.eval_every == 0:
             evaluate(step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
         rows = plan[step]
         x = tokens[torch.from_numpy(rows)]
         if tracker is not None:
@@ -288,9 +303,16 @@ def train_lm(
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses[step] = loss.item()
-        if tracker is not None and snapshots and (step + 1) % cfg.snapshot_every == 0:
-            snap_steps.append(step + 1)
-            snaps.append(tracker.per_validation()[1].astype(np.float32))
+        if tracker is not None:
+            pv = tracker.per_validation()[1]  # completes this step (order 2): no extra validation pass
+            delta = pv if prev is None else pv - prev
+            if normalized is None:
+                normalized = np.zeros_like(pv)
+            normalized += delta / np.maximum(np.abs(delta.sum(axis=0, keepdims=True)), 1e-30)
+            prev = pv
+            if snapshots and (step + 1) % cfg.snapshot_every == 0:
+                snap_steps.append(step + 1)
+                snaps.append(pv.astype(np.float32))
         if progress and (step + 1) % 100 == 0:
             common.log(f"{progress}: step {step + 1}/{cfg.steps}, loss {np.mean(losses[step - 99 : step + 1]):.3f}, {clock.wall():.0f} s")
     if evals:
@@ -304,6 +326,7 @@ def train_lm(
         assert [int(i) for i in pv_ids] == [int(i) for i in ids], "ledger rows are not in corpus order"
         assert list(table.ids()) == list(pv_ids)
         run.value, run.first, run.count, run.per_val = table.value, table.first_order, table.counts, pv
+        run.per_val_normalized = normalized
         if snapshots:
             run.snap_steps, run.snapshots = np.asarray(snap_steps), np.stack(snaps)
         if keep_trace:
@@ -343,7 +366,7 @@ def cached_run(name: str, settings: dict[str, Any], fresh: bool, make: Callable[
 
 def base_run(cfg: LMConfig, data: CodeData, order: int, fresh: bool, seed: int = 0) -> LMRun:
     """The valued pretraining run shared by the curation, stages and domain studies."""
-    settings = {"cfg": asdict(cfg), "order": order, "seed": seed, "kind": "base-v1"}
+    settings = {"cfg": asdict(cfg), "order": order, "seed": seed, "kind": "base-v2"}
     return cached_run(
         f"base-o{order}",
         settings,
