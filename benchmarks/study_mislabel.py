@@ -51,6 +51,10 @@ def main() -> None:
     for seed in seeds:
         split = digits.make_split(cfg, seed)
         sc = digits.all_scores(cfg, split, seed)
+        # diagnostic: the order-2 correction on its own, −(η²/2) g_zᵀ H g_B in trapezoid form
+        sc.values["order 2 − order 1: the correction alone (diagnostic)"] = (
+            sc.values["In-Run, order 2 (SGD)"] - sc.values["In-Run, order 1 (SGD)"]
+        )
         for m, v in sc.values.items():
             aucs.setdefault(m, []).append(roc_auc_score(split.flipped, -v))
         for m, a in sc.test_acc.items():
