@@ -32,6 +32,17 @@ from studies import lm, plots
 STAGES = 6
 
 
+def positive_share(value: np.ndarray) -> np.ndarray:
+    """The paper's Fig. 3 metric over the last axis: a source's total over the sum of the positive
+    totals; sources whose total is negative are excluded (NaN)."""
+    pos = np.where(value > 0, value, 0.0).sum(-1, keepdims=True)
+    return np.where(value > 0, value / np.where(pos > 0, pos, 1.0), np.nan)
+
+
+def pct(x: float) -> str:
+    return "excl. (<0)" if np.isnan(x) else f"{x:.1%}"
+
+
 def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--order", type=int, default=2, choices=(1, 2), help="which valued run (default 2)")
@@ -61,7 +72,7 @@ def main() -> None:
     np.add.at(value, (stage_of, src_of_row[tr["row"]]), val)
     np.add.at(visits, (stage_of, src_of_row[tr["row"]]), 1)
     total = value.sum(1, keepdims=True)
-    share = value / total
+    share = positive_share(value)
     data_share = visits / visits.sum(1, keepdims=True)
 
     out: list[str] = []
@@ -73,10 +84,11 @@ def main() -> None:
     order = np.argsort(-value.sum(0))
     rows = []
     for s in order:
-        rows.append([names[s]] + [f"{share[k, s]:+.1%} ({data_share[k, s]:.0%})" for k in range(STAGES)])
+        rows.append([names[s]] + [f"{pct(share[k, s])} ({data_share[k, s]:.0%})" for k in range(STAGES)])
     out.append(
-        "\n**Share of each stage's total value for the whole validation set, by package** "
-        "(signed; in parentheses the package's share of the chunks trained on in that stage)\n"
+        "\n**Share of each stage's value for the whole validation set, by package** (the paper's Fig. 3 "
+        "metric: a package's total over the sum of the positive package totals; packages with a negative total "
+        "are excluded; in parentheses the package's share of the chunks trained on in that stage)\n"
     )
     out.append(common.table(["package"] + [f"steps {label}" for label in labels], rows))
 
@@ -87,18 +99,18 @@ def main() -> None:
     per_stage = np.diff(np.concatenate([np.zeros_like(cum[:1]), cum]), axis=0)  # [STAGES, N, K]
     by_src = np.zeros((STAGES, S, per_stage.shape[2]))
     np.add.at(by_src, (slice(None), src_of_row, slice(None)), per_stage)
-    col_total = by_src.sum(1)  # [STAGES, K]
+    col_share = positive_share(np.moveaxis(by_src, 1, 2))  # [STAGES, K, S]
     rows = []
     own_share = {}
     for k, col in enumerate(data.column_names):
         if col not in src_index:
             continue
         s = src_index[col]
-        own_share[col] = by_src[:, s, k] / col_total[:, k]
-        rows.append([col] + [f"{own_share[col][j]:+.1%}" for j in range(STAGES)] + [f"{data_share[:, s].mean():.1%}"])
+        own_share[col] = col_share[:, k, s]
+        rows.append([col] + [pct(own_share[col][j]) for j in range(STAGES)] + [f"{data_share[:, s].mean():.1%}"])
     out.append(
         "\n**Share of a package's own validation column's value that comes from the same package, per stage** "
-        "(signed), and the package's share of the training data\n"
+        "(same metric), and the package's share of the training data\n"
     )
     out.append(common.table(["validation column"] + [f"steps {label}" for label in labels] + ["data share"], rows))
     top_other = {}
@@ -107,7 +119,7 @@ def main() -> None:
         ranks = []
         for j in range(STAGES):
             o = np.argsort(-by_src[j, :, k])[:2]
-            ranks.append(", ".join(f"{names[x]} {by_src[j, x, k] / col_total[j, k]:+.0%}" for x in o))
+            ranks.append(", ".join(f"{names[x]} {col_share[j, k, x]:.0%}" for x in o))
         top_other[col] = ranks
         rows.append([col, *ranks])
     out.append("\n**Top two packages by value for each validation column, per stage**\n")
@@ -132,19 +144,20 @@ def main() -> None:
     pos_bottom, neg_bottom = np.zeros(STAGES), np.zeros(STAGES)
     cmap = plt.get_cmap("tab20")
     for i, s in enumerate(order):
-        h = share[:, s]
+        h = np.nan_to_num(share[:, s])
         bottom = np.where(h >= 0, pos_bottom, neg_bottom)
         ax.bar(x, h, bottom=bottom, color=cmap(i % 20), label=names[s])
         pos_bottom += np.where(h >= 0, h, 0)
         neg_bottom += np.where(h < 0, h, 0)
     ax.set_xticks(x, labels, rotation=30)
-    ax.set_ylabel("share of stage's total value")
+    ax.set_ylabel("share of the stage's positive value")
     ax.set_title("whole validation set: value share by package")
     ax.legend(fontsize=6, ncol=2)
     ax = axes[1]
     for col, sh in own_share.items():
         ax.plot(x, sh, marker="o", label=f"{col} column ← {col} chunks")
     ax.axhline(1 / len(names), color="gray", ls=":", label="equal share")
+    ax.set_ylim(0, 1)
     ax.set_xticks(x, labels, rotation=30)
     ax.set_ylabel("own-package share of the column's value")
     ax.set_title("each package's own validation column")
