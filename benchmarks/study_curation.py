@@ -193,17 +193,21 @@ def main() -> None:
         ax.plot(steps, diff.mean(0), color=colors[arm], label=f"{removed_label if arm == 'minus negative' else arm} − full")
         ax.fill_between(steps, diff.mean(0) - diff.std(0), diff.mean(0) + diff.std(0), color=colors[arm], alpha=0.15)
     ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylim(-0.15, 0.15)
     ax.set_xlabel("step")
     ax.set_ylabel("test loss difference (nats/byte)")
     ax.set_title("paired with the full-data run of the same seed")
     ax.legend()
     text = "\n".join(out)
     print(text)
-    print(f"\nTime: {clock.summary()}" + (" (valued run loaded from cache)" if base.meta.get("cached") else ""))
+    all_runs = [base] + [r for rs in runs.values() for r in rs]
+    n_cached = sum(bool(r.meta.get("cached")) for r in all_runs)
+    note = f" ({n_cached} of {len(all_runs)} training runs loaded from cache)" if n_cached else ""
+    print(f"\nTime: {clock.summary()}{note}")
     if not args.no_docs and not args.quick:
         suffix = "" if args.remove == "negative" else "-" + args.remove.replace(":", "")
         png = plots.save(fig, f"curation{suffix}.png")
-        plots.write_md(f"curation{suffix}.md", text + f"\n\n![curation]({png.name})\n\nTime: {clock.summary()}\n")
+        plots.write_md(f"curation{suffix}.md", text + f"\n\n![curation]({png.name})\n\nTime: {clock.summary()}{note}\n")
         print(f"wrote {png.relative_to(common.REPO)}")
 
 
