@@ -138,7 +138,7 @@ def main() -> None:
 
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), gridspec_kw={"width_ratios": [1.2, 1, 1]})
     ax = axes[0]
     x = np.arange(STAGES)
     pos_bottom, neg_bottom = np.zeros(STAGES), np.zeros(STAGES)
@@ -152,7 +152,7 @@ def main() -> None:
     ax.set_xticks(x, labels, rotation=30)
     ax.set_ylabel("share of the stage's positive value")
     ax.set_title("whole validation set: value share by package")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax = axes[1]
     for col, sh in own_share.items():
         ax.plot(x, sh, marker="o", label=f"{col} column ← {col} chunks")
