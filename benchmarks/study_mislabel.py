@@ -52,7 +52,7 @@ def main() -> None:
         split = digits.make_split(cfg, seed)
         sc = digits.all_scores(cfg, split, seed)
         # diagnostic: the order-2 correction on its own, −(η²/2) g_zᵀ H g_B in trapezoid form
-        sc.values["order 2 − order 1: the correction alone (diagnostic)"] = (
+        sc.values["order-2 correction alone (diagnostic)"] = (
             sc.values["In-Run, order 2 (SGD)"] - sc.values["In-Run, order 1 (SGD)"]
         )
         for m, v in sc.values.items():

@@ -161,6 +161,8 @@ def main() -> None:
             for j in range(len(LEVELS)):
                 ranks[m][k, j] = rank_of(sc[:, 4 * k + j], row)
     count = runs[2].count[src_rows]
+    plan = lm.batch_order(len(ids), cfg.steps, cfg.batch, 0)  # the data order of both runs (seed 0)
+    visits = [np.flatnonzero((plan == row).any(axis=1)).tolist() for row in src_rows]
     out = [
         f"{len(ids)} training chunks of {cfg.length} bytes; {cfg.steps} SGD steps of {cfg.batch} chunks "
         f"(cosine lr {cfg.lr} → {cfg.lr_min}, clip {cfg.clip}); final test loss {runs[2].evals['test'][-1]:.3f} nats/byte. "
@@ -174,7 +176,7 @@ def main() -> None:
     out.append("\n**Per source** (ranks for order 2 / grad cosine at the final checkpoint / BM25)\n")
     rows = []
     for k, s in enumerate(sources):
-        rows.append([f"`{s['path']}` `{s['name']}`", ", ".join(s["changes"]), s["topic"]] + [
+        rows.append([f"`{s['path']}` `{s['name']}`", ", ".join(s["changes"]), s["topic"], ", ".join(map(str, visits[k]))] + [
             f"{ranks['In-Run, order 2'][k, j]:.0f} / {ranks['grad cosine, final checkpoint'][k, j]:.0f} / {ranks['BM25'][k, j]:.0f}"
             for j in range(len(LEVELS))
         ])

@@ -34,6 +34,22 @@ METHODS = (
 )
 
 
+BALANCED = ("In-Run, order 1 (SGD)", "In-Run, order 2 (SGD)")
+
+
+def balanced_top(score: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """The top ``k`` by score with each (observed) label's share kept as in the whole set."""
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.floor(k * counts / counts.sum()).astype(int)
+    picked = []
+    for c, q in zip(classes, quota):
+        idx = np.flatnonzero(labels == c)
+        picked.extend(idx[np.argsort(-score[idx], kind="stable")[:q]])
+    rest = [i for i in np.argsort(-score, kind="stable") if i not in set(picked)]
+    picked.extend(rest[: k - len(picked)])
+    return np.asarray(picked)
+
+
 def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=len(SEEDS))
@@ -44,9 +60,11 @@ def main() -> None:
     if args.quick:
         cfg = digits.DigitsConfig(epochs=3)
     seeds = SEEDS[: args.seeds] if not args.quick else SEEDS[:2]
-    acc: dict[str, dict[float, list[float]]] = {m: {f: [] for f in FRACTIONS} for m in ("random", *METHODS)}
+    names = ("random", *METHODS, *(f"{m}, class-balanced (diagnostic)" for m in BALANCED))
+    acc: dict[str, dict[float, list[float]]] = {m: {f: [] for f in FRACTIONS} for m in names}
     full: list[float] = []
-    flips: dict[str, dict[float, list[float]]] = {m: {f: [] for f in FRACTIONS} for m in ("random", *METHODS)}
+    flips: dict[str, dict[float, list[float]]] = {m: {f: [] for f in FRACTIONS} for m in names}
+    thin: dict[str, dict[float, list[float]]] = {m: {f: [] for f in FRACTIONS} for m in names}
     for seed in seeds:
         split = digits.make_split(cfg, seed)
         sc = digits.all_scores(cfg, split, seed)
@@ -58,10 +76,14 @@ def main() -> None:
             picks = {"random": rng.choice(n, size=k, replace=False)}
             for m in METHODS:
                 picks[m] = np.argsort(-sc.values[m], kind="stable")[:k]
+            for m in BALANCED:
+                picks[f"{m}, class-balanced (diagnostic)"] = balanced_top(sc.values[m], split.y_train.numpy(), k)
             for m, rows in picks.items():
                 model, _ = digits.train(cfg, split, seed, rows=np.sort(rows))
                 acc[m][f].append(digits.accuracy(model, split.x_test, split.y_test))
                 flips[m][f].append(float(split.flipped[rows].mean()))
+                per_class = np.bincount(split.y_clean.numpy()[rows], minlength=10)
+                thin[m][f].append(float(per_class.min() / (k / 10)))
         common.log(f"seed {seed}: " + ", ".join(f"{m.split(',')[0][:12]}@20% {acc[m][0.2][-1]:.3f}" for m in acc))
     out = [
         f"Digits MLP, {cfg.epochs} epochs on each subset (SGD lr {cfg.sgd_lr}, batch {cfg.batch}); {cfg.noise:.0%} of "
@@ -74,11 +96,17 @@ def main() -> None:
     out.append("\n**Share of flipped labels in the selected subset** (mean over seeds; 10% = none removed)\n")
     rows = [[m] + [f"{np.mean(flips[m][f]):.1%}" for f in FRACTIONS] for m in acc]
     out.append(common.table(["selection"] + [f"{f:.0%}" for f in FRACTIONS], rows))
+    out.append(
+        "\n**Diversity: the rarest true class in the selected subset, as a fraction of an even share** "
+        "(mean over seeds; 100% = every class equally represented, 0% = a class missing)\n"
+    )
+    rows = [[m] + [f"{np.mean(thin[m][f]):.0%}" for f in FRACTIONS] for m in acc]
+    out.append(common.table(["selection"] + [f"{f:.0%}" for f in FRACTIONS], rows))
 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for m in acc:
+    for m in [m for m in acc if "diagnostic" not in m]:
         mu = [np.mean(acc[m][f]) for f in FRACTIONS]
         sd = [np.std(acc[m][f]) for f in FRACTIONS]
         ax.errorbar([f * 100 for f in FRACTIONS], mu, yerr=sd, marker="o", capsize=3, label=m,
