@@ -180,7 +180,7 @@ def main() -> None:
             f"{ranks['In-Run, order 2'][k, j]:.0f} / {ranks['grad cosine, final checkpoint'][k, j]:.0f} / {ranks['BM25'][k, j]:.0f}"
             for j in range(len(LEVELS))
         ])
-    out.append(common.table(["source function", "restructuring applied", "same-topic function", *list(LEVELS)], rows))
+    out.append(common.table(["source function", "restructuring applied", "same-topic function", "trained on at step(s)", *list(LEVELS)], rows))
     s = sources[0]
     out.append(f"\n**The four validation items of the first source** (`{s['path']}`)\n")
     for lvl, t in zip(LEVELS, s["texts"]):
