@@ -106,11 +106,12 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for m in [m for m in acc if "diagnostic" not in m]:
+    for m in acc:
         mu = [np.mean(acc[m][f]) for f in FRACTIONS]
         sd = [np.std(acc[m][f]) for f in FRACTIONS]
+        ls = "--" if m == "random" else (":" if "diagnostic" in m else "-")
         ax.errorbar([f * 100 for f in FRACTIONS], mu, yerr=sd, marker="o", capsize=3, label=m,
-                    color="k" if m == "random" else None, ls="--" if m == "random" else "-")
+                    color="k" if m == "random" else None, ls=ls)
     ax.axhline(np.mean(full), color="gray", ls=":", label="all 1000 points")
     ax.set_xlabel("% of training data kept (top by score)")
     ax.set_ylabel("test accuracy")
