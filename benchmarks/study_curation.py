@@ -162,11 +162,13 @@ def main() -> None:
         + [f"first step at {k} (mean (std) over seeds)" for k in targets],
         rows,
     ))
-    paired = [r.evals["test"][-1] - q.evals["test"][-1] for r, q in zip(runs["minus negative"], runs["minus random"])]
-    out.append(
-        f"\nPaired difference of final test loss, {removed_label} − minus random (same seed): "
-        f"{common.mean_std(paired, 4)}; per seed {', '.join(f'{x:+.4f}' for x in paired)}."
-    )
+    for key in ("test", "valuation set"):
+        for other in ("minus random", "full"):
+            paired = [r.evals[key][-1] - q.evals[key][-1] for r, q in zip(runs["minus negative"], runs[other])]
+            out.append(
+                f"\nPaired difference of final {key} loss, {removed_label} − {other} (same seed): "
+                f"{common.mean_std(paired, 4)}; per seed {', '.join(f'{x:+.4f}' for x in paired)}."
+            )
 
     # ---------------------------------------------------------------- plot
     import matplotlib.pyplot as plt
