@@ -37,11 +37,16 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test, not a result")
     p.add_argument("--fresh", action="store_true", help="ignore cached training runs and recompute them")
     p.add_argument("--no-docs", action="store_true", help="do not write plots/tables under docs/")
+    p.add_argument("--cache", default=None, help=f"cache directory for training runs (default {CACHE.relative_to(REPO)})")
     return p
 
 
 def setup(args: argparse.Namespace) -> None:
+    global CACHE
     import logging
+
+    if getattr(args, "cache", None):
+        CACHE = Path(args.cache).resolve()
     import warnings
 
     import torch

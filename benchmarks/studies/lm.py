@@ -348,19 +348,23 @@ def train_lm(
     return run
 
 
+def _show(path: Path) -> str:
+    return str(path.relative_to(common.REPO)) if path.is_relative_to(common.REPO) else str(path)
+
+
 def cached_run(name: str, settings: dict[str, Any], fresh: bool, make: Callable[[], LMRun]) -> LMRun:
     """Load the run for ``settings`` from ``runs/studies/`` or make and save it."""
     path = common.CACHE / f"{name}-{common.key(settings)}"
     if not fresh and (path / "meta.json").exists():
         run = LMRun.load(path)
         run.meta["cached"] = True
-        common.log(f"{name}: loaded from {path.relative_to(common.REPO)} (made in {run.meta['seconds']:.0f} s)")
+        common.log(f"{name}: loaded from {_show(path)} (made in {run.meta['seconds']:.0f} s)")
         return run
     t0 = time.perf_counter()
     run = make()
     run.save(path)
     run.meta["cached"] = False
-    common.log(f"{name}: trained in {time.perf_counter() - t0:.0f} s, saved to {path.relative_to(common.REPO)}")
+    common.log(f"{name}: trained in {time.perf_counter() - t0:.0f} s, saved to {_show(path)}")
     return run
 
 
