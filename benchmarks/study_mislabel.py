@@ -80,7 +80,8 @@ def main() -> None:
     for m in ("In-Run, order 1 (SGD)", "In-Run, order 2 (SGD)", "In-Run, Adam-aware (Adam)", "final loss (SGD model), low first", "KNN-Shapley, K=5, learned features (SGD)"):
         v = sc.values[m]
         order = np.argsort(v)
-        rows.append([m] + [f"{split.flipped[order[:k]].mean():.0%}" for k in (50, 100, 200)] + [f"{np.mean(v[split.flipped] < 0):.0%}", f"{np.mean(v[~split.flipped] < 0):.0%}"])
+        signs = [f"{np.mean(v[split.flipped] < 0):.0%}", f"{np.mean(v[~split.flipped] < 0):.0%}"] if "loss" not in m else ["–", "–"]
+        rows.append([m] + [f"{split.flipped[order[:k]].mean():.0%}" for k in (50, 100, 200)] + signs)
     out.append(f"\n**Seed {seeds[0]}: share of flipped points among the k lowest scores, and the share of negative scores**\n")
     out.append(common.table(["score", "k=50", "k=100", "k=200 (all flips = 100)", "flipped with score < 0", "clean with score < 0"], rows))
 
