@@ -1,0 +1,181 @@
+"""Case study 2 (paper §5.3.2): does a source's contribution depend on the stage of training?
+
+The valued run of the curation study (same cache): a small GPT-2 on Python's standard library,
+order-2 In-Run values against held-out modules, one validation column per package (email,
+asyncio, xml, unittest, logging, encodings) plus "other". Training is cut into stages of equal
+length; per stage:
+
+* from the per-step trace, each package's share of the stage's total value for the whole
+  validation set (signed: a negative share means the package's chunks raised the validation loss
+  in that stage), next to the package's share of the chunks trained on in that stage;
+* from snapshots of the per-column values, for each package's own validation column, the share
+  of that column's value that comes from the same package (the analogue of the paper's math
+  text drawing its value from ArXiv);
+* the mean value per chunk visit (the paper's Fig. 11: it shrinks as training proceeds).
+
+    PYTHONPATH=src python benchmarks/study_stages.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from studies import common  # noqa: I001
+
+import numpy as np
+
+from studies import lm, plots
+
+STAGES = 6
+
+
+def positive_share(value: np.ndarray) -> np.ndarray:
+    """The paper's Fig. 3 metric over the last axis: a source's total over the sum of the positive
+    totals; sources whose total is negative are excluded (NaN)."""
+    pos = np.where(value > 0, value, 0.0).sum(-1, keepdims=True)
+    return np.where(value > 0, value / np.where(pos > 0, pos, 1.0), np.nan)
+
+
+def pct(x: float) -> str:
+    return "excl. (<0)" if np.isnan(x) else f"{x:.1%}"
+
+
+def main() -> None:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--order", type=int, default=2, choices=(1, 2), help="which valued run (default 2)")
+    args = p.parse_args()
+    common.setup(args)
+    clock = common.Clock()
+    cfg = lm.LMConfig()
+    if args.quick:
+        cfg = dataclasses.replace(cfg, steps=60, max_train_per_source=60, eval_every=10, snapshot_every=10, n_test=32)
+    data = lm.load_code_data(cfg)
+    chunks = data.train.chunks
+    run = lm.base_run(cfg, data, order=args.order, fresh=args.fresh)
+    sources = np.array([c.source for c in chunks])
+    names = sorted(set(sources))
+    src_index = {s: i for i, s in enumerate(names)}
+    src_of_row = np.array([src_index[s] for s in sources])
+
+    stage_len = cfg.steps // STAGES
+    bounds = [(k * stage_len, (k + 1) * stage_len) for k in range(STAGES)]
+    labels = [f"{a}–{b}" for a, b in bounds]
+    tr = run.trace
+    val = tr["first"] + tr["second"]
+    stage_of = np.minimum(tr["step"] // stage_len, STAGES - 1)
+    S = len(names)
+    value = np.zeros((STAGES, S))
+    visits = np.zeros((STAGES, S))
+    np.add.at(value, (stage_of, src_of_row[tr["row"]]), val)
+    np.add.at(visits, (stage_of, src_of_row[tr["row"]]), 1)
+    total = value.sum(1, keepdims=True)
+    share = positive_share(value)
+    data_share = visits / visits.sum(1, keepdims=True)
+
+    out: list[str] = []
+    out.append(
+        f"Valued run: order {args.order}, {cfg.steps} SGD steps (cosine lr {cfg.lr} → {cfg.lr_min}, clip {cfg.clip}), {STAGES} stages of "
+        f"{stage_len} steps. Stage totals of value (= first-order estimate of the validation-loss decrease in the "
+        f"stage): {', '.join(f'{t:.3f}' for t in total[:, 0])}."
+    )
+    order = np.argsort(-value.sum(0))
+    rows = []
+    for s in order:
+        rows.append([names[s]] + [f"{pct(share[k, s])} ({data_share[k, s]:.0%})" for k in range(STAGES)])
+    out.append(
+        "\n**Share of each stage's value for the whole validation set, by package** (the paper's Fig. 3 "
+        "metric: a package's total over the sum of the positive package totals; packages with a negative total "
+        "are excluded; in parentheses the package's share of the chunks trained on in that stage)\n"
+    )
+    out.append(common.table(["package"] + [f"steps {label}" for label in labels], rows))
+
+    # per-column own-package share from snapshots
+    snap_steps = list(run.snap_steps)
+    idx = [snap_steps.index(b) for _, b in bounds]
+    cum = run.snapshots[idx].astype(np.float64)  # [STAGES, N, K]
+    per_stage = np.diff(np.concatenate([np.zeros_like(cum[:1]), cum]), axis=0)  # [STAGES, N, K]
+    by_src = np.zeros((STAGES, S, per_stage.shape[2]))
+    np.add.at(by_src, (slice(None), src_of_row, slice(None)), per_stage)
+    col_share = positive_share(np.moveaxis(by_src, 1, 2))  # [STAGES, K, S]
+    rows = []
+    own_share = {}
+    for k, col in enumerate(data.column_names):
+        if col not in src_index:
+            continue
+        s = src_index[col]
+        own_share[col] = col_share[:, k, s]
+        rows.append([col] + [pct(own_share[col][j]) for j in range(STAGES)] + [f"{data_share[:, s].mean():.1%}"])
+    out.append(
+        "\n**Share of a package's own validation column's value that comes from the same package, per stage** "
+        "(same metric), and the package's share of the training data\n"
+    )
+    out.append(common.table(["validation column"] + [f"steps {label}" for label in labels] + ["data share"], rows))
+    top_other = {}
+    rows = []
+    for k, col in enumerate(data.column_names):
+        ranks = []
+        for j in range(STAGES):
+            o = np.argsort(-by_src[j, :, k])[:2]
+            ranks.append(", ".join(f"{names[x]} {col_share[j, k, x]:.0%}" for x in o))
+        top_other[col] = ranks
+        rows.append([col, *ranks])
+    out.append("\n**Top two packages by value for each validation column, per stage**\n")
+    out.append(common.table(["validation column"] + [f"steps {label}" for label in labels], rows))
+
+    # mean value per visit (Fig. 11)
+    mean_visit = value.sum(1) / visits.sum(1)
+    absval = np.zeros(STAGES)
+    np.add.at(absval, stage_of, np.abs(val))
+    neg = np.zeros(STAGES)
+    np.add.at(neg, stage_of, (val < 0).astype(float))
+    rows = [[labels[k], f"{mean_visit[k]:.2e}", f"{absval[k] / visits[k].sum():.2e}", f"{neg[k] / visits[k].sum():.1%}",
+             f"{run.evals['test'][np.searchsorted(run.eval_steps, bounds[k][1])]:.3f}"] for k in range(STAGES)]
+    out.append("\n**Value per chunk visit by stage** (whole validation set)\n")
+    out.append(common.table(["steps", "mean value per visit", "mean |value| per visit", "visits with negative value", "test loss at stage end"], rows))
+
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), gridspec_kw={"width_ratios": [1.2, 1, 1]})
+    ax = axes[0]
+    x = np.arange(STAGES)
+    pos_bottom, neg_bottom = np.zeros(STAGES), np.zeros(STAGES)
+    cmap = plt.get_cmap("tab20")
+    for i, s in enumerate(order):
+        h = np.nan_to_num(share[:, s])
+        bottom = np.where(h >= 0, pos_bottom, neg_bottom)
+        ax.bar(x, h, bottom=bottom, color=cmap(i % 20), label=names[s])
+        pos_bottom += np.where(h >= 0, h, 0)
+        neg_bottom += np.where(h < 0, h, 0)
+    ax.set_xticks(x, labels, rotation=30)
+    ax.set_ylabel("share of the stage's positive value")
+    ax.set_title("whole validation set: value share by package")
+    ax.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax = axes[1]
+    for col, sh in own_share.items():
+        ax.plot(x, sh, marker="o", label=f"{col} column ← {col} chunks")
+    ax.axhline(1 / len(names), color="gray", ls=":", label="equal share")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(x, labels, rotation=30)
+    ax.set_ylabel("own-package share of the column's value")
+    ax.set_title("each package's own validation column")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    ax.semilogy(x, absval / visits.sum(1), marker="o", label="mean |value| per visit")
+    ax.semilogy(x, np.maximum(mean_visit, 1e-12), marker="s", label="mean value per visit")
+    ax.set_xticks(x, labels, rotation=30)
+    ax.set_title("value per chunk visit by stage")
+    ax.legend()
+    text = "\n".join(out)
+    print(text)
+    print(f"\nTime: {clock.summary()}" + (" (valued run loaded from cache)" if run.meta.get("cached") else ""))
+    if not args.no_docs and not args.quick:
+        png = plots.save(fig, f"stages{'' if args.order == 2 else '-order1'}.png")
+        plots.write_md(f"stages{'' if args.order == 2 else '-order1'}.md", text + f"\n\n![stages]({png.name})\n\nTime: {clock.summary()}\n")
+        print(f"wrote {png.relative_to(common.REPO)}")
+
+
+if __name__ == "__main__":
+    main()
