@@ -187,6 +187,57 @@ def test_per_validation_table() -> None:
     np.testing.assert_allclose([values[i] for i in range(5)], table.sum(1), rtol=1e-12)
 
 
+class _StackWithoutVmap(torch.autograd.Function):
+    """torch.stack whose backward skips the columns with zero gradient: a data-dependent test
+    that cannot be vmapped, so the tracker takes its one-column-at-a-time path."""
+
+    @staticmethod
+    def forward(ctx, *losses):
+        return torch.stack(losses)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(g if bool(g.ne(0).any()) else None for g in grad.unbind(0))
+
+
+class _TwoBranches(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 3)
+        self.b = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, use: str = "ab") -> torch.Tensor:
+        return sum(getattr(self, name)(x) for name in use)
+
+
+def test_per_validation_columns_reaching_different_parameters() -> None:
+    """Column 0 reaches only `a`, column 1 both, column 2 only `b`: each column keeps its own parts."""
+    torch.manual_seed(0)
+    model = _TwoBranches().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    xv, yv = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    uses = ("a", "ab", "b")
+
+    def column_loss(m, v):
+        return ((m(xv[v:v + 1], uses[v]) - yv[v:v + 1]) ** 2).sum()
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = InRunShapley(
+        model, opt, val_loss=lambda m: _StackWithoutVmap.apply(*(column_loss(m, v) for v in range(3)))
+    )
+    pe = exact.per_example_gradients(model, lambda f, xr, yr: ((f(xr) - yr) ** 2).sum() / 5, (x, y))
+    expected = np.stack([
+        exact.first_order_values(pe, exact.validation_gradient(model, lambda m, v=v: column_loss(m, v)), 0.1).numpy()
+        for v in range(3)
+    ], axis=1)
+    with tracker.step(range(5)):
+        (((model(x) - y) ** 2).sum() / 5).backward()
+    opt.step()
+    _, table = tracker.per_validation()
+    assert np.abs(expected).min() > 1e-6
+    np.testing.assert_allclose(table, expected, rtol=1e-10, atol=1e-16)
+
+
 def test_gradient_accumulation_over_microbatches() -> None:
     """k micro-batches inside one optimizer step give the same values as one batch."""
     torch.manual_seed(0)

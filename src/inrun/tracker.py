@@ -1264,9 +1264,12 @@ def _per_validation_grads(loss: Tensor, params: list[nn.Parameter]) -> list[Tens
             torch.autograd.grad(loss[v], params, retain_graph=v + 1 < V, allow_unused=True)
             for v in range(V)
         ]
+        # A column may not reach every parameter another column reaches: its row is zero there.
         grads = tuple(
-            None if rows[0][i] is None else torch.stack([r[i] for r in rows])
-            for i in range(len(params))
+            None
+            if all(r[i] is None for r in rows)
+            else torch.stack([torch.zeros_like(p) if r[i] is None else r[i] for r in rows])
+            for i, p in enumerate(params)
         )
     return [
         g if g is not None else torch.zeros((V, *p.shape), dtype=p.dtype, device=p.device)
