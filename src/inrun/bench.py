@@ -250,7 +250,8 @@ def floors(w: Workload) -> dict[str, float]:
         "plain AdamW": 1.0,
         "order 1": 1 + (val_pass + best) / train,
         "order 1 + book-keeping": 1 + val_pass / train,
-        "order 2 trapezoid": 1 + (val_pass + best + vector) / train,
+        # SGD: g_val(θ_t+1) is the next step's validation pass, and a gradient, so Gram again.
+        "order 2 trapezoid": 1 + (val_pass + 2 * best) / train,
         "order 2 hessian": 1 + (3 * val_pass + best + vector) / train,
         "Adam-aware order 1": 1 + (val_pass + vector) / train,
         "torch.func per-example": 1 + val_pass / train,
