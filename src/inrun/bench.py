@@ -159,7 +159,8 @@ class Tracked(Method):
     options: ClassVar[dict[str, Any]] = {}
 
     def setup(self) -> None:
-        self.tracker = InRunShapley(self.model, self.opt, val_loss=self.w.val_loss, check=True, **self.options)
+        options = {"check": True, **self.options}
+        self.tracker = InRunShapley(self.model, self.opt, val_loss=self.w.val_loss, **options)
 
     def step(self, batch: tuple, ids: list[int]) -> None:
         with self.tracker.step(ids):
