@@ -200,17 +200,11 @@ def main() -> None:
     ax.set_ylabel("test loss difference (nats/byte)")
     ax.set_title("paired with the full-data run of the same seed")
     ax.legend()
-    text = "\n".join(out)
-    print(text)
     all_runs = [base] + [r for rs in runs.values() for r in rs]
     n_cached = sum(bool(r.meta.get("cached")) for r in all_runs)
     note = f" ({n_cached} of {len(all_runs)} training runs loaded from cache)" if n_cached else ""
-    print(f"\nTime: {clock.summary()}{note}")
-    if not args.no_docs and not args.quick:
-        suffix = "" if args.remove == "negative" else "-" + args.remove.replace(":", "")
-        png = plots.save(fig, f"curation{suffix}.png")
-        plots.write_md(f"curation{suffix}.md", text + f"\n\n![curation]({png.name})\n\nTime: {clock.summary()}{note}\n")
-        print(f"wrote {png.relative_to(common.REPO)}")
+    suffix = "" if args.remove == "negative" else "-" + args.remove.replace(":", "")
+    plots.publish(f"curation{suffix}", fig, "\n".join(out), clock.summary() + note, args)
 
 
 if __name__ == "__main__":

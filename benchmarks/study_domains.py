@@ -110,14 +110,8 @@ def main() -> None:
         ax.set_ylabel(f"normalized recall@{k}")
         ax.set_title(f"same-package share of the top {k}, over the package's data share")
         ax.legend(fontsize=7)
-    text = "\n".join(out)
-    print(text)
     cached = all(r.meta.get("cached") for r in runs.values())
-    print(f"\nTime: {clock.summary()}" + (" (valued runs loaded from cache)" if cached else ""))
-    if not args.no_docs and not args.quick:
-        png = plots.save(fig, "domains.png")
-        plots.write_md("domains.md", text + f"\n\n![domains]({png.name})\n\nTime: {clock.summary()}\n")
-        print(f"wrote {png.relative_to(common.REPO)}")
+    plots.publish("domains", fig, "\n".join(out), clock.summary() + (" (valued runs loaded from cache)" if cached else ""), args)
 
 
 if __name__ == "__main__":

@@ -106,13 +106,7 @@ def main() -> None:
         ax.set_title(f"{m}, seed {seeds[0]}")
         ax.set_xlabel("value")
         ax.legend()
-    text = "\n".join(out)
-    print(text)
-    print(f"\nTime: {clock.summary()}")
-    if not args.no_docs and not args.quick:
-        png = plots.save(fig, "mislabel.png")
-        plots.write_md("mislabel.md", text + f"\n\n![mislabel]({png.name})\n\nTime: {clock.summary()}\n")
-        print(f"wrote {png.relative_to(common.REPO)}")
+    plots.publish("mislabel", fig, "\n".join(out), clock.summary(), args)
 
 
 if __name__ == "__main__":

@@ -199,14 +199,8 @@ def main() -> None:
     ax.set_ylabel(f"rank of the source chunk (of {len(ids)})")
     ax.set_title("mean rank (bars) and each source (dots); lower is better")
     ax.legend(fontsize=7)
-    text = "\n".join(out)
-    print(text)
     cached = all(r.meta.get("cached") for r in runs.values())
-    print(f"\nTime: {clock.summary()}" + (" (valued runs loaded from cache)" if cached else ""))
-    if not args.no_docs and not args.quick:
-        png = plots.save(fig, "paraphrase.png")
-        plots.write_md("paraphrase.md", text + f"\n\n![paraphrase]({png.name})\n\nTime: {clock.summary()}\n")
-        print(f"wrote {png.relative_to(common.REPO)}")
+    plots.publish("paraphrase", fig, "\n".join(out), clock.summary() + (" (valued runs loaded from cache)" if cached else ""), args)
 
 
 if __name__ == "__main__":

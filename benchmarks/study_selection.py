@@ -117,13 +117,7 @@ def main() -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title(f"data selection on noisy digits, mean ± std over {len(seeds)} seeds")
     ax.legend(fontsize=7)
-    text = "\n".join(out)
-    print(text)
-    print(f"\nTime: {clock.summary()}")
-    if not args.no_docs and not args.quick:
-        png = plots.save(fig, "selection.png")
-        plots.write_md("selection.md", text + f"\n\n![selection]({png.name})\n\nTime: {clock.summary()}\n")
-        print(f"wrote {png.relative_to(common.REPO)}")
+    plots.publish("selection", fig, "\n".join(out), clock.summary(), args)
 
 
 if __name__ == "__main__":

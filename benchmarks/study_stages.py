@@ -168,13 +168,8 @@ def main() -> None:
     ax.set_xticks(x, labels, rotation=30)
     ax.set_title("value per chunk visit by stage")
     ax.legend()
-    text = "\n".join(out)
-    print(text)
-    print(f"\nTime: {clock.summary()}" + (" (valued run loaded from cache)" if run.meta.get("cached") else ""))
-    if not args.no_docs and not args.quick:
-        png = plots.save(fig, f"stages{'' if args.order == 2 else '-order1'}.png")
-        plots.write_md(f"stages{'' if args.order == 2 else '-order1'}.md", text + f"\n\n![stages]({png.name})\n\nTime: {clock.summary()}\n")
-        print(f"wrote {png.relative_to(common.REPO)}")
+    cached = " (valued run loaded from cache)" if run.meta.get("cached") else ""
+    plots.publish(f"stages{'' if args.order == 2 else '-order1'}", fig, "\n".join(out), clock.summary() + cached, args)
 
 
 if __name__ == "__main__":
