@@ -587,8 +587,9 @@ class InRunShapley:
             g_list = [grads[i].reshape(-1) for i in present]
             v_list = [_column_sum(self._val.grads[i]).reshape(-1).to(g_list[k].dtype) for k, i in enumerate(present)]
             dots = torch.stack([torch.dot(g, v) for g, v in zip(g_list, v_list)]).to(ours)
-            norms = torch.stack(torch._foreach_norm(g_list)).to(ours) * torch.stack(torch._foreach_norm(v_list)).to(ours)
             index = torch.tensor(present, device=ours.device)
+            # the gradients' norms were just taken for clip detection (window.exit_norms)
+            norms = window.exit_norms.to(ours)[index] * torch.stack(torch._foreach_norm(v_list)).to(ours)
             theirs[index] = dots
             scale[index] = norms
         return ours, theirs, scale + spread
