@@ -182,3 +182,19 @@ def lm_case(
         return token_losses(logits_of(model, val_ids), val_ids).mean()
 
     return Case(name, make_model, make_batch, batch_loss, example_loss, val_loss, lr)
+
+
+def microbatch_values(
+    model: nn.Module, opt: torch.optim.Optimizer, val_loss: Callable, x: Tensor, y: Tensor, chunks: int,
+    **tracker_options: Any,
+) -> list[float]:
+    """Values of one optimizer step over ``x, y`` cut into ``chunks`` micro-batches (each
+    micro-batch's summed cross-entropy over the whole batch size: together, the batch mean)."""
+    tracker = InRunShapley(model, opt, val_loss=val_loss, **tracker_options)
+    B = len(x)
+    for idx in torch.arange(B).chunk(chunks):
+        with tracker.step(idx):
+            (F.cross_entropy(model(x[idx]), y[idx], reduction="sum") / B).backward()
+    opt.step()
+    values = tracker.values()
+    return [values[i] for i in range(B)]

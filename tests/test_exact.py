@@ -15,15 +15,8 @@ from torch import nn
 
 from inrun import exact
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster, and immune to a shared machine's load
-    (two spinning OpenMP threads on busy cores made this module several times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one thread is faster and immune to a shared machine's load (see conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # float64 throughout; the games below are exact up to rounding of O(2^n) additions.

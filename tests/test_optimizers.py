@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import microbatch_values
 from test_oracle import gpt2
 from torch import nn
 
@@ -298,13 +299,7 @@ def test_accumulation_matches_one_batch(make_opt, order) -> None:
         model = copy.deepcopy(base)
         opt = make_opt(model.parameters())
         opt.load_state_dict(copy.deepcopy(warm_opt.state_dict()))
-        tracker = InRunShapley(model, opt, val_loss=mlp_val_loss, order=order)
-        for idx in torch.arange(8).chunk(chunks):
-            with tracker.step(idx):
-                (F.cross_entropy(model(x[idx]), y[idx], reduction="sum") / 8).backward()
-        opt.step()
-        v = tracker.values()
-        results.append([v[i] for i in range(8)])
+        results.append(microbatch_values(model, opt, mlp_val_loss, x, y, chunks, order=order))
     np.testing.assert_allclose(results[0], results[1], rtol=1e-10)
 
 

@@ -33,14 +33,8 @@ from inrun.layers import FALLBACK, Layout, handler_for
 
 logger = logging.getLogger(__name__)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster, and immune to a shared machine's load
-    (two spinning OpenMP threads on busy cores made this module several times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one thread is faster and immune to a shared machine's load (see conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Relative to the natural scale of each dot product (‖g_z‖·‖u‖).

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import microbatch_values
 from test_oracle import gpt2, mlp
 from torch import nn
 
@@ -248,13 +249,7 @@ def test_gradient_accumulation_over_microbatches() -> None:
     for chunks in (1, 4):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        tracker = InRunShapley(model, opt, val_loss=lambda m: F.cross_entropy(m(xv), yv))
-        for idx in torch.arange(8).chunk(chunks):
-            with tracker.step(idx):
-                (F.cross_entropy(model(x[idx]), y[idx], reduction="sum") / 8).backward()
-        opt.step()
-        v = tracker.values()
-        results.append([v[i] for i in range(8)])
+        results.append(microbatch_values(model, opt, lambda m: F.cross_entropy(m(xv), yv), x, y, chunks))
     np.testing.assert_allclose(results[0], results[1], rtol=1e-12)
 
 
