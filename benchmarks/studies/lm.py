@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from inrun import InRunShapley
 from inrun.data.stdlib import DEFAULT_PACKAGES, VOCAB_SIZE, CodeCorpus, load_stdlib_corpus
+from inrun.models import causal_lm
 
 from . import common
 
@@ -64,6 +65,13 @@ class LMConfig:
     n_test: int = 256
     eval_every: int = 25
     snapshot_every: int = 50
+
+
+def study_config(quick: bool, size: int = 40) -> LMConfig:
+    """The studies' settings, or with ``quick`` a smoke test of ``size`` steps and chunks per source."""
+    if not quick:
+        return LMConfig()
+    return LMConfig(steps=size, max_train_per_source=size, eval_every=10, snapshot_every=10, n_test=32)
 
 
 # ---------------------------------------------------------------------- data
@@ -116,15 +124,13 @@ def load_code_data(cfg: LMConfig) -> CodeData:
 # ---------------------------------------------------------------------- model and losses
 def build_gpt2(length: int, n_layer: int, n_embd: int, n_head: int) -> nn.Module:
     """A randomly initialised byte-vocabulary GPT-2 without dropout (values need a deterministic step)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config
 
     config = GPT2Config(
         n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=VOCAB_SIZE, n_positions=length,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )
-    model = GPT2LMHeadModel(config)
-    model.loss_type = "ForCausalLM"
-    return model
+    return causal_lm(config)
 
 
 def build_model(cfg: LMConfig, seed: int) -> nn.Module:

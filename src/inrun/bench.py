@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .exact import per_example_gradients
+from .models import causal_lm
 from .tracker import InRunShapley
 
 
@@ -61,7 +62,7 @@ class Workload:
 
 
 def gpt2_workload(name: str, n_layer: int, n_embd: int, n_head: int, batch: int, seq: int, val_seq: int) -> Workload:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config
 
     vocab = 4096
     cfg = GPT2Config(
@@ -71,9 +72,7 @@ def gpt2_workload(name: str, n_layer: int, n_embd: int, n_head: int, batch: int,
 
     def make_model() -> nn.Module:
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(cfg)
-        model.loss_type = "ForCausalLM"  # transformers does not infer it from GPT-2's class name
-        return model
+        return causal_lm(cfg)
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, vocab, (batch, seq), generator=g),) for _ in range(4)]

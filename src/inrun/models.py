@@ -18,6 +18,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ def build_model(cfg: ModelConfig, data: ExampleSet) -> nn.Module:
 
 
 def _hf_model(cfg: ModelConfig, data: ExampleSet) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     length = data.inputs.shape[1]
     fields = dict(cfg.hf_config or {})
@@ -74,12 +75,20 @@ def _hf_model(cfg: ModelConfig, data: ExampleSet) -> nn.Module:
         from .config import ConfigError
 
         raise ConfigError("model.hf_config.vocab_size", f"must be at least {VOCAB_SIZE} (byte tokens)")
-    model = AutoModelForCausalLM.from_config(hf_config)
-    if getattr(model, "loss_type", None) is None:
-        # transformers infers the loss from the class name; GPT2LMHeadModel's does not say it.
-        model.loss_type = "ForCausalLM"
+    model = causal_lm(hf_config)
     if cfg.lora is not None:
         model = _with_lora(model, cfg)
+    return model
+
+
+def causal_lm(hf_config: Any) -> nn.Module:
+    """A randomly initialised causal LM for a transformers config, with its loss type set
+    (transformers infers it from the class name, and GPT2LMHeadModel's does not say it)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(hf_config)
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
     return model
 
 
