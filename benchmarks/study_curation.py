@@ -44,12 +44,8 @@ def main() -> None:
         help="'negative' (every chunk with a negative order-2 value, the paper's rule) or 'bottom:F' "
         "(the fraction F of seen chunks with the lowest values, e.g. bottom:0.16)",
     )
-    args = p.parse_args()
-    common.setup(args)
-    clock = common.Clock()
-    cfg = lm.LMConfig()
-    if args.quick:
-        cfg = dataclasses.replace(cfg, steps=40, max_train_per_source=40, eval_every=10, snapshot_every=10, n_test=32)
+    args, clock = common.start(p)
+    cfg = lm.study_config(args.quick)
     seeds = SEEDS[: args.seeds] if not args.quick else (0, 1)
     data = lm.load_code_data(cfg)
     ids = [c.id for c in data.train.chunks]

@@ -14,7 +14,6 @@ with the column's text as the query.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -31,12 +30,8 @@ KS = (25, 100)
 
 def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0])
-    args = p.parse_args()
-    common.setup(args)
-    clock = common.Clock()
-    cfg = lm.LMConfig()
-    if args.quick:
-        cfg = dataclasses.replace(cfg, steps=40, max_train_per_source=40, eval_every=10, snapshot_every=10, n_test=32)
+    args, clock = common.start(p)
+    cfg = lm.study_config(args.quick)
     data = lm.load_code_data(cfg)
     chunks = data.train.chunks
     sources = np.array([c.source for c in chunks])

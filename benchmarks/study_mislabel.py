@@ -38,12 +38,8 @@ PAPER = {
 def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=len(SEEDS))
-    args = p.parse_args()
-    common.setup(args)
-    clock = common.Clock()
-    cfg = digits.DigitsConfig()
-    if args.quick:
-        cfg = digits.DigitsConfig(epochs=3)
+    args, clock = common.start(p)
+    cfg = digits.study_config(args.quick)
     seeds = SEEDS[: args.seeds]
     aucs: dict[str, list[float]] = {}
     accs: dict[str, list[float]] = {}

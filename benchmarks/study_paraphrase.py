@@ -107,9 +107,7 @@ def rank_of(scores: np.ndarray, row: int) -> float:
 def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--sources", type=int, default=N_SOURCES)
-    args = p.parse_args()
-    common.setup(args)
-    clock = common.Clock()
+    args, clock = common.start(p)
     cfg = CONFIG
     if args.quick:
         cfg = dataclasses.replace(cfg, steps=30, max_train_per_source=20, eval_every=10)

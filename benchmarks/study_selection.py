@@ -53,12 +53,8 @@ def balanced_top(score: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=len(SEEDS))
-    args = p.parse_args()
-    common.setup(args)
-    clock = common.Clock()
-    cfg = digits.DigitsConfig()
-    if args.quick:
-        cfg = digits.DigitsConfig(epochs=3)
+    args, clock = common.start(p)
+    cfg = digits.study_config(args.quick)
     seeds = SEEDS[: args.seeds] if not args.quick else SEEDS[:2]
     names = ("random", *METHODS, *(f"{m}, class-balanced (diagnostic)" for m in BALANCED))
     acc: dict[str, dict[float, list[float]]] = {m: {f: [] for f in FRACTIONS} for m in names}

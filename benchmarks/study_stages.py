@@ -18,7 +18,6 @@ length; per stage:
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -46,12 +45,8 @@ def pct(x: float) -> str:
 def main() -> None:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--order", type=int, default=2, choices=(1, 2), help="which valued run (default 2)")
-    args = p.parse_args()
-    common.setup(args)
-    clock = common.Clock()
-    cfg = lm.LMConfig()
-    if args.quick:
-        cfg = dataclasses.replace(cfg, steps=60, max_train_per_source=60, eval_every=10, snapshot_every=10, n_test=32)
+    args, clock = common.start(p)
+    cfg = lm.study_config(args.quick, size=60)  # six stages of 10 steps
     data = lm.load_code_data(cfg)
     chunks = data.train.chunks
     run = lm.base_run(cfg, data, order=args.order, fresh=args.fresh)

@@ -41,6 +41,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def start(p: argparse.ArgumentParser) -> tuple[argparse.Namespace, Clock]:
+    """Parse the arguments, apply them (threads, cache) and start the clock."""
+    args = p.parse_args()
+    setup(args)
+    return args, Clock()
+
+
 def setup(args: argparse.Namespace) -> None:
     global CACHE
     import logging

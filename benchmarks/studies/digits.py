@@ -32,6 +32,11 @@ class DigitsConfig:
     k: int = 5
 
 
+def study_config(quick: bool) -> DigitsConfig:
+    """The studies' settings, or with ``quick`` a smoke test of 3 epochs."""
+    return DigitsConfig(epochs=3) if quick else DigitsConfig()
+
+
 @dataclass
 class Split:
     x_train: Tensor
