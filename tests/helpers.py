@@ -19,6 +19,12 @@ from torch import Tensor, nn
 
 from inrun import InRunShapley, exact
 
+
+def forced_route(route: str) -> dict[str, str]:
+    """Tracker options that force one route wherever a layer has it (book-keeping is its own setting)."""
+    return {"bookkeeping": "always"} if route == "bookkeeping" else {"route": route}
+
+
 # One table of tolerances, relative to η·‖g_z‖·‖g_val‖ (the natural scale of a dot product).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 

@@ -90,10 +90,10 @@ OPTIMIZERS = {
 ORDERS = {"order1": {"order": 1}, "trapezoid": {"order": 2}, "hessian": {"order": 2, "second_order": "hessian"}}
 ROUTES = {
     "auto": {},
-    "auto_bookkeeping": {"bookkeeping": True},
+    "auto_bookkeeping": {"bookkeeping": "auto"},
     "vector": {"route": "vector"},
     "gram": {"route": "gram"},
-    "bookkeeping": {"route": "bookkeeping"},
+    "bookkeeping": {"bookkeeping": "always"},
 }
 VAL = ("scalar", "vector")
 MICRO = (1, 2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Case, classification_case, compare_with_oracle, lm_case
+from helpers import Case, classification_case, compare_with_oracle, forced_route, lm_case
 from torch import nn
 
 from inrun.layers import handler_for
@@ -165,7 +165,7 @@ def test_layer_matches_oracle(case: Case, dtype: torch.dtype) -> None:
     ids=lambda c: c.name,
 )
 def test_forced_routes_match_oracle(case: Case, route: str) -> None:
-    compare_with_oracle(case, torch.float64, route=route)
+    compare_with_oracle(case, torch.float64, **forced_route(route))
 
 
 # ----------------------------------------------------------------------------- whole models
@@ -241,7 +241,7 @@ def test_model_matches_oracle(case: Case, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("route", ["vector", "gram", "bookkeeping"])
 @pytest.mark.parametrize("case", MODEL_CASES[:3], ids=lambda c: c.name)
 def test_model_routes_match_oracle(case: Case, route: str, dtype: torch.dtype) -> None:
-    compare_with_oracle(case, dtype, route=route)
+    compare_with_oracle(case, dtype, **forced_route(route))
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -251,11 +251,11 @@ def test_bookkeeping_route_is_used_and_matches_oracle(order: int) -> None:
 
     case = MODEL_CASES[0]
     if order == 1:
-        compare_with_oracle(case, torch.float64, route="bookkeeping")
+        compare_with_oracle(case, torch.float64, bookkeeping="always")
     torch.manual_seed(0)
     model = case.make_model().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    tracker = InRunShapley(model, opt, val_loss=case.val_loss, route="bookkeeping", order=order)
+    tracker = InRunShapley(model, opt, val_loss=case.val_loss, bookkeeping="always", order=order)
     (x,) = case.make_batch(torch.Generator().manual_seed(0))
     with tracker.step(range(len(x))):
         case.batch_loss(model, (x,)).backward()

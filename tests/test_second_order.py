@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Case, _cast_val_loss, cast_floats, classification_case, lm_case
+from helpers import Case, _cast_val_loss, cast_floats, classification_case, forced_route, lm_case
 from test_oracle import GatedScale, cnn, gpt2, hf_conv1d, llama, llama_rmsnorm, perturbed
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
@@ -277,7 +277,7 @@ def test_order2_matches_oracle(case: Case, variant: str) -> None:
 def test_trapezoid_on_the_gram_and_bookkeeping_routes(route: str) -> None:
     """The trapezoid's second contraction uses the next validation pass's Gram factors; with
     book-keeping, the first part comes from the per-example gradients formed in backward."""
-    run_and_compare(MODEL_CASES[0], "trapezoid", route=route)
+    run_and_compare(MODEL_CASES[0], "trapezoid", **forced_route(route))
 
 
 def test_hessian_variant_with_default_attention_backend() -> None:

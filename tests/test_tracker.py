@@ -82,7 +82,7 @@ def test_bookkeeping_update_equals_autograd_within_rounding() -> None:
     plain, tracked = copy.deepcopy(base), copy.deepcopy(base)
     batches = lm_batches(5)
     train(plain, batches, tracked=False)
-    tracker = train(tracked, batches, tracked=True, route="bookkeeping")
+    tracker = train(tracked, batches, tracked=True, bookkeeping="always")
     assert "bookkeeping" in tracker.coverage().routes
     for (name, a), (_, b) in zip(plain.named_parameters(), tracked.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} differs beyond float32 rounding")

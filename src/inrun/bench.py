@@ -225,7 +225,7 @@ class BatchOneBaseline(Method):
 METHODS: dict[str, type[Method]] = {
     "plain": Method,
     "order 1": tracked("order 1"),
-    "order 1 + book-keeping": tracked("order 1 + book-keeping", bookkeeping=True),
+    "order 1 + book-keeping": tracked("order 1 + book-keeping", bookkeeping="auto"),
     "order 2 trapezoid": tracked("order 2 trapezoid", order=2),
     "order 2 hessian": tracked("order 2 hessian", order=2, second_order="hessian"),
     "plain AdamW": PlainAdam,

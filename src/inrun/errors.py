@@ -39,5 +39,10 @@ class NonFiniteError(InRunError, FloatingPointError):
     """A loss, gradient or value of a step is NaN or infinite."""
 
 
+class NonFiniteValidationLossError(ValidationLossError, NonFiniteError):
+    """``val_loss(model)`` is NaN or infinite: the parameters diverged, or the validation data
+    holds NaN/Inf. Caught as either parent."""
+
+
 class LedgerError(InRunError, ValueError):
     """A saved ledger or run directory does not match what it is being combined with."""

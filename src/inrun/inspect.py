@@ -184,7 +184,7 @@ def inspect_config(config: Any, batch_size: int | None = None, order: int | None
             loss_fn(model, x, y).backward()
         optimizer.step()
         coverage = tracker.coverage()
-        deferred = v.order == 2 or bool(getattr(tracker.rule, "elementwise", False))
+        deferred = tracker.value_rule.keeps_factors
     finally:
         for h in handles:
             h.remove()
@@ -217,7 +217,11 @@ def inspect_model_type(model_type: str, batch_size: int, length: int, val_tokens
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .config import ConfigError
-    from .layers import FALLBACK, handler_for
+    from .tracking.config import TrackerConfig
+    from .tracking.coverage import coverage_of
+    from .tracking.entries import build_entries
+    from .tracking.params import ParamTable
+    from .tracking.routes import RoutePolicy
 
     try:
         hf_config = AutoConfig.for_model(model_type)
@@ -227,36 +231,16 @@ def inspect_model_type(model_type: str, batch_size: int, length: int, val_tokens
         ) from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    owners: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    routes: dict[str, list[str]] = {}
-    numel: dict[str, int] = {}
+    table = ParamTable(model)
+    entries = build_entries(model, table)
+    policy = RoutePolicy(TrackerConfig(order=order))
+    coverage = coverage_of(entries, table, lambda e: policy.predict(e, val_tokens))
     modules = []
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        handler = handler_for(module) or FALLBACK
-        weight = dict(own).get("weight")
-        d_in = d_out = 0
-        if hasattr(handler, "in_out_features"):
-            d_in, d_out = handler.in_out_features(module)
-        gram = (
-            handler.supports_gram and weight is not None and owners[id(weight)] == 1
-            and handler.gram_cost(module, val_tokens) < handler.vector_cost(module)
-        )
-        route = "gram" if gram else ("fallback" if handler is FALLBACK else f"vector:{handler.name}")
-        for n, p in own:
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            routes.setdefault(route, []).append(f"{name}.{n}")
-            numel[route] = numel.get(route, 0) + p.numel()
-        modules.append(ModuleInfo(name, type(module).__name__, route, [n for n, _ in own],
-                                  sum(p.numel() for _, p in own), d_in, d_out, length))
+    for e in entries:
+        d_in, d_out = e.handler.feature_sizes(e.module)
+        modules.append(ModuleInfo(e.name, type(e.module).__name__, policy.predict(e, val_tokens), list(e.param_names),
+                                  sum(table.params[i].numel() for i in e.param_index), d_in, d_out, length))
+    routes, numel = coverage.routes, coverage.numel
     settings = f"batch {batch_size}, {length} tokens per example, {val_tokens:,} validation tokens, order {order}"
     report = _report(f"{type(model).__name__} ({model_type}, default sizes)", model, routes, numel, modules,
                      batch_size, val_tokens, order == 2, settings)
@@ -279,7 +263,7 @@ def _report(
         memory.append(("Gram route: validation factors A_val, D_val", gram))
     if deferred:
         kept = sum(batch * m.tokens * (m.d_in + m.d_out) * elem for m in modules)
-        memory.append(("order 2: per-example inputs and output gradients", kept))
+        memory.append(("kept per-example inputs and output gradients (order 2, Adam)", kept))
     memory.append(("per-example dot products (float64)", n_tensors * batch * 8))
     vector = [batch * m.tokens * min(m.d_in, m.d_out) * elem for m in modules if m.route.startswith("vector:") and m.d_in]
     if vector:

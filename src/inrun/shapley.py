@@ -1,18 +1,23 @@
 """The value formulas of one iteration as small pure functions (helpful = positive).
 
 Notation: ``dots[p, z, k] = <g_z,p, u_k,p>`` per parameter ``p``, example ``z`` and contraction
-vector ``k``; ``coef[p] = c_p`` with data part of the step ``Δθ_p = −c_p · g_B,p`` (``c_p = η``
-for SGD; clipping multiplies it by the clip factor).
+vector ``k``. The data part of the step is ``Δθ_p = −c_p · g_B,p`` for scalar rules (``c_p = η``
+for SGD; clipping multiplies it by the clip factor) and ``Δθ_p ≈ D_p ⊙ x_B,p`` for elementwise
+rules (Adam: a per-coordinate slope, see :mod:`inrun.optim`), so a value is a dot product of
+``g_z`` with the validation gradient weighted by ``w_p = c_p`` or ``w_p = −ratio_p · D_p``.
 
-* first order:      ``φ_z = Σ_p c_p <g_val,p, g_z,p>``
-* Hessian order 2:  ``φ_z = Σ_p c_p <g_val,p, g_z,p> − ½ Σ_p <g_z,p, c_p (H (c ⊙ g_B))_p>``
-* trapezoid:        ``φ_z = Σ_p c_p <(g_val(θ_t) + g_val(θ_t+1))_p / 2, g_z,p>``
+* first order, scalar:       ``φ_z = Σ_p c_p <g_val,p, g_z,p>``
+* first order, elementwise:  ``φ_z = Σ_p <w_p ⊙ g_val,p, g_z,p>`` (dots already weighted)
+* Hessian order 2:           ``φ_z = first order − ½ Σ_p <g_z,p, c_p (H (c ⊙ g_B))_p>``
+* trapezoid:                 ``φ_z = ½ (φ_z at the start + φ_z with g_val(θ_t+1))``
 
 The second-order term gives the diagonal ``g_zᵀHg_z`` to ``z`` and splits each cross term
 ``g_zᵀHg_z'`` evenly: the Shapley value of the quadratic game ``½ (Σ_S g)ᵀ H (Σ_S g)``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -23,15 +28,30 @@ def first_order(coef: Tensor, dots: Tensor) -> Tensor:
     return torch.einsum("p,pbk->bk", coef.to(dots.dtype), dots)
 
 
+def first_order_weighted(dots: Tensor) -> Tensor:
+    """``[P, B, K]`` dots with the weighted ``w ⊙ g_val`` -> ``[B, K]`` values."""
+    return dots.sum(dim=0)
+
+
 def hessian_correction(dots_hvp: Tensor) -> Tensor:
     """``[P, B, K]`` dots with ``c ⊙ H (c ⊙ g_B)`` -> ``[B, K]`` second-order correction."""
     return -0.5 * dots_hvp.sum(dim=0)
 
 
-def trapezoid_correction(coef: Tensor, dots_now: Tensor, dots_next: Tensor) -> Tensor:
-    """Correction that turns the first-order value into the trapezoid value.
+def trapezoid(start: Tensor, end: Tensor) -> Tensor:
+    """``[B, K]`` trapezoid values from the values with ``g_val`` at the step's start and end."""
+    return (start + end) / 2
 
-    ``dots_now`` are dots with ``g_val(θ_t)``, ``dots_next`` with ``g_val(θ_t+1)``;
-    the trapezoid value is ``first_order(coef, (dots_now + dots_next) / 2)``.
-    """
-    return torch.einsum("p,pbk->bk", coef.to(dots_now.dtype), (dots_next - dots_now) / 2)
+
+def weighted(weights: Sequence[Tensor | None], vectors: Sequence[Tensor]) -> list[Tensor]:
+    """Per parameter ``w ⊙ vector``, ``[K, *shape]``: ``w`` is a 0-dim tensor (a scalar rule's
+    coefficient), a per-coordinate tensor (an elementwise rule's slope) or ``None`` (the
+    parameter does not move). Stays on the device: no host sync."""
+    out = []
+    for w, v in zip(weights, vectors):
+        if w is None:
+            out.append(torch.zeros_like(v))
+        else:
+            w = w.to(device=v.device, dtype=v.dtype)
+            out.append((w.unsqueeze(0) if w.dim() > 0 else w) * v)
+    return out

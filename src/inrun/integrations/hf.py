@@ -321,7 +321,7 @@ class InRunTrainer(Trainer):
         coverage = tracker.coverage()
         state = {
             **tracker.state_dict(),
-            "world_size": 1 if tracker._ddp is None else tracker._ddp.world_size,
+            "world_size": tracker.world_size,
             "inrun_args": {**asdict(self.inrun_args), "tracker_options": dict(self.inrun_args.tracker_options)},
             "coverage": {"routes": coverage.routes, "numel": coverage.numel},
         }

@@ -19,6 +19,7 @@ from .registry import LayerHandler, Layout, as_float, first_input, register_hand
 
 class EmbeddingHandler(LayerHandler):
     name = "embedding"
+    row_sparse = True
 
     def check(self, module: nn.Module) -> None:
         if module.scale_grad_by_freq:
@@ -52,6 +53,11 @@ class EmbeddingHandler(LayerHandler):
             D = D * (ids != module.padding_idx).unsqueeze(-1).to(D.dtype)
         rows = U[:, ids]  # (K, B|1, T, dim)
         return {"weight": (rows * D.unsqueeze(0)).sum(dim=(2, 3)).T}
+
+    def gradient_rows(self, module: nn.Module, saved: Tensor) -> Tensor:
+        """The looked-up ids (the padding row gets no gradient)."""
+        ids = saved.reshape(-1)
+        return ids if module.padding_idx is None else ids[ids != module.padding_idx]
 
 
 register_handler(nn.Embedding, handler=EmbeddingHandler())

@@ -21,6 +21,37 @@ from torch import Tensor, nn
 
 from .registry import LayerHandler, as_float, first_input, register_handler, register_predicate
 
+BOOKKEEPING_COST_PER_ELEMENT = 64.0
+"""Per-example cost of the book-keeping route, in multiply-add equivalents per weight element:
+writing, reading and adding each example's gradient is memory-bound. Measured on a 2-core CPU
+(benchmarks/overhead.py shapes): 40-90 for layers of 0.06-1M weights at 128 tokens. So the route
+wins for sequences (vector costs T per element) and loses for one position per example (T = 1)."""
+
+
+@dataclass
+class GramFactors:
+    """The validation side of the Gram route for one layer's weight.
+
+    ``A [N, d]``, ``D [N, p]`` hold every validation token of every call of the layer, so
+    ``Dᵀ A`` is the part of the validation weight gradient that flows through this layer. A
+    weight shared with embeddings (GPT-2's tied LM head) also gets gradient from their lookups,
+    only in the rows of the validation tokens: ``rows [R]`` and ``residual [R, d]`` (output-by-input
+    layout) hold the total validation gradient minus ``Dᵀ A`` there.
+    """
+
+    A: Tensor
+    D: Tensor
+    rows: Tensor | None = None
+    residual: Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def residual_rows(self) -> int:
+        return 0 if self.rows is None else self.rows.numel()
+
 
 class LinearHandler(LayerHandler):
     """``nn.Linear`` with any number of leading dimensions ``[B, *, d] -> [B, *, p]``."""
@@ -69,7 +100,16 @@ class LinearHandler(LayerHandler):
             out["bias"] = D.sum(dim=1) @ ub.T
         return out
 
+    def vector_cost(self, module: nn.Module) -> float:
+        d, p = self.in_out_features(module)
+        return float(d * p)
+
+    def feature_sizes(self, module: nn.Module) -> tuple[int, int]:
+        return self.in_out_features(module)
+
+    # -- Gram route -------------------------------------------------------------------------
     def gram_factors(self, module: nn.Module, saved: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+        """``(A [B, T, d], D [B, T, p])`` with per-example weight gradient ``D_zᵀ A_z``."""
         d, p = self.in_out_features(module)
         batch = grad_out.shape[0]
         A = saved.reshape(saved.shape[0], -1, d)
@@ -77,14 +117,40 @@ class LinearHandler(LayerHandler):
             A = A.expand(batch, *A.shape[1:])
         return A, grad_out.reshape(batch, -1, p)
 
-    def vector_cost(self, module: nn.Module) -> float:
-        d, p = self.in_out_features(module)
-        return float(d * p)
+    def validation_gram(self, module: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> GramFactors:
+        """The validation factors from every ``(input, output gradient)`` call of the layer, in
+        the weight's dtype (autocast leaves 16-bit activations and gradients)."""
+        dtype = module.weight.dtype
+        A = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in calls]).to(dtype)
+        D = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in calls]).to(dtype)
+        return GramFactors(A, D)
 
-    def gram_cost(self, module: nn.Module, n_val_tokens: int) -> float:
+    def gram_cost(self, module: nn.Module, n_val_tokens: int, residual_rows: int = 0) -> float:
+        """Multiply-adds per training position of the Gram route for the weight."""
         d, p = self.in_out_features(module)
-        return float(n_val_tokens * (d + p + 1))
+        return float(n_val_tokens * (d + p + 1) + residual_rows * (d + 1))
 
+    def gram_residual(self, module: nn.Module, total_grad: Tensor, factors: GramFactors, rows: Tensor) -> GramFactors:
+        """Factors completed with the residual of a weight shared with embeddings looked up at ``rows``."""
+        total = self.weight_out_in(module, total_grad)[rows]  # (R, d)
+        own = factors.D[:, rows].T @ factors.A  # (R, d): this layer's part at those rows
+        return GramFactors(factors.A, factors.D, rows, total - own.to(total.dtype))
+
+    # -- book-keeping route -----------------------------------------------------------------
+    def bookkeeping_positions(self, module: nn.Module, x: Tensor, batch: int) -> int | None:
+        """Positions per example of a call the book-keeping route can take (``None``: it cannot)."""
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != batch or x.dtype != module.weight.dtype:
+            return None
+        return x[0].numel() // self.in_out_features(module)[0]
+
+    def bookkeeping_cost(self, module: nn.Module) -> float:
+        """Multiply-add equivalents per example of the book-keeping route."""
+        d, p = self.in_out_features(module)
+        return BOOKKEEPING_COST_PER_ELEMENT * d * p
+
+    def bookkeeping_call(self, module: nn.Module, x: Tensor, vectors: Mapping[str, Tensor], sink: Any) -> Tensor:
+        """The layer's output through :class:`BookkeepingLinear` (see there for ``sink``)."""
+        return BookkeepingLinear.apply(x, module.weight, module.bias, (self.transposed, vectors, sink))
 
 
 class HFConv1DHandler(LinearHandler):
@@ -101,32 +167,6 @@ class HFConv1DHandler(LinearHandler):
     def in_out_features(module: nn.Module) -> tuple[int, int]:
         d, p = module.weight.shape
         return d, p
-
-
-@dataclass
-class GramFactors:
-    """The validation side of the Gram route for one layer's weight.
-
-    ``A [N, d]``, ``D [N, p]`` hold every validation token of every call of the layer, so
-    ``Dᵀ A`` is the part of the validation weight gradient that flows through this layer. A
-    weight shared with embeddings (GPT-2's tied LM head) also gets gradient from their lookups,
-    only in the rows of the validation tokens: ``rows [R]`` and ``residual [R, d]`` (output-by-input
-    layout) hold the total validation gradient minus ``Dᵀ A`` there.
-    """
-
-    A: Tensor
-    D: Tensor
-    rows: Tensor | None = None
-    residual: Tensor | None = None
-
-    @property
-    def tokens(self) -> int:
-        return self.A.shape[0]
-
-    def cost(self, d: int, p: int) -> float:
-        """Multiply-adds per training token."""
-        extra = 0 if self.rows is None else self.rows.numel() * (d + 1)
-        return float(self.tokens * (d + p + 1) + extra)
 
 
 def gram_dot(A: Tensor, D: Tensor, factors: GramFactors, max_elements: int = 1 << 24) -> Tensor:
@@ -151,15 +191,6 @@ def gram_dot(A: Tensor, D: Tensor, factors: GramFactors, max_elements: int = 1 <
         extra = (A @ factors.residual.T) * D[:, factors.rows]  # (B·T, R)
         out = out + extra.reshape(B, -1).sum(dim=1)
     return out
-
-
-def residual_rows(
-    handler: LinearHandler, module: nn.Module, total_grad: Tensor, factors: GramFactors, rows: Tensor
-) -> GramFactors:
-    """Factors completed with the residual of a weight shared with embeddings looked up at ``rows``."""
-    total = handler.weight_out_in(module, total_grad)[rows]  # (R, d)
-    own = factors.D[:, rows].T @ factors.A  # (R, d): this layer's part at those rows
-    return GramFactors(factors.A, factors.D, rows, total - own.to(total.dtype))
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:

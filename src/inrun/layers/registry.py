@@ -33,17 +33,24 @@ class LayerHandler:
     """Exact per-example dot products ``<g_z, u>`` for the direct parameters of one module type.
 
     Subclasses implement :meth:`capture` (run in the forward hook, returns detached inputs) and
-    :meth:`dot` (run once the output gradient is known). Handlers that can also use the Gram
-    route set ``supports_gram`` and implement :meth:`gram_factors`.
+    :meth:`dot` (run once the output gradient is known): that is the vector route, which every
+    handler has. Further routes are capabilities a handler declares:
+
+    * ``supports_gram``: the weight's per-example gradient is a product ``D_zᵀ A_z``; the handler
+      implements :meth:`gram_factors`, :meth:`validation_gram`, :meth:`gram_cost` and
+      :meth:`gram_residual` (see :mod:`inrun.layers.linear`);
+    * ``supports_bookkeeping``: the layer's op can be replaced by one whose backward forms the
+      per-example weight gradients in place of the weight-gradient GEMM; the handler implements
+      :meth:`bookkeeping_call` and :meth:`bookkeeping_cost`;
+    * ``row_sparse``: the weight's gradient touches only the rows :meth:`gradient_rows` names
+      (an embedding), so a Gram-route layer sharing that weight (a tied LM head) stays exact by
+      adding the validation gradient of those rows.
     """
 
     name: ClassVar[str] = "handler"
     supports_gram: ClassVar[bool] = False
     supports_bookkeeping: ClassVar[bool] = False
-
-    def param_names(self, module: nn.Module) -> tuple[str, ...]:
-        """Names of the module's own trainable parameters this handler values."""
-        return tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
+    row_sparse: ClassVar[bool] = False
 
     def check(self, module: nn.Module) -> None:
         """Raise :class:`~inrun.errors.UnsupportedModuleError` if the module cannot be valued now."""
@@ -85,18 +92,18 @@ class LayerHandler:
         """
         raise NotImplementedError
 
-    def gram_factors(self, module: nn.Module, saved: Any, grad_out: Tensor) -> tuple[Tensor, Tensor]:
-        """``(A [B, T, d], D [B, T, p])`` with per-example weight gradient ``D_zᵀ A_z``."""
-        raise NotImplementedError
-
     def vector_cost(self, module: nn.Module) -> float:
-        """Multiply-adds per token of the vector route for the weight (for route choice)."""
+        """Multiply-adds per position of the vector route for the weight (for route choice)."""
         return 0.0
 
-    def gram_cost(self, module: nn.Module, n_val_tokens: int) -> float:
-        """Multiply-adds per token of the Gram route for the weight, given the validation tokens."""
-        return float("inf")
+    def feature_sizes(self, module: nn.Module) -> tuple[int, int]:
+        """``(inputs, outputs)`` per position of a matrix-shaped layer, for memory estimates
+        (``(0, 0)``: not matrix-shaped)."""
+        return 0, 0
 
+    def gradient_rows(self, module: nn.Module, saved: Any) -> Tensor:
+        """``row_sparse`` handlers: the weight rows this call's gradient can touch."""
+        raise NotImplementedError
 
 
 def first_input(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:

@@ -1,0 +1,23 @@
+"""The tracker's parts, one job per module (``InRunShapley`` in :mod:`inrun.tracker` is their facade).
+
+========================  ==================================================================
+``config``                the settings (``TrackerConfig``), validated
+``params``                the parameter table: gradients, norms, clip ratio
+``entries``               tracked modules and their handlers; shared parameters detected
+``capture``               forward hooks, what a call keeps, its output-gradient hook
+``validation``            the validation pass: g_val at a shift, HVPs, Gram factors, cache
+``routes``                route choice (one cost model per route), the contraction kernel
+``bookkeeping``           the book-keeping route's forward override
+``rules``                 value rules (first order scalar/elementwise, Hessian, trapezoid)
+``check``                 the consistency check and the step's one host transfer
+``state``                 the step's states; the one place steps are counted and recorded
+``engine``                the step machine wiring the parts together
+``coverage``              which route valued each parameter
+========================  ==================================================================
+"""
+
+from .config import TrackerConfig
+from .coverage import Coverage
+from .engine import StepEngine
+
+__all__ = ["Coverage", "StepEngine", "TrackerConfig"]

@@ -1,0 +1,235 @@
+"""The step machine: micro-batches in, the optimizer's step hooks, values out.
+
+The life of one step (see :mod:`inrun.tracking.state` for its states)::
+
+    open_microbatch       finish a pending step (flush); ValidationPass.at_step_start: g_val at
+                          θ_t + f(0) and the Gram factors; a new Window (OPEN)
+    user's forward        TrainRecorder.on_forward keeps each tracked call's input
+    user's backward       _on_gradient: contract_call with g_val (immediate rules), factors kept
+                          (deferred rules)
+    close_microbatch      gradient norms (clip detection); ConsistencyCheck.terms (immediate)
+    pre_step              clip ratio; ValueRule.at_step; ConsistencyCheck.finalize: the one host
+                          transfer, the window VALUED or SKIPPED
+    post_step             StepLog.end: COMMITTED into the ledger, or PENDING (trapezoid), or the
+                          skip recorded; the step counted
+    next open / flush     ValueRule.finish with g_val(θ_t+1); StepLog.settle: COMMITTED
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import StepOrderError
+from ..integrations.ddp import DDPSync
+from ..ledger import ValueLedger
+from ..optim import rule_for, unwrap_optimizer
+from .bookkeeping import Bookkeeping
+from .capture import Hooks, TrainRecorder
+from .check import ConsistencyCheck, column_sum
+from .config import TrackerConfig
+from .coverage import Coverage, coverage_of
+from .entries import Entry, build_entries
+from .params import ParamTable
+from .routes import RoutePolicy, contract_call, route_label
+from .rules import make_value_rule
+from .state import Capture, MicroBatch, StepLog, Window
+from .validation import Validation, ValidationPass
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel."""
+    inner = model
+    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        inner = inner.module
+    return inner
+
+
+class StepEngine:
+    """Every part of the tracker, wired together; :class:`~inrun.InRunShapley` is its facade."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, val_loss: Any, config: TrackerConfig,
+        ledger: ValueLedger,
+    ) -> None:
+        self.config = config
+        self.module = unwrap_model(model)
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.update = rule_for(self.optimizer, proxy=config.proxy, adam=config.adam)
+        self.table = ParamTable(self.module)
+        self.entries = build_entries(self.module, self.table)
+        self.table.warn_missing_from(self.optimizer)
+        self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        # DDP (see inrun.integrations.ddp): its process group; None for a single process.
+        self.ddp = DDPSync.of(model) if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        self.policy = RoutePolicy(config)
+        self.hooks = Hooks(self.entries)
+        self.validation = ValidationPass(
+            self.module, self.table, self.entries, self.hooks, val_loss, config, self.update, self.policy,
+        )
+        self.check = ConsistencyCheck(config, self.table, self.ddp)
+        self.rule = make_value_rule(config, self.update, self.table, self.validation, self.check, self.ddp)
+        self.log = StepLog(ledger)
+        self.enabled = True
+        self.window: Window | None = None
+        self.pending: Window | None = None
+        self.recorder: TrainRecorder | None = None
+        self.bookkeeping = (
+            Bookkeeping(self.entries, self.policy, self._bookkeeping_target, self._add_dots)
+            if config.bookkeeping != "off" else None
+        )
+        self.hooks.install()
+        self._optimizer_hooks = [
+            self.optimizer.register_step_pre_hook(self.pre_step),
+            self.optimizer.register_step_post_hook(self.post_step),
+        ]
+
+    # ------------------------------------------------------------------ micro-batches
+    def open_microbatch(self, ids: list) -> TrainRecorder:
+        window = self.window
+        if window is not None and window.micro and self.table.all_grads_none():
+            # The previous micro-batches were zeroed away without an optimizer step
+            # (e.g. GradScaler skipped it): nothing they computed was applied.
+            self.log.skip(window, "gradients were zeroed without an optimizer step", warn=True)
+            window = self.window = None
+        if window is None:
+            self.flush()
+            self.validation.at_step_start(self.log.count)
+            self.table.require_zero_grads()
+            self.window = self.log.open()
+        calls = self.bookkeeping.calls if self.bookkeeping is not None else set()
+        self.recorder = TrainRecorder(MicroBatch(ids=ids, size=len(ids)), self.rule.keeps_factors,
+                                      self._on_gradient, calls)
+        return self.recorder
+
+    def close_microbatch(self, recorder: TrainRecorder, error: BaseException | None) -> None:
+        recorder.open = False
+        self.recorder = None
+        window = self.window
+        if error is not None:
+            if window is not None:
+                window.doomed = f"{type(error).__name__} inside tracker.step()"
+            return
+        mb = recorder.microbatch
+        if mb.fired == 0:
+            window.doomed = "no backward pass reached a tracked layer inside tracker.step()"
+            raise StepOrderError(
+                "no backward pass reached a tracked layer inside tracker.step(ids): call "
+                "loss.backward() inside the `with tracker.step(ids):` block"
+            )
+        val = self.validation.current
+        if mb.dots is None:
+            mb.dots = self._zero_dots(mb, self.table.device)
+        window.micro.append(mb)
+        grads = self.table.grads()
+        with torch.no_grad():
+            window.exit_norms = self.table.norms(grads)
+            if self.rule.immediate:
+                window.check_terms = self.check.terms(
+                    [m.dots for m in window.micro], grads, [column_sum(v) for v in val.grads],
+                    grad_norms=window.exit_norms,
+                )
+
+    def _on_gradient(self, cap: Capture, grad: Tensor, mb: MicroBatch) -> None:
+        with self.hooks.paused(), torch.no_grad():
+            if self.rule.immediate:
+                e, val = cap.entry, self.validation.current
+                factors = val.gram.get(e.index)
+                e.route = route_label(e, factors is not None)
+                vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
+                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors))
+        if self.rule.keeps_factors:
+            cap.grad = grad.detach()
+        else:
+            cap.saved = None
+
+    def _zero_dots(self, mb: MicroBatch, device: torch.device) -> Tensor:
+        columns = self.validation.current.columns
+        return torch.zeros(len(self.table), mb.size, columns, dtype=torch.float64, device=device)
+
+    def _add_dots(self, mb: MicroBatch, entry: Entry, dots: dict[str, Tensor]) -> None:
+        for name, d in dots.items():
+            if mb.dots is None:
+                mb.dots = self._zero_dots(mb, d.device)
+            mb.dots[entry.row(name)] += d.to(torch.float64)
+
+    def _bookkeeping_target(self) -> tuple[TrainRecorder, Validation] | None:
+        recorder = self.recorder
+        if recorder is None or self.hooks.active is not recorder or not self.rule.immediate:
+            return None
+        return recorder, self.validation.current
+
+    # ------------------------------------------------------------------ optimizer hooks
+    def pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        window = self.window
+        if self.recorder is not None:
+            raise StepOrderError("optimizer.step() was called inside a tracker.step() block")
+        if window is None or not window.micro:
+            if window is not None and window.doomed:
+                window.skip(window.doomed)
+                return
+            raise StepOrderError(
+                "optimizer.step() was called with no `with tracker.step(ids):` block since the "
+                "last step, so the update has no examples to credit. Wrap the forward/backward "
+                "in tracker.step(ids), or set tracker.enabled = False to train untracked."
+            )
+        if window.doomed:
+            window.skip(window.doomed)
+            return
+        grads = self.table.grads()
+        with torch.no_grad():
+            # Clipping or unscaling between backward and the step multiplies each gradient by a
+            # factor: the optimizer sees x_S = ratio · Σ_S g_z.
+            ratio = ParamTable.ratios(self.table.norms(grads), window.exit_norms)
+            if self.ddp is not None:
+                # DDP averages over ranks: each rank's example adds g_z / W to the update.
+                ratio = ratio / self.ddp.world_size
+        first, second = self.rule.at_step(window, grads, ratio)
+        self.check.finalize(window, first, second, lr=float(self.optimizer.param_groups[0]["lr"]))
+
+    def post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.validation.parameters_changed()  # any cached validation gradient is stale
+        window = self.window
+        if not self.enabled or window is None:
+            return
+        self.window = None
+        self.pending = self.log.end(window, pending=self.rule.pending)
+
+    # ------------------------------------------------------------------ the rest
+    def flush(self) -> None:
+        """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
+        if self.pending is None:
+            return
+        window, self.pending = self.pending, None
+        values = self.rule.finish(window, self.validation.plain(self.log.count))
+        second = values.cpu().numpy() - window.first
+        if np.isfinite(second).all():
+            window.second = second
+        else:
+            window.skip("non-finite trapezoid correction")
+        self.log.settle(window)
+
+    def skip(self, reason: str) -> None:
+        window, self.window = self.window, None
+        self.log.skip(window, reason)
+
+    def mid_step(self) -> bool:
+        return self.recorder is not None or (self.window is not None and bool(self.window.micro))
+
+    def coverage(self) -> Coverage:
+        return coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
+
+    def close(self) -> None:
+        self.hooks.remove()
+        for h in self._optimizer_hooks:
+            h.remove()
+        self._optimizer_hooks.clear()
+        if self.bookkeeping is not None:
+            self.bookkeeping.remove()
+        self.enabled = False
+

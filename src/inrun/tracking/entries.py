@@ -1,0 +1,82 @@
+"""Tracked modules: each module with trainable parameters of its own, its handler, and which
+rows of the parameter table it values; parameters shared between modules are detected here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..layers import FALLBACK, LayerHandler, handler_for
+from .params import ParamTable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry:
+    """A tracked module: its handler and where its parameters sit in the parameter table."""
+
+    index: int
+    name: str
+    module: nn.Module
+    handler: LayerHandler
+    param_names: tuple[str, ...]
+    param_index: tuple[int, ...]
+    gram_capable: bool
+    residual_from: tuple[int, ...] = ()
+    """Entries whose row-sparse gradients share this layer's weight (the tied LM head's
+    embedding): the Gram route adds their validation gradient in the rows they touch."""
+    route: str = "unused"
+    """The route that last valued this module's parameters (for :meth:`coverage`)."""
+
+    def row(self, param_name: str) -> int:
+        """The parameter table row of one of this module's parameters."""
+        return self.param_index[self.param_names.index(param_name)]
+
+
+def build_entries(module: nn.Module, table: ParamTable) -> list[Entry]:
+    """One entry per module that owns trainable parameters, in ``named_modules`` order.
+
+    A weight owned by one module can take the Gram route; a weight shared with modules whose
+    gradients touch only some rows (embeddings: a tied LM head) can too, with those rows added
+    as a residual. Any other sharing leaves the vector route, which is exact for any sharing
+    because it dots with the *total* validation gradient.
+    """
+    owners: dict[int, list[nn.Module]] = {}
+    for m in module.modules():
+        for _, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(m)
+    entries: list[Entry] = []
+    for name, mod in module.named_modules():
+        own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        handler = handler_for(mod) or FALLBACK
+        if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            handler.check(mod)  # BatchNorm's mode is checked at every step instead
+        weight = dict(own).get("weight")
+        entries.append(
+            Entry(
+                index=len(entries),
+                name=name or type(mod).__name__,
+                module=mod,
+                handler=handler,
+                param_names=tuple(n for n, _ in own),
+                param_index=tuple(table.row(p) for _, p in own),
+                gram_capable=handler.supports_gram and weight is not None and len(owners[id(weight)]) == 1,
+            )
+        )
+        if handler is FALLBACK:
+            logger.info("no handler for %s (%s): using the torch.func fallback", name, type(mod).__name__)
+    by_module = {id(e.module): e for e in entries}
+    for e in entries:
+        weight = getattr(e.module, "weight", None)
+        if not e.handler.supports_gram or weight is None or "weight" not in e.param_names or e.gram_capable:
+            continue
+        others = [by_module.get(id(m)) for m in owners[id(weight)] if m is not e.module]
+        if others and all(o is not None and o.handler.row_sparse for o in others):
+            e.gram_capable = True
+            e.residual_from = tuple(o.index for o in others)
+    return entries

@@ -1,0 +1,87 @@
+"""The parameter table: the trainable parameters in one order, their gradients, norms and the
+factor the loop applied to each gradient between backward and the step (clipping, unscaling)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InRunError, StepOrderError
+
+logger = logging.getLogger(__name__)
+
+
+class ParamTable:
+    """Trainable parameters of a model, each once (tied parameters share one row)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.params: list[nn.Parameter] = []
+        self.names: list[str] = []
+        self._row: dict[int, int] = {}
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                self._row[id(p)] = len(self.params)
+                self.params.append(p)
+                self.names.append(name)
+        if not self.params:
+            raise InRunError("the model has no trainable parameters (requires_grad=True)")
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def row(self, p: Tensor) -> int:
+        return self._row[id(p)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    def grads(self) -> list[Tensor | None]:
+        return [p.grad for p in self.params]
+
+    def norms(self, grads: list[Tensor | None]) -> Tensor:
+        """``[P]`` float64 gradient norms (0 for a missing gradient)."""
+        device = self.device
+        present = [g for g in grads if g is not None]
+        values = iter(torch._foreach_norm(present)) if present else iter(())
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return torch.stack([next(values).double().to(device) if g is not None else zero for g in grads])
+
+    @staticmethod
+    def ratios(now: Tensor, before: Tensor) -> Tensor:
+        """Per-parameter factor applied to the gradient between backward and the step (clipping,
+        unscaling): ``‖grad now‖ / ‖grad after backward‖``, 1 where the gradient was zero."""
+        safe = torch.where(before > 0, before, torch.ones_like(before))
+        return torch.where(before > 0, now / safe, torch.ones_like(before))
+
+    def all_grads_none(self) -> bool:
+        return all(p.grad is None for p in self.params)
+
+    def require_zero_grads(self) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        with torch.no_grad():
+            nonzero = bool(torch.stack(torch._foreach_norm(grads)).any())
+        if nonzero:
+            raise StepOrderError(
+                "gradients are not zero at the start of a step: call optimizer.zero_grad() "
+                "after each optimizer.step(), so the update is exactly the valued examples' "
+                "gradients"
+            )
+
+    def warn_missing_from(self, optimizer: torch.optim.Optimizer) -> None:
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in zip(self.names, self.params) if id(p) not in in_opt]
+        if missing:
+            logger.warning(
+                "%d trainable parameters are not in the optimizer and get no value: %s",
+                len(missing),
+                ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
+            )

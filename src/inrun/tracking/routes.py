@@ -1,0 +1,138 @@
+"""Routes: how one tracked call's per-example dot products are computed, and which route a
+layer takes.
+
+* vector: ``handler.dot`` with the contraction vectors (every handler has it), cost
+  ``handler.vector_cost`` per position;
+* Gram: the weight's dots from the training and validation factors (``gram_dot``), cost
+  ``handler.gram_cost`` per position; for handlers that declare ``supports_gram``;
+* book-keeping: per-example weight gradients inside the layer's backward, cost
+  ``handler.bookkeeping_cost`` per example; for handlers that declare ``supports_bookkeeping``
+  (see :mod:`inrun.tracking.bookkeeping`).
+
+:func:`contract_call` is the one contraction kernel of the vector and Gram routes: the
+immediate dots during backward and every deferred contraction (Adam, order 2) go through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from ..errors import InRunError
+from ..layers import FALLBACK
+from ..layers.linear import GramFactors, gram_dot
+from .config import TrackerConfig
+from .entries import Entry
+from .state import Window
+
+MAX_BOOKKEEPING_COLUMNS = 4
+"""Book-keeping dots every per-example gradient with each validation column: beyond a few
+columns the vector route's one projection per column is cheaper."""
+
+
+def route_label(entry: Entry, gram: bool) -> str:
+    if gram:
+        return "gram"
+    return "fallback" if entry.handler is FALLBACK else f"vector:{entry.handler.name}"
+
+
+def contract_call(
+    entry: Entry, saved: object, grad: Tensor, vectors: Mapping[str, Tensor], gram: GramFactors | None,
+) -> dict[str, Tensor]:
+    """``{param name: [B, K]}`` dots of one call's per-example gradients with ``vectors``
+    (``[K, *shape]`` by name); with ``gram`` the weight's dots take the Gram route (``K = 1``)."""
+    handler = entry.handler
+    out: dict[str, Tensor] = {}
+    names = entry.param_names
+    if gram is not None:
+        A, D = handler.gram_factors(entry.module, saved, grad)
+        out["weight"] = gram_dot(A, D, gram).unsqueeze(1)
+        names = tuple(n for n in names if n != "weight")
+    rest = {n: vectors[n] for n in names}
+    if rest:
+        out.update(handler.dot(entry.module, saved, grad, rest))
+    return out
+
+
+def contract_window(
+    window: Window, n_params: int, vectors: list[Tensor], gram: Mapping[int, GramFactors] | None = None,
+    coef: Tensor | None = None, record_route: bool = False,
+) -> Tensor:
+    """``[P, B, K]`` dots of the window's kept per-example factors with per-parameter vectors.
+
+    With ``gram`` (validation factors by entry) and ``coef`` (``vectors[p] = coef[p] · g``), a
+    layer with factors takes its weight's dots by the Gram route instead, times ``coef``.
+    """
+    K = vectors[0].shape[0]
+    parts = []
+    for mb in window.micro:
+        out = torch.zeros(n_params, mb.size, K, dtype=torch.float64, device=mb.dots.device)
+        for cap in mb.captures:
+            if cap.grad is None:
+                continue
+            if any(t._version != v for t, v in cap.versions):
+                raise InRunError(
+                    f"the input of {cap.entry.name} was modified in place after its forward, "
+                    "before the step's values were complete (order 2 and Adam read each "
+                    "layer's input at the optimizer step or the next tracker.step)"
+                )
+            e = cap.entry
+            factors = gram.get(e.index) if gram is not None and K == 1 else None
+            by_name = {n: vectors[i] for n, i in zip(e.param_names, e.param_index)}
+            if record_route:
+                e.route = route_label(e, factors is not None)
+            for name, d in contract_call(e, cap.saved, cap.grad, by_name, factors).items():
+                row = e.row(name)
+                if factors is not None and name == "weight":
+                    out[row] += d.to(out.dtype) * coef[row].to(out.dtype)
+                else:
+                    out[row] += d.to(out.dtype)
+        parts.append(out)
+    return torch.cat(parts, dim=1)
+
+
+class RoutePolicy:
+    """Which route each layer takes, by the settings and one cost model per route."""
+
+    def __init__(self, config: TrackerConfig) -> None:
+        self.config = config
+
+    @property
+    def captures_gram(self) -> bool:
+        return self.config.route != "vector"
+
+    def keep_gram(self, entry: Entry, factors: GramFactors) -> bool:
+        """Whether the weight takes the Gram route with these validation factors."""
+        if self.config.route == "gram":
+            return True
+        return self.gram_cost(entry, factors.tokens, factors.residual_rows) < entry.handler.vector_cost(entry.module)
+
+    @staticmethod
+    def gram_cost(entry: Entry, val_tokens: int, residual_rows: int = 0) -> float:
+        return entry.handler.gram_cost(entry.module, val_tokens, residual_rows)
+
+    def predict(self, entry: Entry, val_tokens: int) -> str:
+        """The route a layer is expected to take with ``val_tokens`` validation positions
+        (``inrun inspect`` on a model not run yet; the tied head's residual rows not counted)."""
+        gram = (
+            entry.gram_capable and self.captures_gram
+            and (self.config.route == "gram" or self.gram_cost(entry, val_tokens) < entry.handler.vector_cost(entry.module))
+        )
+        return route_label(entry, gram)
+
+    def use_bookkeeping(
+        self, entry: Entry, x: object, batch: int, columns: int, gram: GramFactors | None,
+    ) -> bool:
+        """Book-keeping for this call: allowed, a call the route can take, and the cheapest."""
+        if self.config.bookkeeping == "off" or "weight" not in entry.param_names or columns > MAX_BOOKKEEPING_COLUMNS:
+            return False
+        tokens = entry.handler.bookkeeping_positions(entry.module, x, batch)
+        if tokens is None:
+            return False
+        if self.config.bookkeeping == "always":
+            return True
+        vector = tokens * entry.handler.vector_cost(entry.module)
+        via_gram = tokens * self.gram_cost(entry, gram.tokens, gram.residual_rows) if gram is not None else float("inf")
+        return entry.handler.bookkeeping_cost(entry.module) < min(vector, via_gram)

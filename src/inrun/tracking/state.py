@@ -1,0 +1,141 @@
+"""The state of one optimizer step, made explicit, and the one place where steps are counted and
+reach the ledger.
+
+A step (a *window*: every micro-batch between two optimizer steps) moves through::
+
+    OPEN ──optimizer.step() pre-hook──> VALUED ──post-hook──> COMMITTED
+      │                                   └──(trapezoid)──> PENDING ──g_val(θ_t+1)──> COMMITTED
+      └── doomed (exception in a block, no backward, non-finite with on_nonfinite="skip",
+          gradients zeroed without a step, tracker.skip_step) ──> SKIPPED(reason)
+
+:class:`StepLog` moves the step counter (once per window, when its optimizer step or skip
+ends it) and writes committed values and skips to the ledger.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..ledger import ValueLedger
+from .entries import Entry
+
+logger = logging.getLogger(__name__)
+
+
+class StepState(enum.Enum):
+    OPEN = "open"
+    VALUED = "valued"
+    PENDING = "pending"
+    COMMITTED = "committed"
+    SKIPPED = "skipped"
+
+
+@dataclass
+class MicroBatch:
+    """One ``tracker.step(ids)`` block."""
+
+    ids: list
+    size: int
+    dots: Tensor | None = None
+    """``[P, B, K]`` float64 dots with the step's validation gradient (immediate rules)."""
+    captures: list[Capture] = field(default_factory=list)
+    """Calls whose factors are kept for a contraction after backward (deferred rules)."""
+    fired: int = 0
+    batched_seen: bool = False
+    low_precision: bool = False
+
+
+@dataclass
+class Capture:
+    """One forward call of a tracked module inside a micro-batch."""
+
+    entry: Entry
+    saved: Any
+    microbatch: MicroBatch
+    grad: Tensor | None = None
+    fired: bool = False
+    versions: list[tuple[Tensor, int]] = field(default_factory=list)
+
+
+@dataclass
+class Window:
+    """Everything between two optimizer steps (one or several micro-batches)."""
+
+    step: int
+    state: StepState = StepState.OPEN
+    micro: list[MicroBatch] = field(default_factory=list)
+    doomed: str | None = None
+    """Why this step will be skipped at ``optimizer.step()`` (set while it is still open)."""
+    skip_reason: str | None = None
+    exit_norms: Tensor | None = None
+    check_terms: tuple[Tensor, Tensor, Tensor] | None = None
+    rates: Tensor | None = None
+    """Scalar rules: ``[P]`` the update rule's coefficient per parameter (learning rate ...)."""
+    coef: Tensor | None = None
+    """Scalar rules: ``[P]`` coefficient ``c_p`` = rates × the clip factor."""
+    multipliers: list[Any] = field(default_factory=list)
+    """Per parameter: ``c_p`` (scalar rules) or ``−ratio · D_p`` (elementwise rules)."""
+    base_values: Tensor | None = None
+    """Trapezoid: the values at the data part's start, on the device."""
+    first: np.ndarray | None = None
+    second: np.ndarray | None = None
+    lr: float | None = None
+
+    @property
+    def ids(self) -> list:
+        return [i for mb in self.micro for i in mb.ids]
+
+    def dots(self) -> Tensor:
+        return torch.cat([mb.dots for mb in self.micro], dim=1)
+
+    def value(self, first: np.ndarray, second: np.ndarray | None, lr: float) -> None:
+        self.first, self.second, self.lr = first, second, lr
+        self.state = StepState.VALUED
+
+    def skip(self, reason: str) -> None:
+        self.skip_reason = reason
+        self.state = StepState.SKIPPED
+
+
+class StepLog:
+    """Counts optimizer steps and settles windows into the ledger."""
+
+    def __init__(self, ledger: ValueLedger) -> None:
+        self.ledger = ledger
+        self.count = 0
+
+    def open(self) -> Window:
+        return Window(step=self.count)
+
+    def end(self, window: Window, pending: bool) -> Window | None:
+        """The optimizer step (or the loop's skip) ended ``window``: count it, and settle it
+        unless its values wait for the next validation gradient (returned, then, as pending)."""
+        self.count += 1
+        if window.state is StepState.VALUED and pending:
+            window.state = StepState.PENDING
+            return window
+        self.settle(window)
+        return None
+
+    def settle(self, window: Window) -> None:
+        if window.state is StepState.SKIPPED:
+            self.ledger.record_skip(window.step, window.skip_reason)
+        else:
+            self.ledger.add(window.step, window.ids, window.first, window.second, lr=window.lr)
+            window.state = StepState.COMMITTED
+        window.micro.clear()
+
+    def skip(self, window: Window | None, reason: str, warn: bool = False) -> None:
+        """End a window that no optimizer step will value (or the step with no window at all)."""
+        window = window if window is not None else self.open()
+        window.skip(reason)
+        if warn:
+            logger.warning("step %d not valued: %s", window.step, reason)
+        self.end(window, pending=False)
