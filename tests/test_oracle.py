@@ -1,6 +1,7 @@
 """Every handler and whole models: tracker values == η g_val·g_z from torch.func, float64 and float32.
 
-Adding a layer means adding a row to ``LAYER_CASES``; each test is: build, run ours, compare.
+Adding a layer family means adding a row to ``layer_table.LAYERS`` (which feeds the order-2 tests
+too); each test is: build, run ours, compare.
 """
 
 from __future__ import annotations
@@ -9,37 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import Case, classification_case, compare_with_oracle, forced_route, lm_case
+from layer_table import (
+    BATCHED_LAYERS,
+    LAYERS,
+    ChannelPool,
+    GatedScale,
+    LayerRow,
+    Pool,
+    layer_case,
+    perturbed,
+)
 from torch import nn
 
 from inrun.layers import handler_for
-
-# ----------------------------------------------------------------------------- small modules
-
-
-class Pool(nn.Module):
-    """Averages every non-batch, non-feature position: [B, *, F] -> [B, F]."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)
-
-
-class ChannelPool(nn.Module):
-    """[B, C, *spatial] -> [B, C]."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], x.shape[1], -1).mean(dim=2)
-
-
-class GatedScale(nn.Module):
-    """A module no handler knows, nonlinear in its own parameters."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.randn(dim) * 0.5 + 1)
-        self.gate = nn.Parameter(torch.randn(dim) * 0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + torch.tanh(x * self.gate) * self.scale**2
 
 
 class TinyTiedLM(nn.Module):
@@ -61,84 +44,14 @@ class TinyTiedLM(nn.Module):
         return self.head(x)
 
 
-def llama_rmsnorm(dim: int) -> nn.Module:
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    m = LlamaRMSNorm(dim)
-    with torch.no_grad():
-        m.weight.normal_(1.0, 0.2)
-    return m
-
-
-def hf_conv1d(nf: int, nx: int) -> nn.Module:
-    from transformers.pytorch_utils import Conv1D
-
-    m = Conv1D(nf, nx)
-    nn.init.normal_(m.weight, std=0.3)
-    nn.init.normal_(m.bias, std=0.3)
-    return m
-
-
-def perturbed(module: nn.Module) -> nn.Module:
-    """Random affine parameters, so the norm layers' gradients are not trivially symmetric."""
-    with torch.no_grad():
-        for name, p in module.named_parameters(recurse=False):
-            p.normal_(1.0 if name == "weight" else 0.0, 0.3)
-    return module
-
-
-def eval_batchnorm() -> nn.Module:
-    bn = perturbed(nn.BatchNorm1d(6))
-    bn.running_mean.normal_()
-    bn.running_var.uniform_(0.5, 2)
-    bn.eval()
-    return bn
-
-
 def seq_head(*layers: nn.Module, out: int = 6, classes: int = 4) -> nn.Module:
     return nn.Sequential(*layers, Pool(), nn.Linear(out, classes))
 
 
-# ----------------------------------------------------------------------------- the table
-LAYER_CASES: list[Case] = [
-    classification_case("linear 4-d input", lambda: seq_head(nn.Linear(5, 6), nn.Tanh()), (2, 3, 5), 4),
-    classification_case("linear no bias", lambda: seq_head(nn.Linear(5, 6, bias=False), nn.Tanh()), (3, 5), 4),
+# ----------------------------------------------------------------------------- the tables
+# Layer families are rows of layer_table.LAYERS; these are situations around them.
+STEP_CASES: list[Case] = [
     classification_case("linear sum loss", lambda: seq_head(nn.Linear(5, 6), nn.Tanh()), (3, 5), 4, reduction="sum"),
-    classification_case("hf Conv1D", lambda: seq_head(hf_conv1d(6, 5), nn.Tanh()), (3, 5), 4),
-    classification_case("layernorm", lambda: seq_head(nn.Linear(5, 6), perturbed(nn.LayerNorm(6))), (3, 5), 4),
-    classification_case(
-        "layernorm no bias", lambda: seq_head(nn.Linear(5, 6), perturbed(nn.LayerNorm(6, bias=False))), (3, 5), 4
-    ),
-    classification_case("torch RMSNorm", lambda: seq_head(nn.Linear(5, 6), perturbed(nn.RMSNorm(6))), (3, 5), 4),
-    classification_case("LlamaRMSNorm", lambda: seq_head(nn.Linear(5, 6), llama_rmsnorm(6)), (3, 5), 4),
-    classification_case(
-        "groupnorm",
-        lambda: nn.Sequential(nn.Conv1d(3, 6, 3), perturbed(nn.GroupNorm(2, 6)), ChannelPool(), nn.Linear(6, 4)),
-        (3, 7), 4,
-    ),
-    classification_case(
-        "conv1d", lambda: nn.Sequential(nn.Conv1d(3, 6, 3, stride=2, padding=1), nn.Tanh(), ChannelPool(), nn.Linear(6, 4)),
-        (3, 9), 4,
-    ),
-    classification_case(
-        "conv2d groups dilation circular",
-        lambda: nn.Sequential(
-            nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, padding_mode="circular"),
-            nn.Tanh(), ChannelPool(), nn.Linear(6, 4),
-        ),
-        (4, 6, 5), 4,
-    ),
-    classification_case(
-        "conv2d no bias stride",
-        lambda: nn.Sequential(nn.Conv2d(3, 6, (3, 2), stride=(2, 1), bias=False), nn.Tanh(), ChannelPool(), nn.Linear(6, 4)),
-        (3, 7, 6), 4,
-    ),
-    classification_case(
-        "batchnorm eval", lambda: nn.Sequential(nn.Linear(5, 6), eval_batchnorm(), nn.Linear(6, 4)), (5,), 4
-    ),
-    classification_case(
-        "unknown module (fallback)", lambda: seq_head(nn.Linear(5, 6), GatedScale(6)), (3, 5), 4
-    ),
     classification_case(
         "in-place activations",
         lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 6), nn.Hardtanh(inplace=True), nn.Linear(6, 4)),
@@ -151,17 +64,18 @@ LAYER_CASES: list[Case] = [
     ),
     lm_case("tied embedding + arange positions (nanoGPT)", lambda: TinyTiedLM(), vocab=11, hf=False),
 ]
+LAYER_STEPS = [layer_case(row) for row in BATCHED_LAYERS]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", LAYER_STEPS + STEP_CASES, ids=lambda c: c.name)
 def test_layer_matches_oracle(case: Case, dtype: torch.dtype) -> None:
     compare_with_oracle(case, dtype)
 
 
 @pytest.mark.parametrize("route", ["vector", "gram", "bookkeeping"])
 @pytest.mark.parametrize(
-    "case", [c for c in LAYER_CASES if c.name in ("linear 4-d input", "hf Conv1D", "tied embedding + arange positions (nanoGPT)")],
+    "case", [c for c in LAYER_STEPS + STEP_CASES if c.name in ("linear 4-d input", "hf Conv1D", "tied embedding + arange positions (nanoGPT)")],
     ids=lambda c: c.name,
 )
 def test_forced_routes_match_oracle(case: Case, route: str) -> None:
@@ -278,17 +192,11 @@ def test_lora_values_only_the_adapter() -> None:
     tracker.close()
 
 
-def test_handlers_cover_the_families() -> None:
+@pytest.mark.parametrize("row", LAYERS, ids=lambda r: r.name)
+def test_registry_picks_the_rows_handler(row: LayerRow) -> None:
     """The registry routes each family to its own handler (none silently to the fallback)."""
-    expected = {
-        nn.Linear(2, 2): "linear", hf_conv1d(2, 2): "hf_conv1d", nn.Embedding(3, 2): "embedding",
-        nn.LayerNorm(2): "layernorm", nn.RMSNorm(2): "rmsnorm", llama_rmsnorm(2): "affine_norm",
-        nn.GroupNorm(1, 2): "groupnorm", nn.Conv1d(1, 1, 1): "conv", nn.Conv2d(1, 1, 1): "conv",
-        nn.BatchNorm2d(2): "batchnorm_eval",
-    }
-    for module, name in expected.items():
-        assert handler_for(module).name == name
-    assert handler_for(GatedScale(2)) is None
+    handler = handler_for(row.make_module())
+    assert (handler.name if handler is not None else "fallback") == row.handler
 
 
 def test_example_loss_is_the_share() -> None:

@@ -1,7 +1,8 @@
 """Order 2 (``hessian`` and ``trapezoid``) against independent oracles, in float64.
 
-* every handler's ``dot`` with random contraction vectors (K = 1 and 3) = torch.func
-  per-example gradients · vectors (the per-example factors the deferred contraction uses);
+* every row of ``layer_table.LAYERS``: the handler's ``dot`` with random contraction vectors
+  (K = 1 and 3) = torch.func per-example gradients · vectors (the per-example factors the
+  deferred contraction uses), and a whole step of a classifier around it at order 2;
 * whole models (GPT-2 with tied embeddings, Llama, a CNN): tracker values = an oracle from
   torch.func per-example gradients and, for ``hessian``, a Hessian-vector product by double
   backward on a copy; for ``trapezoid``, ``g_val`` at θ_{t+1} computed on a copy stepped by hand;
@@ -16,14 +17,15 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import Case, _cast_val_loss, cast_floats, classification_case, forced_route, lm_case
-from test_oracle import GatedScale, cnn, gpt2, hf_conv1d, llama, llama_rmsnorm, perturbed
+from layer_table import BATCHED_LAYERS, LAYERS, LayerRow, layer_case
+from test_oracle import cnn, gpt2, llama
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -42,66 +44,7 @@ DOT_RTOL = 1e-10
 VALUE_RTOL = 1e-9
 
 
-# ============================================================================ handler table
-@dataclass
-class DotCase:
-    """One handler family: a module, an input, and how the tracker sees the call."""
-
-    name: str
-    handler: str
-    make_module: Callable[[], nn.Module]
-    make_input: Callable[[torch.Generator, int], Tensor]
-    layout: Layout = Layout.BATCHED
-
-
-def floats(*shape: int) -> Callable[[torch.Generator, int], Tensor]:
-    return lambda gen, B: torch.randn(B, *shape, generator=gen, dtype=torch.float64)
-
-
-def token_ids(vocab: int, T: int, pad: int | None = None) -> Callable[[torch.Generator, int], Tensor]:
-    def make(gen: torch.Generator, B: int) -> Tensor:
-        ids = torch.randint(0, vocab, (B, T), generator=gen)
-        if pad is not None:
-            ids[:, ::3] = pad  # some padding positions in every example
-        return ids
-
-    return make
-
-
-def eval_batchnorm(bn: nn.Module) -> nn.Module:
-    perturbed(bn)
-    bn.running_mean.normal_()
-    bn.running_var.uniform_(0.5, 2)
-    return bn.eval()
-
-
-DOT_CASES = [
-    DotCase("linear 2-d", "linear", lambda: nn.Linear(5, 4), floats(5)),
-    DotCase("linear 4-d input", "linear", lambda: nn.Linear(5, 4), floats(2, 3, 5)),
-    DotCase("linear no bias", "linear", lambda: nn.Linear(5, 7, bias=False), floats(3, 5)),
-    DotCase("linear broadcast [1, T, d]", "linear", lambda: nn.Linear(5, 4),
-            lambda gen, B: torch.randn(1, 3, 5, generator=gen, dtype=torch.float64), Layout.BROADCAST),
-    DotCase("hf Conv1D", "hf_conv1d", lambda: hf_conv1d(6, 5), floats(3, 5)),
-    DotCase("embedding", "embedding", lambda: nn.Embedding(11, 4), token_ids(11, 5)),
-    DotCase("embedding padding_idx", "embedding", lambda: nn.Embedding(11, 4, padding_idx=0), token_ids(11, 6, pad=0)),
-    DotCase("embedding positions arange(T)", "embedding", lambda: nn.Embedding(8, 4),
-            lambda gen, B: torch.arange(6), Layout.UNBATCHED),
-    DotCase("embedding positions [1, T]", "embedding", lambda: nn.Embedding(8, 4),
-            lambda gen, B: torch.arange(6).unsqueeze(0), Layout.BROADCAST),
-    DotCase("layernorm", "layernorm", lambda: perturbed(nn.LayerNorm(6)), floats(3, 6)),
-    DotCase("layernorm no bias", "layernorm", lambda: perturbed(nn.LayerNorm(6, bias=False)), floats(3, 6)),
-    DotCase("torch RMSNorm", "rmsnorm", lambda: perturbed(nn.RMSNorm(6)), floats(3, 6)),
-    DotCase("LlamaRMSNorm", "affine_norm", lambda: llama_rmsnorm(6), floats(3, 6)),
-    DotCase("groupnorm", "groupnorm", lambda: perturbed(nn.GroupNorm(2, 6)), floats(6, 7)),
-    DotCase("conv1d stride padding", "conv", lambda: nn.Conv1d(3, 6, 3, stride=2, padding=1), floats(3, 9)),
-    DotCase("conv2d groups dilation circular", "conv",
-            lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, padding_mode="circular"), floats(4, 6, 5)),
-    DotCase("batchnorm1d eval", "batchnorm_eval", lambda: eval_batchnorm(nn.BatchNorm1d(6)), floats(6)),
-    DotCase("batchnorm2d eval", "batchnorm_eval", lambda: eval_batchnorm(nn.BatchNorm2d(3)), floats(3, 4, 4)),
-    DotCase("unknown module (torch.func fallback)", "fallback", lambda: GatedScale(6), floats(3, 6)),
-]
-
-
+# ============================================================================ handler dots
 def oracle_per_example_grads(module: nn.Module, x: Tensor, cotangent: Tensor, layout: Layout) -> dict[str, Tensor]:
     """torch.func: gradient of <r_z, output_z> for each example z, by vmap over examples."""
     params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
@@ -120,8 +63,8 @@ def oracle_per_example_grads(module: nn.Module, x: Tensor, cotangent: Tensor, la
 
 
 @pytest.mark.parametrize("K", [1, 3])
-@pytest.mark.parametrize("case", DOT_CASES, ids=lambda c: c.name)
-def test_handler_dot_matches_torch_func(case: DotCase, K: int) -> None:
+@pytest.mark.parametrize("case", LAYERS, ids=lambda c: c.name)
+def test_handler_dot_matches_torch_func(case: LayerRow, K: int) -> None:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     B = 4
@@ -262,6 +205,12 @@ MODEL_CASES = [
     f64(lm_case("Llama", llama, vocab=40)),
     f64(classification_case("CNN conv2d + groupnorm", cnn, (3, 8, 8), 5)),
 ]
+
+
+@pytest.mark.parametrize("variant", ["hessian", "trapezoid"])
+@pytest.mark.parametrize("case", [f64(layer_case(row)) for row in BATCHED_LAYERS], ids=lambda c: c.name)
+def test_layer_order2_matches_oracle(case: Case, variant: str) -> None:
+    run_and_compare(case, variant)
 
 
 @pytest.mark.parametrize("variant", ["hessian", "trapezoid"])
