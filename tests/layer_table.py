@@ -11,6 +11,7 @@ Adding a layer family means: its handler file, one registry line, and one row he
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,13 @@ import torch.nn.functional as F
 from helpers import Case, with_dtype
 from torch import Tensor, nn
 
-from inrun.layers import Layout
+
+class Layout(enum.Enum):
+    """How the row's layer call relates to the batch (for the oracle's per-example functions)."""
+
+    BATCHED = "batched"  # the batch is dim 0 of input and output
+    BROADCAST = "broadcast"  # leading dim 1, shared by the batch
+    UNBATCHED = "unbatched"  # no batch dim (positions ``arange(T)``)
 
 
 # ----------------------------------------------------------------------------- small modules

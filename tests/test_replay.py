@@ -9,7 +9,7 @@ from test_oracle import gpt2
 from torch import nn
 
 from inrun import exact
-from inrun.tracking.replay import RootCalls, armed, weighted_gradients
+from inrun.tracking.replay import RootCalls, armed, buffers_kept, weighted_gradients
 
 
 def test_replay_is_bit_identical_and_leaves_buffers_and_rng_alone() -> None:
@@ -37,7 +37,9 @@ def test_replay_restores_running_statistics() -> None:
         model(torch.randn(3, 3, 7)).sum().backward()
         kept = list(calls.calls)
     before = norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone()
-    kept[0].replay()
+    with buffers_kept(model):
+        kept[0].replay()
+        assert not torch.equal(norm.running_mean, before[0])  # the forward did update them
     assert all(torch.equal(a, b) for a, b in zip(before, (norm.running_mean, norm.running_var, norm.num_batches_tracked)))
     calls.remove()
 

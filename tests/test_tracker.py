@@ -392,24 +392,52 @@ def test_nan_gradient_skip_is_recorded() -> None:
     assert set(tracker.values()) == set(range(6, 12))
 
 
-def test_parameter_used_outside_its_module_is_caught() -> None:
-    class Leaky(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(10, 4)
-            self.out = nn.Linear(4, 3)
+class Leaky(nn.Module):
+    """A weight read outside the forward of the module that owns it."""
 
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            h = self.emb(ids).mean(1)
-            return self.out(h) + h @ self.emb.weight[:3].T  # weight read outside Embedding.forward
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 3)
 
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids).mean(1)
+        return self.out(h) + h @ self.emb.weight[:3].T  # weight read outside Embedding.forward
+
+
+def test_parameter_used_outside_its_module_is_valued_where_it_is_used() -> None:
+    """The row verification sees the missing use and values the weight at the enclosing module."""
+    from helpers import Case, compare_with_oracle
+
+    val_ids = torch.randint(0, 10, (2, 3), generator=torch.Generator().manual_seed(3))
+    case = Case(
+        "leaky", Leaky, lambda g: (torch.randint(0, 10, (4, 3), generator=g), torch.randint(0, 3, (4,), generator=g)),
+        lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+        lambda f, ids, y, batch_size: F.cross_entropy(f(ids), y, reduction="sum") / batch_size,
+        lambda m: m(val_ids).logsumexp(-1).mean(),
+    )
+    compare_with_oracle(case, torch.float64)
+    torch.manual_seed(0)
     model = Leaky()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    tracker = InRunShapley(model, opt, val_loss=lambda m: m(torch.randint(0, 10, (2, 3))).logsumexp(-1).mean())
-    ids = torch.randint(0, 10, (4, 3))
+    tracker = InRunShapley(model, opt, val_loss=case.val_loss)
     with tracker.step(range(4)):
-        F.cross_entropy(model(ids), torch.zeros(4, dtype=torch.long)).backward()
-    with pytest.raises(ConsistencyError, match="emb.weight"):
+        F.cross_entropy(model(torch.randint(0, 10, (4, 3))), torch.zeros(4, dtype=torch.long)).backward()
+    opt.step()
+    assert tracker.coverage().routes["fallback"] == ["emb.weight"]
+
+
+def test_gradient_changed_after_backward_is_caught() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xv, yv = torch.randn(4, 10), torch.randint(0, 3, (4,))
+    tracker = InRunShapley(model, opt, val_loss=lambda m: F.cross_entropy(m(xv), yv))
+    with tracker.step(range(6)):
+        F.cross_entropy(model(torch.randn(6, 10)), torch.randint(0, 3, (6,))).backward()
+        with torch.no_grad():
+            model[2].weight.grad.add_(torch.randn_like(model[2].weight))  # not the examples' gradient
+    with pytest.raises(ConsistencyError, match="2.weight"):
         opt.step()
 
 

@@ -33,6 +33,7 @@ from .tracking.config import (
     SecondOrder,
     TrackerConfig,
     ValMode,
+    Verify,
 )
 from .tracking.coverage import Coverage
 from .tracking.engine import StepEngine
@@ -76,6 +77,9 @@ class InRunShapley:
             ``"fixed_state"``.
         proxy: ``"sgd"`` values every step with ``η g_val·g_z`` whatever the optimizer (the
             paper's proxy for AdamW runs).
+        verify: when the tracker proves that each layer's rows belong to their examples (a replay
+            of the model's call against exact per-example gradients): ``"on_change"`` (the first
+            step and whenever a layer's row layout is new) or ``"every_step"``.
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
 
     Example:
@@ -104,6 +108,7 @@ class InRunShapley:
         keep_trace: bool = False,
         adam: AdamLinearization = "secant",
         proxy: Proxy | None = None,
+        verify: Verify = "on_change",
         ledger: ValueLedger | None = None,
         **unknown: Any,
     ) -> None:
@@ -114,7 +119,7 @@ class InRunShapley:
         self.config = TrackerConfig.from_options(dict(
             order=order, second_order=second_order, route=route, bookkeeping=bookkeeping, check=check,
             check_rtol=check_rtol, on_nonfinite=on_nonfinite, val_mode=val_mode, keep_trace=keep_trace,
-            adam=adam, proxy=proxy, **unknown,
+            adam=adam, proxy=proxy, verify=verify, **unknown,
         ))
         self.model = model
         self.val_loss = val_loss

@@ -1,10 +1,10 @@
 """Layer handlers and their registry. Importing this package registers the built-in handlers."""
 
 from . import conv, embedding, linear, norm  # noqa: F401  (registration side effects)
-from .fallback import FALLBACK, FunctionalFallbackHandler
+from .fallback import FALLBACK, JVPHandler
 from .registry import (
     LayerHandler,
-    Layout,
+    Rows,
     handler_for,
     register_handler,
     register_predicate,
@@ -13,9 +13,9 @@ from .registry import (
 
 __all__ = [
     "FALLBACK",
-    "FunctionalFallbackHandler",
+    "JVPHandler",
     "LayerHandler",
-    "Layout",
+    "Rows",
     "handler_for",
     "register_handler",
     "register_predicate",

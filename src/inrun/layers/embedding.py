@@ -2,9 +2,9 @@
 so ``<g_z, U> = Σ_t D_z,t · U[id_z,t]`` (gather the contraction vector's rows at z's tokens).
 
 A position embedding called on ``arange(T)`` (no batch dimension, nanoGPT) or on ``[1, T]``
-(Hugging Face GPT-2) is broadcast against the batch; its per-example gradient is example z's
-own output-gradient rows, which the tracker obtains by expanding the output to the batch.
-A 1-D input whose length equals the batch size is read as one id per example.
+(Hugging Face GPT-2) is shared by the batch; its per-example gradient is example z's own
+output-gradient rows, which the tracker obtains by expanding the output to the batch where the
+row verification showed that this changes nothing the model computes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
-from .registry import LayerHandler, Layout, as_float, first_input, register_handler
+from .registry import LayerHandler, as_float, first_input, register_handler
 
 
 class EmbeddingHandler(LayerHandler):
@@ -32,12 +32,6 @@ class EmbeddingHandler(LayerHandler):
             raise UnsupportedModuleError(
                 "Embedding(sparse=True) is not supported; use a dense embedding."
             )
-
-    def layout(self, module: nn.Module, args: tuple, output: Tensor, batch_size: int) -> Layout:
-        ids = first_input(module, args, {})
-        if ids.dim() == 1 and ids.shape[0] != batch_size:
-            return Layout.UNBATCHED
-        return super().layout(module, args, output, batch_size)
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
         return first_input(module, args, kwargs).detach()

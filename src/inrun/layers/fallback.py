@@ -1,79 +1,142 @@
-"""Fallback for modules no handler knows: per-example gradients of that module alone.
+"""The fallback: exact per-example dots for any module, as directional derivatives.
 
-The module is re-run functionally on each example's captured inputs (``torch.func.vmap`` over
-``torch.func.vjp``), pulling back the example's output gradient to the module's *own*
-parameters. It is exact for any module whose examples do not interact, costs about one forward
-and backward of the module, and holds ``B × (module's parameters)`` at once, so it suits small
-custom modules (learned scales, gates), not big blocks. Child modules keep their own handlers.
-The module must be deterministic: ``vmap`` refuses random ops such as dropout inside it.
+For parameters ``θ_M`` of a module and a direction ``u``, ``<g_z, u> = d/dε L_z(θ + εu)``, and by
+the chain rule that is the forward-mode derivative of the module's outputs along ``u`` (a JVP),
+contracted per example with the gradient the backward sent to those outputs:
+``<g_z, u> = Σ_{outputs o} Σ_{rows of z} (∂L/∂o) ⊙ (J_o u)``. One JVP per parameter and vector
+re-runs the module's forward on the inputs it was called with (the same random numbers, its
+buffers copied so running statistics are not touched): no per-example loop, no per-example
+gradient in memory, any output structure (tuples, dicts) and any computation inside (routing,
+slicing, attention across the positions of one example).
+
+It values a module's own parameters (an unknown module), and, as a *site*, the parameters of
+modules inside it whose own calls do not carry the batch (flattened or routed rows that are not
+contiguous per example, broadcast tables whose consumer is not a broadcast, a weight used outside
+its module's forward): those are valued where the batch is visible again.
+
+Exact when each output row belongs to one example and examples do not interact inside the module
+(checked by the tracker's row verification). Ops without a forward-mode derivative fail with a
+clear error (attention runs on its math backend and RNNs without MKL-DNN here, since their fused
+kernels have none).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, jvp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import UnsupportedModuleError
-from .registry import LayerHandler, stack_dot
+from .registry import LayerHandler, Rows, reduce_rows
 
 
-def _detach(x: Any) -> Any:
-    return x.detach() if isinstance(x, Tensor) else x
+@dataclass
+class CallRecord:
+    """One call of a module: its inputs, the random-number state it started from, its outputs'
+    row maps, and (for deferred contractions) the module's tensors at the time of the call."""
+
+    leaves: list[Any]
+    spec: Any
+    rng: Tensor | None
+    rows: list[Rows | None]
+    state: dict[str, Tensor] | None = None
+    outputs: list[int] | None = None
+    """Positions, among the output's leaves, of the tensors ``rows`` and the gradients refer to."""
 
 
-class FunctionalFallbackHandler(LayerHandler):
+class JVPHandler(LayerHandler):
     name = "fallback"
+    multi_output = True
+    replays_calls = True
 
-    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    def batch_dims(self, module: nn.Module, n_outputs: int) -> list[int] | None:
+        """RNNs: ``batch_first`` for the output, dimension 1 for the hidden states;
+        ``nn.MultiheadAttention``: ``batch_first`` for the output, 0 for the attention weights."""
+        first = getattr(module, "batch_first", None)
+        if isinstance(module, nn.RNNBase):
+            return [0 if first else 1] + [1] * (n_outputs - 1)
+        if isinstance(module, nn.MultiheadAttention):
+            return [0 if first else 1] + [0] * (n_outputs - 1)
+        return None
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> CallRecord:
         leaves, spec = tree_flatten((args, kwargs))
-        # The module is re-run after the forward (possibly after the optimizer step, for order 2):
-        # keep the parameters it ran with. Fallback modules are small by design.
-        params = {
-            n: p.detach().clone() for n, p in module.named_parameters(recurse=False) if p.requires_grad
-        }
-        return [_detach(x) for x in leaves], spec, params
+        return CallRecord([x.detach() if isinstance(x, Tensor) else x for x in leaves], spec, None, [])
 
-    def per_example_grads(
-        self, module: nn.Module, saved: Any, grad_out: Tensor, names: list[str]
-    ) -> dict[str, Tensor]:
-        """Parameter name -> ``[B, *param.shape]`` per-example gradients."""
-        leaves, spec, snapshot = saved
-        batch = grad_out.shape[0]
-        in_dims = tuple(
-            0 if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch else None
-            for x in leaves
-        )
-        params = {n: snapshot[n] for n in names}
-
-        def one_example(*leaves_and_grad: Any) -> dict[str, Tensor]:
-            *example_leaves, g = leaves_and_grad
-            example_leaves = [
-                x.unsqueeze(0) if d == 0 else x for x, d in zip(example_leaves, in_dims)
-            ]
-            args, kwargs = tree_unflatten(example_leaves, spec)
-            _, pull_back = vjp(lambda p: functional_call(module, p, args, kwargs), params)
-            return pull_back(g.unsqueeze(0))[0]
-
-        try:
-            with torch.enable_grad():
-                return vmap(one_example, in_dims=(*in_dims, 0))(*leaves, grad_out)
-        except RuntimeError as exc:
-            raise UnsupportedModuleError(
-                f"the torch.func fallback could not compute per-example gradients of "
-                f"{type(module).__name__} ({exc}). Register a handler for it with "
-                "inrun.layers.register_handler, or freeze its parameters."
-            ) from exc
+    def keep(self, module: nn.Module, saved: CallRecord) -> CallRecord:
+        """The call read again after the optimizer step: keep the module's tensors as they were."""
+        saved.state = {n: t.detach().clone() for n, t in _module_tensors(module).items()}
+        return saved
 
     def dot(
-        self, module: nn.Module, saved: Any, grad_out: Tensor, vectors: Mapping[str, Tensor]
+        self, module: nn.Module, saved: CallRecord, grad_out: Sequence[Tensor | None], vectors: Mapping[str, Tensor],
     ) -> dict[str, Tensor]:
-        grads = self.per_example_grads(module, saved, grad_out, list(vectors))
-        return {n: stack_dot(grads[n], vectors[n]) for n in vectors}
+        args, kwargs = tree_unflatten(saved.leaves, saved.spec)
+        current = saved.state if saved.state is not None else {n: t.detach() for n, t in _module_tensors(module).items()}
+        buffers = {n for n, _ in module.named_buffers()}
+        out: dict[str, Tensor] = {}
+        for name, U in vectors.items():
+            primal = {name: current[name]}
+            rest = {n: (t.clone() if n in buffers else t) for n, t in current.items() if n != name}
+
+            def f(p: dict[str, Tensor], rest: dict[str, Tensor] = rest) -> tuple[Tensor, ...]:
+                leaves = tree_flatten(functional_call(module, {**rest, **p}, args, kwargs, strict=False))[0]
+                return tuple(leaves[i] for i in saved.outputs)
+
+            cols = []
+            for k in range(U.shape[0]):
+                with _replaying(saved.rng):
+                    try:
+                        _, tangent_out = jvp(f, (primal,), ({name: U[k].to(primal[name].dtype)},))
+                    except (NotImplementedError, RuntimeError) as exc:
+                        raise UnsupportedModuleError(
+                            f"the fallback could not take the forward-mode derivative of "
+                            f"{type(module).__name__} for {name} ({str(exc).splitlines()[0]}). Register a "
+                            "handler for it with inrun.layers.register_handler, or freeze the parameter."
+                        ) from exc
+                cols.append(contract_outputs(tangent_out, grad_out, saved.rows, U))
+            out[name] = torch.stack(cols, dim=1)
+        return out
 
 
-FALLBACK = FunctionalFallbackHandler()
+def contract_outputs(
+    tangents: Sequence[Any], grads: Sequence[Tensor | None], rows: Sequence[Rows | None], like: Tensor,
+) -> Tensor:
+    """``[B]``: ``Σ_outputs Σ_{rows of z} grad ⊙ tangent`` per example."""
+    total: Tensor | None = None
+    for t, g, r in zip(tangents, grads, rows):
+        if g is None or r is None or not isinstance(t, Tensor):
+            continue
+        per_row = (t.to(like.dtype) * g.to(like.dtype))
+        if r.dim:
+            per_row = per_row.movedim(r.dim, 0)
+        part = reduce_rows(per_row.reshape(per_row.shape[0], -1).sum(dim=1, keepdim=True), r)[:, 0]
+        total = part if total is None else total + part
+    if total is None:
+        raise UnsupportedModuleError("no output of the module received a gradient with a batch dimension")
+    return total
+
+
+def _module_tensors(module: nn.Module) -> dict[str, Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+@contextlib.contextmanager
+def _replaying(rng: Tensor | None) -> Iterator[None]:
+    """The module's call again: its random numbers, and kernels that have a forward derivative."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.random.fork_rng(devices=[]), torch.backends.mkldnn.flags(enabled=False), \
+            sdpa_kernel([SDPBackend.MATH]):
+        if rng is not None:
+            torch.set_rng_state(rng)
+        yield
+
+
+FALLBACK = JVPHandler()

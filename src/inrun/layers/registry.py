@@ -12,21 +12,38 @@ module's output, so a per-example gradient built from its row ``z`` is the gradi
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor, nn
 
-from ..errors import BatchMismatchError, InRunError
+from ..errors import InRunError
 
 
-class Layout(enum.Enum):
-    """How a module's call relates to the batch of examples."""
+class Rows(NamedTuple):
+    """Which example each row of a call's tensor belongs to.
 
-    BATCHED = "batched"  # leading dim of input and output is the batch
-    BROADCAST = "broadcast"  # leading dim is 1 and the output is broadcast against the batch
-    UNBATCHED = "unbatched"  # no batch dim at all (e.g. positions ``arange(T)``)
+    * ``batched``: dimension ``dim`` is the batch (``dim`` from the module, e.g. ``batch_first``);
+    * ``blocked``: dimension 0 holds ``batch · k`` rows, ``k`` consecutive ones per example (batch
+      and sequence flattened together);
+    * ``broadcast`` / ``unbatched``: the call does not depend on the batch (positions, a bias
+      table), its output is shared by every example (leading 1, or no batch dimension).
+    """
+
+    kind: str
+    batch: int
+    dim: int = 0
+
+    @property
+    def shared(self) -> bool:
+        return self.kind in ("broadcast", "unbatched")
+
+
+def reduce_rows(dots: Tensor, rows: Rows) -> Tensor:
+    """``[L, K]`` dots per row of a call -> ``[B, K]`` per example."""
+    if rows.kind == "blocked":
+        return dots.reshape(rows.batch, -1, dots.shape[-1]).sum(dim=1)
+    return dots
 
 
 class LayerHandler:
@@ -48,30 +65,30 @@ class LayerHandler:
     """
 
     name: ClassVar[str] = "handler"
+    math_methods: ClassVar[tuple[str, ...]] = ("forward",)
+    """Methods of the registered class whose math the handler reproduces (see :func:`handler_for`)."""
     supports_gram: ClassVar[bool] = False
     supports_bookkeeping: ClassVar[bool] = False
     row_sparse: ClassVar[bool] = False
+    multi_output: ClassVar[bool] = False
+    """The handler takes any output structure: ``dot`` gets one gradient per output tensor."""
+    replays_calls: ClassVar[bool] = False
+    """``dot`` re-runs the module's call (it needs the random-number state the call started from)."""
 
     def check(self, module: nn.Module) -> None:
         """Raise :class:`~inrun.errors.UnsupportedModuleError` if the module cannot be valued now."""
 
-    def layout(self, module: nn.Module, args: tuple, output: Tensor, batch_size: int) -> Layout:
-        """Decide whether this call is batched, broadcast (leading 1) or unbatched."""
-        lead = output.shape[0] if output.dim() > 0 else None
-        if lead == batch_size:
-            return Layout.BATCHED
-        if lead == 1:
-            return Layout.BROADCAST
-        raise BatchMismatchError(
-            f"{type(module).__name__} produced an output with leading dimension {lead}, but the "
-            f"step has {batch_size} ids. Per-example values need the batch as the first dimension "
-            "of every layer's input and output (check that ids match the batch, and that the model "
-            "does not flatten batch and sequence together before a trainable layer)."
-        )
-
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Return what :meth:`dot` needs from the forward call (detached)."""
         raise NotImplementedError
+
+    def keep(self, module: nn.Module, saved: Any) -> Any:
+        """``saved`` made safe to read after the optimizer step (deferred contractions)."""
+        return saved
+
+    def batch_dims(self, module: nn.Module, n_outputs: int) -> list[int] | None:
+        """The batch dimension of each output tensor, when the module says (``batch_first``)."""
+        return None
 
     def dot(
         self,
@@ -144,10 +161,23 @@ def register_predicate(predicate: Callable[[nn.Module], bool], handler: LayerHan
 
 
 def handler_for(module: nn.Module) -> LayerHandler | None:
-    """The handler for ``module``: by type (nearest class in the MRO), then by predicate."""
-    for cls in type(module).__mro__:
-        if cls in _BY_TYPE:
-            return _BY_TYPE[cls]
+    """The handler for ``module``: by type, then by predicate; ``None`` (the fallback) otherwise.
+
+    A handler is the math of its registered class's ``forward``. A subclass gets it only if that
+    math is provably its own: it overrides none of the handler's ``math_methods`` (``forward``,
+    and e.g. ``_conv_forward``), or it declares ``inrun_handler = "<handler name>"``. A subclass
+    that changes the computation (an embedding that scales its output) takes the fallback.
+    """
+    cls = type(module)
+    declared = getattr(cls, "inrun_handler", None)
+    for base in cls.__mro__:
+        handler = _BY_TYPE.get(base)
+        if handler is None:
+            continue
+        same_math = all(getattr(cls, m, None) is getattr(base, m, None) for m in handler.math_methods)
+        if base is cls or same_math or declared == handler.name:
+            return handler
+        break
     for predicate, handler in _BY_PREDICATE:
         if predicate(module):
             return handler
@@ -169,22 +199,13 @@ def as_float(t: Tensor, like: Tensor) -> Tensor:
     return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
-def expand_leading(t: Tensor, layout: Layout, batch_size: int) -> Tensor:
-    """View ``t`` with a leading batch dimension of ``batch_size`` (no copy)."""
-    if layout is Layout.BROADCAST:
-        return t.expand(batch_size, *t.shape[1:])
-    if layout is Layout.UNBATCHED:
-        return t.unsqueeze(0).expand(batch_size, *t.shape)
-    return t
-
-
 __all__ = [
     "LayerHandler",
-    "Layout",
+    "Rows",
     "as_float",
-    "expand_leading",
     "first_input",
     "handler_for",
+    "reduce_rows",
     "register_handler",
     "register_predicate",
     "registered_types",

@@ -5,6 +5,9 @@
 ``params``                the parameter table: gradients, norms, clip ratio
 ``entries``               tracked modules and their handlers; shared parameters detected
 ``capture``               forward hooks, what a call keeps, its output-gradient hook
+``rows``                  which example each row of a call belongs to: a candidate, by shapes
+``replay``                the model's own calls kept and run again exactly
+``plan``                  row verification against exact per-example gradients; sites
 ``validation``            the validation pass: g_val at a shift, HVPs, Gram factors, cache
 ``routes``                route choice (one cost model per route), the contraction kernel
 ``bookkeeping``           the book-keeping route's forward override

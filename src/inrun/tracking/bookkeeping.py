@@ -69,6 +69,8 @@ class Bookkeeping:
         vectors = {n: val.grads[i] for n, i in zip(entry.param_names, entry.param_index)}
 
         def sink(dots: dict[str, Tensor], x: Tensor, grad_out: Tensor) -> None:
+            if recorder.muted:
+                return
             batch = recorder.accept(cap, grad_out)
             entry.route = "bookkeeping"
             self.add_dots(batch, entry, dots)

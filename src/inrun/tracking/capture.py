@@ -16,12 +16,13 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import BatchMismatchError, StepOrderError, UnsupportedModuleError
-from ..layers import Layout
-from ..layers.registry import expand_leading
+from ..errors import StepOrderError
+from ..layers import Rows
 from .entries import Entry
-from .state import Capture, MicroBatch
+from .rows import depends_on_batch, leaf_rows, output_leaves, row_key
+from .state import Capture, MicroBatch, Plan
 
 
 class Recorder(Protocol):
@@ -35,14 +36,32 @@ class Hooks:
         self.entries = entries
         self.active: Recorder | None = None
         self.handles: list[Any] = []
+        self.call_rng: dict[int, Tensor] = {}  # entry -> RNG state at its call's start (replaying handlers)
 
     def install(self) -> None:
-        self.handles = [e.module.register_forward_hook(self._hook(e), with_kwargs=True) for e in self.entries]
+        for e in self.entries:
+            self.add(e)
+
+    def add(self, entry: Entry) -> None:
+        """Hook one more entry (a site made by the row verification)."""
+        module = entry.module
+        if entry.handler.replays_calls:
+            self.handles.append(module.register_forward_pre_hook(self._pre_hook(entry)))
+        self.handles.append(module.register_forward_hook(self._hook(entry), with_kwargs=True))
+
+    def _pre_hook(self, entry: Entry) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if isinstance(self.active, TrainRecorder):
+                self.call_rng[entry.index] = torch.get_rng_state()
+
+        return hook
 
     def _hook(self, entry: Entry) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             recorder = self.active
-            return None if recorder is None else recorder.on_forward(entry, args, kwargs, output)
+            if recorder is None or not entry.active:
+                return None
+            return recorder.on_forward(entry, args, kwargs, output)
 
         return hook
 
@@ -65,78 +84,164 @@ class Hooks:
 
 
 class TrainRecorder:
-    """Captures the calls of one micro-batch and routes their output gradients to ``on_gradient``."""
+    """Captures the calls of one micro-batch and routes their output gradients to ``on_gradient``.
+
+    Each call gets a candidate row map (:mod:`inrun.tracking.rows`). A call the plan has not
+    verified marks the micro-batch *off plan* (the row verification then replays it); a call
+    with no reading of its rows, or a shared call the plan has not shown safe to expand, is not
+    captured at all: the model computes exactly what it computes untracked.
+    """
 
     def __init__(
         self, microbatch: MicroBatch, keep_factors: bool,
         on_gradient: Callable[[Capture, Tensor, MicroBatch], None], bookkeeping_calls: set[int],
+        plan: Plan, hooks: Hooks, root_storages: set[int], expand_shared: Callable[[Entry], bool],
+        root: nn.Module,
     ) -> None:
         self.microbatch = microbatch
         self.keep_factors = keep_factors
         self.on_gradient = on_gradient
         self.bookkeeping_calls = bookkeeping_calls  # entries whose current call went through book-keeping
+        self.plan, self.hooks, self.root_storages = plan, hooks, root_storages
+        self.expand_shared = expand_shared
+        self.root = root
         self.open = True  # False once the block has ended: later gradients are refused
+        self.muted = False  # True while a verification runs a second backward through the replay
 
     def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any) -> Any:
+        mb = self.microbatch
         if entry.index in self.bookkeeping_calls:
             self.bookkeeping_calls.discard(entry.index)  # this call went through the Function
+            mb.signature.append((entry.index, (("batched", 0),)))
             return None
         if not torch.is_grad_enabled():
             return None
-        if not isinstance(output, Tensor):
-            raise UnsupportedModuleError(
-                f"{entry.name} ({type(entry.module).__name__}) has trainable parameters and "
-                f"returns {type(output).__name__}, not a tensor; no handler knows it and the "
-                "fallback needs a single tensor output. Register a handler or freeze it."
-            )
-        if not output.requires_grad:
+        leaves, spec, index = output_leaves(output)
+        if not leaves:
             return None
-        mb = self.microbatch
-        layout = entry.handler.layout(entry.module, args, output, mb.size)
-        if layout is Layout.BATCHED:
-            mb.batched_seen = True
-        elif not mb.batched_seen:
-            # A broadcast call (positions, a shared prefix) only makes sense once the batch
-            # itself has gone through a tracked layer; before that, the ids and rows disagree.
-            raise BatchMismatchError(
-                f"{entry.name} ({type(entry.module).__name__}) saw {output.shape[0]} row(s) but "
-                f"the step has {mb.size} ids: pass exactly one id per row of the batch"
-            )
-        saved = entry.handler.capture(entry.module, args, kwargs)
-        if layout is Layout.UNBATCHED and isinstance(saved, Tensor):
-            saved = saved.unsqueeze(0)
+        handler = entry.handler
+        if not handler.multi_output and not isinstance(output, Tensor):
+            mb.unresolved[entry.index] = f"returns {type(output).__name__}, and its handler takes one tensor"
+            mb.signature.append((entry.index, None))
+            return None
+        independent = not depends_on_batch(args, kwargs, self.root_storages)
+        declared = handler.batch_dims(entry.module, len(leaves)) or [entry.batch_dim] * len(leaves)
+        rows = [leaf_rows(t, mb.size, independent, d) for t, d in zip(leaves, declared)]
+        shared = all(r is not None and r.shared for r in rows)
+        root = entry.module is self.root
+        if root:
+            # The model's own outputs: rows by the id contract; a loss computed inside the model
+            # has no rows and reaches the parameters only through the batched outputs.
+            rows = [Rows("batched", mb.size) if t.dim() > 0 and t.shape[0] == mb.size else None for t in leaves]
+        key = (entry.index, row_key(rows))
+        mb.signature.append(key)
+        if key not in self.plan.verified:
+            mb.off_plan = True
+        if (any(r is None for r in rows) and not handler.multi_output) or all(r is None for r in rows):
+            mb.unresolved[entry.index] = "its output rows do not show which example they belong to"
+            return None
+        if any(r is not None and r.shared for r in rows) and not shared:
+            mb.unresolved[entry.index] = "some of its outputs are shared by the batch and some are not"
+            return None
+        if shared and not self.expand_shared(entry):
+            mb.unresolved.setdefault(entry.index, "its call does not depend on the batch")
+            return None
+        saved = handler.capture(entry.module, args, kwargs)
+        if handler.replays_calls:
+            saved.rng = self.hooks.call_rng.pop(entry.index, None)
+            saved.outputs = index
+            saved.rows = [Rows("batched", mb.size) if r.shared else r for r in rows]
+        elif isinstance(saved, Tensor):
+            if rows[0].kind == "unbatched":
+                saved = saved.unsqueeze(0)
+            elif rows[0].dim:
+                saved = saved.movedim(rows[0].dim, 0)
         if self.keep_factors:
             # The factors are read again after the step: copy inputs that are the user's data
             # (a loop may refill one input buffer in place) and remember activations' versions.
-            saved = own_leaf_tensors(saved)
-        cap = Capture(entry=entry, saved=saved, microbatch=mb)
-        if self.keep_factors:
+            saved = handler.keep(entry.module, own_leaf_tensors(saved))
+        reduce = None if handler.multi_output else (Rows("batched", mb.size) if rows[0].shared else rows[0])
+        cap = Capture(entry=entry, saved=saved, microbatch=mb, rows=reduce)
+        if self.keep_factors or handler.multi_output:
             cap.versions = versions(saved)
             mb.captures.append(cap)
-        new_output = None
-        if layout is not Layout.BATCHED:
-            output = new_output = expand_leading(output, layout, mb.size)
-        output.register_hook(lambda grad: self.on_gradient(cap, grad, self.accept(cap, grad)))
-        return new_output
+        replaced = shared or (handler.multi_output and not root)
+        if shared:
+            leaves = [expand_shared(t, r) for t, r in zip(leaves, rows)]
+        elif replaced:
+            # Views of the outputs: their hooks see only the gradient from outside the module, not
+            # the part one output sends through another it was computed from.
+            leaves = [t.view_as(t) for t in leaves]
+        if handler.multi_output:
+            cap.grad = [None] * len(leaves)
+            for k, t in enumerate(leaves):
+                t.register_hook(self._slot(cap, k, rows[k]))
+        else:
+            dim = rows[0].dim
+            leaves[0].register_hook(lambda g: self._deliver(cap, g.movedim(dim, 0) if dim else g))
+        if not replaced:
+            return None
+        if isinstance(output, Tensor):
+            return leaves[0]
+        all_leaves, _ = tree_flatten(output)
+        for i, t in zip(index, leaves):
+            all_leaves[i] = t
+        return tree_unflatten(all_leaves, spec)
+
+    def _deliver(self, cap: Capture, grad: Tensor) -> None:
+        if not self.muted:
+            self.on_gradient(cap, grad, self.accept(cap, grad))
+
+    def _slot(self, cap: Capture, k: int, rows: Rows | None) -> Callable[[Tensor], None]:
+        def keep(grad: Tensor) -> None:
+            if self.muted:
+                return
+            if rows is None:
+                if cap.entry.module is not self.root:
+                    cap.microbatch.unresolved[cap.entry.index] = (
+                        "an output without rows per example receives gradient from outside the module")
+                return
+            if cap.grad[k] is not None:
+                raise StepOrderError(SECOND_BACKWARD)
+            if not self.open:
+                raise StepOrderError(AFTER_BLOCK)
+            if not cap.fired:
+                cap.fired = True
+                cap.microbatch.fired += 1
+            cap.grad[k] = grad.detach()
+
+        return keep
 
     def accept(self, cap: Capture, grad: Tensor) -> MicroBatch:
         """Checks shared by every route when a tracked call's output gradient arrives."""
         if cap.fired:
-            raise StepOrderError(
-                "a second backward pass went through the same forward inside one "
-                "tracker.step(ids) block; each example's gradient would be counted twice"
-            )
+            raise StepOrderError(SECOND_BACKWARD)
         if not self.open:
-            raise StepOrderError(
-                "backward() ran after its `with tracker.step(ids):` block had ended; call "
-                "loss.backward() inside the block"
-            )
+            raise StepOrderError(AFTER_BLOCK)
         cap.fired = True
         mb = cap.microbatch
         mb.fired += 1
         if grad.dtype in (torch.float16, torch.bfloat16):
             mb.low_precision = True
         return mb
+
+
+SECOND_BACKWARD = (
+    "a second backward pass went through the same forward inside one tracker.step(ids) block; "
+    "each example's gradient would be counted twice"
+)
+AFTER_BLOCK = (
+    "backward() ran after its `with tracker.step(ids):` block had ended; call loss.backward() "
+    "inside the block"
+)
+
+
+def expand_shared(t: Tensor, rows: Rows) -> Tensor:
+    """A shared call's output as a view with the batch in front (no copy), so that the gradient
+    of each example reaches it separately."""
+    if rows.kind == "broadcast":
+        return t.expand(rows.batch, *t.shape[1:])
+    return t.unsqueeze(0).expand(rows.batch, *t.shape)
 
 
 class ValidationRecorder:

@@ -17,6 +17,7 @@ ValMode = Literal["eval", "train"]
 NonFinitePolicy = Literal["raise", "skip"]
 AdamLinearization = Literal["secant", "fixed_state"]
 Proxy = Literal["sgd"]
+Verify = Literal["on_change", "every_step"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class TrackerConfig:
     """Adam/AdamW linearization: ``"secant"`` (actual step / gradient) or ``"fixed_state"``."""
     proxy: Proxy | None = None
     """``"sgd"``: value every step with ``η g_val·g_z`` whatever the optimizer (the paper's proxy)."""
+    verify: Verify = "on_change"
+    """When the rows of every tracked call are proven to belong to their examples (a replay of the
+    model's call against exact per-example gradients, :mod:`inrun.tracking.plan`):
+    ``"on_change"`` at the first step and whenever a call's row layout is new; ``"every_step"``
+    for every micro-batch (about one more forward and two backward passes each)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -109,5 +115,5 @@ def _choices(annotation: Any) -> tuple[Any, ...] | None:
 _LITERALS = {
     "Order": Order, "SecondOrder": SecondOrder, "Route": Route, "Bookkeeping": Bookkeeping,
     "ValMode": ValMode, "NonFinitePolicy": NonFinitePolicy, "AdamLinearization": AdamLinearization,
-    "Proxy": Proxy,
+    "Proxy": Proxy, "Verify": Verify,
 }

@@ -7,7 +7,9 @@ The life of one step (see :mod:`inrun.tracking.state` for its states)::
     user's forward        TrainRecorder.on_forward keeps each tracked call's input
     user's backward       _on_gradient: contract_call with g_val (immediate rules), factors kept
                           (deferred rules)
-    close_microbatch      gradient norms (clip detection); ConsistencyCheck.terms (immediate)
+    close_microbatch      a call not yet proven: RowVerifier.verify replays the micro-batch and
+                          proves its rows (or moves a layer to a site); gradient norms (clip
+                          detection); ConsistencyCheck.terms (immediate)
     pre_step              clip ratio; ValueRule.at_step; ConsistencyCheck.finalize: the one host
                           transfer, the window VALUED or SKIPPED
     post_step             StepLog.end: COMMITTED into the ledger, or PENDING (trapezoid), or the
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import StepOrderError
 from ..integrations.ddp import DDPSync
+from ..layers import FALLBACK
 from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
 from .bookkeeping import Bookkeeping
@@ -34,9 +37,11 @@ from .config import TrackerConfig
 from .coverage import Coverage, coverage_of
 from .entries import Entry, build_entries
 from .params import ParamTable
-from .routes import RoutePolicy, contract_call, route_label
+from .plan import RowVerifier
+from .replay import RootCalls
+from .routes import RoutePolicy, check_versions, contract_call, route_label
 from .rules import make_value_rule
-from .state import Capture, MicroBatch, StepLog, Window
+from .state import Capture, MicroBatch, Plan, StepLog, Window
 from .validation import Validation, ValidationPass
 
 
@@ -81,6 +86,9 @@ class StepEngine:
             Bookkeeping(self.entries, self.policy, self._bookkeeping_target, self._add_dots)
             if config.bookkeeping != "off" else None
         )
+        self.plan = Plan()
+        self.root_calls = RootCalls(self.module, wanted=self._verifying)
+        self.verifier = RowVerifier(self)
         self.hooks.install()
         self._optimizer_hooks = [
             self.optimizer.register_step_pre_hook(self.pre_step),
@@ -100,29 +108,50 @@ class StepEngine:
             self.validation.at_step_start(self.log.count)
             self.table.require_zero_grads()
             self.window = self.log.open()
-        calls = self.bookkeeping.calls if self.bookkeeping is not None else set()
-        self.recorder = TrainRecorder(MicroBatch(ids=ids, size=len(ids)), self.rule.keeps_factors,
-                                      self._on_gradient, calls)
+        self.root_calls.arm(len(ids))
+        self.recorder = self.make_recorder(MicroBatch(ids=ids, size=len(ids)), self.rule.keeps_factors,
+                                           lambda e: e.index in self.plan.shared_safe)
         return self.recorder
 
+    def make_recorder(self, mb: MicroBatch, keep_factors: bool, expand_shared: Any) -> TrainRecorder:
+        calls = self.bookkeeping.calls if self.bookkeeping is not None else set()
+        return TrainRecorder(mb, keep_factors, self._on_gradient, calls, self.plan, self.hooks,
+                             self.root_calls.storages, expand_shared, self.module)
+
+    def _verifying(self) -> bool:
+        """Whether the micro-batch being recorded needs the row verification (it keeps the
+        model's output gradients for the replay only then)."""
+        mb = self.recorder.microbatch if self.recorder is not None else None
+        return mb is not None and (mb.off_plan or bool(mb.unresolved) or self.config.verify == "every_step")
+
     def close_microbatch(self, recorder: TrainRecorder, error: BaseException | None) -> None:
+        verify = self._verifying()
         recorder.open = False
         self.recorder = None
+        calls = self.root_calls.disarm()
         window = self.window
         if error is not None:
             if window is not None:
                 window.doomed = f"{type(error).__name__} inside tracker.step()"
             return
         mb = recorder.microbatch
-        if mb.fired == 0:
+        if mb.fired == 0 and not any(g is not None for c in calls for g in c.grads):
             window.doomed = "no backward pass reached a tracked layer inside tracker.step()"
             raise StepOrderError(
                 "no backward pass reached a tracked layer inside tracker.step(ids): call "
                 "loss.backward() inside the `with tracker.step(ids):` block"
             )
+        if verify:
+            try:
+                mb = self.verifier.verify(mb, calls)
+            except BaseException:
+                window.doomed = "the row verification refused the model"
+                raise
+        else:
+            self.late_dots(mb)
         val = self.validation.current
         if mb.dots is None:
-            mb.dots = self._zero_dots(mb, self.table.device)
+            mb.dots = self.zero_dots(mb, self.table.device)
         window.micro.append(mb)
         grads = self.table.grads()
         with torch.no_grad():
@@ -140,25 +169,65 @@ class StepEngine:
                 factors = val.gram.get(e.index)
                 e.route = route_label(e, factors is not None)
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
-                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors))
+                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows))
         if self.rule.keeps_factors:
             cap.grad = grad.detach()
         else:
             cap.saved = None
 
-    def _zero_dots(self, mb: MicroBatch, device: torch.device) -> Tensor:
+    def late_dots(self, mb: MicroBatch) -> None:
+        """Immediate rules: the dots of calls whose handler needs every output's gradient (the
+        fallback), now that the backward is complete; their inputs are kept only if the rule
+        keeps factors."""
+        if not self.rule.immediate:
+            return
+        val = self.validation.current
+        kept = []
+        with self.hooks.paused(), torch.no_grad():
+            for cap in mb.captures:
+                e = cap.entry
+                if e.handler.multi_output and cap.fired:
+                    check_versions(cap)
+                    e.route = route_label(e, False)
+                    vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
+                    self._add_dots(mb, e, contract_call(e, cap.saved, cap.grad, vectors, None, cap.rows))
+                if self.rule.keeps_factors or not e.handler.multi_output:
+                    kept.append(cap)
+        mb.captures = kept
+
+    def move_to_site(self, entry: Entry, site: nn.Module, names: dict[int, str]) -> None:
+        """Value ``entry``'s parameters at the enclosing module ``site`` by the fallback."""
+        site_name, own_name = names[id(site)], names[id(entry.module)]
+        prefix = own_name[len(site_name) + 1:] if site_name else own_name
+        relative = [f"{prefix}.{n}" if prefix else n for n in entry.param_names]
+        target = next((e for e in self.entries if e.module is site and e.active and e.handler is FALLBACK), None)
+        if target is None:
+            target = Entry(index=len(self.entries), name=site_name or type(site).__name__, module=site,
+                           handler=FALLBACK, param_names=(), param_index=(), gram_capable=False)
+            self.entries.append(target)
+            self.hooks.add(target)
+        target.param_names += tuple(relative)
+        target.param_index += entry.param_index
+        target.site_of += (*entry.site_of, entry.name) if entry.site_of else (entry.name,)
+        entry.param_names, entry.param_index, entry.active = (), (), False
+        entry.gram_capable, entry.residual_from = False, ()
+        for e in self.entries:
+            if entry.index in e.residual_from:  # a tied head loses its embedding's validation rows
+                e.gram_capable, e.residual_from = False, ()
+
+    def zero_dots(self, mb: MicroBatch, device: torch.device) -> Tensor:
         columns = self.validation.current.columns
         return torch.zeros(len(self.table), mb.size, columns, dtype=torch.float64, device=device)
 
     def _add_dots(self, mb: MicroBatch, entry: Entry, dots: dict[str, Tensor]) -> None:
         for name, d in dots.items():
             if mb.dots is None:
-                mb.dots = self._zero_dots(mb, d.device)
+                mb.dots = self.zero_dots(mb, d.device)
             mb.dots[entry.row(name)] += d.to(torch.float64)
 
     def _bookkeeping_target(self) -> tuple[TrainRecorder, Validation] | None:
-        recorder = self.recorder
-        if recorder is None or self.hooks.active is not recorder or not self.rule.immediate:
+        recorder = self.hooks.active
+        if not isinstance(recorder, TrainRecorder) or not self.rule.immediate:
             return None
         return recorder, self.validation.current
 
@@ -226,6 +295,7 @@ class StepEngine:
 
     def close(self) -> None:
         self.hooks.remove()
+        self.root_calls.remove()
         for h in self._optimizer_hooks:
             h.remove()
         self._optimizer_hooks.clear()

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..layers import FALLBACK, LayerHandler, handler_for
 from .params import ParamTable
+from .rows import inherited_batch_dims
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,12 @@ class Entry:
     embedding): the Gram route adds their validation gradient in the rows they touch."""
     route: str = "unused"
     """The route that last valued this module's parameters (for :meth:`coverage`)."""
+    batch_dim: int | None = None
+    """The batch dimension of its calls when an enclosing module declares a sequence-first layout."""
+    active: bool = True
+    """``False`` once every parameter was moved to an enclosing site."""
+    site_of: tuple[str, ...] = ()
+    """For a site: the modules whose parameters it values (their qualified names)."""
 
     def row(self, param_name: str) -> int:
         """The parameter table row of one of this module's parameters."""
@@ -39,18 +46,26 @@ class Entry:
 def build_entries(module: nn.Module, table: ParamTable) -> list[Entry]:
     """One entry per module that owns trainable parameters, in ``named_modules`` order.
 
-    A weight owned by one module can take the Gram route; a weight shared with modules whose
+    A parameter owned by a module and by one inside it is valued at the inner one only (if the
+    outer one used it too, the step's checks see the missing part and refuse). A weight owned by
+    one module can take the Gram route; a weight shared with modules whose
     gradients touch only some rows (embeddings: a tied LM head) can too, with those rows added
     as a residual. Any other sharing leaves the vector route, which is exact for any sharing
     because it dots with the *total* validation gradient.
     """
     owners: dict[int, list[nn.Module]] = {}
-    for m in module.modules():
+    owner_names: dict[int, list[str]] = {}
+    for name, m in module.named_modules():
         for _, p in m.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append(m)
+            owner_names.setdefault(id(p), []).append(name)
+    seq_first = inherited_batch_dims(module)
     entries: list[Entry] = []
     for name, mod in module.named_modules():
-        own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+        own = [
+            (n, p) for n, p in mod.named_parameters(recurse=False)
+            if p.requires_grad and not _owned_below(name, owner_names[id(p)])
+        ]
         if not own:
             continue
         handler = handler_for(mod) or FALLBACK
@@ -66,6 +81,7 @@ def build_entries(module: nn.Module, table: ParamTable) -> list[Entry]:
                 param_names=tuple(n for n, _ in own),
                 param_index=tuple(table.row(p) for _, p in own),
                 gram_capable=handler.supports_gram and weight is not None and len(owners[id(weight)]) == 1,
+                batch_dim=seq_first.get(id(mod)),
             )
         )
         if handler is FALLBACK:
@@ -80,3 +96,10 @@ def build_entries(module: nn.Module, table: ParamTable) -> list[Entry]:
             e.gram_capable = True
             e.residual_from = tuple(o.index for o in others)
     return entries
+
+
+def _owned_below(name: str, owners: list[str]) -> bool:
+    """Whether a module inside ``name`` also owns the parameter (BERT's MLM head and its decoder
+    share one bias): the parameter is valued once, where it is used, at the innermost owner."""
+    prefix = f"{name}." if name else ""
+    return any(o != name and o.startswith(prefix) for o in owners)

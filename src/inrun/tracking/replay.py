@@ -21,13 +21,15 @@ output gradient. Nothing in it depends on how the layers inside arrange their ro
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
+
+from ..errors import BatchMismatchError
 
 
 @dataclass
@@ -38,27 +40,40 @@ class RootCall:
     args: tuple
     kwargs: dict
     rng: tuple[Tensor, list[Tensor]]
+    autocast: list[tuple[str, torch.dtype]] = field(default_factory=list)
+    """The device types (and dtypes) autocast was on for when the call started."""
     outputs: list[Tensor] = field(default_factory=list)
     """The batched output tensors (leading dimension = the micro-batch), detached."""
     grads: list[Tensor | None] = field(default_factory=list)
     """The user's backward's gradient of each batched output (``None`` if none arrived)."""
 
     def replay(self) -> list[Tensor]:
-        """The batched outputs of the call run again (with a graph), in the same order."""
-        module = self.module
-        buffers = [(b, b.detach().clone()) for b in module.buffers()]
-        devices = [i for i in range(len(self.rng[1]))]
-        try:
-            with torch.random.fork_rng(devices=devices):
-                torch.set_rng_state(self.rng[0])
-                for i, state in enumerate(self.rng[1]):
-                    torch.cuda.set_rng_state(state, i)
-                out = module(*self.args, **self.kwargs)
-        finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+        """The batched outputs of the call run again (with a graph), in the same order. Run it
+        inside :func:`buffers_kept` (after every backward through it) so that running statistics
+        the forward updates are put back."""
+        devices = list(range(len(self.rng[1])))
+        with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
+            torch.set_rng_state(self.rng[0])
+            for i, state in enumerate(self.rng[1]):
+                torch.cuda.set_rng_state(state, i)
+            for device, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            out = self.module(*self.args, **self.kwargs)
         return batched_leaves(out, self.outputs[0].shape[0] if self.outputs else None)
+
+
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """The module's buffers as they were when the block started (only changed ones are written,
+    after the block, so a backward inside it still finds the tensors its graph saved)."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, before in saved:
+                if not torch.equal(b, before):
+                    b.copy_(before)
 
 
 def batched_leaves(output: Any, batch: int | None) -> list[Tensor]:
@@ -71,12 +86,21 @@ def batched_leaves(output: Any, batch: int | None) -> list[Tensor]:
 
 
 class RootCalls:
-    """Hooks on the root module that keep its calls while armed (off: two cheap checks per call)."""
+    """Hooks on the root module that keep its calls while armed.
 
-    def __init__(self, module: nn.Module) -> None:
+    Armed for a micro-batch of ``B`` ids, every call is checked to have outputs with ``B`` rows
+    (the ids match the batch) and its inputs and random-number state are kept; the gradient the
+    user's backward sends to its outputs is kept only if ``wanted()`` says so when it arrives (a
+    model's output gradient can be as large as its logits).
+    """
+
+    def __init__(self, module: nn.Module, wanted: Callable[[], bool] = lambda: True) -> None:
         self.module = module
+        self.wanted = wanted
         self.batch: int | None = None
         self.calls: list[RootCall] = []
+        self.storages: set[int] = set()
+        """Storages of the current micro-batch's model inputs (what depends on the batch)."""
         self._starting: list[RootCall] = []
         self._handles = [
             module.register_forward_pre_hook(self._pre, with_kwargs=True),
@@ -85,6 +109,7 @@ class RootCalls:
 
     def arm(self, batch: int) -> None:
         self.batch, self.calls, self._starting = batch, [], []
+        self.storages.clear()
 
     def disarm(self) -> list[RootCall]:
         calls, self.batch, self.calls, self._starting = self.calls, None, [], []
@@ -98,18 +123,35 @@ class RootCalls:
         if self.batch is None or not torch.is_grad_enabled():
             return
         cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-        self._starting.append(RootCall(module, args, dict(kwargs), (torch.get_rng_state(), cuda)))
+        autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        self._starting.append(RootCall(module, args, dict(kwargs), (torch.get_rng_state(), cuda), autocast))
+        leaves, _ = tree_flatten((args, kwargs))
+        self.storages.update(x.untyped_storage().data_ptr() for x in leaves if isinstance(x, Tensor))
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.batch is None or not self._starting:
             return
         call = self._starting.pop()
         outputs = [t for t in batched_leaves(output, self.batch) if t.requires_grad]
+        if not outputs:
+            rows = sorted({t.shape[0] for t in batched_leaves(output, None) if t.requires_grad})
+            raise BatchMismatchError(
+                f"the model's outputs have {rows or 'no'} row(s) but the step has {self.batch} ids: pass "
+                "exactly one id per row of the batch (per-example values need the model's outputs to "
+                "have one row per example, batch first)"
+            )
         call.outputs = [t.detach() for t in outputs]
         call.grads = [None] * len(outputs)
         for k, t in enumerate(outputs):
-            t.register_hook(_keeper(call.grads, k))
+            t.register_hook(self._keeper(call.grads, k))
         self.calls.append(call)
+
+    def _keeper(self, slots: list[Tensor | None], k: int) -> Any:
+        def keep(grad: Tensor) -> None:
+            if self.wanted():
+                slots[k] = grad.detach()
+
+        return keep
 
     def remove(self) -> None:
         for h in self._handles:
@@ -117,11 +159,6 @@ class RootCalls:
         self._handles.clear()
 
 
-def _keeper(slots: list[Tensor | None], k: int) -> Any:
-    def keep(grad: Tensor) -> None:
-        slots[k] = grad.detach()
-
-    return keep
 
 
 def weighted_gradients(
@@ -135,7 +172,7 @@ def weighted_gradients(
         present = [(k, g) for k, g in enumerate(call.grads) if g is not None]
         if not present:
             continue
-        with torch.enable_grad():
+        with torch.enable_grad(), buffers_kept(call.module):
             outputs = call.replay()
             for r in range(R):
                 grad_outputs = [g * _rows(weights[r], g) for _, g in present]

@@ -21,11 +21,12 @@ import torch
 from torch import Tensor
 
 from ..errors import InRunError
-from ..layers import FALLBACK
+from ..layers import FALLBACK, Rows
 from ..layers.linear import GramFactors, gram_dot
+from ..layers.registry import reduce_rows
 from .config import TrackerConfig
 from .entries import Entry
-from .state import Window
+from .state import Capture, Window
 
 MAX_BOOKKEEPING_COLUMNS = 4
 """Book-keeping dots every per-example gradient with each validation column: beyond a few
@@ -40,9 +41,11 @@ def route_label(entry: Entry, gram: bool) -> str:
 
 def contract_call(
     entry: Entry, saved: object, grad: Tensor, vectors: Mapping[str, Tensor], gram: GramFactors | None,
+    rows: Rows | None = None,
 ) -> dict[str, Tensor]:
     """``{param name: [B, K]}`` dots of one call's per-example gradients with ``vectors``
-    (``[K, *shape]`` by name); with ``gram`` the weight's dots take the Gram route (``K = 1``)."""
+    (``[K, *shape]`` by name); with ``gram`` the weight's dots take the Gram route (``K = 1``);
+    ``rows``: how the call's rows map to examples (``None``: one row per example)."""
     handler = entry.handler
     out: dict[str, Tensor] = {}
     names = entry.param_names
@@ -53,7 +56,18 @@ def contract_call(
     rest = {n: vectors[n] for n in names}
     if rest:
         out.update(handler.dot(entry.module, saved, grad, rest))
+    if rows is not None and rows.kind == "blocked":
+        out = {n: reduce_rows(d, rows) for n, d in out.items()}
     return out
+
+
+def check_versions(cap: Capture) -> None:
+    if any(t._version != v for t, v in cap.versions):
+        raise InRunError(
+            f"the input of {cap.entry.name} was modified in place after its forward, before the "
+            "step's values were complete (order 2, Adam and the fallback read each layer's input "
+            "after the backward)"
+        )
 
 
 def contract_window(
@@ -72,18 +86,13 @@ def contract_window(
         for cap in mb.captures:
             if cap.grad is None:
                 continue
-            if any(t._version != v for t, v in cap.versions):
-                raise InRunError(
-                    f"the input of {cap.entry.name} was modified in place after its forward, "
-                    "before the step's values were complete (order 2 and Adam read each "
-                    "layer's input at the optimizer step or the next tracker.step)"
-                )
+            check_versions(cap)
             e = cap.entry
             factors = gram.get(e.index) if gram is not None and K == 1 else None
             by_name = {n: vectors[i] for n, i in zip(e.param_names, e.param_index)}
             if record_route:
                 e.route = route_label(e, factors is not None)
-            for name, d in contract_call(e, cap.saved, cap.grad, by_name, factors).items():
+            for name, d in contract_call(e, cap.saved, cap.grad, by_name, factors, cap.rows).items():
                 row = e.row(name)
                 if factors is not None and name == "weight":
                     out[row] += d.to(out.dtype) * coef[row].to(out.dtype)

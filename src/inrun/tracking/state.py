@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..layers import Rows
 from ..ledger import ValueLedger
 from .entries import Entry
 
@@ -48,8 +49,13 @@ class MicroBatch:
     captures: list[Capture] = field(default_factory=list)
     """Calls whose factors are kept for a contraction after backward (deferred rules)."""
     fired: int = 0
-    batched_seen: bool = False
     low_precision: bool = False
+    signature: list[tuple] = field(default_factory=list)
+    """``(entry index, row kinds)`` of every tracked call, in order."""
+    off_plan: bool = False
+    """A call the row verification has not proven: the micro-batch is replayed and verified."""
+    unresolved: dict[int, str] = field(default_factory=dict)
+    """Entries with a call that could not be captured, and why."""
 
 
 @dataclass
@@ -59,7 +65,10 @@ class Capture:
     entry: Entry
     saved: Any
     microbatch: MicroBatch
-    grad: Tensor | None = None
+    rows: Rows | None = None
+    """How the rows of ``saved`` and ``grad`` map to examples (``None``: the handler knows)."""
+    grad: Any = None
+    """The output's gradient (a list, one per output tensor, for multi-output handlers)."""
     fired: bool = False
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
 
@@ -139,3 +148,16 @@ class StepLog:
         if warn:
             logger.warning("step %d not valued: %s", window.step, reason)
         self.end(window, pending=False)
+
+
+@dataclass
+class Plan:
+    """What the row verification has proven (:mod:`inrun.tracking.plan`)."""
+
+    verified: set[tuple] = field(default_factory=set)
+    """``(entry index, row kinds)`` of calls whose rows are proven to belong to their examples."""
+    shared_safe: set[int] = field(default_factory=set)
+    """Entries whose shared calls are proven safe to expand to the batch (the model computes the
+    same bits)."""
+    shared_unsafe: set[int] = field(default_factory=set)
+    interactions_tested: bool = False

@@ -1,0 +1,288 @@
+"""Row verification: which rows of each tracked call belong to which example is *proven* on the
+user's own model, not inferred from a size that can coincide.
+
+When a micro-batch has a call the plan has not proven (the first step, a new row layout, a call
+that could not be captured), the tracker replays the model's own call (:mod:`.replay`: the same
+inputs and random numbers) and checks the fast routes against an independent exact route:
+
+1. the replay's outputs must equal the user's outputs bit for bit: expanding a shared call
+   (positions, a bias table) to the batch must not change what the model computes;
+2. with random example weights ``w``, per parameter ``p``:
+   ``Σ_z w_z <ghost dot of z>_p == <Σ_z w_z g_z, v>_p`` with ``v = g_val`` and ``Σ_z w_z g_z``
+   by plain autograd through the replay (the user's output gradients, row ``z`` weighted by
+   ``w_z``). Rows credited to the wrong example (a permuted batch, a sequence-first layer whose
+   length equals the batch size, routed tokens) change the left side and not the right, for
+   almost every ``w``; a gradient that flows outside the module's call (a weight read by its
+   parent) is missing from the left side.
+
+Why a coincidence cannot pass it: the right side never looks at a layer's rows or sizes, only at
+the model's outputs, whose row ``z`` is example ``z`` by the id contract; the weights are drawn
+afresh at each verification, so no fixed arrangement of rows can match them by construction. A
+reordering that depends on the data and is the identity on the verified batch is caught only at
+a later verification (``verify="every_step"`` verifies every micro-batch).
+
+A call that fails is moved to a *site*: the smallest enclosing module whose inputs and outputs
+carry the batch, where the fallback (:mod:`inrun.layers.fallback`) values its parameters by a
+directional derivative; then the micro-batch is replayed and verified again. Once it passes, the
+replay's values are the micro-batch's values, and calls of the same kinds need no verification.
+Examples that interact inside the model (batch statistics) are refused: the first verification
+also runs one example alone and compares its outputs with its row of the batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from ..errors import UnsupportedModuleError
+from ..modes import evaluating
+from .check import STEP_FLOOR, column_sum
+from .entries import Entry
+from .replay import RootCall, batched_leaves, buffers_kept
+from .routes import contract_window
+from .rows import declared_batch_dim
+from .state import MicroBatch, Window
+
+if TYPE_CHECKING:
+    from .engine import StepEngine
+
+MAX_ROUNDS = 16
+
+
+class RowVerifier:
+    def __init__(self, engine: StepEngine) -> None:
+        self.engine = engine
+        self.names = {id(m): n for n, m in engine.module.named_modules()}
+        self.parent: dict[int, nn.Module] = {}
+        for m in engine.module.modules():
+            for child in m.children():
+                self.parent.setdefault(id(child), m)
+        self.generator = torch.Generator().manual_seed(0)
+        self._carries: dict[int, bool] = {}  # module -> its calls in the last replay carried the batch
+
+    # ------------------------------------------------------------------ the loop
+    def verify(self, mb: MicroBatch, calls: list[RootCall]) -> MicroBatch:
+        """The micro-batch replayed under a plan whose rows are proven; raises if none is."""
+        engine = self.engine
+        if not calls or not any(g is not None for c in calls for g in c.grads):
+            raise UnsupportedModuleError(
+                "the tracker proves which rows of each layer belong to which example by replaying "
+                "the model's call, and the model itself was not called (with a gradient reaching "
+                "its outputs) inside tracker.step(): call the model you gave the tracker, or give "
+                "the tracker the module you call"
+            )
+        kept = [t for c in calls for t in (*c.outputs, *(g for g in c.grads if g is not None))]
+        if not all(bool(torch.isfinite(t).all()) for t in kept):
+            # Not a step to prove anything on: its values are refused or skipped at the step.
+            engine.late_dots(mb)
+            return mb
+        if not engine.plan.interactions_tested and mb.size > 1:
+            self._refuse_interactions(calls[0])
+            engine.plan.interactions_tested = True
+        history: list[str] = []
+        for _ in range(MAX_ROUNDS):
+            replayed, moves = self._round(mb, calls)
+            if not moves:
+                engine.plan.verified.update(k for k in replayed.signature if k[1] is not None)
+                return replayed
+            history += [f"{engine.entries[i].name}: {why}" for i, why in moves.items()]
+            self._move(moves)
+        raise UnsupportedModuleError("rows could not be verified after moving: " + "; ".join(history[-5:]))
+
+    def _round(self, mb: MicroBatch, calls: list[RootCall]) -> tuple[MicroBatch, dict[int, str]]:
+        engine = self.engine
+        new = MicroBatch(ids=mb.ids, size=mb.size)
+        expanded: set[int] = set()
+
+        def may_expand(e: Entry) -> bool:
+            if e.index in engine.plan.shared_unsafe:
+                return False
+            expanded.add(e.index)
+            return True
+
+        recorder = engine.make_recorder(new, keep_factors=True, expand_shared=may_expand)
+        with buffers_kept(engine.module):
+            return self._replayed_round(mb, calls, new, recorder, expanded)
+
+    def _replayed_round(
+        self, mb: MicroBatch, calls: list[RootCall], new: MicroBatch, recorder: Any, expanded: set[int],
+    ) -> tuple[MicroBatch, dict[int, str]]:
+        engine = self.engine
+        params = engine.table.params
+        carries: dict[int, bool] = {}
+        observers = [m.register_forward_hook(self._observer(carries, mb.size), with_kwargs=True)
+                     for m in engine.module.modules()]
+        outputs: list[Tensor] = []
+        grads_out: list[Tensor] = []
+        try:
+            with engine.hooks.recording(recorder), torch.enable_grad():
+                for call in calls:
+                    out = call.replay()
+                    if len(out) != len(call.outputs) or not all(_same(a, b) for a, b in zip(out, call.outputs)):
+                        raise _Changed()
+                    for t, g in zip(out, call.grads):
+                        if g is not None:
+                            outputs.append(t)
+                            grads_out.append(g)
+        except Exception as exc:
+            if not expanded:
+                if isinstance(exc, _Changed):
+                    raise UnsupportedModuleError(
+                        "replaying the model's call with the same inputs and random numbers gave other "
+                        "outputs (a nondeterministic op, or a model that keeps state between calls), so "
+                        "its rows cannot be verified"
+                    ) from None
+                raise
+            # Expanding a shared call changed what the model computes: it is valued at a site.
+            engine.plan.shared_unsafe.update(expanded)
+            why = "expanding its shared output to the batch changes what the model computes"
+            if not isinstance(exc, _Changed):
+                why = f"expanding its shared output to the batch breaks the model ({type(exc).__name__})"
+            return new, dict.fromkeys(expanded, why)
+        finally:
+            for h in observers:
+                h.remove()
+            self._carries = carries
+        with torch.enable_grad():
+            grads = torch.autograd.grad(outputs, params, grad_outputs=grads_out, retain_graph=True, allow_unused=True)
+        recorder.open = False
+        recorder.muted = True
+        moves = dict(new.unresolved)
+        moves.update(self._uncalled(new, grads))
+        if moves:
+            return new, moves
+        engine.late_dots(new)
+        if new.dots is None:
+            new.dots = engine.zero_dots(new, engine.table.device)
+        w = torch.randn(mb.size, generator=self.generator, dtype=torch.float64)
+        with torch.enable_grad():
+            weighted = torch.autograd.grad(
+                outputs, params, allow_unused=True,
+                grad_outputs=[g * w.to(g).reshape(-1, *([1] * (g.dim() - 1))) for g in grads_out],
+            )
+        moves = self._compare(new, weighted, w)
+        if not moves:
+            engine.plan.shared_safe.update(expanded)
+        return new, moves
+
+    # ------------------------------------------------------------------ the checks
+    def _uncalled(self, new: MicroBatch, grads: tuple[Tensor | None, ...]) -> dict[int, str]:
+        """Entries whose parameters got gradient in the replay although no call of theirs was
+        captured: the parameter is used outside its module's forward."""
+        engine = self.engine
+        called = {k[0] for k in new.signature}
+        held = {i for e in engine.entries if e.active and e.index in called for i in e.param_index}
+        out = {}
+        for e in engine.entries:
+            if not e.active or e.index in called:
+                continue
+            if any(grads[i] is not None and bool(grads[i].abs().sum() > 0) and i not in held for i in e.param_index):
+                out[e.index] = "its parameters get gradient but its forward is never called (used by another module)"
+        return out
+
+    def _compare(self, new: MicroBatch, weighted: tuple[Tensor | None, ...], w: Tensor) -> dict[int, str]:
+        engine = self.engine
+        val = engine.validation.current
+        if engine.rule.immediate:
+            ghost = new.dots
+        else:
+            n = len(engine.table)
+            ghost = contract_window(Window(step=-1, micro=[new]), n, val.grads, gram=val.gram,
+                                    coef=torch.ones(n, dtype=torch.float64))
+        ghost = ghost.sum(dim=2)  # [P, B]
+        ours = (ghost * w.to(ghost)).sum(dim=1)
+        spread = (ghost * w.to(ghost)).abs().sum(dim=1)
+        theirs = torch.zeros_like(ours)
+        scale = spread.clone()
+        for i, g in enumerate(weighted):
+            if g is None:
+                continue
+            v = column_sum(val.grads[i]).to(torch.float64)
+            theirs[i] = (g.to(torch.float64) * v).sum()
+            scale[i] += g.to(torch.float64).norm() * v.norm()
+        rtol = engine.config.check_tolerance(engine.table.dtype)
+        bad = (ours - theirs).abs() > rtol * (scale + STEP_FLOOR * scale.sum()) + 1e-300
+        moves = {}
+        for i in torch.nonzero(bad).flatten().tolist():
+            for e in engine.entries:
+                if e.active and i in e.param_index:
+                    moves[e.index] = (f"its per-example values of {engine.table.names[i]} do not match the exact "
+                                      "per-example gradients (its rows are not its examples)")
+        return moves
+
+    def _refuse_interactions(self, call: RootCall) -> None:
+        """One example run alone must give its row of the batch's outputs (eval mode: no dropout)."""
+        B = call.outputs[0].shape[0]
+        engine = self.engine
+        rows = [a[:1] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == B else a for a in call.args]
+        kwrows = {k: (a[:1] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == B else a)
+                  for k, a in call.kwargs.items()}
+        buffers = [(b, b.detach().clone()) for b in engine.module.buffers()]
+        try:
+            with engine.hooks.paused(), torch.no_grad(), evaluating(engine.module):
+                full = batched_leaves(call.module(*call.args, **call.kwargs), B)
+                alone = batched_leaves(call.module(*rows, **kwrows), 1)
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+        tol = 1e-9 if engine.table.dtype == torch.float64 else 1e-4
+        for f, a in zip(full, alone):
+            if f.shape[1:] == a.shape[1:] and not torch.allclose(f[:1], a, rtol=tol, atol=tol * float(f.abs().max())):
+                raise UnsupportedModuleError(
+                    "examples interact inside the model: the outputs of an example change when the other "
+                    "examples of its batch change (statistics over the batch, such as batch-mean "
+                    "centering or BatchNorm in training mode), so an example's own gradient is not defined "
+                    "and per-example values would be wrong. Normalize within each example instead."
+                )
+
+    # ------------------------------------------------------------------ sites
+    def _observer(self, carries: dict[int, bool], batch: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            dim = declared_batch_dim(module) or 0
+            ins, _ = tree_flatten((args, kwargs))
+            outs, _ = tree_flatten(output)
+            fin = [t for t in outs if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad]
+            ok = (any(isinstance(t, Tensor) and t.dim() > dim and t.shape[dim] == batch for t in ins)
+                  and bool(fin) and all(t.dim() > dim and t.shape[dim] == batch for t in fin))
+            carries[id(module)] = carries.get(id(module), True) and ok
+
+        return hook
+
+    def _move(self, moves: dict[int, str]) -> None:
+        engine = self.engine
+        for index, why in moves.items():
+            entry = engine.entries[index]
+            if not entry.active:
+                continue
+            site = self._site_for(entry)
+            if site is None:
+                raise UnsupportedModuleError(
+                    f"{entry.name} ({type(entry.module).__name__}): {why}, and no enclosing module up to the "
+                    "whole model shows which example its rows belong to. Freeze its parameters or "
+                    "register a handler for it (inrun.layers.register_handler)."
+                )
+            engine.move_to_site(entry, site, self.names)
+
+    def _site_for(self, entry: Entry) -> nn.Module | None:
+        """The smallest module strictly enclosing ``entry`` whose calls carry the batch (the whole
+        model does, by the id contract); an entry already valued at a site moves above it."""
+        module = self.parent.get(id(entry.module))
+        while module is not None:
+            if self._carries.get(id(module), module is self.engine.module):
+                return module
+            module = self.parent.get(id(module))
+        return None
+
+class _Changed(Exception):
+    """The replay's outputs differ from the user's."""
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    if a.device.type == "cpu":
+        return torch.equal(a, b)
+    return torch.allclose(a, b, rtol=1e-6, atol=1e-7 * float(b.abs().max()))
+
