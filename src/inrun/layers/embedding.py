@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
@@ -55,3 +56,57 @@ class EmbeddingHandler(LayerHandler):
 
 
 register_handler(nn.Embedding, handler=EmbeddingHandler())
+
+
+class EmbeddingBagHandler(LayerHandler):
+    """``nn.EmbeddingBag`` (``sum`` or ``mean``): bag ``b``'s gradient puts ``c_i · δ_b`` into the
+    row of each of its ids, ``c_i`` the per-sample weight (sum) or ``1/|bag|`` (mean), so
+    ``<g_b, U> = Σ_{i ∈ b} c_i <δ_b, U[id_i]>``. Bags are rows (a 2-D input, or a 1-D input cut by
+    ``offsets``); ``padding_idx`` ids are left out, of the mean's count too, as torch does."""
+
+    name = "embedding_bag"
+
+    def check(self, module: nn.Module) -> None:
+        if module.mode == "max":
+            raise UnsupportedModuleError(
+                "EmbeddingBag(mode='max') is not supported (its gradient picks one id per dimension); "
+                "use mode='sum' or 'mean'"
+            )
+        if module.scale_grad_by_freq or module.sparse:
+            raise UnsupportedModuleError(
+                "EmbeddingBag with scale_grad_by_freq=True or sparse=True is not supported: use the defaults"
+            )
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None]:
+        values = dict(zip(("input", "offsets", "per_sample_weights"), args), **kwargs)
+        ids, offsets, weights = values["input"], values.get("offsets"), values.get("per_sample_weights")
+        if ids.dim() == 2:
+            bags = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
+            ids = ids.reshape(-1)
+        else:
+            starts = offsets[:-1] if module.include_last_offset else offsets
+            bags = torch.bucketize(torch.arange(ids.numel(), device=ids.device), starts, right=True) - 1
+        dtype = module.weight.dtype
+        coef = (torch.ones(ids.numel(), device=ids.device, dtype=dtype) if weights is None
+                else weights.detach().reshape(-1).to(dtype))
+        keep = torch.ones_like(ids, dtype=torch.bool) if module.padding_idx is None else ids != module.padding_idx
+        coef = coef * keep
+        if module.mode == "mean":
+            bag_count = int(bags.max()) + 1 if bags.numel() else 0
+            count = torch.zeros(bag_count, device=ids.device, dtype=dtype).index_add_(0, bags, keep.to(dtype))
+            coef = coef / count.clamp_min(1)[bags]
+        return ids.detach(), bags, coef
+
+    def dot(
+        self, module: nn.Module, saved: tuple[Tensor, Tensor, Tensor | None], grad_out: Tensor,
+        vectors: Mapping[str, Tensor],
+    ) -> dict[str, Tensor]:
+        ids, bags, coef = saved
+        U = vectors["weight"]  # (K, num_embeddings, dim)
+        D = as_float(grad_out, U)  # (B, dim)
+        per_id = (U[:, ids] * D[bags].unsqueeze(0)).sum(dim=-1) * coef.to(U.dtype)  # (K, M)
+        out = torch.zeros(D.shape[0], U.shape[0], dtype=U.dtype, device=U.device)
+        return {"weight": out.index_add_(0, bags, per_id.T)}
+
+
+register_handler(nn.EmbeddingBag, handler=EmbeddingBagHandler())

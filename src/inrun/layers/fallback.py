@@ -71,24 +71,29 @@ class JVPHandler(LayerHandler):
 
     def keep(self, module: nn.Module, saved: CallRecord) -> CallRecord:
         """The call read again after the optimizer step: keep the module's tensors as they were."""
-        saved.state = {n: t.detach().clone() for n, t in _module_tensors(module).items()}
+        saved.state = _detached(module, copy=True)
         return saved
 
     def dot(
         self, module: nn.Module, saved: CallRecord, grad_out: Sequence[Tensor | None], vectors: Mapping[str, Tensor],
     ) -> dict[str, Tensor]:
         args, kwargs = tree_unflatten(saved.leaves, saved.spec)
-        current = saved.state if saved.state is not None else {n: t.detach() for n, t in _module_tensors(module).items()}
+        current = saved.state if saved.state is not None else _detached(module)
         buffers = {n for n, _ in module.named_buffers()}
+        tied = _tied_names(module)
         out: dict[str, Tensor] = {}
         for name, U in vectors.items():
             primal = {name: current[name]}
-            rest = {n: (t.clone() if n in buffers else t) for n, t in current.items() if n != name}
+            # One name per tied tensor: functional_call ties the others to it (the tangent's
+            # other names take the dual that way).
+            rest = {n: (t.clone() if n in buffers else t) for n, t in current.items()
+                    if n not in tied.get(name, {name}) and n == min(tied.get(n, {n}))}
 
             def f(p: dict[str, Tensor], rest: dict[str, Tensor] = rest) -> tuple[Tensor, ...]:
                 leaves = tree_flatten(functional_call(module, {**rest, **p}, args, kwargs, strict=False))[0]
                 return tuple(leaves[i] for i in saved.outputs)
 
+            U = _without_padding_rows(module, tied.get(name, {name}), U)
             cols = []
             for k in range(U.shape[0]):
                 with _replaying(saved.rng):
@@ -123,8 +128,30 @@ def contract_outputs(
     return total
 
 
-def _module_tensors(module: nn.Module) -> dict[str, Tensor]:
-    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+def _detached(module: nn.Module, copy: bool = False) -> dict[str, Tensor]:
+    """Every parameter and buffer by every name, detached (copied), tied names sharing one tensor."""
+    made: dict[int, Tensor] = {}
+    items = [*module.named_parameters(remove_duplicate=False), *module.named_buffers()]
+    return {n: made.setdefault(id(t), t.detach().clone() if copy else t.detach()) for n, t in items}
+
+
+def _without_padding_rows(module: nn.Module, names: set[str], U: Tensor) -> Tensor:
+    """An embedding's ``padding_idx`` row gets no gradient by definition (autograd zeroes it),
+    although the forward depends on it: the directional derivative must not move it either."""
+    for name in names:
+        owner = module.get_submodule(name.rpartition(".")[0])
+        if isinstance(owner, nn.Embedding) and owner.padding_idx is not None and name.endswith("weight"):
+            U = U.clone()
+            U[:, owner.padding_idx] = 0
+    return U
+
+
+def _tied_names(module: nn.Module) -> dict[str, set[str]]:
+    """Parameter name -> every name of the same tensor (tied embeddings and heads)."""
+    by_id: dict[int, set[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), set()).add(n)
+    return {n: names for names in by_id.values() for n in names}
 
 
 @contextlib.contextmanager
@@ -132,11 +159,15 @@ def _replaying(rng: Tensor | None) -> Iterator[None]:
     """The module's call again: its random numbers, and kernels that have a forward derivative."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with torch.random.fork_rng(devices=[]), torch.backends.mkldnn.flags(enabled=False), \
-            sdpa_kernel([SDPBackend.MATH]):
-        if rng is not None:
-            torch.set_rng_state(rng)
-        yield
+    mkldnn = torch._C._get_mkldnn_enabled()  # its fused RNN has no forward derivative
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        with torch.random.fork_rng(devices=[]), sdpa_kernel([SDPBackend.MATH]):
+            if rng is not None:
+                torch.set_rng_state(rng)
+            yield
+    finally:
+        torch._C._set_mkldnn_enabled(mkldnn)
 
 
 FALLBACK = JVPHandler()

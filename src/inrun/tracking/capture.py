@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import StepOrderError
 from ..layers import Rows
 from .entries import Entry
-from .rows import depends_on_batch, leaf_rows, output_leaves, row_key
+from .rows import depends_on_batch, leaf_rows, output_leaves, outputs_cut, row_key
 from .state import Capture, MicroBatch, Plan
 
 
@@ -137,7 +137,7 @@ class TrainRecorder:
         mb.signature.append(key)
         if key not in self.plan.verified:
             mb.off_plan = True
-        if (any(r is None for r in rows) and not handler.multi_output) or all(r is None for r in rows):
+        if any(r is None for r in rows) if not handler.multi_output else all(r is None for r in rows):
             mb.unresolved[entry.index] = "its output rows do not show which example they belong to"
             return None
         if any(r is not None and r.shared for r in rows) and not shared:
@@ -165,13 +165,14 @@ class TrainRecorder:
         if self.keep_factors or handler.multi_output:
             cap.versions = versions(saved)
             mb.captures.append(cap)
-        replaced = shared or (handler.multi_output and not root)
+        if handler.multi_output and len(leaves) > 1:
+            # An output another output was computed from has in its gradient that one's too:
+            # contract only the outputs the rest were not computed from (the model's logits,
+            # not its encoder states the decoder read; not a loss computed inside the model).
+            cut = outputs_cut(leaves, [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, Tensor)])
+            rows = [r if keep else None for r, keep in zip(rows, cut)]
         if shared:
             leaves = [expand_shared(t, r) for t, r in zip(leaves, rows)]
-        elif replaced:
-            # Views of the outputs: their hooks see only the gradient from outside the module, not
-            # the part one output sends through another it was computed from.
-            leaves = [t.view_as(t) for t in leaves]
         if handler.multi_output:
             cap.grad = [None] * len(leaves)
             for k, t in enumerate(leaves):
@@ -179,7 +180,7 @@ class TrainRecorder:
         else:
             dim = rows[0].dim
             leaves[0].register_hook(lambda g: self._deliver(cap, g.movedim(dim, 0) if dim else g))
-        if not replaced:
+        if not shared:
             return None
         if isinstance(output, Tensor):
             return leaves[0]
@@ -197,9 +198,6 @@ class TrainRecorder:
             if self.muted:
                 return
             if rows is None:
-                if cap.entry.module is not self.root:
-                    cap.microbatch.unresolved[cap.entry.index] = (
-                        "an output without rows per example receives gradient from outside the module")
                 return
             if cap.grad[k] is not None:
                 raise StepOrderError(SECOND_BACKWARD)

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from ..errors import StepOrderError
 from ..integrations.ddp import DDPSync
-from ..layers import FALLBACK
 from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
 from .bookkeeping import Bookkeeping
@@ -104,6 +103,7 @@ class StepEngine:
             self.log.skip(window, "gradients were zeroed without an optimizer step", warn=True)
             window = self.window = None
         if window is None:
+            self.table.require_unchanged()
             self.flush()
             self.validation.at_step_start(self.log.count)
             self.table.require_zero_grads()
@@ -194,26 +194,6 @@ class StepEngine:
                 if self.rule.keeps_factors or not e.handler.multi_output:
                     kept.append(cap)
         mb.captures = kept
-
-    def move_to_site(self, entry: Entry, site: nn.Module, names: dict[int, str]) -> None:
-        """Value ``entry``'s parameters at the enclosing module ``site`` by the fallback."""
-        site_name, own_name = names[id(site)], names[id(entry.module)]
-        prefix = own_name[len(site_name) + 1:] if site_name else own_name
-        relative = [f"{prefix}.{n}" if prefix else n for n in entry.param_names]
-        target = next((e for e in self.entries if e.module is site and e.active and e.handler is FALLBACK), None)
-        if target is None:
-            target = Entry(index=len(self.entries), name=site_name or type(site).__name__, module=site,
-                           handler=FALLBACK, param_names=(), param_index=(), gram_capable=False)
-            self.entries.append(target)
-            self.hooks.add(target)
-        target.param_names += tuple(relative)
-        target.param_index += entry.param_index
-        target.site_of += (*entry.site_of, entry.name) if entry.site_of else (entry.name,)
-        entry.param_names, entry.param_index, entry.active = (), (), False
-        entry.gram_capable, entry.residual_from = False, ()
-        for e in self.entries:
-            if entry.index in e.residual_from:  # a tied head loses its embedding's validation rows
-                e.gram_capable, e.residual_from = False, ()
 
     def zero_dots(self, mb: MicroBatch, device: torch.device) -> Tensor:
         columns = self.validation.current.columns

@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from ..errors import InRunError, StepOrderError
+from ..errors import InRunError, StepOrderError, UnsupportedModuleError
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,30 @@ class ParamTable:
                 self.names.append(name)
         if not self.params:
             raise InRunError("the model has no trainable parameters (requires_grad=True)")
+        self._module = module
+        self._modules = {id(m): n for n, m in module.named_modules()}
+
+    def require_unchanged(self) -> None:
+        """Refuse a model whose trainable parameters or modules changed after the tracker was made:
+        a replaced layer would have no hooks, an unfrozen parameter no value."""
+        now = [(n, p) for n, p in self._module.named_parameters() if p.requires_grad]
+        if [id(p) for _, p in now] != [id(p) for p in self.params]:
+            before = {id(p): n for n, p in zip(self.names, self.params)}
+            added = [n for n, p in now if id(p) not in before]
+            gone = [before[i] for i in before if i not in {id(p) for _, p in now}]
+            raise UnsupportedModuleError(
+                "the model's trainable parameters changed after the tracker was made"
+                + (f" (new or unfrozen: {', '.join(added[:3])})" if added else "")
+                + (f" (removed or frozen: {', '.join(gone[:3])})" if gone else "")
+                + ": make the tracker once the model is final (close this one and make a new one)"
+            )
+        modules = {id(m): n for n, m in self._module.named_modules()}
+        if modules.keys() != self._modules.keys():
+            changed = sorted({n for i, n in modules.items() if i not in self._modules})
+            raise UnsupportedModuleError(
+                f"the model's modules changed after the tracker was made ({', '.join(changed[:3]) or 'some removed'} "
+                "replaced or added: they have no hooks): make the tracker once the model is final"
+            )
 
     def __len__(self) -> int:
         return len(self.params)

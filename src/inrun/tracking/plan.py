@@ -38,10 +38,11 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ..errors import UnsupportedModuleError
+from ..layers import FALLBACK
 from ..modes import evaluating
 from .check import STEP_FLOOR, column_sum
 from .entries import Entry
-from .replay import RootCall, batched_leaves, buffers_kept
+from .replay import ReplayMismatch, RootCall, batched_leaves, buffers_kept, replayed_targets
 from .routes import contract_window
 from .rows import declared_batch_dim
 from .state import MicroBatch, Window
@@ -80,8 +81,7 @@ class RowVerifier:
             engine.late_dots(mb)
             return mb
         if not engine.plan.interactions_tested and mb.size > 1:
-            self._refuse_interactions(calls[0])
-            engine.plan.interactions_tested = True
+            engine.plan.interactions_tested = self._refuse_interactions(calls[0])
         history: list[str] = []
         for _ in range(MAX_ROUNDS):
             replayed, moves = self._round(mb, calls)
@@ -120,16 +120,15 @@ class RowVerifier:
         try:
             with engine.hooks.recording(recorder), torch.enable_grad():
                 for call in calls:
-                    out = call.replay()
-                    if len(out) != len(call.outputs) or not all(_same(a, b) for a, b in zip(out, call.outputs)):
-                        raise _Changed()
-                    for t, g in zip(out, call.grads):
-                        if g is not None:
-                            outputs.append(t)
-                            grads_out.append(g)
+                    targets, replayed = replayed_targets(call)
+                    for t, g in targets:
+                        outputs.append(t)
+                        grads_out.append(g)
+                    if not all(_same(t, o) for t, o in zip(replayed, call.outputs)):
+                        raise ReplayMismatch("the outputs differ")
         except Exception as exc:
             if not expanded:
-                if isinstance(exc, _Changed):
+                if isinstance(exc, ReplayMismatch):
                     raise UnsupportedModuleError(
                         "replaying the model's call with the same inputs and random numbers gave other "
                         "outputs (a nondeterministic op, or a model that keeps state between calls), so "
@@ -139,7 +138,7 @@ class RowVerifier:
             # Expanding a shared call changed what the model computes: it is valued at a site.
             engine.plan.shared_unsafe.update(expanded)
             why = "expanding its shared output to the batch changes what the model computes"
-            if not isinstance(exc, _Changed):
+            if not isinstance(exc, ReplayMismatch):
                 why = f"expanding its shared output to the batch breaks the model ({type(exc).__name__})"
             return new, dict.fromkeys(expanded, why)
         finally:
@@ -206,38 +205,48 @@ class RowVerifier:
         rtol = engine.config.check_tolerance(engine.table.dtype)
         bad = (ours - theirs).abs() > rtol * (scale + STEP_FLOOR * scale.sum()) + 1e-300
         moves = {}
+        called = {k[0] for k in new.signature}
         for i in torch.nonzero(bad).flatten().tolist():
             for e in engine.entries:
-                if e.active and i in e.param_index:
+                if e.active and e.index in called and i in e.param_index:
                     moves[e.index] = (f"its per-example values of {engine.table.names[i]} do not match the exact "
                                       "per-example gradients (its rows are not its examples)")
         return moves
 
-    def _refuse_interactions(self, call: RootCall) -> None:
-        """One example run alone must give its row of the batch's outputs (eval mode: no dropout)."""
-        B = call.outputs[0].shape[0]
+    def _refuse_interactions(self, call: RootCall) -> bool:
+        """Parts of the batch run alone must give their rows of the batch's outputs (eval mode: no
+        dropout): the even and odd examples, and the first and second halves, so an influence
+        between any two examples in different parts shows. Returns whether a test could run
+        (a part too small for the model, e.g. a norm over one value, is skipped)."""
         engine = self.engine
-        rows = [a[:1] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == B else a for a in call.args]
-        kwrows = {k: (a[:1] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == B else a)
-                  for k, a in call.kwargs.items()}
-        buffers = [(b, b.detach().clone()) for b in engine.module.buffers()]
-        try:
-            with engine.hooks.paused(), torch.no_grad(), evaluating(engine.module):
-                full = batched_leaves(call.module(*call.args, **call.kwargs), B)
-                alone = batched_leaves(call.module(*rows, **kwrows), 1)
-        finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+        B = call.outputs[0].shape[0]
+        index = torch.arange(B)
+        parts = [index[0::2], index[1::2], index[: B // 2], index[B // 2 :]]
         tol = 1e-9 if engine.table.dtype == torch.float64 else 1e-4
-        for f, a in zip(full, alone):
-            if f.shape[1:] == a.shape[1:] and not torch.allclose(f[:1], a, rtol=tol, atol=tol * float(f.abs().max())):
-                raise UnsupportedModuleError(
-                    "examples interact inside the model: the outputs of an example change when the other "
-                    "examples of its batch change (statistics over the batch, such as batch-mean "
-                    "centering or BatchNorm in training mode), so an example's own gradient is not defined "
-                    "and per-example values would be wrong. Normalize within each example instead."
-                )
+        tested = False
+        with buffers_kept(engine.module), engine.hooks.paused(), torch.no_grad(), evaluating(engine.module):
+            full = batched_leaves(call.module(*call.args, **call.kwargs), B)
+            for rows in parts:
+                if len(rows) == 0 or len(rows) == B:
+                    continue
+                pick = _rows_of(rows, B)
+                try:
+                    alone = batched_leaves(call.module(*pick(call.args), **pick(call.kwargs)), len(rows))
+                except Exception:
+                    continue
+                tested = True
+                for f, a in zip(full, alone):
+                    f = f[rows.to(f.device)]
+                    if f.shape == a.shape and not torch.allclose(f, a, rtol=tol, atol=tol * float(f.abs().max())):
+                        raise UnsupportedModuleError(
+                            "examples interact inside the model: the outputs of an example change when the other "
+                            "examples of its batch change, or when it sits at another position in the batch "
+                            "(statistics over the batch such as batch-mean centering or BatchNorm in training "
+                            "mode, one example's data used for the others, a layer applied to a slice of the "
+                            "batch), so an example's own gradient is not defined and per-example values would "
+                            "be wrong. Compute everything within each example."
+                        )
+        return tested
 
     # ------------------------------------------------------------------ sites
     def _observer(self, carries: dict[int, bool], batch: int) -> Any:
@@ -265,7 +274,40 @@ class RowVerifier:
                     "whole model shows which example its rows belong to. Freeze its parameters or "
                     "register a handler for it (inrun.layers.register_handler)."
                 )
-            engine.move_to_site(entry, site, self.names)
+            self._move_to_site(entry, site)
+
+    def _move_to_site(self, entry: Entry, site: nn.Module) -> None:
+        """Value ``entry``'s parameters at the enclosing module ``site`` by the fallback. The site's
+        directional derivative covers every use of a parameter inside it, so other entries inside
+        the site stop valuing it (a tied embedding read by an encoder and a decoder is valued
+        once at the module holding both)."""
+        engine = self.engine
+        site_name, own_name = self.names[id(site)], self.names[id(entry.module)]
+        prefix = own_name[len(site_name) + 1:] if site_name else own_name
+        target = next((e for e in engine.entries if e.module is site and e.active and e.handler is FALLBACK), None)
+        if target is None:
+            target = Entry(index=len(engine.entries), name=site_name or type(site).__name__, module=site,
+                           handler=FALLBACK, param_names=(), param_index=(), gram_capable=False)
+            engine.entries.append(target)
+            engine.hooks.add(target)
+        for name, row in zip(entry.param_names, entry.param_index):
+            if row not in target.param_index:
+                target.param_names += (f"{prefix}.{name}" if prefix else name,)
+                target.param_index += (row,)
+        target.site_of += (*entry.site_of, entry.name)
+        inside = f"{site_name}." if site_name else ""
+        for e in engine.entries:
+            if e is target or not e.active or not self.names.get(id(e.module), "").startswith(inside):
+                continue
+            if e.module is site and e.handler is not FALLBACK:
+                continue
+            keep = [(n, r) for n, r in zip(e.param_names, e.param_index) if r not in target.param_index]
+            e.param_names, e.param_index = tuple(n for n, _ in keep), tuple(r for _, r in keep)
+            if not keep:
+                e.active, e.gram_capable, e.residual_from = False, False, ()
+        for e in engine.entries:
+            if any(not engine.entries[i].active for i in e.residual_from):
+                e.gram_capable, e.residual_from = False, ()  # a tied head lost its embedding's rows
 
     def _site_for(self, entry: Entry) -> nn.Module | None:
         """The smallest module strictly enclosing ``entry`` whose calls carry the batch (the whole
@@ -277,12 +319,23 @@ class RowVerifier:
             module = self.parent.get(id(module))
         return None
 
-class _Changed(Exception):
-    """The replay's outputs differ from the user's."""
-
-
 def _same(a: Tensor, b: Tensor) -> bool:
     if a.device.type == "cpu":
         return torch.equal(a, b)
     return torch.allclose(a, b, rtol=1e-6, atol=1e-7 * float(b.abs().max()))
 
+
+
+def _rows_of(rows: Tensor, batch: int) -> Any:
+    """Select ``rows`` of every tensor in a structure whose leading dimension is the batch."""
+
+    def pick(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value[rows.to(value.device)]
+        if isinstance(value, dict):
+            return {k: pick(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(pick(v) for v in value)
+        return value
+
+    return pick

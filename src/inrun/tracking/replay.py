@@ -76,6 +76,24 @@ def buffers_kept(module: nn.Module) -> Iterator[None]:
                     b.copy_(before)
 
 
+def replayed_targets(call: RootCall) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
+    """The call replayed: ``(output, the user's gradient of it)`` for the outputs the gradient of
+    the loss reaches the parameters through (see :func:`inrun.tracking.rows.outputs_cut`), and
+    every batched output of the replay."""
+    from .rows import outputs_cut
+
+    outputs = call.replay()
+    if len(outputs) != len(call.outputs):
+        raise ReplayMismatch("the replay returned other outputs")
+    inputs = [x for x in tree_flatten((call.args, call.kwargs))[0] if isinstance(x, Tensor)]
+    cut = outputs_cut(outputs, inputs) if len(outputs) > 1 else [True] * len(outputs)
+    return [(t, g) for t, g, keep in zip(outputs, call.grads, cut) if keep and g is not None], outputs
+
+
+class ReplayMismatch(Exception):
+    """A replay's outputs differ from the call's."""
+
+
 def batched_leaves(output: Any, batch: int | None) -> list[Tensor]:
     """The tensors of an output structure whose leading dimension is the batch."""
     leaves, _ = tree_flatten(output)
@@ -169,15 +187,13 @@ def weighted_gradients(
     R = weights.shape[0]
     total = [torch.zeros((R, *p.shape), dtype=p.dtype, device=p.device) for p in params]
     for call in calls:
-        present = [(k, g) for k, g in enumerate(call.grads) if g is not None]
-        if not present:
+        if not any(g is not None for g in call.grads):
             continue
         with torch.enable_grad(), buffers_kept(call.module):
-            outputs = call.replay()
+            targets, _ = replayed_targets(call)
             for r in range(R):
-                grad_outputs = [g * _rows(weights[r], g) for _, g in present]
                 grads = torch.autograd.grad(
-                    [outputs[k] for k, _ in present], list(params), grad_outputs=grad_outputs,
+                    [t for t, _ in targets], list(params), grad_outputs=[g * _rows(weights[r], g) for _, g in targets],
                     retain_graph=r + 1 < R, allow_unused=True,
                 )
                 for i, g in enumerate(grads):

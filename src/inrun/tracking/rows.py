@@ -102,3 +102,31 @@ def row_key(rows: Sequence[Rows | None]) -> tuple:
     """What the verification proves about a call: row kinds and dims, not sizes (a sequence length
     that changes every step keeps its verdict)."""
     return tuple(None if r is None else (r.kind, r.dim) for r in rows)
+
+
+def outputs_cut(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[bool]:
+    """Which of a call's outputs to contract: those no other output was computed from.
+
+    With autograd's gradients, an output ``A`` that another output ``B`` was computed from
+    carries ``B``'s gradient too, so contracting both counts ``B``'s part twice; the outputs no
+    other depends on form a cut every path to the loss crosses once (an output used both inside
+    and outside is then missing its outside part, which the row verification sees). The walk
+    stops at the call's inputs.
+    """
+    stop = {x.grad_fn for x in inputs if x.grad_fn is not None}
+    nodes = [t.grad_fn for t in outputs]
+    keep = [True] * len(outputs)
+    for j, start in enumerate(nodes):
+        if start is None:
+            continue
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            if node in seen or node in stop:
+                continue
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions if n is not None)
+        for i, other in enumerate(nodes):
+            if i != j and other is not None and other in seen:
+                keep[i] = False
+    return keep
