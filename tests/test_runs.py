@@ -132,18 +132,36 @@ def _assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
 
-def _tabular_file(path: Path, n: int = 48, nan: bool = True) -> tuple[Path, str]:
-    """A JSONL file, with one corrupt (NaN) feature in a training row; returns its id too."""
+def _tabular_file(path: Path, n: int = 48) -> tuple[Path, str]:
+    """A JSONL file; returns the id of a training row that :func:`poison` can corrupt."""
     rng = np.random.default_rng(0)
     nan_row = next(i for i in range(n) if not is_held_out(f"ex{i}", 0.2))
     with path.open("w") as f:
         for i in range(n):
             x = rng.normal(size=3)
             row = {"id": f"ex{i}", "source": "a" if i % 2 else "b", "x0": x[0], "x1": x[1], "x2": x[2], "y": int(x[0] > 0)}
-            if nan and i == nan_row:
-                row["x1"] = float("nan")  # json writes NaN, as pandas and Python do
             f.write(json.dumps(row) + "\n")
     return path, f"ex{nan_row}"
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """``poison(bad_id)``: the run's training row ``bad_id`` gets a NaN input after loading. A
+    data file cannot hold one (that is a DataError naming the row); this is how a non-finite
+    loss reaches the loop, e.g. from a data source of the user's own."""
+    import inrun.runner
+
+    def apply(bad_id: str) -> None:
+        original = inrun.runner.load_data
+
+        def load(config):
+            train, val = original(config)
+            train.inputs[train.ids.index(bad_id), 1] = float("nan")
+            return train, val
+
+        monkeypatch.setattr(inrun.runner, "load_data", load)
+
+    return apply
 
 
 def _tabular_config(
@@ -176,8 +194,9 @@ every = {every}
 """
 
 
-def test_nan_step_stops_the_run_with_a_clear_message_and_clean_values(tmp_path, capsys) -> None:
-    data, _ = _tabular_file(tmp_path / "data.jsonl")
+def test_nan_step_stops_the_run_with_a_clear_message_and_clean_values(tmp_path, capsys, poison) -> None:
+    data, bad_id = _tabular_file(tmp_path / "data.jsonl")
+    poison(bad_id)
     cfg = tmp_path / "run.toml"
     cfg.write_text(_tabular_config(data, tmp_path / "run", "stop"))
     assert main(["train", "--config", str(cfg)]) == 3
@@ -195,8 +214,9 @@ def test_nan_step_stops_the_run_with_a_clear_message_and_clean_values(tmp_path, 
     assert rd.metrics().skipped[-1] is True
 
 
-def test_nan_steps_are_skipped_and_recorded_when_asked(tmp_path) -> None:
+def test_nan_steps_are_skipped_and_recorded_when_asked(tmp_path, poison) -> None:
     data, bad_id = _tabular_file(tmp_path / "data.jsonl")
+    poison(bad_id)
     result = run_in_process(_tabular_config(data, tmp_path / "run", "skip"))
     rd = result.run_dir
     ledger = rd.ledger()
@@ -212,8 +232,9 @@ def test_nan_steps_are_skipped_and_recorded_when_asked(tmp_path) -> None:
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
-def test_stopped_run_without_values_stops_too(tmp_path) -> None:
-    data, _ = _tabular_file(tmp_path / "data.jsonl")
+def test_stopped_run_without_values_stops_too(tmp_path, poison) -> None:
+    data, bad_id = _tabular_file(tmp_path / "data.jsonl")
+    poison(bad_id)
     with pytest.raises(RunStopped, match="non-finite loss"):
         run_in_process(_tabular_config(data, tmp_path / "run", "stop"), overrides=("values.enabled=false",))
 
@@ -224,7 +245,7 @@ def test_kill_9_at_a_random_moment_then_resume_gives_identical_values(tmp_path) 
     rng = random.Random(seed)
     steps = 80
     full, killed = tmp_path / "full", tmp_path / "killed"
-    data, _ = _tabular_file(tmp_path / "data.jsonl", n=400, nan=False)
+    data, _ = _tabular_file(tmp_path / "data.jsonl", n=400)
     # Order 2 (trapezoid) is the harder case: a step's values are finished at the next step.
     for out in (full, killed):
         (tmp_path / f"{out.name}.toml").write_text(

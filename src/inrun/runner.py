@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import RunConfig
+from .config import RunConfig, check_model_config
 from .data import ExampleSet, load_data
 from .errors import InRunError, NonFiniteError
 from .models import build_model, build_optimizer, build_schedule, loss_function, model_fingerprint
@@ -148,6 +148,7 @@ def train(
     if resume and not rd.exists:
         raise RunDirError(f"cannot resume {rd.path}: it is not a run directory (no run.json)")
 
+    check_model_config(config)  # before anything is built or written
     train_set, val_set = load_data(config)
     torch.manual_seed(config.seed)
     model = build_model(config.model, train_set).to(device)
