@@ -147,10 +147,12 @@ def test_cli_reports_a_bad_key_in_one_line(tmp_path, capsys) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(demo_config_text().replace("lr = 0.003", "lr = 'fast'"))
     assert main(["train", "--config", str(path)]) == 1
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.err
     assert "error:" in out and "'optimizer.lr'" in out and "expected a number" in out
+    assert captured.out == "" and len(out.strip().splitlines()) == 1  # on stderr, one line
     assert main(["train", "--config", str(path), "--set", "optimizer.lr=0.5", "--set", "training.stepz=3"]) == 1
-    assert "'training.stepz'" in capsys.readouterr().out
+    assert "'training.stepz'" in capsys.readouterr().err
 
 
 def test_the_readme_config_example_is_valid() -> None:
