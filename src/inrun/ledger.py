@@ -39,6 +39,7 @@ from .storage import (
     IntegrityError,
     atomic_write,
     file_digest,
+    fsync_dir,
     link_or_copy,
     read_json,
     verify_file,
@@ -470,14 +471,16 @@ class ValueLedger:
         )
         return table, int(cols["step"].min()), int(cols["step"].max())
 
-    def _write_part(self, trace_dir: Path) -> TracePart:
+    def _write_part(self, trace_dir: Path, fsync: bool = True) -> TracePart:
         """Write the rows not yet in a part as a new part file in ``trace_dir``."""
         import pyarrow.parquet as pq
 
         table, first, last = self._pending_table()
         name = _part_name(first, last)
         path = trace_dir / Path(name).name
-        atomic_write(path, lambda p: pq.write_table(table, p))
+        # The file's bytes are synced (checkpoints hard-link it); its directory entries are
+        # synced by whoever lists it (a checkpoint syncs its own directories).
+        atomic_write(path, lambda p: pq.write_table(table, p), fsync=fsync, sync_dir=False)
         d = file_digest(path)
         return TracePart(name, path, d["sha256"], d["size"], table.num_rows, first, last)
 
@@ -489,11 +492,15 @@ class ValueLedger:
         self._trace.clear()
         self._trace_rows = 0
 
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, fsync: bool = True) -> Path:
         """Write ``values.parquet`` (+ per-validation table, trace parts) and ``ledger.json``.
 
         ``ledger.json`` goes last and lists every file with its SHA-256, so a reader sees either
         a complete save or an error. Trace parts already written are linked, not rewritten.
+
+        Args:
+            fsync: flush the files and the directory to disk (``False``: atomic, not durable:
+                for copies that can be rewritten from a durable one, as a run's top level is).
         """
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -514,13 +521,13 @@ class ValueLedger:
             }
         )
         files: dict[str, dict[str, Any]] = {}
-        atomic_write(directory / VALUES_FILE, lambda p: pq.write_table(table, p))
+        atomic_write(directory / VALUES_FILE, lambda p: pq.write_table(table, p), fsync=fsync, sync_dir=False)
         files[VALUES_FILE] = file_digest(directory / VALUES_FILE)
         if self._per_val is not None:
             pv = self._per_val[:n]
             names = self.validation_names or [f"val_{k}" for k in range(pv.shape[1])]
             cols = {"id": id_col, **{str(name): pv[:, k] for k, name in enumerate(names)}}
-            atomic_write(directory / PER_VALIDATION_FILE, lambda p: pq.write_table(pa.table(cols), p))
+            atomic_write(directory / PER_VALIDATION_FILE, lambda p: pq.write_table(pa.table(cols), p), fsync=fsync, sync_dir=False)
             files[PER_VALIDATION_FILE] = file_digest(directory / PER_VALIDATION_FILE)
         parts: list[dict[str, Any]] = []
         if self.keep_trace:
@@ -532,7 +539,7 @@ class ValueLedger:
                     link_or_copy(part.path, target)
                 parts.append(part.entry())
             if self._trace:  # rows not in a part yet (no trace_dir, or a mark is held)
-                parts.append(self._write_part(directory / TRACE_DIR).entry())
+                parts.append(self._write_part(directory / TRACE_DIR, fsync=fsync).entry())
         meta = {
             "format": LEDGER_FORMAT,
             "steps": self.steps,
@@ -543,7 +550,9 @@ class ValueLedger:
             "files": files,
             "trace": parts,
         }
-        write_json(directory / LEDGER_META_FILE, meta)
+        if fsync and (directory / TRACE_DIR).is_dir():
+            fsync_dir(directory / TRACE_DIR)
+        write_json(directory / LEDGER_META_FILE, meta, fsync=fsync)  # (and the directory)
         listed = {Path(p["file"]).name for p in parts}
         trace_dir = directory / TRACE_DIR
         if trace_dir.is_dir() and (self.trace_dir is None or trace_dir.resolve() != self.trace_dir.resolve()):

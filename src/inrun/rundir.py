@@ -127,7 +127,7 @@ class Metrics:
         for c in self.COLUMNS:
             del getattr(self, c)[n:]
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, fsync: bool = True, sync_dir: bool | None = None) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -140,7 +140,7 @@ class Metrics:
                 "skipped": pa.array(self.skipped, type=pa.bool_()),
             }
         )
-        atomic_write(path, lambda p: pq.write_table(table, p))
+        atomic_write(path, lambda p: pq.write_table(table, p), fsync=fsync, sync_dir=sync_dir)
 
     @classmethod
     def load(cls, path: Path) -> Metrics:
@@ -334,7 +334,7 @@ class RunDir:
         what happened (the file is small, and its blocks are its own)."""
         status = {"state": state, "step": step, "steps": steps, "message": message, "updated": time.time(), **extra}
         try:
-            write_json(self.file(STATUS_FILE), status)
+            write_json(self.file(STATUS_FILE), status, fsync=False)  # informational, rewritten often
         except OSError:
             text = json_text(status)
             fd = os.open(self.file(STATUS_FILE), os.O_WRONLY | os.O_CREAT, 0o666)
@@ -380,7 +380,9 @@ class RunDir:
 
     def save_results(self, ledger: ValueLedger | None, metrics: Metrics, prune_trace: bool = False) -> None:
         """Values (if any) and curves at the top of the run directory, then the manifest that
-        lists them; readers wait meanwhile (:meth:`reading`).
+        lists them; readers wait meanwhile (:meth:`reading`). Atomic but not synced to disk:
+        they are copies of the newest checkpoint's, which is, and a resume rewrites them if a
+        crash lost them (a reader meanwhile is refused by their checksums, never misled).
 
         Args:
             prune_trace: first remove the trace parts ``ledger`` does not list (after a restore:
@@ -391,16 +393,16 @@ class RunDir:
                 self._prune_trace(ledger)
             files: dict[str, Any] = {}
             if ledger is not None:
-                ledger.save(self.path)
+                ledger.save(self.path, fsync=False)
                 files[LEDGER_META_FILE] = file_digest(self.file(LEDGER_META_FILE))
-            metrics.save(self.file(METRICS_FILE))
+            metrics.save(self.file(METRICS_FILE), fsync=False)
             files[METRICS_FILE] = file_digest(self.file(METRICS_FILE))
             if self._examples_digest is None and self.file(EXAMPLES_FILE).exists():
                 self._examples_digest = file_digest(self.file(EXAMPLES_FILE))
             if self._examples_digest is not None:
                 files[EXAMPLES_FILE] = self._examples_digest
             steps = metrics.step[-1] if metrics.step else 0
-            write_json(self.file(MANIFEST_FILE), {"format": RUN_FORMAT, "step": steps, "files": files})
+            write_json(self.file(MANIFEST_FILE), {"format": RUN_FORMAT, "step": steps, "files": files}, fsync=False)
 
     def heal_examples(self, ids: list, sources: list, locations: list, previews: list) -> bool:
         """Rewrite ``examples.parquet`` from the data unless it matches the manifest; ``True``
@@ -501,15 +503,16 @@ class RunDir:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        atomic_write(tmp / CHECKPOINT_STATE, lambda p: torch.save(dict(state), p))
+        # Every file is synced, each directory once, before the rename makes it a checkpoint:
+        # the checkpoint is what a resume trusts.
+        atomic_write(tmp / CHECKPOINT_STATE, lambda p: torch.save(dict(state), p), sync_dir=False)
         files = {CHECKPOINT_STATE: file_digest(tmp / CHECKPOINT_STATE)}
         if ledger is not None:
             ledger.save(tmp / "ledger")
             files[f"ledger/{LEDGER_META_FILE}"] = file_digest(tmp / "ledger" / LEDGER_META_FILE)
-            fsync_dir(tmp / "ledger")
-        metrics.save(tmp / METRICS_FILE)
+        metrics.save(tmp / METRICS_FILE, sync_dir=False)
         files[METRICS_FILE] = file_digest(tmp / METRICS_FILE)
-        write_json(tmp / "manifest.json", {"format": RUN_FORMAT, "step": step, "files": files})
+        write_json(tmp / "manifest.json", {"format": RUN_FORMAT, "step": step, "files": files}, sync_dir=False)
         fsync_dir(tmp)
         if final.exists():  # the same step again (a resumed run that had finished): replace it
             _discard(final)

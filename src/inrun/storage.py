@@ -49,12 +49,19 @@ class LockedError(LedgerError):
 
 
 # -- writing ------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], fsync: bool = True) -> None:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[str], Any], fsync: bool = True, sync_dir: bool | None = None
+) -> None:
     """Call ``write(tmp_path)`` then atomically rename the result to ``path``.
 
     The temporary file is created first (honouring the umask) so that writers which open the
     path themselves (``torch.save``, ``pyarrow``) keep its mode. On any error it is removed and
     the previous ``path``, if any, is left untouched.
+
+    Args:
+        fsync: flush the file to disk before the rename (durable, not only atomic).
+        sync_dir: also sync the directory after the rename (default: as ``fsync``); a caller
+            writing several files into one directory syncs it once at the end instead.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +77,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], fsync: bo
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    if fsync:
+    if fsync if sync_dir is None else sync_dir:
         fsync_dir(path.parent)
 
 
@@ -159,10 +166,10 @@ def json_text(obj: Mapping[str, Any]) -> str:
     return json.dumps({**body, CHECKSUM_KEY: hashlib.sha256(_canonical(body)).hexdigest()}, indent=2) + "\n"
 
 
-def write_json(path: str | os.PathLike, obj: Mapping[str, Any]) -> None:
-    """Write :func:`json_text` of ``obj`` atomically."""
+def write_json(path: str | os.PathLike, obj: Mapping[str, Any], fsync: bool = True, sync_dir: bool | None = None) -> None:
+    """Write :func:`json_text` of ``obj`` atomically (``fsync``, ``sync_dir``: see :func:`atomic_write`)."""
     text = json_text(obj)
-    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"), fsync=fsync, sync_dir=sync_dir)
 
 
 def read_json(path: str | os.PathLike, what: str, require_checksum: bool = True) -> dict[str, Any]:
