@@ -104,6 +104,8 @@ FAULTS = [
     ("config.toml deleted", lambda r: (r / "config.toml").unlink(), None),
     ("newest checkpoint's ledger/ deleted", lambda r: shutil.rmtree(_newest(r) / "ledger"), None),
     ("newest state.pt truncated", lambda r: _truncate(_newest(r) / "state.pt"), None),
+    ("newest checkpoint's values flipped", lambda r: flip(_newest(r) / "ledger" / "values.parquet"), None),
+    ("newest checkpoint's trace part flipped", lambda r: flip(sorted((_newest(r) / "ledger" / "trace").glob("part-*"))[-1]), None),
 ]
 
 
@@ -362,6 +364,10 @@ def test_read_only_run_directory_is_a_one_line_error_with_a_hint(run, capsys, mo
 
 
 def test_status_and_manifests_check_themselves(run) -> None:
+    RunDir(run).write_status("running", 12, STEPS)  # as a run killed by kill -9 leaves it
+    status = RunDir(run).status()
+    assert status["state"] == "running" and status["stale"] and "it was killed" in status["message"]
+    RunDir(run).write_status("complete", STEPS, STEPS)
     text = (run / "status.json").read_text()
     (run / "status.json").write_text(text.replace('"complete"', '"running"'))
     status = RunDir(run).status()

@@ -351,9 +351,14 @@ class RunDir:
         if not path.exists():
             return {"state": "unknown"}
         try:
-            return read_json(path, "the run's status", require_checksum=not self._is_legacy_quiet())
+            status = read_json(path, "the run's status", require_checksum=not self._is_legacy_quiet())
         except IntegrityError as exc:
             return {"state": "unknown", "message": str(exc), "damaged": True}
+        if status.get("state") == "running" and self.holder() is None:
+            # Nobody holds the lock: the process that wrote "running" is gone (kill -9, power).
+            status["stale"] = True
+            status["message"] = f"no process is training in it (it was killed); continue with `inrun train --resume {self.path}`"
+        return status
 
     def _is_legacy_quiet(self) -> bool:
         try:
