@@ -382,3 +382,32 @@ def test_status_and_manifests_check_themselves(run) -> None:
         RunDir(run / "nothing").ledger()
     state = torch.load(_newest(run) / "state.pt", weights_only=True)
     assert state["step"] == STEPS
+
+
+def test_a_nonfinite_error_raised_after_the_update_blames_the_update(tmp_path, monkeypatch) -> None:
+    """The tracker may raise NonFiniteError from optimizer.step() once the parameters are bad:
+    the runner checks them itself and takes the step out, as for any blown-up update."""
+    import inrun.runner
+    from inrun.errors import NonFiniteError
+
+    real = inrun.runner.build_optimizer
+
+    def build(cfg, model):
+        optimizer = real(cfg, model)
+        calls = []
+
+        def blow_up(opt, args, kwargs):  # after the update, as a tracker hook would see it
+            calls.append(1)
+            if len(calls) == 8:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+                raise NonFiniteError("the parameters are not finite")
+
+        optimizer.register_step_post_hook(blow_up)
+        return optimizer
+
+    monkeypatch.setattr(inrun.runner, "build_optimizer", build)
+    with pytest.raises(RunStopped, match="the update of step 7 made the parameters non-finite"):
+        run_in_process(digits_config(tmp_path / "run", steps=STEPS, every=EVERY))
+    ledger = RunDir(tmp_path / "run").ledger()
+    assert ledger.steps == 8 and sum(ledger.values().counts) == 7 * 16

@@ -486,6 +486,8 @@ class _Runner:
                 try:
                     self.optimizer.step()
                 except NonFiniteError as exc:
+                    if not self._parameters_finite(step):  # raised after the update was applied
+                        self._blame_update(f"the update of step {step} made the parameters non-finite ({_one_line(exc, 120)})")
                     skip_reason = f"non-finite values at step {step} ({exc})"
                     self.update = None
             if skip_reason is not None:
