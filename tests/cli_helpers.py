@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import inrun
 from inrun.config import RunConfig, parse_config
+from inrun.data.base import is_held_out
 from inrun.runner import RunResult, train
 
 SRC = Path(inrun.__file__).resolve().parents[1]
@@ -37,6 +40,7 @@ eval_every = 10
 threads = 1
 [values]
 order = {order}
+on_nonfinite = "{on_nonfinite}"
 [checkpoint]
 every = {every}
 keep = 2
@@ -71,8 +75,8 @@ every = 0
 """
 
 
-def digits_config(out: Path, steps: int = 40, order: int = 1, every: int = 10, **_: Any) -> str:
-    return DIGITS_MLP.format(out=out, steps=steps, order=order, every=every)
+def digits_config(out: Path, steps: int = 40, order: int = 1, every: int = 10, on_nonfinite: str = "stop", **_: Any) -> str:
+    return DIGITS_MLP.format(out=out, steps=steps, order=order, every=every, on_nonfinite=on_nonfinite)
 
 
 def gpt2_config(out: Path, steps: int = 24, lora: bool = False) -> str:
@@ -107,3 +111,45 @@ def cli(*args: str, **kwargs: Any) -> subprocess.Popen:
         [sys.executable, "-m", "inrun.cli", *args], env=cli_env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, **kwargs,
     )
+
+
+def tabular_file(path: Path, n: int = 48) -> tuple[Path, str]:
+    """A JSONL file; returns the id of a training row that :func:`_poison` can corrupt."""
+    rng = np.random.default_rng(0)
+    nan_row = next(i for i in range(n) if not is_held_out(f"ex{i}", 0.2))
+    with path.open("w") as f:
+        for i in range(n):
+            x = rng.normal(size=3)
+            row = {"id": f"ex{i}", "source": "a" if i % 2 else "b", "x0": x[0], "x1": x[1], "x2": x[2], "y": int(x[0] > 0)}
+            f.write(json.dumps(row) + "\n")
+    return path, f"ex{nan_row}"
+
+
+def tabular_config(
+    data: Path, out: Path, policy: str, steps: int = 12, every: int = 4, order: int = 1, batch_size: int = 8
+) -> str:
+    return f"""
+output = "{out}"
+[model]
+kind = "mlp"
+hidden = [8]
+[data]
+kind = "file"
+path = "{data}"
+features = ["x0", "x1", "x2"]
+label_field = "y"
+[validation]
+fraction = 0.2
+[optimizer]
+lr = 0.1
+[training]
+steps = {steps}
+batch_size = {batch_size}
+eval_every = 3
+threads = 1
+[values]
+order = {order}
+on_nonfinite = "{policy}"
+[checkpoint]
+every = {every}
+"""

@@ -43,7 +43,40 @@ BAD = [
     ("schedule.warmup_steps=500", "schedule.warmup_steps", "must be below training.steps"),
     ("checkpoint.every=-1", "checkpoint.every", "must be >= 0"),
     ("seeds=1", "seeds", "did you mean 'seed'"),
+    ("seed=-1", "seed", "must be >= 0"),
+    (f"seed={2**64}", "seed", "does not fit in 64 bits"),
+    ("output=''", "output", "must name a directory"),
+    ("optimizer.lr=nan", "optimizer.lr", "must be > 0, got nan"),
+    ("data.length=0", "data.length", "must be > 0"),
 ]
+
+
+# (override, key, message) checked against transformers' own GPT2Config fields
+BAD_HF = [
+    ("model.hf_config.n_layers=6", "model.hf_config.n_layers", "has no field 'n_layers' (did you mean 'n_layer'?)"),
+    ("model.hf_config.foo=1", "model.hf_config.foo", "has no field 'foo'"),
+    ("model.hf_config.n_positions=4", "model.hf_config.n_positions", "cannot hold an example of data.length = 128"),
+    ("model.hf_config.n_head='4'", "model.hf_config.n_head", "expected an integer"),
+    ("model.hf_config.n_layer=0", "model.hf_config.n_layer", "must be at least 1"),
+    ("model.hf_config.attn_pdrop=1.5", "model.hf_config.attn_pdrop", "is a probability"),
+    ("model.hf_type='gtp2'", "model.hf_type", "did you mean 'gpt2'"),
+    ("model.hf_config.n_positions=128", None, None),  # as long as an example: fine
+    ("model.hf_config.max_position_embeddings=256", None, None),  # GPT-2's alias of n_positions
+    ("model.hf_config.attn_implementation='eager'", None, None),
+]
+
+
+@pytest.mark.parametrize(("override", "key", "message"), BAD_HF, ids=[b[0] for b in BAD_HF])
+def test_hf_config_keys_are_checked_against_the_transformers_config(override, key, message) -> None:
+    from inrun.config import check_model_config
+
+    cfg = demo_config([override])
+    if key is None:
+        check_model_config(cfg)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_model_config(cfg)
+    assert info.value.key == key and message in str(info.value) and len(str(info.value)) < 200
 
 
 @pytest.mark.parametrize(("override", "key", "message"), BAD, ids=[b[0] for b in BAD])
@@ -114,10 +147,12 @@ def test_cli_reports_a_bad_key_in_one_line(tmp_path, capsys) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(demo_config_text().replace("lr = 0.003", "lr = 'fast'"))
     assert main(["train", "--config", str(path)]) == 1
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.err
     assert "error:" in out and "'optimizer.lr'" in out and "expected a number" in out
+    assert captured.out == "" and len(out.strip().splitlines()) == 1  # on stderr, one line
     assert main(["train", "--config", str(path), "--set", "optimizer.lr=0.5", "--set", "training.stepz=3"]) == 1
-    assert "'training.stepz'" in capsys.readouterr().out
+    assert "'training.stepz'" in capsys.readouterr().err
 
 
 def test_the_readme_config_example_is_valid() -> None:

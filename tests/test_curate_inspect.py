@@ -48,7 +48,7 @@ def test_curate_bottom_fraction_and_bad_spec(digits_run, capsys) -> None:
     assert dropped["value"].max() <= kept.loc[kept["count"] > 0, "value"].min()
     capsys.readouterr()
     assert main(["curate", str(digits_run.path), "--drop", "worst"]) == 1
-    assert "'--drop'" in capsys.readouterr().out
+    assert "'--drop'" in capsys.readouterr().err
 
 
 def test_curate_retrain_compares_kept_with_a_random_subset(digits_run, capsys) -> None:
@@ -87,4 +87,4 @@ def test_inspect_config_and_model_type(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "124,439,808 parameters" in out and "vector:hf_conv1d" in out and "validation gradient" in out
     assert main(["inspect", "no-such-model"]) == 1
-    assert "MODEL_OR_CONFIG" in capsys.readouterr().out
+    assert "MODEL_OR_CONFIG" in capsys.readouterr().err

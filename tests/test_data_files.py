@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -98,3 +99,41 @@ def test_tabular_file_with_features_and_labels(tmp_path) -> None:
     assert train.task == "classify" and train.num_classes == 2 and train.inputs.shape[1] == 2
     assert abs(float(train.inputs[:, 0].mean())) < 1e-5  # standardized with training statistics
     assert "cat" in train.previews[0] or "dog" in train.previews[0]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(float("nan"), "is nan"), (float("inf"), "is inf"), (1e300, "is 1e+300"), (-2.0**70, "is -1.1805916207174113e+21")],
+)
+def test_a_non_finite_or_absurd_feature_is_an_error_naming_its_row(tmp_path, value, message) -> None:
+    """One such value used to change the scaling of its column for every row (or make it -inf)."""
+    path = tmp_path / "table.jsonl"
+    rows = [{"id": i, "a": float(i), "label": i % 2} for i in range(40)]
+    rows[17]["a"] = value
+    write_jsonl(path, rows)
+    cfg = RunConfig.from_dict({
+        "model": {"kind": "mlp"},
+        "data": {"kind": "file", "path": str(path), "features": ["a"], "label_field": "label"},
+        "validation": {"fraction": 0.2},
+        "training": {"batch_size": 4},
+    })
+    with pytest.raises(DataError, match=rf"table.jsonl:18: feature 'a' {re.escape(message)}"):
+        load_data(cfg)
+
+
+def test_unreadable_files_are_errors_that_say_where(tmp_path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"id": 1, "text": "a"}\n{"id": 2, "text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"data.jsonl:2: byte 0xe9 at column 23 is not UTF-8"):
+        load_data(file_config(path))
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(DataError, match="is a directory, not a file"):
+        load_data(file_config(path))
+    broken = tmp_path / "data.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="is not a readable Parquet file"):
+        load_data(file_config(broken))
+    write_jsonl(tmp_path / "ids.jsonl", [{"id": 2**70, "text": "a"}, *({"id": i, "text": "b"} for i in range(30))])
+    with pytest.raises(DataError, match="ids.jsonl:1: id 1180591620717411303424 does not fit in 64 bits"):
+        load_data(file_config(tmp_path / "ids.jsonl"))

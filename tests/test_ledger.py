@@ -85,3 +85,54 @@ def test_failed_write_leaves_previous_file(tmp_path, monkeypatch) -> None:
         ledger.save(tmp_path)
     assert (tmp_path / "values.parquet").read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_rollback_returns_to_the_mark_exactly(tmp_path) -> None:
+    ledger = filled(columns=3)
+    before = ledger.state()
+    ledger.mark()
+    rng = np.random.default_rng(1)
+    ledger.add(3, ["a", "new", "c"], rng.normal(size=(3, 3)) * 1e30, lr=1e30)  # a step that blew up
+    ledger.record_skip(4, "x")
+    ledger.rollback()
+    after = ledger.state()
+    assert after["ids"] == before["ids"] and after["skipped"] == before["skipped"] and after["steps"] == 3
+    for key in ("first_order", "second_order", "count", "per_validation"):
+        np.testing.assert_array_equal(after[key], before[key])  # bit for bit, not subtracted
+    for key in ("step", "first_order"):
+        np.testing.assert_array_equal(after["trace"][key], before["trace"][key])
+    ledger.add(3, ["new"], np.ones((1, 3)))  # an id dropped by the rollback starts from zero
+    assert ledger.values()["new"] == 3.0 and ledger.values().count("new") == 1
+
+
+def test_trace_is_spilled_to_parts_and_saves_link_them(tmp_path) -> None:
+    store = tmp_path / "run" / "trace"
+    ledger = ValueLedger(keep_trace=True, trace_dir=store, spill_rows=10)
+    rng = np.random.default_rng(0)
+    for step in range(12):
+        ledger.add(step, [f"x{(step * 4 + k) % 9}" for k in range(4)], rng.normal(size=(4, 1)), lr=0.1)
+        assert ledger._trace_rows < 10  # bounded: at most spill_rows rows wait in memory
+    assert len(ledger.trace_part_names()) == 4  # 12 rows per part at most, as they come
+    ledger.save(tmp_path / "run")  # the top level: the store itself, nothing copied
+    ledger.save(tmp_path / "checkpoint")  # a checkpoint: the same parts, hard-linked
+    for name in ledger.trace_part_names():
+        a, b = store / name, tmp_path / "checkpoint" / "trace" / name
+        assert a.stat().st_ino == b.stat().st_ino
+    back = ValueLedger.load(tmp_path / "checkpoint")
+    assert len(back.trace()["step"]) == 48 and back.trace()["step"].tolist() == sorted(back.trace()["step"].tolist())
+    np.testing.assert_array_equal(back.trace()["first_order"], ledger.trace()["first_order"])
+
+
+def test_a_ledger_of_format_1_is_still_read(tmp_path) -> None:
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a"], "value": [1.0], "first_order": [1.0], "second_order": [0.0],
+                             "count": [1], "source": [None]}, schema=pa.schema([
+                                 ("id", pa.string()), ("value", pa.float64()), ("first_order", pa.float64()),
+                                 ("second_order", pa.float64()), ("count", pa.int64()), ("source", pa.string())])),
+                   tmp_path / "values.parquet")
+    (tmp_path / "ledger.json").write_text(json.dumps({"format": 1, "steps": 1, "skipped": [], "keep_trace": False}))
+    assert ValueLedger.load(tmp_path).values()["a"] == 1.0

@@ -112,6 +112,6 @@ def test_report_renders_in_headless_chromium(text_run, tmp_path) -> None:
 def test_report_of_a_run_without_values_is_a_clear_error(tmp_path, capsys) -> None:
     (tmp_path / "run.json").write_text('{"format": 1, "config": {}}')
     assert main(["report", str(tmp_path)]) == 1
-    assert "has no values" in capsys.readouterr().out
+    assert "has no values" in capsys.readouterr().err
     assert main(["report", str(Path(tmp_path) / "nope")]) == 1
-    assert "not a run directory" in capsys.readouterr().out
+    assert "not a run directory" in capsys.readouterr().err

@@ -19,15 +19,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from cli_helpers import cli, digits_config, run_in_process
+from cli_helpers import cli, digits_config, run_in_process, tabular_config, tabular_file
 
 from inrun import ValueLedger
 from inrun.cli import main
-from inrun.data.base import is_held_out
 from inrun.rundir import RunDir, RunDirError
 from inrun.runner import RunStopped
+from inrun.storage import read_json, write_json
 
-RESULT_FILES = ("values.parquet", "trace.parquet", "metrics.parquet", "examples.parquet")
+RESULT_FILES = ("values.parquet", "metrics.parquet", "examples.parquet", "manifest.json")
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,13 @@ def test_run_directory_holds_parquet_results_and_metadata(digits_run) -> None:
     values = pq.read_table(rd.file("values.parquet"))
     assert values.column_names == ["id", "value", "first_order", "second_order", "count", "source"]
     assert str(values.schema.field("value").type) == "double"
-    trace = pq.read_table(rd.file("trace.parquet"))
-    assert {"step", "lr", "id", "first_order", "second_order"} <= set(trace.column_names)
-    assert trace.num_rows == 40 * 16 and set(trace.column("step").to_pylist()) == set(range(40))
+    trace = rd.ledger().trace()
+    assert {"step", "lr", "id", "first_order", "second_order"} <= set(trace)
+    assert len(trace["step"]) == 40 * 16 and set(trace["step"].tolist()) == set(range(40))
+    # The trace is appended one part per checkpoint (every 10 steps), never rewritten.
+    parts = sorted(p.name for p in rd.file("trace").glob("part-*.parquet"))
+    assert parts == [f"part-{a:09d}-{a + 9:09d}.parquet" for a in (0, 10, 20, 30)]
+    assert pq.read_table(rd.file("trace")).num_rows == 40 * 16  # a Parquet dataset as it is
     # Parquet round trip: the saved ledger reads back to the same numbers as the checkpoint's.
     _, last = rd.checkpoints()[-1]
     a, b = rd.ledger().values(), ValueLedger.load(last / "ledger").values()
@@ -66,26 +70,26 @@ def test_run_directory_holds_parquet_results_and_metadata(digits_run) -> None:
 def test_new_run_refuses_an_existing_run_directory(digits_run, capsys) -> None:
     path = digits_run.path
     assert main(["train", "--config", str(path / "config.toml"), "--out", str(path)]) == 1
-    assert "already holds a run" in capsys.readouterr().out
+    assert "already holds a run" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_different_config_or_data(digits_run, tmp_path, capsys) -> None:
     changed = tmp_path / "changed.toml"
     changed.write_text(digits_run.file("config.toml").read_text().replace("lr = 0.3", "lr = 0.5"))
     assert main(["train", "--config", str(changed), "--resume", str(digits_run.path)]) == 1
-    assert "optimizer.lr" in capsys.readouterr().out
+    assert "optimizer.lr" in capsys.readouterr().err
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in digits_run.path.iterdir():
         if f.is_file():
             (copy / f.name).write_bytes(f.read_bytes())
-    meta = json.loads((copy / "run.json").read_text())
+    meta = read_json(copy / "run.json", "test")
     for key, value, message in (
         ("validation_hash", "0" * 64, "the validation data changed"),
         ("model_fingerprint", "f" * 64, "model_fingerprint was"),
         ("inrun_version", "0.0.1", "inrun_version was '0.0.1'"),
     ):
-        (copy / "run.json").write_text(json.dumps({**meta, key: value}))
+        write_json(copy / "run.json", {**meta, key: value})
         with pytest.raises(RunDirError, match=message):
             run_in_process((copy / "config.toml").read_text(), run_dir=copy, resume=True)
     with pytest.raises(RunDirError, match="not a run directory"):
@@ -93,11 +97,14 @@ def test_resume_refuses_a_different_config_or_data(digits_run, tmp_path, capsys)
 
 
 def test_resume_of_a_finished_run_changes_nothing(digits_run) -> None:
-    before = {n: digits_run.file(n).read_bytes() for n in ("values.parquet", "trace.parquet")}
+    before = digits_run.file("values.parquet").read_bytes()
+    trace = digits_run.ledger().trace()
     result = run_in_process(digits_run.file("config.toml").read_text(), run_dir=digits_run.path, resume=True)
     assert result.resumed_from == 40
-    for name, data in before.items():
-        assert pq.read_table(digits_run.file(name)).equals(pq.read_table(__import__("io").BytesIO(data)))
+    assert digits_run.file("values.parquet").read_bytes() == before
+    after = digits_run.ledger().trace()
+    for col in trace:
+        np.testing.assert_array_equal(trace[col], after[col])
 
 
 def _wait_for(predicate, proc, timeout: float = 120.0) -> bool:
@@ -119,69 +126,50 @@ def _step_reached(path: Path) -> int:
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
-    for name in ("values.parquet", "trace.parquet", "metrics.parquet"):
+    for name in ("values.parquet", "metrics.parquet"):
         ta, tb = pq.read_table(a / name).to_pandas(), pq.read_table(b / name).to_pandas()
         assert list(ta.columns) == list(tb.columns) and len(ta) == len(tb), f"{name} differs in shape"
         for col in ta.columns:  # exact equality, NaN == NaN (validation loss is NaN between evals)
             np.testing.assert_array_equal(ta[col].to_numpy(), tb[col].to_numpy(), err_msg=f"{name}:{col}")
     la, lb = ValueLedger.load(a), ValueLedger.load(b)
     assert la.skipped == lb.skipped and la.steps == lb.steps
+    tra, trb = la.trace(), lb.trace()
+    for col in tra:
+        np.testing.assert_array_equal(tra[col], trb[col], err_msg=f"trace:{col}")
+    assert RunDir(a).verify() == [] and RunDir(b).verify() == []
     sa = torch.load(RunDir(a).checkpoints()[-1][1] / "state.pt", weights_only=True)
     sb = torch.load(RunDir(b).checkpoints()[-1][1] / "state.pt", weights_only=True)
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
 
-def _tabular_file(path: Path, n: int = 48, nan: bool = True) -> tuple[Path, str]:
-    """A JSONL file, with one corrupt (NaN) feature in a training row; returns its id too."""
-    rng = np.random.default_rng(0)
-    nan_row = next(i for i in range(n) if not is_held_out(f"ex{i}", 0.2))
-    with path.open("w") as f:
-        for i in range(n):
-            x = rng.normal(size=3)
-            row = {"id": f"ex{i}", "source": "a" if i % 2 else "b", "x0": x[0], "x1": x[1], "x2": x[2], "y": int(x[0] > 0)}
-            if nan and i == nan_row:
-                row["x1"] = float("nan")  # json writes NaN, as pandas and Python do
-            f.write(json.dumps(row) + "\n")
-    return path, f"ex{nan_row}"
+@pytest.fixture
+def poison(monkeypatch):
+    """``poison(bad_id)``: the run's training row ``bad_id`` gets a NaN input after loading. A
+    data file cannot hold one (that is a DataError naming the row); this is how a non-finite
+    loss reaches the loop, e.g. from a data source of the user's own."""
+    import inrun.runner
+
+    def apply(bad_id: str) -> None:
+        original = inrun.runner.load_data
+
+        def load(config):
+            train, val = original(config)
+            train.inputs[train.ids.index(bad_id), 1] = float("nan")
+            return train, val
+
+        monkeypatch.setattr(inrun.runner, "load_data", load)
+
+    return apply
 
 
-def _tabular_config(
-    data: Path, out: Path, policy: str, steps: int = 12, every: int = 4, order: int = 1, batch_size: int = 8
-) -> str:
-    return f"""
-output = "{out}"
-[model]
-kind = "mlp"
-hidden = [8]
-[data]
-kind = "file"
-path = "{data}"
-features = ["x0", "x1", "x2"]
-label_field = "y"
-[validation]
-fraction = 0.2
-[optimizer]
-lr = 0.1
-[training]
-steps = {steps}
-batch_size = {batch_size}
-eval_every = 3
-threads = 1
-[values]
-order = {order}
-on_nonfinite = "{policy}"
-[checkpoint]
-every = {every}
-"""
-
-
-def test_nan_step_stops_the_run_with_a_clear_message_and_clean_values(tmp_path, capsys) -> None:
-    data, _ = _tabular_file(tmp_path / "data.jsonl")
+def test_nan_step_stops_the_run_with_a_clear_message_and_clean_values(tmp_path, capsys, poison) -> None:
+    data, bad_id = tabular_file(tmp_path / "data.jsonl")
+    poison(bad_id)
     cfg = tmp_path / "run.toml"
-    cfg.write_text(_tabular_config(data, tmp_path / "run", "stop"))
+    cfg.write_text(tabular_config(data, tmp_path / "run", "stop"))
     assert main(["train", "--config", str(cfg)]) == 3
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())
     assert "run stopped:" in out and "non-finite loss" in out and 'values.on_nonfinite = "skip"' in out
     rd = RunDir(tmp_path / "run")
     status = rd.status()
@@ -195,9 +183,10 @@ def test_nan_step_stops_the_run_with_a_clear_message_and_clean_values(tmp_path, 
     assert rd.metrics().skipped[-1] is True
 
 
-def test_nan_steps_are_skipped_and_recorded_when_asked(tmp_path) -> None:
-    data, bad_id = _tabular_file(tmp_path / "data.jsonl")
-    result = run_in_process(_tabular_config(data, tmp_path / "run", "skip"))
+def test_nan_steps_are_skipped_and_recorded_when_asked(tmp_path, poison) -> None:
+    data, bad_id = tabular_file(tmp_path / "data.jsonl")
+    poison(bad_id)
+    result = run_in_process(tabular_config(data, tmp_path / "run", "skip"))
     rd = result.run_dir
     ledger = rd.ledger()
     metrics = rd.metrics()
@@ -212,23 +201,25 @@ def test_nan_steps_are_skipped_and_recorded_when_asked(tmp_path) -> None:
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
-def test_stopped_run_without_values_stops_too(tmp_path) -> None:
-    data, _ = _tabular_file(tmp_path / "data.jsonl")
+def test_stopped_run_without_values_stops_too(tmp_path, poison) -> None:
+    data, bad_id = tabular_file(tmp_path / "data.jsonl")
+    poison(bad_id)
     with pytest.raises(RunStopped, match="non-finite loss"):
-        run_in_process(_tabular_config(data, tmp_path / "run", "stop"), overrides=("values.enabled=false",))
+        run_in_process(tabular_config(data, tmp_path / "run", "stop"), overrides=("values.enabled=false",))
 
 
 @pytest.mark.slow
 def test_kill_9_at_a_random_moment_then_resume_gives_identical_values(tmp_path) -> None:
+    """Killed twice at random moments; after the first kill two resumes start at once."""
     seed = int(os.environ.get("INRUN_KILL_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     steps = 80
     full, killed = tmp_path / "full", tmp_path / "killed"
-    data, _ = _tabular_file(tmp_path / "data.jsonl", n=400, nan=False)
+    data, _ = tabular_file(tmp_path / "data.jsonl", n=400)
     # Order 2 (trapezoid) is the harder case: a step's values are finished at the next step.
     for out in (full, killed):
         (tmp_path / f"{out.name}.toml").write_text(
-            _tabular_config(data, out, "stop", steps=steps, every=5, order=2, batch_size=16)
+            tabular_config(data, out, "stop", steps=steps, every=5, order=2, batch_size=16)
         )
     reference = cli("train", "--config", str(tmp_path / "full.toml"))
 
@@ -247,7 +238,20 @@ def test_kill_9_at_a_random_moment_then_resume_gives_identical_values(tmp_path) 
         proc.wait()
         kills.append((target, reached, _step_reached(killed)))
         assert _step_reached(killed) < steps, f"killed too late to test a resume (seed {seed})"
-        proc = cli("train", "--resume", str(killed))
+        if round_ == 0:
+            # Two resumes at once: one gets the run directory's lock, the other is refused at
+            # once, naming it, and touches nothing (it used to delete the live one's temp files).
+            pair = [cli("train", "--resume", str(killed)) for _ in range(2)]
+            deadline = time.monotonic() + 120
+            while all(p.poll() is None for p in pair) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            loser = next(p for p in pair if p.poll() is not None)
+            proc = next(p for p in pair if p is not loser)
+            refusal = loser.communicate()[0]
+            assert loser.returncode == 1, refusal
+            assert f"is in use by pid {proc.pid} on " in refusal, refusal
+        else:
+            proc = cli("train", "--resume", str(killed))
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out
     ref_out = reference.communicate(timeout=300)[0]

@@ -334,13 +334,15 @@ def measure_memory(workload: str, names: list[str]) -> dict[str, float]:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from .cli import non_negative_int, positive_int
+
     parser = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="R,S,M")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--steps", type=int, default=24, help="timed steps per method (>= 20 for results)")
-    parser.add_argument("--rounds", type=int, default=4, help="alternation rounds")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=24, help="timed steps per method (>= 20 for results)")
+    parser.add_argument("--rounds", type=positive_int, default=4, help="alternation rounds")
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     return parser

@@ -1,8 +1,10 @@
-"""The ``inrun`` command line: demo, train, report, curate, inspect.
+"""The ``inrun`` command line: demo, train, report, curate, inspect, bench.
 
 Every command that runs for long shows a progress bar (step, loss, examples/s, ETA). Errors
-that inrun raises on purpose (bad config, data, run directory...) are printed as one line and
-exit with status 1; a run stopped by a NaN/Inf step exits with status 3.
+that inrun raises on purpose (bad config, data, run directory...) and errors of the system
+(a full disk, a read-only directory) are printed on stderr as one line of bounded length,
+sometimes followed by a ``hint:`` line, and exit with status 1; a bad command line exits with
+2; a run stopped by a NaN/Inf step exits with 3; SIGINT / SIGTERM with 130 / 143.
 """
 
 from __future__ import annotations
@@ -24,7 +26,54 @@ from rich.table import Table
 from .errors import InRunError
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_STOPPED = 3
+MAX_LINE = 400  # characters of an error line: a message quoting a long input is cut, not dumped
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {_bounded(repr(text), 60)}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    if value > 2**31:
+        raise argparse.ArgumentTypeError(f"{value} is too large")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message, then a hint naming ``--help``."""
+
+    def error(self, message: str) -> Any:
+        _print_error(message, f"see `{self.prog} --help`")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _bounded(text: str, limit: int = MAX_LINE) -> str:
+    flat = " ".join(str(text).split())
+    if len(flat) <= limit:
+        return flat
+    return flat[: limit - 1] + f"… ({len(flat) - limit + 1} more characters)"
+
+
+def _print_error(message: str, hint: str | None = None, label: str = "error") -> None:
+    """One line on stderr (plus an optional hint line), plain text: nothing is wrapped."""
+    sys.stderr.write(f"{label}: {_bounded(message)}\n")
+    if hint:
+        sys.stderr.write(f"hint: {_bounded(hint)}\n")
+    sys.stderr.flush()
 
 
 def _progress_bar(console: Console) -> Progress:
@@ -69,6 +118,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from .rundir import RunDir
 
     if RunDir(out).exists:
+        RunDir(out).refuse_if_in_use("replace the demo run in")
         console.print(f"Replacing the previous demo run in {out}")
         shutil.rmtree(out)
     m, t = config.model, config.training
@@ -82,8 +132,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
-    from .config import config_diff, load_config, parse_config
-    from .rundir import CONFIG_FILE, RunDir
+    from .config import config_diff, load_config
+    from .rundir import RunDir
 
     if args.list_keys:
         _print_keys(console)
@@ -92,7 +142,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         raise InRunError("give --config FILE for a new run, or --resume RUN_DIR to continue one")
     if args.resume is not None:
         rd = RunDir(args.resume)
-        saved = parse_config(rd.file(CONFIG_FILE).read_text(), source=str(rd.file(CONFIG_FILE))) if rd.exists else None
+        saved = rd.saved_config()[0] if rd.exists else None
         if args.config is not None:
             config = load_config(args.config, args.set)
             if saved is not None and config.to_dict() != saved.to_dict():
@@ -128,9 +178,9 @@ def _finish_run(result: Any, console: Console, report: bool) -> int:
     if not rd.has_values():
         console.print(f"\nRun directory: [bold]{rd.path.resolve()}[/] (values.enabled = false: no values)")
         return 0
-    import json
+    from .storage import read_json
 
-    summary = json.loads(rd.file(SUMMARY_FILE).read_text())
+    summary = read_json(rd.file(SUMMARY_FILE), "the run's summary")
     print_summary(summary, console)
     if report:
         from .report import build_report
@@ -263,16 +313,16 @@ def _print_keys(console: Console) -> None:
 
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inrun", description="In-Run Data Shapley from the command line.")
+    parser = _Parser(prog="inrun", description="In-Run Data Shapley from the command line.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     set_help = "override a config key, e.g. --set training.steps=100 (repeatable; value in TOML syntax)"
 
     demo = sub.add_parser("demo", help="value a small GPT-2 trained on Python's standard library, then report")
     demo.add_argument("--out", default=None, help="run directory (default: runs/demo; a previous demo there is replaced)")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 400)")
+    demo.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: 400)")
     demo.add_argument("--order", type=int, choices=(1, 2), default=None, help="value order (default: 1)")
-    demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument("--seed", type=non_negative_int, default=None)
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
     demo.add_argument("--print-config", action="store_true", help="print the embedded demo config (a template) and exit")
@@ -290,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write the self-contained HTML report of a run")
     report.add_argument("run_dir")
     report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
-    report.add_argument("--top", type=int, default=10, help="examples in the helpful/harmful tables")
-    report.add_argument("--stages", type=int, default=8, help="training stages in the per-source plot")
+    report.add_argument("--top", type=positive_int, default=10, help="examples in the helpful/harmful tables")
+    report.add_argument("--stages", type=positive_int, default=8, help="training stages in the per-source plot")
     report.set_defaults(func=cmd_report)
 
     curate = sub.add_parser("curate", help="drop low-value examples; --retrain compares with a random subset")
@@ -303,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="which parameters each route values, and the predicted extra memory")
     inspect.add_argument("target", metavar="MODEL_OR_CONFIG", help="a run config (.toml) or a Hugging Face model type (gpt2, llama...)")
     inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help + " (config only)")
-    inspect.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the config's, or 16)")
-    inspect.add_argument("--length", type=int, default=None, help="tokens per example for a model type (default 128)")
-    inspect.add_argument("--val-tokens", type=int, default=None, help="validation tokens for a model type (default 1024)")
+    inspect.add_argument("--batch-size", type=positive_int, default=None, help="examples per step (default: the config's, or 16)")
+    inspect.add_argument("--length", type=positive_int, default=None, help="tokens per example for a model type (default 128)")
+    inspect.add_argument("--val-tokens", type=positive_int, default=None, help="validation tokens for a model type (default 1024)")
     inspect.add_argument("--order", type=int, choices=(1, 2), default=None, help="value order (default: the config's, or 1)")
     inspect.add_argument("--modules", action="store_true", help="list every valued module")
     inspect.set_defaults(func=cmd_inspect)
@@ -327,19 +377,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("transformers").setLevel(logging.ERROR)
     console = Console()
-    from .runner import RunStopped
+    from .runner import RunInterrupted, RunStopped
 
     try:
         return int(args.func(args, console) or 0)
     except RunStopped as exc:
-        console.print(f"[bold red]run stopped:[/] {escape(str(exc))}", soft_wrap=True)
+        _print_error(str(exc), label="run stopped")
         return EXIT_STOPPED
+    except RunInterrupted as exc:
+        _print_error(str(exc), label="interrupted")
+        return 128 + int(exc.signum)
     except InRunError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        _print_error(str(exc), getattr(exc, "hint", None))
+        return EXIT_ERROR
+    except OSError as exc:  # the system's: a full disk, a read-only or missing directory
+        what = f"{exc.filename}: " if exc.filename else ""
+        _print_error(f"{what}{exc.strerror or exc}", _os_hint(exc, args))
         return EXIT_ERROR
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        _print_error("stopped by Ctrl-C", label="interrupted")
         return 130
+
+
+def _os_hint(exc: OSError, args: argparse.Namespace) -> str | None:
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return "free some disk space, then `inrun train --resume RUN_DIR` continues from the last checkpoint"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if args.command == "report":
+            return "the run directory is not writable: write the report elsewhere with --out FILE"
+        return "the directory is not writable: check its permissions, or copy the run somewhere writable"
+    return None
 
 
 if __name__ == "__main__":

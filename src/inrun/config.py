@@ -29,6 +29,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,7 @@ ON_NONFINITE = ("stop", "skip")
 ROUTES = ("auto", "vector", "gram")
 SECOND_ORDER = ("trapezoid", "hessian")
 PATH_KEYS = (("data", "path"), ("data", "subset"), ("validation", "path"))
+INT64_MAX = 2**63 - 1  # TOML integers are 64-bit; so are Parquet's, numpy's seeds take any >= 0
 
 
 class ConfigError(InRunError, ValueError):
@@ -190,6 +192,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice(self, "kind", DATA_KINDS)
         _positive(self, "length", "max_per_source")
+        for name in ("id_field", "source_field", "text_field", "label_field", "path", "subset"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ConfigError(name, "must not be empty")
+        if self.features is not None and (not self.features or len(set(self.features)) != len(self.features)):
+            raise ConfigError("features", f"must name distinct columns, got {list(self.features)}")
         _only_for(self, "kind", ("stdlib",), "packages")
         _only_for(self, "kind", ("sklearn",), "dataset")
         _only_for(self, "kind", ("file",), "path", "features", "label_field")
@@ -337,6 +345,10 @@ class RunConfig:
     output: str = _help("run directory (relative to the current directory)", "runs/run")
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ConfigError("seed", f"must be >= 0 (numpy and torch seeds are non-negative), got {self.seed}")
+        if not self.output.strip():
+            raise ConfigError("output", "must name a directory (it is empty)")
         if self.schedule.warmup_steps >= self.training.steps and self.schedule.warmup_steps:
             raise ConfigError(
                 "schedule.warmup_steps",
@@ -402,6 +414,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise exc.under(prefix) from None
 
 
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
@@ -422,15 +439,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
+            raise ConfigError(key, f"expected an integer, got {_short_repr(value)}")
+        if not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise ConfigError(key, f"{value} does not fit in 64 bits")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(key, f"expected a number, got {_short_repr(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(key, f"{value} is too large for a float") from None
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
+            raise ConfigError(key, f"expected a string, got {_short_repr(value)}")
         return value
     if origin is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
@@ -447,7 +469,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if not isinstance(v, (bool, int, float, str)) and not (
                 isinstance(v, list) and all(isinstance(x, (bool, int, float, str)) for x in v)
             ):
-                raise ConfigError(f"{key}.{k}", f"expected a number, string or boolean, got {v!r}")
+                raise ConfigError(f"{key}.{k}", f"expected a number, string or boolean, got {_short_repr(v)}")
+            if isinstance(v, int) and not isinstance(v, bool) and not -INT64_MAX - 1 <= v <= INT64_MAX:
+                raise ConfigError(f"{key}.{k}", f"{v} does not fit in 64 bits")
         return dict(value)
     raise TypeError(f"config field {key} has an unsupported type {tp}")  # a bug, not bad input
 
@@ -476,10 +500,22 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError.file(str(path), f"cannot read the config: {exc.strerror or exc}") from None
-    return parse_config(text, base_dir=path.parent, source=str(path), overrides=overrides)
+    return parse_config(decode_utf8(raw, str(path), ConfigError.file), base_dir=path.parent, source=str(path), overrides=overrides)
+
+
+def decode_utf8(raw: bytes, source: str, error: Any) -> str:
+    """``raw`` as UTF-8 text; else ``error(source, reason)`` naming the line and byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise error(
+            source, f"line {line}, column {column}: byte 0x{raw[exc.start]:02x} is not UTF-8; save the file as UTF-8"
+        ) from None
 
 
 def parse_config(
@@ -544,6 +580,96 @@ def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") ->
         elif va != vb:
             out.append(dotted)
     return out
+
+
+# -- model.hf_config against transformers' own fields ---------------------------------------
+# Sizes and counts that must be at least 1 (0 or a negative width builds a silently broken model).
+_SIZE_NAME = re.compile(r"^(n_|num_)|(_size|_dim|_layers?|_heads?|_positions|_embd|_inner)$")
+_PROB_NAME = re.compile(r"(pdrop|dropout|_prob)$")
+# Keys every transformers config takes although its class does not list them.
+_COMMON_HF_KEYS = ("attn_implementation",)
+
+
+def check_model_config(config: RunConfig) -> None:
+    """Check ``model.hf_type`` and every ``model.hf_config`` key against the transformers config
+    class's own fields (name, type, range) before anything is built or written.
+
+    Raises:
+        ConfigError: an unknown model type or key (with the nearest valid ones), a value of the
+            wrong type or range, or a context shorter than ``data.length``.
+    """
+    m = config.model
+    if m.kind != "hf":
+        return
+    from transformers import CONFIG_MAPPING
+
+    types_known = list(CONFIG_MAPPING.keys())
+    if m.hf_type not in CONFIG_MAPPING:
+        near = difflib.get_close_matches(str(m.hf_type), types_known, n=3)
+        hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
+        raise ConfigError(
+            "model.hf_type", f"transformers does not know the model type {_short_repr(m.hf_type)}{hint}"
+        )
+    cls = CONFIG_MAPPING[m.hf_type]
+    try:
+        defaults = cls().to_dict()
+    except Exception:  # pragma: no cover - a config class without usable defaults
+        defaults = {}
+    import inspect
+
+    known = set(defaults) | set(getattr(cls, "attribute_map", {})) | set(_COMMON_HF_KEYS)
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            known |= {n for n, p in inspect.signature(init).parameters.items()
+                      if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    known -= {"transformers_version", "_name_or_path", "model_type", "architectures"}
+    aliases = dict(getattr(cls, "attribute_map", {}))
+    fields = dict(m.hf_config or {})
+    for key, value in fields.items():
+        dotted = f"model.hf_config.{key}"
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(dotted, f"{cls.__name__} has no field {key!r}{hint}")
+        default = defaults.get(aliases.get(key, key))
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(dotted, f"expected true or false, got {_short_repr(value)}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(dotted, f"expected an integer, got {_short_repr(value)}")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(dotted, f"expected a finite number, got {_short_repr(value)}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(dotted, f"expected a string, got {_short_repr(value)}")
+        name = aliases.get(key, key)
+        if isinstance(value, int) and not isinstance(value, bool) and isinstance(default, int) and default > 0 \
+                and _SIZE_NAME.search(name) and value < 1:
+            raise ConfigError(dotted, f"must be at least 1, got {value}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _PROB_NAME.search(name) \
+                and not 0 <= value <= 1:
+            raise ConfigError(dotted, f"is a probability: must be in [0, 1], got {value}")
+    try:
+        from transformers import AutoConfig
+
+        built = AutoConfig.for_model(m.hf_type, **fields)
+    except Exception as exc:  # transformers' own validation: the value is the user's
+        raise ConfigError("model.hf_config", f"transformers refuses it: {_first_line(exc)}") from None
+    context = getattr(built, "max_position_embeddings", None)
+    given = [k for k in fields if aliases.get(k, k) == aliases.get("max_position_embeddings", "max_position_embeddings")]
+    if given and isinstance(context, int) and context < config.data.length:
+        raise ConfigError(
+            f"model.hf_config.{given[0]}",
+            f"{context} positions cannot hold an example of data.length = {config.data.length} tokens; "
+            "raise it or leave it out",
+        )
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # -- a small TOML writer for configs -----------------------------------------------------------

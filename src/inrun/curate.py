@@ -31,6 +31,7 @@ import numpy as np
 from .config import ConfigError, RunConfig, dumps_toml
 from .ledger import atomic_write
 from .rundir import RunDir, RunDirError
+from .storage import write_json
 from .summary import value_frame
 
 CURATE_DIR = "curate"
@@ -148,6 +149,7 @@ def retrain(
         cfg = load_config(cfg_path)
         out = Path(cfg.output)
         if out.exists() and RunDir(out).exists:
+            RunDir(out).refuse_if_in_use("replace")
             shutil.rmtree(out)  # an earlier retrain of the same selection
         if progress_for is None:
             train(cfg, out)
@@ -167,7 +169,7 @@ def retrain(
     png = curation_curves({k: (np.array(v["steps"]), np.array(v["val_loss"])) for k, v in curves.items()})
     atomic_write(plot, lambda p: Path(p).write_bytes(png))
     result["plot"] = str(plot)
-    atomic_write(selection.out_dir / "curation.json", lambda p: Path(p).write_text(json.dumps(result, indent=2)))
+    write_json(selection.out_dir / "curation.json", result)
     if rd.has_values():
         result["report"] = str(build_report(rd.path).resolve())
     return result

@@ -137,12 +137,14 @@ def inspect_config(config: Any, batch_size: int | None = None, order: int | None
     """Build the run's model, value one tiny step, and report coverage and memory."""
     import dataclasses
 
+    from .config import check_model_config
     from .data import load_data
     from .models import build_model, build_optimizer, loss_function
     from .tracker import InRunShapley
 
     if order is not None:
         config = config.replace(values=dataclasses.replace(config.values, order=order))
+    check_model_config(config)  # hf_config keys and values, as a run checks them
     train_set, val_set = load_data(config)
     torch.manual_seed(config.seed)
     model = build_model(config.model, train_set)

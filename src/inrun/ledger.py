@@ -5,28 +5,54 @@ normalization) and increments its count. Values are float64 on the host. The fir
 and the second-order correction are kept apart so both can be reported. Optionally a per-step
 trace (step, lr, id, both parts) and a per-(train, validation) table are kept.
 
-Files are written atomically (to a temporary name in the same directory, then renamed) and
-contain only ids and numbers: no pickles.
+A saved ledger is a directory (:meth:`ValueLedger.save`)::
+
+    values.parquet           id, value, first_order, second_order, count, source
+    per_validation.parquet   id and one column per validation example (vector val_loss only)
+    trace/part-A-B.parquet   trace rows of steps A..B: step, lr, id, first_order, second_order
+    ledger.json              steps, skipped steps, and the SHA-256 and size of every file above
+
+Every file is written atomically and flushed to disk; ``ledger.json`` is written last and
+checks itself, and :meth:`ValueLedger.load` refuses a file whose bytes are not the ones
+listed, so damage is an error, never different values. Only ids and numbers: no pickles.
+
+**The trace is appended, not rewritten.** With a ``trace_dir`` (``inrun train`` gives the run
+directory's ``trace/``), rows are kept in memory only until the next save, or until
+``spill_rows`` of them are waiting; they are then written once as a new part file there, and
+later saves link (hard links, else copies) the finished parts into the target directory. So
+memory is bounded and a checkpoint writes only the rows since the previous one. Without a
+``trace_dir`` the trace stays in memory and each save writes it as one part.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import LedgerError
+from .storage import (
+    IntegrityError,
+    atomic_write,
+    file_digest,
+    fsync_dir,
+    link_or_copy,
+    read_json,
+    verify_file,
+    write_json,
+)
 
 Id = int | str
 
 VALUES_FILE = "values.parquet"
 PER_VALIDATION_FILE = "per_validation.parquet"
-TRACE_FILE = "trace.parquet"
+TRACE_FILE = "trace.parquet"  # format 1 (one file, rewritten at every save)
+TRACE_DIR = "trace"
+LEDGER_FORMAT = 2
 LEDGER_META_FILE = "ledger.json"
 
 
@@ -50,23 +76,6 @@ def check_ids(ids: Any) -> list[Id]:
             )
         out.append(int(i) if isinstance(i, np.integer) else i)
     return out
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then atomically rename the result to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ValueTable(Mapping):
@@ -139,15 +148,45 @@ class ValueTable(Mapping):
         )
 
 
+@dataclass(frozen=True)
+class TracePart:
+    """One finished trace file: ``rows`` rows of steps ``first..last``, at ``path`` now."""
+
+    name: str  # relative to a ledger directory: trace/part-A-B.parquet
+    path: Path
+    sha256: str
+    size: int
+    rows: int
+    first: int
+    last: int
+
+    def entry(self) -> dict[str, Any]:
+        return {"file": self.name, "sha256": self.sha256, "size": self.size, "rows": self.rows,
+                "first_step": self.first, "last_step": self.last}
+
+
+def _part_name(first: int, last: int) -> str:
+    return f"{TRACE_DIR}/part-{first:09d}-{last:09d}.parquet"
+
+
 class ValueLedger:
     """Accumulates step values by example id.
 
     Args:
         keep_trace: also keep one row per (step, example) with the step's learning rate.
+        trace_dir: where finished trace parts are written (see the module docstring); ``None``
+            keeps the whole trace in memory.
+        spill_rows: with a ``trace_dir``, write a part once this many rows are waiting.
     """
 
-    def __init__(self, keep_trace: bool = False) -> None:
+    SPILL_ROWS = 1 << 18  # 10 MiB of trace rows in memory at most
+
+    def __init__(
+        self, keep_trace: bool = False, trace_dir: str | os.PathLike | None = None, spill_rows: int | None = None
+    ) -> None:
         self.keep_trace = keep_trace
+        self.trace_dir = Path(trace_dir) if trace_dir is not None else None
+        self.spill_rows = int(spill_rows or self.SPILL_ROWS)
         self._index: dict[Id, int] = {}
         self._ids: list[Id] = []
         self._sources: list[str | None] = []
@@ -156,7 +195,10 @@ class ValueLedger:
         self._count = np.zeros(0, dtype=np.int64)
         self._per_val: np.ndarray | None = None
         self.validation_names: list[str] | None = None
-        self._trace: list[dict[str, np.ndarray]] = []
+        self._trace: list[dict[str, np.ndarray]] = []  # rows not yet in a part
+        self._trace_rows = 0
+        self._parts: list[TracePart] = []
+        self._undo: dict[str, Any] | None = None
         self.skipped: list[dict[str, Any]] = []
         self.steps = 0
 
@@ -218,13 +260,18 @@ class ValueLedger:
             raise LedgerError(f"non-finite values at step {step}; refusing to add them")
         rows = self._rows(ids)
         K = first.shape[1]
+        if K > 1 and self._per_val is not None and self._per_val.shape[1] != K:
+            raise LedgerError(
+                f"step {step} has {K} validation columns, earlier steps had {self._per_val.shape[1]}"
+            )
+        if self._undo is not None:
+            self._undo["rows"].append((
+                rows, self._first[rows], self._second[rows], self._count[rows],
+                None if self._per_val is None else self._per_val[rows],
+            ))
         if K > 1:
             if self._per_val is None:
                 self._per_val = np.zeros((self._first.shape[0], K), dtype=np.float64)
-            elif self._per_val.shape[1] != K:
-                raise LedgerError(
-                    f"step {step} has {K} validation columns, earlier steps had {self._per_val.shape[1]}"
-                )
             np.add.at(self._per_val, rows, first + second)
         np.add.at(self._first, rows, first.sum(axis=1))
         np.add.at(self._second, rows, second.sum(axis=1))
@@ -239,6 +286,9 @@ class ValueLedger:
                     "second_order": second.sum(axis=1),
                 }
             )
+            self._trace_rows += len(ids)
+            if self._undo is None and self.trace_dir is not None and self._trace_rows >= self.spill_rows:
+                self._seal(self.trace_dir)
         self.steps = max(self.steps, step + 1)
 
     def record_skip(self, step: int, reason: str) -> None:
@@ -252,7 +302,61 @@ class ValueLedger:
             self._rows([i])
             self._sources[self._index[i]] = s
 
+    # -- undoing the last step ------------------------------------------------------------------
+    def mark(self) -> None:
+        """Remember the ledger as it is now, so that :meth:`rollback` can return to it exactly.
+
+        What is added after the mark is recorded (the old numbers of the rows it touches: a
+        batch's worth), so a step found bad afterwards (its update blew up the parameters) can
+        be taken out bit for bit, which subtracting it again could not do. A new mark forgets
+        the previous one; :meth:`commit` forgets it without a new one.
+        """
+        if self.trace_dir is not None and self._trace_rows >= self.spill_rows:
+            self._seal(self.trace_dir)  # spill before the mark: a rollback never crosses a part
+        self._undo = {
+            "rows": [], "n_ids": len(self._ids), "trace": len(self._trace), "trace_rows": self._trace_rows,
+            "parts": len(self._parts), "skipped": len(self.skipped), "steps": self.steps,
+            "per_val": self._per_val is not None,
+        }
+
+    def commit(self) -> None:
+        """Forget the mark: what was added since is kept for good."""
+        self._undo = None
+
+    @property
+    def marked(self) -> bool:
+        return self._undo is not None
+
+    def rollback(self) -> None:
+        """Return to the state of the last :meth:`mark` (exactly: the old numbers are put back)."""
+        undo, self._undo = self._undo, None
+        if undo is None:
+            raise LedgerError("rollback() without a mark(): nothing to return to")
+        for rows, first, second, count, per_val in reversed(undo["rows"]):
+            self._first[rows], self._second[rows], self._count[rows] = first, second, count
+            if per_val is not None and self._per_val is not None:
+                self._per_val[rows] = per_val
+        n = undo["n_ids"]
+        for i in self._ids[n:]:
+            del self._index[i]
+        del self._ids[n:], self._sources[n:]
+        for a in (self._first, self._second, self._count):
+            a[n:] = 0
+        if not undo["per_val"]:
+            self._per_val = None
+        elif self._per_val is not None:
+            self._per_val[n:] = 0
+        del self._trace[undo["trace"]:]
+        self._trace_rows = undo["trace_rows"]
+        del self._parts[undo["parts"]:]  # (parts are never sealed while a mark is held)
+        del self.skipped[undo["skipped"]:]
+        self.steps = undo["steps"]
+
     # -- reading ------------------------------------------------------------------------------
+    def trace_part_names(self) -> list[str]:
+        """File names of the finished trace parts (``part-A-B.parquet``), oldest first."""
+        return [p.path.name for p in self._parts]
+
     def __len__(self) -> int:
         return len(self._ids)
 
@@ -269,21 +373,40 @@ class ValueLedger:
         return list(self._ids), self._per_val[: len(self._ids)].copy()
 
     def trace(self) -> dict[str, np.ndarray] | None:
-        """Column arrays of the per-step trace (``keep_trace=True``), ids resolved."""
+        """Column arrays of the per-step trace (``keep_trace=True``), ids resolved.
+
+        Parts already on disk are read back (they were verified when written or loaded).
+        """
         if not self.keep_trace:
             return None
-        cols = ("step", "lr", "row", "first_order", "second_order")
-        if self._trace:
-            out = {c: np.concatenate([t[c] for t in self._trace]) for c in cols}
-        else:
-            out = {c: np.zeros(0) for c in cols}
-        rows = out.pop("row").astype(np.int64)
-        out["id"] = np.array([self._ids[r] for r in rows], dtype=object)
+        cols = ("step", "lr", "first_order", "second_order")
+        pieces: list[dict[str, Any]] = [_read_part(p) for p in self._parts]
+        pending = self._pending_columns()
+        if pending is not None:
+            pieces.append(pending)
+        if not pieces:
+            out: dict[str, Any] = {c: np.zeros(0) for c in cols}
+            out["step"] = np.zeros(0, dtype=np.int64)
+            out["id"] = np.array([], dtype=object)
+            return out
+        out = {c: np.concatenate([p[c] for p in pieces]) for c in cols}
+        ids = [i for p in pieces for i in p["id"]]
+        out["id"] = np.empty(len(ids), dtype=object)
+        out["id"][:] = ids
+        return out
+
+    def _pending_columns(self) -> dict[str, Any] | None:
+        if not self._trace:
+            return None
+        cols = ("step", "lr", "first_order", "second_order")
+        out: dict[str, Any] = {c: np.concatenate([t[c] for t in self._trace]) for c in cols}
+        rows = np.concatenate([t["row"] for t in self._trace])
+        out["id"] = [self._ids[r] for r in rows]
         return out
 
     # -- persistence ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        """Everything needed to rebuild the ledger, as plain lists and arrays."""
+        """Everything needed to rebuild the ledger, as plain lists and arrays (trace included)."""
         n = len(self._ids)
         return {
             "ids": list(self._ids),
@@ -300,19 +423,9 @@ class ValueLedger:
         }
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> ValueLedger:
-        ledger = cls(keep_trace=bool(state.get("keep_trace", False)))
-        ids = list(state["ids"])
-        rows = ledger._rows(ids)
-        ledger._first[rows] = state["first_order"]
-        ledger._second[rows] = state["second_order"]
-        ledger._count[rows] = state["count"]
-        ledger._sources = list(state["sources"])
-        if state.get("per_validation") is not None:
-            pv = np.asarray(state["per_validation"], dtype=np.float64)
-            ledger._per_val = np.zeros((ledger._first.shape[0], pv.shape[1]))
-            ledger._per_val[rows] = pv
-        ledger.validation_names = state.get("validation_names")
+    def from_state(cls, state: Mapping[str, Any], trace_dir: str | os.PathLike | None = None) -> ValueLedger:
+        ledger = cls(keep_trace=bool(state.get("keep_trace", False)), trace_dir=trace_dir)
+        ledger._set_values(state)
         trace = state.get("trace")
         if ledger.keep_trace and trace is not None and len(trace["step"]):
             ledger._trace.append(
@@ -324,74 +437,187 @@ class ValueLedger:
                     "second_order": np.asarray(trace["second_order"], dtype=np.float64),
                 }
             )
-        ledger.skipped = list(state.get("skipped", []))
-        ledger.steps = int(state.get("steps", 0))
+            ledger._trace_rows = len(trace["step"])
         return ledger
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``values.parquet`` (+ per-validation table, trace) and ``ledger.json``."""
+    def _set_values(self, state: Mapping[str, Any]) -> None:
+        ids = list(state["ids"])
+        rows = self._rows(ids)
+        self._first[rows] = state["first_order"]
+        self._second[rows] = state["second_order"]
+        self._count[rows] = state["count"]
+        self._sources = list(state["sources"])
+        if state.get("per_validation") is not None:
+            pv = np.asarray(state["per_validation"], dtype=np.float64)
+            self._per_val = np.zeros((self._first.shape[0], pv.shape[1]))
+            self._per_val[rows] = pv
+        self.validation_names = state.get("validation_names")
+        self.skipped = list(state.get("skipped", []))
+        self.steps = int(state.get("steps", 0))
+
+    def _pending_table(self) -> tuple[Any, int, int]:
+        import pyarrow as pa
+
+        cols = self._pending_columns()
+        assert cols is not None
+        table = pa.table(
+            {
+                "step": pa.array(cols["step"], type=pa.int64()),
+                "lr": pa.array(cols["lr"], type=pa.float64()),
+                "id": _id_array(cols["id"]),
+                "first_order": pa.array(cols["first_order"], type=pa.float64()),
+                "second_order": pa.array(cols["second_order"], type=pa.float64()),
+            }
+        )
+        return table, int(cols["step"].min()), int(cols["step"].max())
+
+    def _write_part(self, trace_dir: Path, fsync: bool = True) -> TracePart:
+        """Write the rows not yet in a part as a new part file in ``trace_dir``."""
+        import pyarrow.parquet as pq
+
+        table, first, last = self._pending_table()
+        name = _part_name(first, last)
+        path = trace_dir / Path(name).name
+        # The file's bytes are synced (checkpoints hard-link it); its directory entries are
+        # synced by whoever lists it (a checkpoint syncs its own directories).
+        atomic_write(path, lambda p: pq.write_table(table, p), fsync=fsync, sync_dir=False)
+        d = file_digest(path)
+        return TracePart(name, path, d["sha256"], d["size"], table.num_rows, first, last)
+
+    def _seal(self, store: Path) -> None:
+        """Move the waiting trace rows into a new part in ``store``, for good."""
+        if not self._trace:
+            return
+        self._parts.append(self._write_part(store))
+        self._trace.clear()
+        self._trace_rows = 0
+
+    def save(self, directory: str | os.PathLike, fsync: bool = True) -> Path:
+        """Write ``values.parquet`` (+ per-validation table, trace parts) and ``ledger.json``.
+
+        ``ledger.json`` goes last and lists every file with its SHA-256, so a reader sees either
+        a complete save or an error. Trace parts already written are linked, not rewritten.
+
+        Args:
+            fsync: flush the files and the directory to disk (``False``: atomic, not durable:
+                for copies that can be rewritten from a durable one, as a run's top level is).
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        st = self.state()
-        id_col = _id_array(st["ids"])
+        n = len(self._ids)
+        first, second = self._first[:n], self._second[:n]
+        id_col = _id_array(self._ids)
         table = pa.table(
             {
                 "id": id_col,
-                "value": st["first_order"] + st["second_order"],
-                "first_order": st["first_order"],
-                "second_order": st["second_order"],
-                "count": st["count"],
-                "source": pa.array(st["sources"], type=pa.string()),
+                "value": first + second,
+                "first_order": first,
+                "second_order": second,
+                "count": self._count[:n],
+                "source": pa.array(self._sources, type=pa.string()),
             }
         )
-        atomic_write(directory / VALUES_FILE, lambda p: pq.write_table(table, p))
-        if st["per_validation"] is not None:
-            pv = st["per_validation"]
-            names = st["validation_names"] or [f"val_{k}" for k in range(pv.shape[1])]
-            cols = {"id": id_col, **{str(n): pv[:, k] for k, n in enumerate(names)}}
-            atomic_write(directory / PER_VALIDATION_FILE, lambda p: pq.write_table(pa.table(cols), p))
-        if st["trace"] is not None:
-            tr = st["trace"]
-            ttable = pa.table(
-                {
-                    "step": tr["step"],
-                    "lr": tr["lr"],
-                    "id": _id_array(list(tr["id"])),
-                    "first_order": tr["first_order"],
-                    "second_order": tr["second_order"],
-                }
-            )
-            atomic_write(directory / TRACE_FILE, lambda p: pq.write_table(ttable, p))
+        files: dict[str, dict[str, Any]] = {}
+        atomic_write(directory / VALUES_FILE, lambda p: pq.write_table(table, p), fsync=fsync, sync_dir=False)
+        files[VALUES_FILE] = file_digest(directory / VALUES_FILE)
+        if self._per_val is not None:
+            pv = self._per_val[:n]
+            names = self.validation_names or [f"val_{k}" for k in range(pv.shape[1])]
+            cols = {"id": id_col, **{str(name): pv[:, k] for k, name in enumerate(names)}}
+            atomic_write(directory / PER_VALIDATION_FILE, lambda p: pq.write_table(pa.table(cols), p), fsync=fsync, sync_dir=False)
+            files[PER_VALIDATION_FILE] = file_digest(directory / PER_VALIDATION_FILE)
+        parts: list[dict[str, Any]] = []
+        if self.keep_trace:
+            if self.trace_dir is not None and self._undo is None:
+                self._seal(self.trace_dir)
+            for part in self._parts:
+                target = directory / part.name
+                if not (target.exists() and os.path.samefile(target, part.path)):
+                    link_or_copy(part.path, target)
+                parts.append(part.entry())
+            if self._trace:  # rows not in a part yet (no trace_dir, or a mark is held)
+                parts.append(self._write_part(directory / TRACE_DIR, fsync=fsync).entry())
         meta = {
-            "format": 1,
-            "steps": st["steps"],
-            "skipped": st["skipped"],
-            "keep_trace": st["keep_trace"],
-            "validation_names": st["validation_names"],
-            "has_per_validation": st["per_validation"] is not None,
+            "format": LEDGER_FORMAT,
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "keep_trace": self.keep_trace,
+            "validation_names": self.validation_names,
+            "has_per_validation": self._per_val is not None,
+            "files": files,
+            "trace": parts,
         }
-        atomic_write(
-            directory / LEDGER_META_FILE,
-            lambda p: Path(p).write_text(json.dumps(meta, indent=2)),
-        )
+        if fsync and (directory / TRACE_DIR).is_dir():
+            fsync_dir(directory / TRACE_DIR)
+        write_json(directory / LEDGER_META_FILE, meta, fsync=fsync)  # (and the directory)
+        listed = {Path(p["file"]).name for p in parts}
+        trace_dir = directory / TRACE_DIR
+        if trace_dir.is_dir() and (self.trace_dir is None or trace_dir.resolve() != self.trace_dir.resolve()):
+            for old in trace_dir.glob("part-*.parquet"):  # from an earlier save, now stale
+                if old.name not in listed:
+                    old.unlink(missing_ok=True)
+        for stale in (TRACE_FILE,) if (directory / TRACE_FILE).exists() else ():
+            (directory / stale).unlink(missing_ok=True)  # a format-1 trace left by an older save
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> ValueLedger:
-        """Read a ledger written by :meth:`save`."""
-        import pyarrow.parquet as pq
+    def load(cls, directory: str | os.PathLike, trace_dir: str | os.PathLike | None = None) -> ValueLedger:
+        """Read a ledger written by :meth:`save`, verifying every file against ``ledger.json``.
 
+        Args:
+            trace_dir: keep the trace parts there (linked from ``directory``), for a ledger that
+                goes on adding steps (``inrun train --resume``).
+
+        Raises:
+            IntegrityError: a file is missing or its bytes are not the ones written.
+            LedgerError: ``directory`` is not a saved ledger.
+        """
         directory = Path(directory)
         meta_path = directory / LEDGER_META_FILE
         if not meta_path.exists():
             raise LedgerError(f"{directory} has no {LEDGER_META_FILE}: not a saved ledger")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != 1:
+        what = "the ledger's file list"
+        meta = read_json(meta_path, what, require_checksum=False)
+        if meta.get("format") == 1:
+            return cls._load_v1(directory, meta)
+        meta = read_json(meta_path, what)  # from format 2 on, a file without its checksum is damaged
+        if meta.get("format") != LEDGER_FORMAT:
             raise LedgerError(f"{meta_path}: unknown ledger format {meta.get('format')!r}")
-        t = pq.read_table(directory / VALUES_FILE).to_pydict()
+        files = meta.get("files") or {}
+        if VALUES_FILE not in files or (meta.get("has_per_validation") and PER_VALIDATION_FILE not in files):
+            raise IntegrityError(f"{meta_path} is damaged: its file list is incomplete")
+        for name, digest in files.items():
+            verify_file(directory / name, digest, f"listed in {meta_path}")
+        t = _read_table(directory / VALUES_FILE).to_pydict()
+        state: dict[str, Any] = {
+            "ids": t["id"],
+            "sources": t["source"],
+            "first_order": np.asarray(t["first_order"], dtype=np.float64),
+            "second_order": np.asarray(t["second_order"], dtype=np.float64),
+            "count": np.asarray(t["count"], dtype=np.int64),
+            "per_validation": None,
+            "validation_names": meta.get("validation_names"),
+            "skipped": meta.get("skipped", []),
+            "steps": meta.get("steps", 0),
+        }
+        if meta.get("has_per_validation"):
+            pv = _read_table(directory / PER_VALIDATION_FILE).to_pydict()
+            if pv.pop("id") != t["id"]:
+                raise IntegrityError(f"{PER_VALIDATION_FILE} ids do not match {VALUES_FILE} in {directory}")
+            state["per_validation"] = np.stack([np.asarray(v) for v in pv.values()], axis=1)
+        ledger = cls(keep_trace=bool(meta.get("keep_trace", False)), trace_dir=trace_dir)
+        ledger._set_values(state)
+        for entry in meta.get("trace") or []:
+            ledger._parts.append(_adopt_part(directory, entry, ledger.trace_dir, meta_path))
+        return ledger
+
+    @classmethod
+    def _load_v1(cls, directory: Path, meta: Mapping[str, Any]) -> ValueLedger:
+        """A ledger saved by inrun before checksums (format 1): read as it is, unverified."""
+        t = _read_table(directory / VALUES_FILE).to_pydict()
         state: dict[str, Any] = {
             "ids": t["id"],
             "sources": t["source"],
@@ -406,14 +632,60 @@ class ValueLedger:
             "keep_trace": meta.get("keep_trace", False),
         }
         if meta.get("has_per_validation"):
-            pv = pq.read_table(directory / PER_VALIDATION_FILE).to_pydict()
+            pv = _read_table(directory / PER_VALIDATION_FILE).to_pydict()
             if pv.pop("id") != t["id"]:
                 raise LedgerError(f"{PER_VALIDATION_FILE} ids do not match {VALUES_FILE}")
             state["per_validation"] = np.stack([np.asarray(v) for v in pv.values()], axis=1)
         if state["keep_trace"] and (directory / TRACE_FILE).exists():
-            tr = pq.read_table(directory / TRACE_FILE).to_pydict()
+            tr = _read_table(directory / TRACE_FILE).to_pydict()
             state["trace"] = {k: np.asarray(v) if k != "id" else list(v) for k, v in tr.items()}
         return cls.from_state(state)
+
+
+def _adopt_part(directory: Path, entry: Mapping[str, Any], store: Path | None, listed_in: Path) -> TracePart:
+    """The part ``entry`` of the ledger in ``directory``, verified; with a ``store``, also there."""
+    try:
+        name = str(entry["file"])
+        first, last, rows = int(entry["first_step"]), int(entry["last_step"]), int(entry["rows"])
+        digest = {"sha256": str(entry["sha256"]), "size": int(entry["size"])}
+    except (KeyError, TypeError, ValueError):
+        raise IntegrityError(f"{listed_in} is damaged: a trace entry is malformed") from None
+    if Path(name).parent != Path(TRACE_DIR) or not Path(name).name.startswith("part-"):
+        raise IntegrityError(f"{listed_in} is damaged: trace part {name!r} is not under {TRACE_DIR}/")
+    source = directory / name
+    verify_file(source, digest, f"listed in {listed_in}")
+    path = source
+    if store is not None:
+        target = store / Path(name).name
+        same = target.exists() and os.path.samefile(target, source)
+        if not same:
+            try:
+                verify_file(target, digest, "trace part")
+            except IntegrityError:
+                link_or_copy(source, target)  # missing or damaged in the store: heal it
+        path = target
+    return TracePart(name, path, digest["sha256"], digest["size"], rows, first, last)
+
+
+def _read_table(path: Path) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise IntegrityError(f"{path} cannot be read as Parquet ({' '.join(str(exc).split())[:160]})") from None
+
+
+def _read_part(part: TracePart) -> dict[str, Any]:
+    t = _read_table(part.path)
+    return {
+        "step": t.column("step").to_numpy().astype(np.int64, copy=False),
+        "lr": t.column("lr").to_numpy().astype(np.float64, copy=False),
+        "id": t.column("id").to_pylist(),
+        "first_order": t.column("first_order").to_numpy().astype(np.float64, copy=False),
+        "second_order": t.column("second_order").to_numpy().astype(np.float64, copy=False),
+    }
 
 
 def _id_array(ids: list[Id]) -> Any:

@@ -1,33 +1,44 @@
 """The run directory: values, trace, metrics, metadata and checkpoints of one run, on disk.
 
-Layout (every file written atomically: to a temporary name, then renamed)::
+Layout (every file written atomically: to a temporary name, flushed to disk, then renamed)::
 
     run.json           metadata, validated when the run is resumed or reopened: format,
                        library version, config, model fingerprint, training and validation hashes
-    config.toml        the config (edit and rerun it)
-    status.json        running | complete | stopped | interrupted, step, message
+    config.toml        the config (edit and rerun it; a resume checks it against run.json)
+    status.json        running | complete | stopped | interrupted | failed, step, message
     examples.parquet   training examples: id, source, location, preview (for reports)
     values.parquet     id, value, first_order, second_order, count, source   (ValueLedger.save)
-    trace.parquet      step, lr, id, first_order, second_order             (per step and example)
-    ledger.json        ledger metadata (steps, skipped steps)
+    trace/             part-A-B.parquet: step, lr, id, first_order, second_order of steps A..B
+    ledger.json        ledger metadata (steps, skipped steps) and checksums of the ledger files
     metrics.parquet    step, train_loss, lr, val_loss, skipped
+    manifest.json      SHA-256 and size of ledger.json, metrics.parquet and examples.parquet
     summary.json       totals, top and bottom examples, per-source table (end of run)
     checkpoints/step-000100/   state.pt (model, optimizer, schedule, RNG, data position; loaded
-                               with torch.load(weights_only=True)), ledger/, metrics.parquet
+                               with torch.load(weights_only=True)), ledger/, metrics.parquet,
+                               manifest.json (SHA-256 and size of each)
 
-A checkpoint is written into a hidden temporary directory and renamed into place, so a
-``kill -9`` at any moment leaves either the previous checkpoint or the new one, never half of
-one. Values are stored as Parquet numbers, never pickled.
+**Integrity.** Every JSON file carries the checksum of its own content; every other file is
+listed with its SHA-256 in a manifest, and every reader (``inrun report``, ``curate``,
+``ValueLedger.load``, a resume) verifies what it reads, so a damaged or missing file is an
+error that names it, never different values. A checkpoint is written into a hidden temporary
+directory and renamed into place, so a ``kill -9`` at any moment leaves either the previous
+checkpoint or the new one, never half of one. Values are stored as Parquet numbers, never
+pickled. Trace parts are written once and hard-linked into each checkpoint's ``ledger/trace``.
+
+**One writer.** A training or resumed run holds an exclusive lock (``flock`` on ``.lock``) for
+its whole life; a second one is refused at once with who holds it. The kernel releases the lock
+when its process dies, ``kill -9`` included, so a lock is never stale. Readers wait on a
+second, short lock (``.results.lock``) while the top-level results are being replaced.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,26 +47,60 @@ import numpy as np
 import torch
 
 from .errors import LedgerError
-from .ledger import VALUES_FILE, ValueLedger, atomic_write
+from .ledger import LEDGER_META_FILE, TRACE_DIR, VALUES_FILE, ValueLedger
+from .storage import (
+    DirLock,
+    IntegrityError,
+    LockedError,
+    atomic_write,
+    describe_holder,
+    exclusive_lock,
+    file_digest,
+    fsync_dir,
+    is_locked,
+    json_text,
+    read_json,
+    shared_lock,
+    verify_file,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
-RUN_FORMAT = 1
+RUN_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # format 1: before checksums (read unverified, never resumed)
 META_FILE = "run.json"
 CONFIG_FILE = "config.toml"
 STATUS_FILE = "status.json"
 EXAMPLES_FILE = "examples.parquet"
 METRICS_FILE = "metrics.parquet"
+MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_STATE = "state.pt"
+LOCK_FILE = ".lock"
+RESULTS_LOCK_FILE = ".results.lock"
+DAMAGED_PREFIX = "damaged-"
 # Metadata that must match for a run to be resumed: anything else means different values.
 CHECKED_KEYS = ("format", "inrun_version", "config", "model_fingerprint", "train_hash", "validation_hash")
 
 
 class RunDirError(LedgerError):
     """A directory is not a run, or does not match the run it is combined with."""
+
+
+class RunInUseError(RunDirError):
+    """Another process is training in this run directory."""
+
+    def __init__(self, message: str, holder: Mapping[str, Any]) -> None:
+        super().__init__(message)
+        self.holder = dict(holder)
+        self.hint = "wait for it to finish, or stop it (Ctrl-C or kill) and then resume"
+
+
+def _resume_hint(path: Path) -> str:
+    return f"`inrun train --resume {path}` rewrites the results from the newest intact checkpoint"
 
 
 @dataclass
@@ -77,7 +122,12 @@ class Metrics:
         self.val_loss.append(val_loss)
         self.skipped.append(skipped)
 
-    def save(self, path: Path) -> None:
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` rows."""
+        for c in self.COLUMNS:
+            del getattr(self, c)[n:]
+
+    def save(self, path: Path, fsync: bool = True, sync_dir: bool | None = None) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -90,18 +140,43 @@ class Metrics:
                 "skipped": pa.array(self.skipped, type=pa.bool_()),
             }
         )
-        atomic_write(path, lambda p: pq.write_table(table, p))
+        atomic_write(path, lambda p: pq.write_table(table, p), fsync=fsync, sync_dir=sync_dir)
 
     @classmethod
     def load(cls, path: Path) -> Metrics:
-        import pyarrow.parquet as pq
-
-        t = pq.read_table(path).to_pydict()
-        return cls(**{c: list(t[c]) for c in cls.COLUMNS})
+        t = _read_parquet(path).to_pydict()
+        try:
+            return cls(**{c: list(t[c]) for c in cls.COLUMNS})
+        except KeyError as exc:
+            raise IntegrityError(f"{path} is damaged: no column {exc}") from None
 
     def final_val_loss(self) -> float:
         vals = [v for v in self.val_loss if not np.isnan(v)]
         return vals[-1] if vals else float("nan")
+
+
+def _read_parquet(path: Path) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except FileNotFoundError:
+        raise IntegrityError(f"{path} is missing") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise IntegrityError(f"{path} cannot be read as Parquet ({' '.join(str(exc).split())[:160]})") from None
+
+
+@dataclass
+class Restored:
+    """What :meth:`RunDir.restore` found: the checkpoint used and those it set aside."""
+
+    step: int
+    path: Path | None
+    state: dict[str, Any] | None
+    ledger: ValueLedger | None
+    metrics: Metrics
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint, why)
 
 
 class RunDir:
@@ -109,6 +184,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._examples_digest: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -120,33 +196,115 @@ class RunDir:
     def exists(self) -> bool:
         return self.file(META_FILE).exists()
 
+    @property
+    def trace_store(self) -> Path:
+        return self.file(TRACE_DIR)
+
+    # -- locking -------------------------------------------------------------------------------
+    def lock(self) -> DirLock:
+        """The exclusive lock of a writer (use as a context manager; creates the directory).
+
+        Raises:
+            RunInUseError: another process holds it (the message says which).
+            RunDirError: the directory cannot be created or written.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise RunDirError(f"{self.path} exists and is not a directory; choose another output directory") from None
+        except OSError as exc:
+            raise RunDirError(f"cannot create the run directory {self.path}: {exc.strerror or exc}") from None
+        lock = DirLock(self.file(LOCK_FILE), f"run directory {self.path}")
+        try:
+            return lock.acquire()
+        except LockedError as exc:
+            raise RunInUseError(str(exc), exc.holder) from None
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot lock {self.path} ({exc.strerror or exc}): a run directory must be writable to train in it"
+            ) from None
+
+    def holder(self) -> dict[str, Any] | None:
+        """Who trains in this directory now (pid, host, since, command), or ``None``."""
+        return is_locked(self.file(LOCK_FILE))
+
+    def refuse_if_in_use(self, doing: str) -> None:
+        holder = self.holder()
+        if holder is not None:
+            raise RunInUseError(f"cannot {doing} {self.path}: it is in use by {describe_holder(holder)}", holder)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the readers' lock: the top-level results are not replaced meanwhile."""
+        with shared_lock(self.file(RESULTS_LOCK_FILE)):
+            yield
+
     # -- metadata ------------------------------------------------------------------------------
-    def create(self, meta: Mapping[str, Any], config_toml: str) -> None:
-        """Start a new run here; refuses a directory that already holds one."""
+    def create(
+        self, meta: Mapping[str, Any], config_toml: str, examples: tuple[list, list, list, list]
+    ) -> None:
+        """Start a new run here (the caller holds :meth:`lock`); refuses a directory that
+        already holds one. ``run.json`` is written last: until it is there, a failure leaves a
+        directory that a new run may use again."""
         if self.exists:
             raise RunDirError(
                 f"{self.path} already holds a run. Continue it with `inrun train --resume "
                 f"{self.path}`, or choose another output directory (config key 'output')."
             )
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.file(CONFIG_FILE), lambda p: Path(p).write_text(config_toml))
-        atomic_write(self.file(META_FILE), lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        atomic_write(self.file(CONFIG_FILE), lambda p: Path(p).write_text(config_toml, encoding="utf-8"))
+        self.write_examples(*examples)
+        write_json(self.file(META_FILE), meta)
 
     def meta(self) -> dict[str, Any]:
-        """The run's metadata (``run.json``)."""
+        """The run's metadata (``run.json``), its checksum verified."""
         path = self.file(META_FILE)
         if not path.exists():
+            if not self.path.exists():
+                raise RunDirError(f"{self.path} is not a run directory (it does not exist)")
             raise RunDirError(f"{self.path} is not a run directory (no {META_FILE})")
-        meta = json.loads(path.read_text())
-        if meta.get("format") != RUN_FORMAT:
-            raise RunDirError(f"{path}: unknown run format {meta.get('format')!r} (this inrun reads {RUN_FORMAT})")
+        meta = read_json(path, "the run's metadata", require_checksum=False)
+        fmt = meta.get("format")
+        if fmt not in READABLE_FORMATS:
+            raise RunDirError(f"{path}: unknown run format {fmt!r} (this inrun reads {RUN_FORMAT})")
+        if fmt != 1:
+            meta = read_json(path, "the run's metadata")
         return meta
+
+    @property
+    def legacy(self) -> bool:
+        """Written by an inrun before checksums (format 1): readable, not verified."""
+        return self.meta().get("format") == 1
+
+    def saved_config(self) -> tuple[Any, str | None]:
+        """``(RunConfig, problem)``: the config of ``config.toml``; or, when that file is
+        missing or unreadable, the one ``run.json`` holds, with ``problem`` saying why."""
+        from .config import ConfigError, RunConfig, parse_config
+
+        path = self.file(CONFIG_FILE)
+        try:
+            return parse_config(path.read_bytes().decode("utf-8"), source=str(path)), None
+        except (OSError, UnicodeDecodeError, ConfigError) as exc:
+            problem = f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc})"
+        meta = self.meta()
+        try:
+            return RunConfig.from_dict(meta.get("config", {})), problem
+        except ConfigError as exc:
+            raise RunDirError(f"{problem}, and the config in {META_FILE} is not valid ({exc})") from None
+
+    def heal_config(self, config: Any) -> None:
+        """Rewrite ``config.toml`` (missing or damaged) from the config the run uses."""
+        atomic_write(self.file(CONFIG_FILE), lambda p: Path(p).write_text(config.to_toml(), encoding="utf-8"))
 
     def check_meta(self, expected: Mapping[str, Any]) -> None:
         """Refuse to resume unless the saved metadata matches what this run would produce."""
         from .config import config_diff
 
         saved = self.meta()
+        if saved.get("format") == 1:
+            raise RunDirError(
+                f"cannot resume {self.path}: it was written by an older inrun without checksums "
+                f"(format 1); resume it with that version, or start a new run"
+            )
         problems = []
         for key in CHECKED_KEYS:
             if saved.get(key) == expected.get(key):
@@ -156,7 +314,7 @@ class RunDir:
                 problems.append(f"config differs in {', '.join(keys)}")
             elif key in ("train_hash", "validation_hash"):
                 which = "training" if key == "train_hash" else "validation"
-                problems.append(f"the {which} data changed ({key} {saved.get(key, '')[:12]} -> {expected.get(key, '')[:12]})")
+                problems.append(f"the {which} data changed ({key} {str(saved.get(key, ''))[:12]} -> {str(expected.get(key, ''))[:12]})")
             else:
                 problems.append(f"{key} was {saved.get(key)!r}, now {expected.get(key)!r}")
         if problems:
@@ -172,12 +330,41 @@ class RunDir:
             )
 
     def write_status(self, state: str, step: int, steps: int, message: str = "", **extra: Any) -> None:
+        """``status.json``; on a full disk it is rewritten in place, so the state still says
+        what happened (the file is small, and its blocks are its own)."""
         status = {"state": state, "step": step, "steps": steps, "message": message, "updated": time.time(), **extra}
-        atomic_write(self.file(STATUS_FILE), lambda p: Path(p).write_text(json.dumps(status, indent=2)))
+        try:
+            write_json(self.file(STATUS_FILE), status, fsync=False)  # informational, rewritten often
+        except OSError:
+            text = json_text(status)
+            fd = os.open(self.file(STATUS_FILE), os.O_WRONLY | os.O_CREAT, 0o666)
+            try:
+                os.pwrite(fd, text.encode(), 0)
+                os.ftruncate(fd, len(text.encode()))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def status(self) -> dict[str, Any]:
+        """``status.json``; ``{"state": "unknown", ...}`` when it is missing or damaged."""
         path = self.file(STATUS_FILE)
-        return json.loads(path.read_text()) if path.exists() else {"state": "unknown"}
+        if not path.exists():
+            return {"state": "unknown"}
+        try:
+            status = read_json(path, "the run's status", require_checksum=not self._is_legacy_quiet())
+        except IntegrityError as exc:
+            return {"state": "unknown", "message": str(exc), "damaged": True}
+        if status.get("state") == "running" and self.holder() is None:
+            # Nobody holds the lock: the process that wrote "running" is gone (kill -9, power).
+            status["stale"] = True
+            status["message"] = f"no process is training in it (it was killed); continue with `inrun train --resume {self.path}`"
+        return status
+
+    def _is_legacy_quiet(self) -> bool:
+        try:
+            return self.legacy
+        except LedgerError:
+            return False
 
     # -- results -------------------------------------------------------------------------------
     def write_examples(self, ids: list, sources: list, locations: list, previews: list) -> None:
@@ -194,41 +381,114 @@ class RunDir:
             }
         )
         atomic_write(self.file(EXAMPLES_FILE), lambda p: pq.write_table(table, p))
+        self._examples_digest = file_digest(self.file(EXAMPLES_FILE))
 
-    def save_results(self, ledger: ValueLedger | None, metrics: Metrics) -> None:
-        """Values (if any) and curves at the top of the run directory."""
-        if ledger is not None:
-            ledger.save(self.path)
-        metrics.save(self.file(METRICS_FILE))
+    def save_results(self, ledger: ValueLedger | None, metrics: Metrics, prune_trace: bool = False) -> None:
+        """Values (if any) and curves at the top of the run directory, then the manifest that
+        lists them; readers wait meanwhile (:meth:`reading`). Atomic but not synced to disk:
+        they are copies of the newest checkpoint's, which is, and a resume rewrites them if a
+        crash lost them (a reader meanwhile is refused by their checksums, never misled).
+
+        Args:
+            prune_trace: first remove the trace parts ``ledger`` does not list (after a restore:
+                rows of steps past its checkpoint, which the resumed run writes again).
+        """
+        with exclusive_lock(self.file(RESULTS_LOCK_FILE)):
+            if prune_trace:
+                self._prune_trace(ledger)
+            files: dict[str, Any] = {}
+            if ledger is not None:
+                ledger.save(self.path, fsync=False)
+                files[LEDGER_META_FILE] = file_digest(self.file(LEDGER_META_FILE))
+            metrics.save(self.file(METRICS_FILE), fsync=False)
+            files[METRICS_FILE] = file_digest(self.file(METRICS_FILE))
+            if self._examples_digest is None and self.file(EXAMPLES_FILE).exists():
+                self._examples_digest = file_digest(self.file(EXAMPLES_FILE))
+            if self._examples_digest is not None:
+                files[EXAMPLES_FILE] = self._examples_digest
+            steps = metrics.step[-1] if metrics.step else 0
+            write_json(self.file(MANIFEST_FILE), {"format": RUN_FORMAT, "step": steps, "files": files}, fsync=False)
+
+    def heal_examples(self, ids: list, sources: list, locations: list, previews: list) -> bool:
+        """Rewrite ``examples.parquet`` from the data unless it matches the manifest; ``True``
+        when it was rewritten."""
+        try:
+            digest = self._manifest()["files"].get(EXAMPLES_FILE)
+            if digest is not None:
+                verify_file(self.file(EXAMPLES_FILE), digest, "the training examples")
+                self._examples_digest = dict(digest)
+                return False
+        except (IntegrityError, KeyError, TypeError, AttributeError):
+            pass
+        self.write_examples(ids, sources, locations, previews)
+        return True
+
+    def _manifest(self) -> dict[str, Any]:
+        data = read_json(self.file(MANIFEST_FILE), "the list of the run's result files")
+        if not isinstance(data.get("files"), dict):
+            raise IntegrityError(f"{self.file(MANIFEST_FILE)} is damaged: no file list")
+        return data
+
+    def _verified(self, name: str) -> Path:
+        """``name`` checked against the manifest (format 1 runs: unchecked)."""
+        path = self.file(name)
+        if self.legacy:
+            return path
+        try:
+            digest = self._manifest()["files"].get(name)
+            if digest is None:
+                raise IntegrityError(f"{path} is not listed in {self.file(MANIFEST_FILE)}")
+            verify_file(path, digest, f"listed in {MANIFEST_FILE}")
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc}; {_resume_hint(self.path)}") from None
+        return path
 
     def has_values(self) -> bool:
-        return self.file(VALUES_FILE).exists()
+        if self.legacy:
+            return self.file(VALUES_FILE).exists()
+        try:
+            return LEDGER_META_FILE in self._manifest()["files"]
+        except IntegrityError:
+            return self.file(VALUES_FILE).exists() or self.file(LEDGER_META_FILE).exists()
 
     def ledger(self) -> ValueLedger:
-        """The saved values (``values.parquet`` and friends)."""
-        if not self.has_values():
-            raise RunDirError(
-                f"{self.path} has no values ({VALUES_FILE}); it was run with values.enabled = false "
-                "or has not reached its first checkpoint"
-            )
-        return ValueLedger.load(self.path)
+        """The saved values (``values.parquet`` and friends), verified."""
+        with self.reading():
+            self.meta()
+            if not self.has_values():
+                raise RunDirError(
+                    f"{self.path} has no values ({VALUES_FILE}); it was run with values.enabled = false "
+                    "or has not reached its first checkpoint"
+                )
+            self._verified(LEDGER_META_FILE)
+            try:
+                return ValueLedger.load(self.path)
+            except IntegrityError as exc:
+                raise IntegrityError(f"{exc}; {_resume_hint(self.path)}") from None
 
     def metrics(self) -> Metrics:
-        path = self.file(METRICS_FILE)
-        return Metrics.load(path) if path.exists() else Metrics()
+        with self.reading():
+            if not self.legacy and not self.file(MANIFEST_FILE).exists() and not self.file(METRICS_FILE).exists():
+                return Metrics()  # killed before its first checkpoint: no curves yet
+            path = self._verified(METRICS_FILE)
+            return Metrics.load(path) if path.exists() else Metrics()
 
     def examples(self) -> Any:
         """``pandas.DataFrame`` of the training examples (id, source, location, preview)."""
         import pandas as pd
 
-        path = self.file(EXAMPLES_FILE)
-        if not path.exists():
-            return pd.DataFrame({"id": [], "source": [], "location": [], "preview": []})
-        return pd.read_parquet(path)
+        with self.reading():
+            if not self.legacy and not self.file(MANIFEST_FILE).exists():
+                path = self.file(EXAMPLES_FILE)
+            else:
+                path = self._verified(EXAMPLES_FILE)
+            if not path.exists():
+                return pd.DataFrame({"id": [], "source": [], "location": [], "preview": []})
+            return _read_parquet(path).to_pandas()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoints(self) -> list[tuple[int, Path]]:
-        """Complete checkpoints, oldest first (a temporary, unfinished one is never listed)."""
+        """Checkpoints, oldest first (a temporary, unfinished one is never listed)."""
         root = self.file(CHECKPOINTS)
         out = []
         if root.exists():
@@ -248,35 +508,182 @@ class RunDir:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        atomic_write(tmp / CHECKPOINT_STATE, lambda p: torch.save(dict(state), p))
+        # Every file is synced, each directory once, before the rename makes it a checkpoint:
+        # the checkpoint is what a resume trusts.
+        atomic_write(tmp / CHECKPOINT_STATE, lambda p: torch.save(dict(state), p), sync_dir=False)
+        files = {CHECKPOINT_STATE: file_digest(tmp / CHECKPOINT_STATE)}
         if ledger is not None:
             ledger.save(tmp / "ledger")
-        metrics.save(tmp / METRICS_FILE)
-        manifest = {"step": step, "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())}
-        atomic_write(tmp / "manifest.json", lambda p: Path(p).write_text(json.dumps(manifest)))
+            files[f"ledger/{LEDGER_META_FILE}"] = file_digest(tmp / "ledger" / LEDGER_META_FILE)
+        metrics.save(tmp / METRICS_FILE, sync_dir=False)
+        files[METRICS_FILE] = file_digest(tmp / METRICS_FILE)
+        write_json(tmp / "manifest.json", {"format": RUN_FORMAT, "step": step, "files": files}, sync_dir=False)
+        fsync_dir(tmp)
         if final.exists():  # the same step again (a resumed run that had finished): replace it
             _discard(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for _, old in self.checkpoints()[:-keep]:
             _discard(old)
         return final
 
-    def load_checkpoint(self, path: Path, device: torch.device) -> tuple[dict[str, Any], ValueLedger | None, Metrics]:
-        """``(state, ledger, metrics)`` of a checkpoint; tensors are loaded with ``weights_only=True``."""
-        state = torch.load(path / CHECKPOINT_STATE, map_location=device, weights_only=True)
-        ledger = ValueLedger.load(path / "ledger") if (path / "ledger").exists() else None
+    def verify_checkpoint(self, path: Path) -> dict[str, Any]:
+        """The checkpoint's manifest, after checking it and every file it lists.
+
+        Raises:
+            IntegrityError: something is missing, damaged or inconsistent (the message says what).
+        """
+        manifest = read_json(path / "manifest.json", "the checkpoint's file list")
+        step, files = manifest.get("step"), manifest.get("files")
+        if not isinstance(files, dict) or CHECKPOINT_STATE not in files or METRICS_FILE not in files:
+            raise IntegrityError(f"{path / 'manifest.json'} is damaged: its file list is incomplete")
+        if not isinstance(step, int) or path.name != f"step-{step:06d}":
+            raise IntegrityError(f"{path / 'manifest.json'} says step {step!r}, the directory is {path.name}")
+        for name, digest in files.items():
+            verify_file(path / name, digest, f"listed in {path / 'manifest.json'}")
+        return manifest
+
+    def load_checkpoint(
+        self, path: Path, device: torch.device, trace_dir: Path | None = None
+    ) -> tuple[dict[str, Any], ValueLedger | None, Metrics]:
+        """``(state, ledger, metrics)`` of a checkpoint, every file verified first; tensors are
+        loaded with ``weights_only=True``.
+
+        Raises:
+            IntegrityError: the checkpoint is damaged (the message says which file and how).
+        """
+        manifest = self.verify_checkpoint(path)
+        try:
+            state = torch.load(path / CHECKPOINT_STATE, map_location=device, weights_only=True)
+        except Exception as exc:  # a file with the right checksum that torch cannot read
+            raise IntegrityError(f"{path / CHECKPOINT_STATE} cannot be loaded ({type(exc).__name__})") from None
+        if not isinstance(state, dict) or state.get("step") != manifest["step"]:
+            raise IntegrityError(f"{path / CHECKPOINT_STATE} does not hold step {manifest['step']}")
+        ledger = None
+        if f"ledger/{LEDGER_META_FILE}" in manifest["files"]:
+            ledger = ValueLedger.load(path / "ledger", trace_dir=trace_dir)
+        elif state.get("tracker") is not None:
+            raise IntegrityError(f"{path} has tracker state but no ledger/")
         return state, ledger, Metrics.load(path / METRICS_FILE)
 
+    def restore(self, device: torch.device, max_step: int | None = None, values: bool = True) -> Restored:
+        """The newest intact checkpoint (at most ``max_step``), its files verified; damaged
+        newer ones are moved aside as ``checkpoints/damaged-step-N`` and listed in ``skipped``.
+
+        With no checkpoint at all, the run starts from step 0 (nothing was lost: the values of
+        a run are a function of its config and data). Checkpoints that all fail verification
+        cannot restore the values exactly: refused.
+
+        Raises:
+            RunDirError: every checkpoint is damaged.
+        """
+        candidates = [(s, p) for s, p in self.checkpoints() if max_step is None or s <= max_step]
+        problems: list[tuple[Path, str]] = []
+        store = self.trace_store if values else None
+        for step, path in reversed(candidates):
+            try:
+                state, ledger, metrics = self.load_checkpoint(path, device, trace_dir=store)
+                if values and state.get("tracker") is not None and ledger is None:
+                    raise IntegrityError(f"{path} has no ledger")
+            except LedgerError as exc:
+                problems.append((path, str(exc)))
+                continue
+            skipped = [(p.name, why) for p, why in problems]
+            for p, _ in problems:
+                self._set_aside(p)
+            return Restored(step, path, state, ledger, metrics, skipped)
+        if problems:
+            first = problems[0][1]
+            raise RunDirError(
+                f"cannot resume {self.path}: none of its {len(problems)} checkpoint(s) is intact, so its "
+                f"values cannot be restored exactly (newest: {first}). Restore the files from a "
+                f"backup, or delete {self.file(CHECKPOINTS)} to recompute the run from step 0"
+            )
+        return Restored(0, None, None, None, Metrics())
+
+    def _set_aside(self, path: Path) -> None:
+        target = path.with_name(DAMAGED_PREFIX + path.name)
+        k = 1
+        while target.exists():
+            target = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{k}")
+            k += 1
+        os.replace(path, target)
+        fsync_dir(path.parent)
+
+    def discard_checkpoints_after(self, step: int) -> None:
+        for s, p in self.checkpoints():
+            if s > step:
+                _discard(p)
+
+    def _prune_trace(self, ledger: ValueLedger | None) -> None:
+        store = self.trace_store
+        if not store.is_dir():
+            return
+        keep = set(ledger.trace_part_names()) if ledger is not None else set()
+        for part in store.glob("part-*.parquet"):
+            if part.name not in keep:
+                part.unlink(missing_ok=True)
+
     def clean_temporary(self) -> None:
-        """Remove what a killed writer left behind (unfinished checkpoints, temp files)."""
+        """Remove what a killed writer left behind (unfinished checkpoints, temp files); only
+        under :meth:`lock`, so that no live writer's files are touched."""
         root = self.file(CHECKPOINTS)
         if root.exists():
             for p in root.iterdir():
                 if p.name.startswith((".tmp-", ".trash-")):
                     shutil.rmtree(p, ignore_errors=True)
-        for p in self.path.glob(".*.tmp"):
-            p.unlink(missing_ok=True)
+        for folder in (self.path, self.trace_store):
+            for p in folder.glob(".*.tmp") if folder.is_dir() else ():
+                p.unlink(missing_ok=True)
+
+    # -- checking everything ------------------------------------------------------------------
+    def verify(self) -> list[str]:
+        """Every problem found in the run directory, one line each (empty: all intact).
+
+        Reads and checks run.json, config.toml against it, status.json, summary.json, the
+        top-level results (manifest, ledger with every trace part, metrics, examples) and every
+        checkpoint. It changes nothing.
+        """
+        problems: list[str] = []
+
+        def check(what: str, fn: Any) -> Any:
+            try:
+                return fn()
+            except (LedgerError, OSError) as exc:
+                problems.append(f"{what}: {exc}")
+                return None
+
+        meta = check(META_FILE, self.meta)
+        if meta is None:
+            return problems
+        if self.file(CONFIG_FILE).exists():
+            from .config import ConfigError, parse_config
+
+            def config_matches() -> None:
+                try:
+                    text = self.file(CONFIG_FILE).read_bytes().decode("utf-8")
+                    cfg = parse_config(text, source=str(self.file(CONFIG_FILE)))
+                except (ConfigError, UnicodeDecodeError) as exc:
+                    raise IntegrityError(f"{self.file(CONFIG_FILE)} cannot be read ({exc})") from None
+                if cfg.to_dict() != meta.get("config"):
+                    raise IntegrityError(f"{self.file(CONFIG_FILE)} differs from the config in {META_FILE}")
+
+            check(CONFIG_FILE, config_matches)
+        status = self.status()
+        if status.get("damaged"):
+            problems.append(f"{STATUS_FILE}: {status['message']}")
+        if self.file(SUMMARY_FILE).exists():
+            check(SUMMARY_FILE, lambda: read_json(self.file(SUMMARY_FILE), "the run's summary"))
+        if self.file(MANIFEST_FILE).exists() or meta.get("format") == 1:
+            check(METRICS_FILE, self.metrics)
+            check(EXAMPLES_FILE, self.examples)
+            if self.has_values():
+                ledger = check("values", self.ledger)
+                if ledger is not None:
+                    check("trace", ledger.trace)
+        for _, path in self.checkpoints():
+            check(f"{CHECKPOINTS}/{path.name}", lambda p=path: self.load_checkpoint(p, torch.device("cpu")))
+        return problems
 
 
 def _discard(path: Path) -> None:
@@ -284,14 +691,3 @@ def _discard(path: Path) -> None:
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -6,8 +6,14 @@ The loop is an ordinary PyTorch loop with the tracker's one extra line. What mak
   from ``numpy.random.default_rng([seed, e])``, cut into full batches (the remainder of an epoch
   is not used). Nothing about the order needs to be replayed on resume.
 * **Checkpoints** (every ``checkpoint.every`` steps and at the end) hold the model, optimizer,
-  schedule, torch RNG state, tracker counters and the value ledger, written atomically
-  (:mod:`inrun.rundir`). ``resume`` restores the newest one and continues.
+  schedule, torch RNG state, tracker counters and the value ledger, written atomically and
+  checksummed (:mod:`inrun.rundir`). ``resume`` restores the newest *intact* one (damaged ones
+  are set aside and named) and continues; if none is intact the resume is refused, since the
+  values could not be restored exactly. A checkpoint is only written after the validation loss
+  at its parameters was found finite.
+* **One writer**: the run directory is locked for the whole run (a second ``train --resume``
+  is refused at once, naming the holder). Everything is validated (config, ``hf_config``, data)
+  before anything is written.
 * **Identical after resume** means *bit-identical*: every value, count, trace row, loss and
   parameter of a run that was killed and resumed equals that of an uninterrupted run with the
   same config, on the same machine, torch build, device and thread count. Nothing is re-summed
@@ -16,9 +22,17 @@ The loop is an ordinary PyTorch loop with the tracker's one extra line. What mak
   counts, floating-point kernels may differ in the last bits; the run's metadata records the
   torch version and a resume under another one logs a warning.)
 * **NaN/Inf**: a step whose loss or gradient is not finite never reaches the optimizer or the
-  values. It is recorded as a skipped step; by default the run then stops (:class:`RunStopped`)
-  with the values up to the previous step saved, or with ``values.on_nonfinite = "skip"`` the
-  step is dropped and training continues.
+  values; it is recorded as a skipped step. A step whose *update* makes the parameters or the
+  validation loss non-finite (a learning rate far too large) has its values taken out again,
+  exactly (:meth:`ValueLedger.rollback`). Then, by ``values.on_nonfinite``: ``"stop"`` (default)
+  ends the run (:class:`RunStopped`, status ``stopped``, ``inrun`` exits with 3) with the values
+  of every step before it saved; ``"skip"`` drops the step and continues: a skipped update is
+  undone by restarting from the newest checkpoint before it and replaying to it (the replay is
+  deterministic, so the result is that of a run in which the step was skipped), and a
+  checkpoint is written right after it so that the next such step costs no replay.
+* **Every other ending** is written to ``status.json``: ``failed`` with the step and a one-line
+  cause (an error, a full disk), ``interrupted`` for SIGINT or SIGTERM (handled alike: the run
+  stops at the end of the current step, its values saved; a second signal stops it at once).
 """
 
 from __future__ import annotations
@@ -26,9 +40,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import signal
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +53,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig, check_model_config
 from .data import ExampleSet, load_data
-from .errors import InRunError, NonFiniteError
+from .errors import InRunError, NonFiniteError, ValidationLossError
+from .ledger import ValueLedger
 from .models import build_model, build_optimizer, build_schedule, loss_function, model_fingerprint
 from .modes import evaluating
-from .rundir import RUN_FORMAT, Metrics, RunDir, RunDirError
+from .rundir import CHECKPOINTS, RUN_FORMAT, TRACE_DIR, Metrics, Restored, RunDir, RunDirError
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +76,16 @@ class RunStopped(InRunError, RuntimeError):
         self.step = step
 
 
+class RunInterrupted(InRunError):
+    """SIGINT or SIGTERM stopped the run; ``status.json`` says ``interrupted``."""
+
+    def __init__(self, message: str, run_dir: Path, step: int, signum: int) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+        self.step = step
+        self.signum = signum
+
+
 @dataclass
 class RunResult:
     """What :func:`train` did."""
@@ -67,6 +95,7 @@ class RunResult:
     resumed_from: int
     seconds: float
     final_val_loss: float
+    skipped_checkpoints: list[tuple[str, str]] = field(default_factory=list)
 
 
 class DataOrder:
@@ -95,8 +124,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .config import ConfigError
-
         raise ConfigError("training.device", "'cuda' was asked for but torch sees no CUDA device")
     return torch.device(name)
 
@@ -131,174 +158,486 @@ def train(
     Args:
         config: the run.
         run_dir: where results and checkpoints go.
-        resume: continue the run in ``run_dir`` from its newest checkpoint (or from the start if
-            it was killed before the first one). Its metadata must match ``config``.
+        resume: continue the run in ``run_dir`` from its newest intact checkpoint (or from the
+            start if it was killed before the first one). Its metadata must match ``config``.
         progress: called after every step (see :data:`ProgressFn`).
 
     Raises:
-        RunDirError: ``run_dir`` holds another run (new run), or does not match (resume).
-        RunStopped: a non-finite loss or gradient stopped the run (values so far are saved).
+        RunDirError: ``run_dir`` holds another run (new run), does not match or has no intact
+            checkpoint (resume), or another process trains in it (:class:`RunInUseError`).
+        ConfigError, DataError: bad config or data, found before anything is written.
+        RunStopped: a non-finite loss, gradient or update stopped the run (values so far saved).
+        RunInterrupted: SIGINT or SIGTERM (values so far saved).
     """
     t0 = time.perf_counter()
     rd = RunDir(run_dir if run_dir is not None else config.output)
     tc = config.training
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
     device = pick_device(tc.device)
-    if resume and not rd.exists:
-        raise RunDirError(f"cannot resume {rd.path}: it is not a run directory (no run.json)")
-
-    train_set, val_set = load_data(config)
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, train_set).to(device)
-    model.train()
-    meta = run_metadata(config, model, train_set, val_set)
     if resume:
-        rd.check_meta(meta)
-        rd.clean_temporary()
+        if not rd.exists:
+            raise RunDirError(f"cannot resume {rd.path}: it is not a run directory (no run.json)")
+        lock = rd.lock()  # before anything else, so that a second resume is refused at once
     else:
-        rd.create(meta, config.to_toml())
-    if not resume or not rd.file("examples.parquet").exists():
-        rd.write_examples(train_set.ids, train_set.sources, train_set.locations, train_set.previews)
-
-    loss_fn = loss_function(train_set)
-    val_x, val_y = val_set.inputs.to(device), val_set.targets.to(device)
-    if val_x.is_floating_point():
-        val_x = val_x.to(next(model.parameters()).dtype)
-    optimizer = build_optimizer(config.optimizer, model)
-    schedule = build_schedule(config.schedule, optimizer, tc.steps)
-    tracker = _make_tracker(config, model, optimizer, lambda m: loss_fn(m, val_x, val_y), train_set)
-    order = DataOrder(len(train_set), tc.batch_size, config.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    start, metrics = 0, Metrics()
-    checkpoints = rd.checkpoints() if resume else []
-    if checkpoints:
-        _, path = checkpoints[-1]
-        state, ledger, metrics = rd.load_checkpoint(path, torch.device("cpu"))
-        if state["data"] != order.state():
-            raise RunDirError(f"{path}: its data order {state['data']} does not match this run's {order.state()}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if tracker is not None:
-            tracker.load_state_dict(state["tracker"], ledger)
-        start = int(state["step"])
-        logger.info("resuming %s from step %d", rd.path, start)
-
-    def evaluate() -> float:
-        return _evaluate(model, loss_fn, val_x, val_y)
-
-    def checkpoint(step: int) -> None:
-        state = {
-            "format": RUN_FORMAT,
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            },
-            "tracker": tracker.state_dict() if tracker is not None else None,
-            "data": order.state(),
-        }
-        ledger = tracker.ledger if tracker is not None else None
-        rd.write_checkpoint(step, state, ledger, metrics, config.checkpoint.keep)
-        rd.save_results(ledger, metrics)
-        rd.write_status("running" if step < tc.steps else "complete", step, tc.steps)
-
-    rd.write_status("running", start, tc.steps)
-    if start == 0:
-        metrics.append(0, float("nan"), optimizer.param_groups[0]["lr"], evaluate(), False)
-    every = config.checkpoint.every
-    due = False  # a checkpoint waits while a skipped step leaves the tracker mid-window
-    skip_reason: str | None = None
-    session_start, done_here = time.perf_counter(), 0
-    if progress is not None:
-        progress(start, tc.steps, float("nan"), 0.0)
+        _check_new_output(rd)
+        lock = None
     try:
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        check_model_config(config)
+        train_set, val_set = load_data(config)
+        torch.manual_seed(config.seed)
+        model = _build_model(config, train_set, device)
+        meta = run_metadata(config, model, train_set, val_set)
+        examples = (train_set.ids, train_set.sources, train_set.locations, train_set.previews)
+        if resume:
+            rd.check_meta(meta)
+            rd.clean_temporary()
+            rd.heal_examples(*examples)
+            problem = rd.saved_config()[1]
+            if problem is not None:  # run.json holds the config: write the file again
+                logger.warning("%s; rewriting it from the config saved in run.json", problem)
+                rd.heal_config(config)
+        else:
+            lock = rd.lock()
+            rd.create(meta, config.to_toml(), examples)
+        runner = _Runner(config, rd, train_set, val_set, device, progress)
+        forced: dict[int, str] = {}
+        restore, max_step = resume, None
+        while True:
+            try:
+                result = runner.session(model, forced, restore=restore, max_step=max_step)
+            except _Rewind as rewind:
+                if rewind.step in forced:  # pragma: no cover - would loop forever: a bug
+                    raise InRunError(f"step {rewind.step} was skipped and still fails: {rewind.reason}") from None
+                forced[rewind.step] = rewind.reason
+                rd.discard_checkpoints_after(rewind.step)
+                logger.warning(
+                    "step %d: %s; restarting from the newest checkpoint before it to skip it "
+                    "(values.on_nonfinite = 'skip')", rewind.step, rewind.reason,
+                )
+                model, restore, max_step = None, True, rewind.step
+                continue
+            result.seconds = time.perf_counter() - t0
+            return result
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _check_new_output(rd: RunDir) -> None:
+    """Refuse an output directory that cannot become a new run, before anything is written."""
+    path = rd.path
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"output {path} exists and is not a directory; choose another output directory")
+    if rd.exists:
+        raise RunDirError(
+            f"{path} already holds a run. Continue it with `inrun train --resume {path}`, or "
+            "choose another output directory (config key 'output')."
+        )
+    if path.is_dir() and ((path / CHECKPOINTS).exists() or (path / TRACE_DIR).exists()):
+        raise RunDirError(
+            f"{path} holds checkpoints or a trace but no run.json: it is not a run this inrun can "
+            "continue or overwrite; choose another output directory, or delete it"
+        )
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunDirError(f"cannot create the output {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot create the output {path}: {parent} is not writable")
+
+
+def _build_model(config: RunConfig, train_set: ExampleSet, device: torch.device) -> nn.Module:
+    try:
+        model = build_model(config.model, train_set).to(device)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError, AssertionError, RuntimeError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        key = "model.hf_config" if config.model.kind == "hf" else "model"
+        raise ConfigError(key, f"the model cannot be built from this config: {text[:240]}") from None
+    model.train()
+    return model
+
+
+class _Rewind(Exception):
+    """Internal: restart from the newest checkpoint at most ``step`` and skip ``step``."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(reason)
+        self.step = step
+        self.reason = reason
+
+
+@dataclass
+class _Update:
+    """The last optimizer step of this session that a later check may still blame."""
+
+    step: int
+    loss: float
+    lr: float
+    metrics_rows: int  # len(metrics) before its row
+
+
+class _Signals:
+    """SIGINT and SIGTERM alike: the first asks the loop to stop after the current step, a
+    second one stops at once (``KeyboardInterrupt``). Only in the main thread."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Signals]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        try:
+            yield self
+        finally:
+            for s, old in self._old.items():
+                signal.signal(s, old)
+
+
+def _is_nonfinite(exc: BaseException) -> bool:
+    """The tracker's way to say the validation loss or the parameters are NaN/Inf: a
+    :class:`NonFiniteError`, or (before it raised that) a ``ValidationLossError`` saying so."""
+    return isinstance(exc, NonFiniteError) or (isinstance(exc, ValidationLossError) and "not finite" in str(exc))
+
+
+def _params_finite(params: list[nn.Parameter]) -> bool:
+    with torch.no_grad():
+        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    text = f"{type(exc).__name__}: {text}" if not isinstance(exc, InRunError) else text
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _Runner:
+    """The training loop of one run; :meth:`session` runs it from a restore point."""
+
+    def __init__(
+        self, config: RunConfig, rd: RunDir, train_set: ExampleSet, val_set: ExampleSet,
+        device: torch.device, progress: ProgressFn | None,
+    ) -> None:
+        self.config, self.rd, self.train_set, self.val_set = config, rd, train_set, val_set
+        self.device, self.progress = device, progress
+
+    # -- one session ------------------------------------------------------------------------------
+    def session(self, model: nn.Module | None, forced: dict[int, str], restore: bool, max_step: int | None) -> RunResult:
+        config, rd, tc = self.config, self.rd, self.config.training
+        if model is None:  # a restart: the same initial model, from the seed
+            torch.manual_seed(config.seed)
+            model = _build_model(config, self.train_set, self.device)
+        self.model = model
+        self.loss_fn = loss_function(self.train_set)
+        self.val_x, self.val_y = self.val_set.inputs.to(self.device), self.val_set.targets.to(self.device)
+        if self.val_x.is_floating_point():
+            self.val_x = self.val_x.to(next(model.parameters()).dtype)
+        self.optimizer = build_optimizer(config.optimizer, model)
+        self.schedule = build_schedule(config.schedule, self.optimizer, tc.steps)
+        self.order = DataOrder(len(self.train_set), tc.batch_size, config.seed)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.forced = forced
+        self.update: _Update | None = None
+
+        restored = (
+            rd.restore(torch.device("cpu"), max_step=max_step, values=config.values.enabled)
+            if restore else Restored(0, None, None, None, Metrics())
+        )
+        for name, why in restored.skipped:
+            logger.warning("skipped damaged checkpoint %s (%s); it was moved aside as damaged-%s", name, why, name)
+        ledger = restored.ledger
+        if ledger is None and config.values.enabled:
+            ledger = ValueLedger(keep_trace=config.values.trace, trace_dir=rd.trace_store)
+            ledger.set_sources({i: s for i, s in zip(self.train_set.ids, self.train_set.sources) if s is not None})
+        self.ledger = ledger
+        self.tracker = self._make_tracker(ledger)
+        self.metrics = restored.metrics
+        start = 0
+        if restored.state is not None:
+            state = restored.state
+            if state["data"] != self.order.state():
+                raise RunDirError(f"{restored.path}: its data order {state['data']} does not match this run's {self.order.state()}")
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if self.device.type == "cuda" and state["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            if self.tracker is not None:
+                self.tracker.load_state_dict(state["tracker"], ledger)
+            start = int(state["step"])
+            forced.update({int(k): v for k, v in (state.get("forced_skips") or {}).items()})
+            logger.info("resuming %s from step %d", rd.path, start)
+        if restore:  # heal the top-level results: they are those of the restored checkpoint again
+            rd.save_results(ledger, self.metrics, prune_trace=True)
+        rd.write_status("running", start, tc.steps)
+        self.step = start
+        with _Signals().installed() as signals:
+            try:
+                self._loop(start, signals)
+            except (RunStopped, RunInterrupted, _Rewind):
+                raise
+            except KeyboardInterrupt:  # a second signal: stop now, mid-step; values stay at the last checkpoint
+                message = (f"interrupted at step {self.step}; values are those of the last checkpoint; "
+                           f"continue with `inrun train --resume {rd.path}`")
+                self._status("interrupted", self.step, message)
+                raise RunInterrupted(message, rd.path, self.step, signal.SIGINT) from None
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+        if self.tracker is not None:
+            self.tracker.flush()
+            self.tracker.close()
+        self._save()  # the final checkpoint saved them too, unless the last step was skipped
+        rd.write_status("complete", tc.steps, tc.steps)
+        if self.tracker is not None:
+            from .summary import write_summary
+
+            write_summary(rd)
+        return RunResult(rd, tc.steps, start, 0.0, self.metrics.final_val_loss(), restored.skipped)
+
+    def _make_tracker(self, ledger: ValueLedger | None) -> Any:
+        if ledger is None:
+            return None
+        from .tracker import InRunShapley
+
+        v = self.config.values
+        return InRunShapley(
+            self.model, self.optimizer, val_loss=lambda m: self.loss_fn(m, self.val_x, self.val_y),
+            order=v.order, second_order=v.second_order, route=v.route, check=v.check,
+            on_nonfinite="raise", keep_trace=v.trace, ledger=ledger,
+        )
+
+    def _parameters_finite(self, step: int) -> bool:
+        """After the update of ``step``: are all trainable parameters finite? (One reduction per
+        parameter and one host sync: about the cost of reading the parameters once.)"""
+        return _params_finite(self.params)
+
+    def evaluate(self) -> float:
+        """Validation loss in eval mode, without gradients; every module's mode is restored."""
+        with evaluating(self.model), torch.no_grad():
+            return float(self.loss_fn(self.model, self.val_x, self.val_y))
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _loop(self, start: int, signals: _Signals) -> None:
+        tc, tracker, metrics = self.config.training, self.tracker, self.metrics
+        if start == 0:
+            val = self.evaluate()
+            if not math.isfinite(val):
+                self._stop(0, f"the validation loss of the initial model is not finite ({val})", blame_update=False)
+            metrics.append(0, float("nan"), self.optimizer.param_groups[0]["lr"], val, False)
+        every = self.config.checkpoint.every
+        due = False  # a checkpoint waits while a skipped step leaves the tracker mid-window
+        session_start, done_here = time.perf_counter(), 0
+        if self.progress is not None:
+            self.progress(start, tc.steps, float("nan"), 0.0)
         for step in range(start, tc.steps):
-            rows = order.rows(step)
-            x = train_set.inputs[rows].to(device)
-            y = train_set.targets[rows].to(device)
+            self.step = step
+            if signals.received is not None:
+                self._interrupt(step, signals.received)
+            lr = float(self.optimizer.param_groups[0]["lr"])
+            if step in self.forced:  # an update found to blow up: skipped, then a checkpoint
+                metrics.append(step + 1, float("nan"), lr, float("nan"), True)
+                if tracker is not None:
+                    tracker.skip_step(self.forced[step])
+                self.optimizer.zero_grad(set_to_none=True)
+                self._checkpoint(step + 1)
+                due = False
+                continue
+            rows = self.order.rows(step)
+            x = self.train_set.inputs[rows].to(self.device)
+            y = self.train_set.targets[rows].to(self.device)
             if x.is_floating_point():
-                x = x.to(params[0].dtype)
-            ids = [train_set.ids[r] for r in rows]
-            lr = float(optimizer.param_groups[0]["lr"])
-            with tracker.step(ids) if tracker is not None else contextlib.nullcontext():
-                loss = loss_fn(model, x, y)
-                loss.backward()
+                x = x.to(self.params[0].dtype)
+            ids = [self.train_set.ids[r] for r in rows]
+            try:
+                with tracker.step(ids) if tracker is not None else contextlib.nullcontext():
+                    loss = self.loss_fn(self.model, x, y)
+                    loss.backward()
+            except InRunError as exc:
+                if not _is_nonfinite(exc):
+                    raise
+                self._nonfinite_now(step, f"the validation pass failed ({_one_line(exc, 160)})")
             loss_value = float(loss.detach())
-            norm = _grad_norm(params, tc.clip_grad_norm)
+            norm = _grad_norm(self.params, tc.clip_grad_norm)
             skip_reason = None
             if not math.isfinite(loss_value) or not math.isfinite(norm):
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                 skip_reason = f"non-finite {what} ({loss_value if what == 'loss' else norm}) at step {step}"
             else:
+                if self.ledger is not None:
+                    self.ledger.mark()  # so that a later check can take this step out again
+                self.update = _Update(step, loss_value, lr, len(metrics.step))
                 try:
-                    optimizer.step()
+                    self.optimizer.step()
                 except NonFiniteError as exc:
+                    if not self._parameters_finite(step):  # raised after the update was applied
+                        self._blame_update(f"the update of step {step} made the parameters non-finite ({_one_line(exc, 120)})")
                     skip_reason = f"non-finite values at step {step} ({exc})"
+                    self.update = None
             if skip_reason is not None:
                 metrics.append(step + 1, loss_value, lr, float("nan"), True)
                 if tracker is not None:
                     tracker.skip_step(skip_reason)
-                if config.values.on_nonfinite == "stop":
-                    _stop(rd, tracker, metrics, step, tc.steps, skip_reason)
-                optimizer.zero_grad(set_to_none=True)
+                if self.config.values.on_nonfinite == "stop":
+                    self._stop(step, skip_reason, blame_update=False, recorded=True)
+                self.optimizer.zero_grad(set_to_none=True)
                 logger.warning("%s: step skipped (values.on_nonfinite = 'skip')", skip_reason)
                 due = due or (every > 0 and (step + 1) % every == 0)
                 continue
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            if not self._parameters_finite(step):
+                self._blame_update(f"the update of step {step} made the parameters non-finite")
+            self.schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
             last = step + 1 == tc.steps
-            evaluated = last or (tc.eval_every > 0 and (step + 1) % tc.eval_every == 0)
-            metrics.append(step + 1, loss_value, lr, evaluate() if evaluated else float("nan"), False)
-            done_here += 1
-            if progress is not None:
-                rate = done_here * tc.batch_size / max(time.perf_counter() - session_start, 1e-9)
-                progress(step + 1, tc.steps, loss_value, rate)
             due = due or (every > 0 and (step + 1) % every == 0) or last
+            evaluated = due or (tc.eval_every > 0 and (step + 1) % tc.eval_every == 0)
+            val = self.evaluate() if evaluated else float("nan")
+            if evaluated and not math.isfinite(val):
+                self._blame_update(f"the update of step {step} made the validation loss non-finite ({val})")
+            metrics.append(step + 1, loss_value, lr, val, False)
+            done_here += 1
+            if self.progress is not None:
+                rate = done_here * tc.batch_size / max(time.perf_counter() - session_start, 1e-9)
+                self.progress(step + 1, tc.steps, loss_value, rate)
             if due:
-                checkpoint(step + 1)
+                self._checkpoint(step + 1)
                 due = False
-    except KeyboardInterrupt:
-        rd.write_status("interrupted", metrics.step[-1] if metrics.step else start, tc.steps,
-                        f"interrupted; continue with `inrun train --resume {rd.path}`")
-        raise
-    if tracker is not None:
-        tracker.flush()
-        tracker.close()
-    if start == tc.steps or skip_reason is not None:  # nothing trained now, or no final checkpoint
-        rd.save_results(tracker.ledger if tracker is not None else None, metrics)
-    seconds = time.perf_counter() - t0
-    rd.write_status("complete", tc.steps, tc.steps, seconds=seconds)
-    if tracker is not None:
-        from .summary import write_summary
+        self.step = tc.steps
 
-        write_summary(rd)
-    return RunResult(rd, tc.steps, start, seconds, metrics.final_val_loss())
+    # -- non-finite events --------------------------------------------------------------------
+    def _nonfinite_now(self, step: int, reason: str) -> None:
+        """The tracker found the validation loss (or parameters) non-finite during ``step``:
+        blame the last update when the validation loss at the current parameters says so,
+        otherwise this step."""
+        try:
+            val = self.evaluate()
+        except Exception:
+            val = float("nan")
+        if not math.isfinite(val) and self.update is not None:
+            self._blame_update(f"the update of step {self.update.step} made the validation loss non-finite ({val})")
+        if self.config.values.on_nonfinite == "skip":
+            raise _Rewind(step, f"{reason} at step {step}")
+        self.metrics.append(step + 1, float("nan"), float(self.optimizer.param_groups[0]["lr"]), float("nan"), True)
+        self._stop(step, f"{reason} at step {step}", blame_update=False)
 
+    def _blame_update(self, reason: str) -> None:
+        """The last update made things non-finite: take its values out, then stop or skip it."""
+        update = self.update
+        assert update is not None
+        if self.config.values.on_nonfinite == "skip":
+            raise _Rewind(update.step, reason)
+        self._stop(update.step, reason, blame_update=True)
 
-def _make_tracker(
-    config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-    val_loss: Callable[[nn.Module], torch.Tensor], train_set: ExampleSet,
-) -> Any:
-    if not config.values.enabled:
-        return None
-    from .tracker import InRunShapley
+    def _stop(self, step: int, reason: str, blame_update: bool, recorded: bool = False) -> None:
+        """End the run as ``stopped`` at ``step`` with the values of every step before it."""
+        rd, tracker, ledger = self.rd, self.tracker, self.ledger
+        if tracker is not None:
+            tracker.close()  # (finishing a pending step may add it: the rollback takes it out)
+        if blame_update:
+            update = self.update
+            assert update is not None
+            if ledger is not None and ledger.marked:
+                ledger.rollback()
+            self.metrics.truncate(update.metrics_rows)
+            self.metrics.append(step + 1, update.loss, update.lr, float("nan"), True)
+        if ledger is not None and not recorded:
+            ledger.record_skip(step, reason)
+        self._save()
+        done = f"values of steps 0-{step - 1} are saved in {rd.path}" if step > 0 else f"no step was valued ({rd.path})"
+        what = "its update and values were discarded" if blame_update else "it did not change the model"
+        message = (
+            f"{reason}. The run stopped at step {step} ({what}); {done}. Lower optimizer.lr, enable "
+            "training.clip_grad_norm or clean the data in a new run; or set "
+            "values.on_nonfinite = \"skip\" to drop such steps and continue."
+        )
+        self._status("stopped", step, message)
+        raise RunStopped(message, rd.path, step)
 
-    v = config.values
-    tracker = InRunShapley(
-        model, optimizer, val_loss=val_loss, order=v.order, second_order=v.second_order,
-        route=v.route, check=v.check, on_nonfinite="raise", keep_trace=v.trace,
-    )
-    tracker.ledger.set_sources({i: s for i, s in zip(train_set.ids, train_set.sources) if s is not None})
-    return tracker
+    # -- other endings ----------------------------------------------------------------------------
+    def _interrupt(self, step: int, signum: int) -> None:
+        """A signal arrived: stop cleanly between steps, values of the steps done saved."""
+        if self.tracker is not None:
+            self.tracker.close()
+        self._save()
+        name = signal.Signals(signum).name
+        message = (f"interrupted by {name} before step {step}; values of steps 0-{step - 1} are saved; "
+                   f"continue with `inrun train --resume {self.rd.path}`")
+        self._status("interrupted", step, message)
+        raise RunInterrupted(message, self.rd.path, step, signum)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Anything else went wrong at ``self.step``: say so in status.json, and save the values
+        of the steps done if the disk allows (the error that ended the run is what is raised)."""
+        cause = _one_line(exc)
+        saved = ""
+        try:
+            if self.tracker is not None:
+                self.tracker.close()
+            self._save()
+            if self.ledger is not None:
+                saved = f" Values of steps 0-{self.ledger.steps - 1} are saved."
+        except Exception as again:
+            logger.warning("could not save the values after the failure: %s", _one_line(again))
+        message = f"failed at step {self.step}: {cause}.{saved} Fix the cause, then `inrun train --resume {self.rd.path}`."
+        self._status("failed", self.step, message)
+
+    def _status(self, state: str, step: int, message: str) -> None:
+        try:
+            self.rd.write_status(state, step, self.config.training.steps, message)
+        except OSError as exc:
+            logger.warning("could not write %s: %s", self.rd.file("status.json"), _one_line(exc))
+
+    def _save(self) -> None:
+        if self.ledger is not None:
+            self.ledger.commit()
+        self.rd.save_results(self.ledger, self.metrics)
+
+    def _checkpoint(self, step: int) -> None:
+        """Checkpoint after ``step`` steps; the parameters' validation loss is known finite."""
+        metrics = self.metrics
+        if not (metrics.step and metrics.step[-1] == step and math.isfinite(metrics.val_loss[-1])):
+            val = self.evaluate()
+            if not math.isfinite(val):  # (after a forced skip: the parameters of a checkpoint)
+                if self.update is not None:
+                    self._blame_update(f"the update of step {self.update.step} made the validation loss non-finite ({val})")
+                self._stop(step, f"the validation loss at step {step} is not finite ({val})", blame_update=False)
+        state = {
+            "format": RUN_FORMAT,
+            "step": step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            },
+            "tracker": self.tracker.state_dict() if self.tracker is not None else None,
+            "data": self.order.state(),
+            "forced_skips": {str(k): v for k, v in sorted(self.forced.items()) if k < step},
+        }
+        if self.ledger is not None:
+            self.ledger.commit()  # a checkpointed step is good for good
+        self.update = None
+        tc = self.config.training
+        self.rd.write_checkpoint(step, state, self.ledger, metrics, self.config.checkpoint.keep)
+        self.rd.save_results(self.ledger, metrics)
+        self.rd.write_status("running" if step < tc.steps else "complete", step, tc.steps)
 
 
 def _grad_norm(params: list[nn.Parameter], clip: float | None) -> float:
@@ -307,24 +646,3 @@ def _grad_norm(params: list[nn.Parameter], clip: float | None) -> float:
         return float(torch.nn.utils.clip_grad_norm_(params, clip))
     grads = [p.grad for p in params if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-
-def _evaluate(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Validation loss in eval mode, without gradients; every module's mode is restored."""
-    with evaluating(model), torch.no_grad():
-        return float(loss_fn(model, x, y))
-
-
-def _stop(rd: RunDir, tracker: Any, metrics: Metrics, step: int, steps: int, reason: str) -> None:
-    ledger = tracker.ledger if tracker is not None else None
-    rd.save_results(ledger, metrics)
-    message = (
-        f"{reason}. The run stopped before this step changed the model; values of steps "
-        f"0-{step - 1} are saved in {rd.path}. Lower optimizer.lr, enable "
-        "training.clip_grad_norm or clean the data; or set values.on_nonfinite = \"skip\" to "
-        "drop such steps and continue."
-    )
-    rd.write_status("stopped", step, steps, message)
-    if tracker is not None:
-        tracker.close()
-    raise RunStopped(message, rd.path, step)

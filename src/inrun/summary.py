@@ -7,14 +7,12 @@ harmful" only negative ones, so a run with few negative values shows a short har
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .ledger import atomic_write
 from .rundir import SUMMARY_FILE, RunDir
+from .storage import write_json
 
 NO_SOURCE = "(no source)"
 
@@ -100,7 +98,7 @@ def summarize(rd: RunDir, top: int = 8) -> dict[str, Any]:
 def write_summary(rd: RunDir) -> dict[str, Any]:
     """Compute the summary and write ``summary.json``."""
     summary = summarize(rd)
-    atomic_write(rd.file(SUMMARY_FILE), lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+    write_json(rd.file(SUMMARY_FILE), summary)
     return summary
 
 

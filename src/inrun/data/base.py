@@ -137,18 +137,28 @@ def preview_text(text: str, width: int = 240) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def check_unique_ids(ids: Sequence[Any], where: str) -> list[Id]:
-    """Ids as ``int``/``str``, all of one type and unique; the error names the first offender."""
+INT64 = (-(2**63), 2**63 - 1)  # ids are stored in Parquet int64 columns
+
+
+def check_unique_ids(ids: Sequence[Any], where: str, locations: Sequence[str] | None = None) -> list[Id]:
+    """Ids as ``int``/``str``, all of one type and unique; the error names the first offender
+    (by its location, e.g. ``data.jsonl:17``, when ``locations`` are given)."""
     out: list[Id] = []
     seen: set[Id] = set()
     kinds = set()
     for k, i in enumerate(ids):
+        at = locations[k] if locations is not None else f"{where}: example {k}"
         if isinstance(i, np.integer):
             i = int(i)
         if isinstance(i, bool) or not isinstance(i, (int, str)):
-            raise DataError(f"{where}: id of example {k} is {i!r}; ids must be int or str")
+            text = repr(i)
+            raise DataError(f"{at}: id is {text[:60]}; ids must be int or str")
+        if isinstance(i, int) and not INT64[0] <= i <= INT64[1]:
+            raise DataError(f"{at}: id {i} does not fit in 64 bits; use a smaller number or a string id")
+        if isinstance(i, str) and not i:
+            raise DataError(f"{at}: id is an empty string")
         if i in seen:
-            raise DataError(f"{where}: id {i!r} appears more than once; ids must be unique")
+            raise DataError(f"{at}: id {repr(i)[:60]} appears more than once; ids must be unique")
         kinds.add(type(i))
         seen.add(i)
         out.append(i)

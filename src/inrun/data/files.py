@@ -7,11 +7,15 @@
   is the file's name.
 
 Text is tokenized as bytes (see :mod:`inrun.data.base`). Tabular features are standardized with
-the training rows' mean and deviation (NaN-aware, so a corrupt row stays confined to itself).
+the training rows' mean and deviation. Files must be UTF-8; every feature must be a finite
+number with ``|x| <= 1e15`` (:data:`FEATURE_LIMIT`): a NaN, an infinity or a sentinel such as
+``1e300`` is an error that names its row and field, since one such value would otherwise change
+the scaling of its column for every other row.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -23,6 +27,36 @@ import numpy as np
 import torch
 
 from .base import DataError, ExampleSet, check_unique_ids, encode_texts, preview_text
+
+# Beyond this a value is a sentinel or corruption, not a measurement: float64 no longer holds
+# its integers exactly (2**53 ~ 9e15), and one such value sets its column's mean and deviation.
+FEATURE_LIMIT = 1e15
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; an error names the line and column of the first bad byte."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(
+            f"{path.name}:{line}: byte 0x{raw[exc.start]:02x} at column {column} is not UTF-8; save the file as UTF-8"
+        ) from None
+
+
+def _data_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a directory, not a file")
+    if not path.is_file():
+        raise DataError(f"{what} {path} is not a regular file")
+    return path
 
 
 @dataclass
@@ -39,32 +73,39 @@ def read_records(path: str | Path, id_field: str = "id") -> list[Record]:
     Raises:
         DataError: the file is missing, a line is not a JSON object, or an id is missing.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
+    path = _data_file(Path(path), "data file")
     suffix = path.suffix.lower()
     records: list[Record] = []
+    if suffix in (".txt", ".jsonl"):
+        text = _read_text(path)
     if suffix == ".txt":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 records.append(Record({id_field: n, "text": line, "source": path.stem}, f"{path.name}:{n}"))
         return records
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path.name}:{n}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path.name}:{n}: expected a JSON object, got {type(row).__name__}")
-                records.append(Record(row, f"{path.name}:{n}"))
+        # Universal newlines, as reading the file in text mode numbers its lines.
+        for n, line in enumerate(io.StringIO(text, newline=None), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path.name}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path.name}:{n}: JSON nested too deeply") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path.name}:{n}: expected a JSON object, got {type(row).__name__}")
+            records.append(Record(row, f"{path.name}:{n}"))
     elif suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for n, row in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"{path} is not a readable Parquet file ({' '.join(str(exc).split())[:160]})") from None
+        for n, row in enumerate(rows):
             records.append(Record(row, f"{path.name}[{n}]"))
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .txt or .parquet")
@@ -84,7 +125,7 @@ def text_examples(
         if not isinstance(text, str) or not text:
             raise DataError(f"{rec.location}: '{text_field}' must be a non-empty string, got {text!r}")
         texts.append(text)
-    ids = check_unique_ids([r.fields[id_field] for r in records], "data")
+    ids = check_unique_ids([r.fields[id_field] for r in records], "data", [r.location for r in records])
     inputs, targets = encode_texts(texts, length)
     return ExampleSet(
         ids=ids,
@@ -113,13 +154,18 @@ def tabular_examples(
         for k, name in enumerate(features):
             v = rec.fields.get(name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise DataError(f"{rec.location}: feature '{name}' must be a number, got {v!r}")
+                raise DataError(f"{rec.location}: feature '{name}' must be a number, got {_short(v)}")
+            if not (isinstance(v, int) or math.isfinite(v)) or abs(v) > FEATURE_LIMIT:
+                raise DataError(
+                    f"{rec.location}: feature '{name}' is {_short(v)}; features must be finite with "
+                    f"|x| <= {FEATURE_LIMIT:g} (fix or drop the row, or rescale the column)"
+                )
             X[r, k] = v
         label = rec.fields.get(label_field)
         if label not in index:
             raise DataError(f"{rec.location}: label '{label_field}' is {label!r}, not one of {list(classes)}")
         y[r] = index[label]
-    ids = check_unique_ids([r.fields[id_field] for r in records], "data")
+    ids = check_unique_ids([r.fields[id_field] for r in records], "data", [r.location for r in records])
     previews = [
         f"{rec.fields[label_field]}: " + ", ".join(f"{n}={_fmt(rec.fields[n])}" for n in features)
         for rec in records
@@ -142,7 +188,7 @@ def label_classes(records: Sequence[Record], label_field: str) -> list[Any]:
     for rec in records:
         v = rec.fields.get(label_field)
         if v is None or isinstance(v, (bool, float, dict, list)):
-            raise DataError(f"{rec.location}: label '{label_field}' must be an int or str, got {v!r}")
+            raise DataError(f"{rec.location}: label '{label_field}' must be an int or str, got {_short(v)}")
         labels.add(v)
     if len({type(v) for v in labels}) > 1:
         raise DataError(f"labels in '{label_field}' mix int and str")
@@ -150,15 +196,19 @@ def label_classes(records: Sequence[Record], label_field: str) -> list[Any]:
 
 
 def standardize(train: ExampleSet, *others: ExampleSet) -> None:
-    """Scale float features in place with the training rows' NaN-aware mean and deviation."""
+    """Scale float features in place with the training rows' mean and deviation (the values
+    are finite and bounded, :data:`FEATURE_LIMIT`, so the statistics are too)."""
     X = train.inputs.numpy()
-    with np.errstate(all="ignore"):
-        mean = np.nanmean(X, axis=0)
-        std = np.nanstd(X, axis=0)
-    mean = np.where(np.isfinite(mean), mean, 0.0)
-    std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
+    mean = X.mean(axis=0)
+    std = X.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
     for s in (train, *others):
         s.inputs = ((s.inputs - torch.from_numpy(mean)) / torch.from_numpy(std)).to(torch.float32)
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _source(rec: Record, field: str) -> str | None:
@@ -172,19 +222,21 @@ def _fmt(v: Any) -> str:
 
 def read_id_list(path: str | Path) -> list[Any]:
     """Ids from a ``.parquet`` file (column ``id``) or a ``.txt`` file (one per line)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"id list {path} does not exist")
+    path = _data_file(Path(path), "id list")
     if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"{path} is not a readable Parquet file ({' '.join(str(exc).split())[:160]})") from None
         if "id" not in table.column_names:
             raise DataError(f"{path}: no 'id' column")
         return table.column("id").to_pylist()
     if path.suffix.lower() == ".txt":
         out: list[Any] = []
-        for line in path.read_text().splitlines():
+        for line in _read_text(path).splitlines():
             line = line.strip()
             if line:
                 out.append(int(line) if line.lstrip("-").isdigit() else line)

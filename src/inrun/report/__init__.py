@@ -17,15 +17,19 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..ledger import atomic_write
-from ..rundir import CONFIG_FILE, REPORT_FILE, RunDir
+from ..rundir import REPORT_FILE, RunDir
+from ..storage import IntegrityError, read_json
 from ..summary import NO_SOURCE, summarize, value_frame
 from . import plots
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PLOT_IDS", "build_report"]
 
@@ -95,7 +99,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
             f"The same config retrained on the {result['kept']:,} kept examples and on a random "
             f"subset of the same size (same seed and steps); the original run for reference.",
         )
-    config_text = rd.file(CONFIG_FILE).read_text() if rd.file(CONFIG_FILE).exists() else json.dumps(meta.get("config"), indent=2)
+    config_text = _config_text(meta)
     page = _page(rd, meta, summary, figures, curation, config_text)
     path = Path(out) if out is not None else rd.file(REPORT_FILE)
     atomic_write(path, lambda p: Path(p).write_text(page, encoding="utf-8"))
@@ -103,13 +107,23 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
 
 
 # -- data preparation -----------------------------------------------------------------------------
+def _config_text(meta: dict[str, Any]) -> str:
+    """The run's config as TOML, from run.json (checked), not from the editable config.toml."""
+    from ..config import ConfigError, RunConfig
+
+    try:
+        return RunConfig.from_dict(meta.get("config", {})).to_toml()
+    except ConfigError:
+        return json.dumps(meta.get("config"), indent=2)
+
+
 def _trace(rd: RunDir, frame: Any) -> Any:
     import pandas as pd
 
-    path = rd.file("trace.parquet")
-    if not path.exists():
+    columns = rd.ledger().trace()  # verified against ledger.json, part by part
+    if columns is None:
         return None
-    trace = pd.read_parquet(path)
+    trace = pd.DataFrame(columns)
     trace["value"] = trace["first_order"] + trace["second_order"]
     sources = dict(zip(frame["id"], frame["source"]))
     trace["source"] = trace["id"].map(sources).fillna(NO_SOURCE)
@@ -160,7 +174,11 @@ def _curation_key(result: dict[str, Any]) -> str:
 def _curations(rd: RunDir) -> list[dict[str, Any]]:
     out = []
     for path in sorted(rd.path.glob("curate/*/curation.json")):
-        result = json.loads(path.read_text())
+        try:
+            result = read_json(path, "curation results", require_checksum=False)
+        except IntegrityError as exc:  # a side result: the report goes on without it
+            logger.warning("left out of the report: %s", exc)
+            continue
         if result.get("curves"):
             out.append(result)
     return out
