@@ -86,7 +86,7 @@ class ConsistencyCheck:
             ours, spread = self.ddp.sum_over_ranks(torch.stack([ours, spread]))
         return ours, theirs, scale + spread
 
-    def finalize(self, window: Window, first: Tensor, second: Tensor | None, lr: float) -> None:
+    def finalize(self, window: Window, first: Tensor, second: Tensor | None, lr: list[float]) -> None:
         """One host transfer per step: values, and the flags that say whether to keep them.
         Leaves the window valued or skipped, or raises."""
         parts = [first, second, *(window.check_terms or ()), torch.isfinite(window.exit_norms).all()]

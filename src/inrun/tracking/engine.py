@@ -233,7 +233,7 @@ class StepEngine:
                 # DDP averages over ranks: each rank's example adds g_z / W to the update.
                 ratio = ratio / self.ddp.world_size
         first, second = self.rule.at_step(window, grads, ratio)
-        self.check.finalize(window, first, second, lr=float(self.optimizer.param_groups[0]["lr"]))
+        self.check.finalize(window, first, second, lr=self.table.learning_rates(self.optimizer))
 
     def post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.validation.parameters_changed()  # any cached validation gradient is stale
