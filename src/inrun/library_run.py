@@ -234,6 +234,8 @@ class RunWriter:
         restored: for loops that restore the tracker from checkpoints of their own (the
             Trainer): the tracker already holds the restored ledger and step count, and these are
             the curves up to then; the run directory continues from there.
+        at_step: resume from the checkpoint of exactly this step (the loop's own checkpoint
+            says which; later ones are discarded); refused when it is missing or damaged.
 
     Example:
         >>> with RunWriter("runs/mine", tracker, examples=table) as run:    # doctest: +SKIP
@@ -263,6 +265,7 @@ class RunWriter:
         description: str = "",
         metadata: Mapping[str, Any] | None = None,
         restored: Metrics | None = None,
+        at_step: int | None = None,
     ) -> None:
         if kind not in KINDS[1:]:
             raise ValueError(f"kind={kind!r} must be one of {KINDS[1:]}")
@@ -283,6 +286,7 @@ class RunWriter:
         self.info: dict[str, Any] = {}  # more facts for tracker.json (the integrations' settings)
         self.start_step = 0
         self._external = restored
+        self._at_step = at_step
         self.resumed = False
         self._rows: dict[int, list[float]] = {}  # step -> [train_loss, lr, val_loss]
         self._t0 = time.perf_counter()
@@ -384,7 +388,15 @@ class RunWriter:
             self.rd.save_results(self.tracker.ledger, self._metrics(), prune_trace=True)
             rd.write_status("running", self.start_step, self.total_steps or 0)
             return
-        restored = rd.restore(torch.device("cpu"), values=True)
+        restored = rd.restore(torch.device("cpu"), max_step=self._at_step, values=True)
+        if self._at_step is not None and restored.step != self._at_step:
+            raise RunDirError(
+                f"cannot resume {rd.path} at step {self._at_step}: it has no intact checkpoint of that step "
+                f"(the newest before it is step {restored.step}), so its values cannot be restored exactly. "
+                "Resume from the checkpoint of a step it has, or start a new run in another directory"
+            )
+        if self._at_step is not None:
+            rd.discard_checkpoints_after(self._at_step)
         for name, why in restored.skipped:
             logger.warning("skipped damaged checkpoint %s (%s); it was moved aside as damaged-%s", name, why, name)
         self.resumed = True

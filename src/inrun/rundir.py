@@ -513,6 +513,9 @@ class RunDir:
         with self.reading():
             if not self.legacy and not self.file(MANIFEST_FILE).exists():
                 path = self.file(EXAMPLES_FILE)
+            elif (not self.legacy and not self.file(EXAMPLES_FILE).exists()
+                  and EXAMPLES_FILE not in self._manifest()["files"]):
+                path = self.file(EXAMPLES_FILE)  # a run of another loop whose examples were not described
             else:
                 path = self._verified(EXAMPLES_FILE)
             if not path.exists():
