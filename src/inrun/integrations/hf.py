@@ -182,7 +182,7 @@ class InRunTrainer(Trainer):
     # ------------------------------------------------------------------ Trainer overrides
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if self.inrun_args.id_column not in self._signature_columns:
+        if self.inrun_args.id_column not in self._signature_columns and not getattr(self, "_inrun_hide_id", False):
             self._signature_columns.append(self.inrun_args.id_column)
 
     def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
@@ -194,11 +194,11 @@ class InRunTrainer(Trainer):
             model_columns = [c for c in self._signature_columns if c != column]
             if not any(c in dataset.column_names for c in model_columns):
                 kept = self._signature_columns
-                self._signature_columns = model_columns
+                self._signature_columns, self._inrun_hide_id = model_columns, True
                 try:
                     return super()._remove_unused_columns(dataset, description)  # raises its ValueError
                 finally:
-                    self._signature_columns = kept
+                    self._signature_columns, self._inrun_hide_id = kept, False
         return super()._remove_unused_columns(dataset, description)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
