@@ -116,14 +116,12 @@ def test_repeated_ids_in_a_step_are_refused() -> None:
     model, opt = tiny()
     tracker = InRunShapley(model, opt, val_loss=per_example_val)
     x, y = torch.randn(3, 5, dtype=torch.float64), torch.tensor([0, 1, 2])
-    with pytest.raises(BatchMismatchError, match="'a' appears twice in this batch"):
-        with tracker.step(["a", "b", "a"]):
-            pass
+    with pytest.raises(BatchMismatchError, match="'a' appears twice in this batch"), tracker.step(["a", "b", "a"]):
+        pass
     with tracker.step(["a", "b", "c"]):  # a micro-batch, then the same id in the next one
         F.cross_entropy(model(x), y).backward()
-    with pytest.raises(BatchMismatchError, match="'c' appears twice in this optimizer step"):
-        with tracker.step(["c", "d", "e"]):
-            F.cross_entropy(model(x), y).backward()
+    with pytest.raises(BatchMismatchError, match="'c' appears twice in this optimizer step"), tracker.step(["c", "d", "e"]):
+        F.cross_entropy(model(x), y).backward()
 
 
 def test_torch_compile_is_refused_with_what_to_do() -> None:
