@@ -204,6 +204,7 @@ th,td{border-bottom:1px solid #eee;padding:4px 8px;text-align:left;vertical-alig
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 pre{margin:0;font-size:11px;line-height:1.25;white-space:pre-wrap;word-break:break-all;max-height:12.5em;overflow:hidden}
 .pos{color:#1e7a46}.neg{color:#b3263a}
+.warn{background:#fff4e0;border-left:4px solid #e0a030;padding:6px 10px;font-size:13px}
 details pre{max-height:none;background:#f6f6f6;padding:8px}
 .cols{display:grid;grid-template-columns:1fr 1fr;gap:16px}
 @media (max-width:900px){.cols{grid-template-columns:1fr}}
@@ -251,6 +252,8 @@ def _page(
         f'run created {e(str(meta.get("created", "")))}.</div>',
         '<div class="cards">' + "".join(f"<div class=card><b>{e(v)}</b><span>{e(k)}</span></div>" for v, k in cards) + "</div>",
     ]
+    for warning in summary.get("warnings", []):
+        parts.append(f'<p class="warn" id="warning-length"><b>Warning:</b> {e(warning)}</p>')
     parts += _figure_html("distribution", figures)
     parts.append('<h2>Most helpful and most harmful examples</h2><div class="cols">')
     parts.append("<div><h3>Most helpful</h3>" + _examples_table(summary["most_helpful"]) + "</div>")
