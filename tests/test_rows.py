@@ -246,3 +246,19 @@ def test_a_model_changed_after_the_tracker_was_made_is_refused(change: str) -> N
         model[0].bias.requires_grad_(True)
     with pytest.raises(UnsupportedModuleError, match="changed after the tracker was made"), tracker.step(range(4)):
         F.cross_entropy(model(torch.randn(4, 5)), torch.zeros(4, dtype=torch.long)).backward()
+
+
+def test_coverage_says_the_route_and_the_module_level_of_each_parameter() -> None:
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(4, 4, 5, dtype=torch.float64)
+    tracker = InRunShapley(model, opt, val_loss=lambda m: m(x).logsumexp(-1).mean())
+    with tracker.step(range(4)):
+        F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long)).backward()
+    opt.step()
+    rows = {n: (route, where) for n, route, where in tracker.coverage().per_parameter()}
+    assert set(rows) == {n for n, p in model.named_parameters()}
+    assert rows["lin.weight"] == ("fallback", "SequenceFirst (site)")
+    assert rows["l1.weight"] == ("vector:linear", "l1") and rows["head.bias"] == ("vector:linear", "head")
+    assert "lin.weight -> SequenceFirst (site)" in str(tracker.coverage())

@@ -90,6 +90,13 @@ def test_handler_dot_matches_torch_func(case: LayerRow, K: int) -> None:
         got = handler.dot(module, saved, cotangent, vectors)
 
     per_example = oracle_per_example_grads(module, x, cotangent, case.layout)
+    if handler.multi_output:
+        # The fallback values a module's parameters jointly: one dot along all of them.
+        names = list(per_example)
+        assert set(got) == {names[0]}
+        joint = torch.cat([per_example[n].flatten(1) for n in names], dim=1)
+        u = torch.cat([vectors[n].flatten(1) for n in names], dim=1)
+        per_example, vectors, got = {names[0]: joint}, {names[0]: u}, {names[0]: got[names[0]]}
     assert set(got) == set(per_example)
     for name, g in per_example.items():
         expected = g.flatten(1) @ vectors[name].flatten(1).T  # [B, K]

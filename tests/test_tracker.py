@@ -464,3 +464,23 @@ def test_skip_step_records_the_reason_and_consumes_the_step(setup) -> None:
     assert tracker.ledger.skipped == [{"step": 0, "reason": "loss spike"}]
     assert set(tracker.values()) == set(range(6, 12))
     assert tracker.step_count == 2
+
+
+def test_the_trace_keeps_every_parameter_groups_learning_rate(tmp_path) -> None:
+    from inrun import ValueLedger
+
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2:].parameters(), "lr": 0.03}])
+    xv, yv = torch.randn(4, 10), torch.randint(0, 3, (4,))
+    tracker = InRunShapley(model, opt, val_loss=lambda m: F.cross_entropy(m(xv), yv), keep_trace=True)
+    for step in range(2):
+        with tracker.step(range(step * 3, step * 3 + 3)):
+            F.cross_entropy(model(torch.randn(3, 10)), torch.randint(0, 3, (3,))).backward()
+        opt.step()
+        opt.zero_grad()
+        opt.param_groups[1]["lr"] = 0.01
+    assert tracker.ledger.group_lrs == {0: [0.1, 0.03], 1: [0.1, 0.01]}
+    assert set(tracker.ledger.trace()["lr"]) == {0.1}
+    tracker.ledger.save(tmp_path)
+    assert ValueLedger.load(tmp_path).group_lrs == {0: [0.1, 0.03], 1: [0.1, 0.01]}

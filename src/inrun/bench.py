@@ -12,9 +12,12 @@ training over training's own, counted from the shapes of the linear layers (the 
 work; attention scores and elementwise ops are not counted, so a measured ratio can sit a
 little below its floor). docs/performance.md explains the counts.
 
-Workloads (the issue's): R = GPT-2 n_layer=4, n_embd=256, n_head=4, vocab 4096, 16 x 128 tokens,
-1 validation sequence; S = GPT-2 n_layer=2, n_embd=768, vocab 4096, 8 x 256 tokens, 1 validation
-sequence of 128 tokens; M = MLP 784-512-512-10, batch 256, 256 validation rows. GPT-2 uses eager
+Workloads: R = GPT-2 n_layer=4, n_embd=256, n_head=4, vocab 4096, 16 x 128 tokens, 1 validation
+sequence; S = GPT-2 n_layer=2, n_embd=768, vocab 4096, 8 x 256 tokens, 1 validation sequence of
+128 tokens; M = MLP 784-512-512-10, batch 256, 32 validation rows; E = Mixtral 2x256 with 8 experts
+(top-2), 8 x 128 tokens; T = ``nn.TransformerEncoder`` 4x256 LM (its attention valued by the
+fallback), 16 x 128 tokens. A method that cannot run on a workload (per-example ``vmap`` over
+data-dependent expert routing) is listed with the reason. GPT-2 uses eager
 attention in every method (the Hessian variant needs a double backward, which CPU SDPA lacks).
 
 Usage: ``inrun bench`` or ``python benchmarks/overhead.py`` [--workloads R,S,M] [--steps 24]
@@ -116,10 +119,93 @@ def mlp_workload() -> Workload:
     )
 
 
+def lm_batches(vocab: int, batch: int, seq: int, val_seq: int) -> tuple[list[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, vocab, (batch, seq), generator=g),) for _ in range(4)]
+    return batches, (torch.randint(0, vocab, (1, val_seq), generator=g),)
+
+
+def moe_workload() -> Workload:
+    """Mixtral, 8 experts of which 2 per token (transformers' experts: 3-D parameters, routed rows)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    vocab, d, inter, n_layer, batch, seq = 4096, 256, 512, 2, 8, 128
+    cfg = MixtralConfig(
+        hidden_size=d, intermediate_size=inter, num_hidden_layers=n_layer, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=seq, num_local_experts=8,
+        num_experts_per_tok=2, attention_dropout=0.0, attn_implementation="eager",
+    )
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(0)
+        return MixtralForCausalLM(cfg)
+
+    batches, val = lm_batches(vocab, batch, seq, seq)
+
+    def loss(m: nn.Module, b: tuple) -> torch.Tensor:
+        return m(input_ids=b[0], labels=b[0]).loss
+
+    def example_loss(f: Callable, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+        logits = f(input_ids=ids).logits
+        return F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum") / (batch_size * (seq - 1))
+
+    # attention q, k, v, o; the router; the experts (2 of 8 per token: gate-up and down); the LM head
+    linears = [(d, d, True), (d, d // 2, True), (d, d // 2, True), (d, d, True), (d, 8, True),
+               (d, 2 * 2 * inter, False), (2 * inter, 2 * d, False)] * n_layer + [(d, vocab, True)]
+    return Workload(
+        "E", make_model, batches, val, loss, example_loss, lambda m: loss(m, val), seq, seq, notes=(
+            f"Mixtral {n_layer}x{d}, 8 experts top-2 (intermediate {inter}), vocab {vocab}, {batch}x{seq}, "
+            f"1 val x {seq}"), linears=linears,
+    )
+
+
+class EncoderLM(nn.Module):
+    """Token embedding -> ``nn.TransformerEncoder`` (causal mask) -> LM head."""
+
+    def __init__(self, vocab: int, d: int, n_layer: int, heads: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
+        self.body = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        T = input_ids.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=input_ids.device)
+        return self.head(self.body(self.emb(input_ids), mask=mask, is_causal=True))
+
+
+def encoder_workload() -> Workload:
+    vocab, d, n_layer, heads, batch, seq = 4096, 256, 4, 4, 16, 128
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(0)
+        return EncoderLM(vocab, d, n_layer, heads)
+
+    batches, val = lm_batches(vocab, batch, seq, seq)
+
+    def loss(m: nn.Module, b: tuple) -> torch.Tensor:
+        logits = m(b[0])
+        return F.cross_entropy(logits[:, :-1].reshape(-1, vocab), b[0][:, 1:].reshape(-1))
+
+    def example_loss(f: Callable, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+        logits = f(ids)
+        return F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum") / (batch_size * (seq - 1))
+
+    # MultiheadAttention (in_proj, out_proj: valued by the fallback), the MLP, the LM head
+    linears = [(d, 3 * d, False), (d, d, False), (d, 4 * d, True), (4 * d, d, True)] * n_layer + [(d, vocab, True)]
+    return Workload(
+        "T", make_model, batches, val, loss, example_loss, lambda m: loss(m, val), seq, seq,
+        notes=f"nn.TransformerEncoder {n_layer}x{d}, vocab {vocab}, {batch}x{seq}, 1 val x {seq}", linears=linears,
+    )
+
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "R": lambda: gpt2_workload("R", 4, 256, 4, 16, 128, 128),
     "S": lambda: gpt2_workload("S", 2, 768, 12, 8, 256, 128),
     "M": mlp_workload,
+    "E": moe_workload,
+    "T": encoder_workload,
 }
 
 
@@ -274,10 +360,14 @@ def time_methods(w: Workload, names: list[str], steps: int, warmup: int, rounds:
         methods[n].step(batch, ids)
         return time.perf_counter() - start
 
-    for n in names:
-        for _ in range(warmup):
-            run(n)
     times: dict[str, list[float]] = {n: [] for n in names}
+    for n in list(names):
+        try:
+            for _ in range(warmup):
+                run(n)
+        except Exception as exc:
+            FAILURES[(w.name, n)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            names = [m for m in names if m != n]
     per_round = max(1, steps // rounds)
     for r in range(rounds):
         order = names if r % 2 == 0 else list(reversed(names))
@@ -286,6 +376,10 @@ def time_methods(w: Workload, names: list[str], steps: int, warmup: int, rounds:
                 times[n].append(run(n))
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     return times
+
+
+FAILURES: dict[tuple[str, str], str] = {}
+"""(workload, method) -> why the method could not run there (e.g. vmap on data-dependent routing)."""
 
 
 def _status_kib(field: str) -> int:
@@ -325,6 +419,8 @@ def measure_memory(workload: str, names: list[str]) -> dict[str, float]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = {}
     for n in names:
+        if (workload, n) in FAILURES:
+            continue
         res = subprocess.run(
             [sys.executable, "-m", "inrun.bench", "--memory-probe", workload, n],
             capture_output=True, text=True, check=True, env=env,
@@ -371,6 +467,9 @@ def run(args: argparse.Namespace) -> int:
         print("| method | median step (ms) | time ratio | FLOP floor | peak memory (MiB) | memory ratio |")
         print("|---|---:|---:|---:|---:|---:|")
         for n in names:
+            if (wname, n) in FAILURES:
+                print(f"| {n} | cannot run: {FAILURES[(wname, n)]} | | | | |")
+                continue
             base = BASELINE_OF.get(n, "plain")
             med = statistics.median(times[n])
             ratio = med / statistics.median(times[base]) if base in times else float("nan")

@@ -205,6 +205,9 @@ def inspect_config(config: Any, batch_size: int | None = None, order: int | None
             continue
         full = [f"{name}.{n}" if name else n for n, _ in own]
         routes = sorted({route_of.get(f, "not reached") for f in full})
+        sites = sorted({m for f in full for m in coverage.valued_at.get(f, []) if m.endswith("(site)")})
+        if sites:
+            routes = [f"{'+'.join(routes)} at {', '.join(sites)}"]
         d_in, d_out, tokens = shapes.get(name, (0, 0, 1))
         modules.append(ModuleInfo(name or type(module).__name__, type(module).__name__, "+".join(routes),
                                   [n for n, _ in own], sum(p.numel() for _, p in own), d_in, d_out, tokens))

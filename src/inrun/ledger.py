@@ -294,6 +294,9 @@ class ValueLedger:
         self._undo: dict[str, Any] | None = None
         self.skipped: list[dict[str, Any]] = []
         self.steps = 0
+        self.group_lrs: dict[int, list[float]] = {}
+        """Step -> the learning rate of every parameter group, for optimizers with several groups
+        (the trace's ``lr`` column is the first group's)."""
 
     # -- accumulation -------------------------------------------------------------------------
     def _rows(self, ids: Sequence[Id]) -> np.ndarray:
@@ -330,7 +333,7 @@ class ValueLedger:
         ids: Sequence[Id],
         first_order: np.ndarray,
         second_order: np.ndarray | None = None,
-        lr: float | None = None,
+        lr: float | Sequence[float] | None = None,
     ) -> None:
         """Add one step's values.
 
@@ -339,8 +342,14 @@ class ValueLedger:
             ids: one id per row.
             first_order: ``[B, K]`` first-order values per validation column (``K = 1``: summed).
             second_order: ``[B, K]`` second-order corrections, or ``None``.
-            lr: the step's (first group's) learning rate, for the trace.
+            lr: the step's learning rate, or one per parameter group (the trace's ``lr`` column
+                has the first; with several, all are kept in :attr:`group_lrs`).
         """
+        if lr is not None and not isinstance(lr, (int, float)):
+            lrs = [float(x) for x in lr]
+            if len(lrs) > 1 and self.keep_trace:
+                self.group_lrs[int(step)] = lrs
+            lr = lrs[0] if lrs else None
         first = np.asarray(first_order, dtype=np.float64)
         second = (
             np.zeros_like(first) if second_order is None else np.asarray(second_order, np.float64)
@@ -444,6 +453,8 @@ class ValueLedger:
         del self._parts[undo["parts"]:]  # (parts are never sealed while a mark is held)
         del self.skipped[undo["skipped"]:]
         self.steps = undo["steps"]
+        for step in [s for s in self.group_lrs if s >= self.steps]:
+            del self.group_lrs[step]
 
     # -- reading ------------------------------------------------------------------------------
     def trace_part_names(self) -> list[str]:
@@ -516,6 +527,7 @@ class ValueLedger:
             "skipped": list(self.skipped),
             "steps": self.steps,
             "keep_trace": self.keep_trace,
+            "group_lrs": dict(self.group_lrs),
         }
 
     @classmethod
@@ -550,6 +562,7 @@ class ValueLedger:
         self.validation_names = state.get("validation_names")
         self.skipped = list(state.get("skipped", []))
         self.steps = int(state.get("steps", 0))
+        self.group_lrs = {int(k): [float(x) for x in v] for k, v in (state.get("group_lrs") or {}).items()}
 
     def _pending_table(self) -> tuple[Any, int, int]:
         import pyarrow as pa
@@ -646,6 +659,8 @@ class ValueLedger:
             "files": files,
             "trace": parts,
         }
+        if self.group_lrs:
+            meta["group_lrs"] = {str(k): v for k, v in sorted(self.group_lrs.items())}
         if fsync and (directory / TRACE_DIR).is_dir():
             fsync_dir(directory / TRACE_DIR)
         write_json(directory / LEDGER_META_FILE, meta, fsync=fsync)  # (and the directory)
@@ -698,6 +713,7 @@ class ValueLedger:
             "validation_names": meta.get("validation_names"),
             "skipped": meta.get("skipped", []),
             "steps": meta.get("steps", 0),
+            "group_lrs": meta.get("group_lrs"),
         }
         if meta.get("has_per_validation"):
             pv = _read_table(directory / PER_VALIDATION_FILE).to_pydict()

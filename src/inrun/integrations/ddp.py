@@ -187,6 +187,7 @@ def merge_states(states: Sequence[dict[str, Any]]) -> ValueLedger:
             "skipped": _merge_skipped([st.get("skipped", []) for st in states]),
             "steps": max(int(st.get("steps", 0)) for st in states),
             "keep_trace": keep_trace,
+            "group_lrs": {k: v for st in states for k, v in (st.get("group_lrs") or {}).items()},
         }
     )
 

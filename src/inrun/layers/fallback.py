@@ -3,13 +3,16 @@
 For parameters ``θ_M`` of a module and a direction ``u``, ``<g_z, u> = d/dε L_z(θ + εu)``, and by
 the chain rule that is the forward-mode derivative of the module's outputs along ``u`` (a JVP),
 contracted per example with the gradient the backward sent to those outputs:
-``<g_z, u> = Σ_{outputs o} Σ_{rows of z} (∂L/∂o) ⊙ (J_o u)``. One JVP per parameter and vector
+``<g_z, u> = Σ_{outputs o} Σ_{rows of z} (∂L/∂o) ⊙ (J_o u)``. One JVP per contraction vector
 re-runs the module's forward on the inputs it was called with (the same random numbers, its
 buffers copied so running statistics are not touched): no per-example loop, no per-example
 gradient in memory, any output structure (tuples, dicts) and any computation inside (routing,
-slicing, attention across the positions of one example).
+slicing, attention across the positions of one example). Its cost is about three forwards of
+the module per contraction.
 
-It values a module's own parameters (an unknown module), and, as a *site*, the parameters of
+A module's parameters are valued *jointly*: one JVP along all of them, the tracker giving each its
+step's weight (learning rate, Adam's slope) in the direction, and checking the module as one
+group. It values a module's own parameters (an unknown module), and, as a *site*, the parameters of
 modules inside it whose own calls do not carry the batch (flattened or routed rows that are not
 contiguous per example, broadcast tables whose consumer is not a broadcast, a weight used outside
 its module's forward): those are valued where the batch is visible again.
@@ -77,37 +80,41 @@ class JVPHandler(LayerHandler):
     def dot(
         self, module: nn.Module, saved: CallRecord, grad_out: Sequence[Tensor | None], vectors: Mapping[str, Tensor],
     ) -> dict[str, Tensor]:
+        """``{first name: [B, K]}``: the dots of all the given parameters *together*, one JVP per
+        column along all of them at once (a module's parameters are valued jointly; the tracker
+        weights the vectors by each parameter's step before it calls this, and checks the module
+        as one group)."""
         args, kwargs = tree_unflatten(saved.leaves, saved.spec)
         current = saved.state if saved.state is not None else _detached(module)
         buffers = {n for n, _ in module.named_buffers()}
         tied = _tied_names(module)
-        out: dict[str, Tensor] = {}
-        for name, U in vectors.items():
-            primal = {name: current[name]}
-            # One name per tied tensor: functional_call ties the others to it (the tangent's
-            # other names take the dual that way).
-            rest = {n: (t.clone() if n in buffers else t) for n, t in current.items()
-                    if n not in tied.get(name, {name}) and n == min(tied.get(n, {n}))}
+        names = list(vectors)
+        along = {n for name in names for n in tied.get(name, {name})}
+        primal = {n: current[n] for n in names}
+        # One name per tied tensor: functional_call ties the others to it (the tangents' other
+        # names take the dual that way).
+        rest = {n: (t.clone() if n in buffers else t) for n, t in current.items()
+                if n not in along and n == min(tied.get(n, {n}))}
+        tangents = {n: _without_padding_rows(module, tied.get(n, {n}), vectors[n]) for n in names}
 
-            def f(p: dict[str, Tensor], rest: dict[str, Tensor] = rest) -> tuple[Tensor, ...]:
-                leaves = tree_flatten(functional_call(module, {**rest, **p}, args, kwargs, strict=False))[0]
-                return tuple(leaves[i] for i in saved.outputs)
+        def f(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
+            leaves = tree_flatten(functional_call(module, {**rest, **p}, args, kwargs, strict=False))[0]
+            return tuple(leaves[i] for i in saved.outputs)
 
-            U = _without_padding_rows(module, tied.get(name, {name}), U)
-            cols = []
-            for k in range(U.shape[0]):
-                with _replaying(saved.rng):
-                    try:
-                        _, tangent_out = jvp(f, (primal,), ({name: U[k].to(primal[name].dtype)},))
-                    except (NotImplementedError, RuntimeError) as exc:
-                        raise UnsupportedModuleError(
-                            f"the fallback could not take the forward-mode derivative of "
-                            f"{type(module).__name__} for {name} ({str(exc).splitlines()[0]}). Register a "
-                            "handler for it with inrun.layers.register_handler, or freeze the parameter."
-                        ) from exc
-                cols.append(contract_outputs(tangent_out, grad_out, saved.rows, U))
-            out[name] = torch.stack(cols, dim=1)
-        return out
+        like = next(iter(vectors.values()))
+        cols = []
+        for k in range(like.shape[0]):
+            with _replaying(saved.rng):
+                try:
+                    _, tangent_out = jvp(f, (primal,), ({n: tangents[n][k].to(primal[n].dtype) for n in names},))
+                except (NotImplementedError, RuntimeError) as exc:
+                    raise UnsupportedModuleError(
+                        f"the fallback could not take the forward-mode derivative of "
+                        f"{type(module).__name__} ({str(exc).splitlines()[0]}). Register a handler for it "
+                        "with inrun.layers.register_handler, or freeze its parameters."
+                    ) from exc
+            cols.append(contract_outputs(tangent_out, grad_out, saved.rows, like))
+        return {names[0]: torch.stack(cols, dim=1)}
 
 
 def contract_outputs(

@@ -38,6 +38,19 @@ def column_sum(v: Tensor) -> Tensor:
 class ConsistencyCheck:
     def __init__(self, config: TrackerConfig, table: ParamTable, ddp: DDPSync | None) -> None:
         self.config, self.table, self.ddp = config, table, ddp
+        self.groups: list[list[int]] = []
+        """Rows valued jointly: compared as one (their sums in the first row)."""
+
+    def grouped(self, *vectors: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per-parameter check vectors with each joint group summed into its first row."""
+        out = []
+        for v in vectors:
+            v = v.copy()
+            for g in self.groups:
+                v[g[0]] = v[g].sum()
+                v[g[1:]] = 0
+            out.append(v)
+        return tuple(out)
 
     def terms(
         self, dots: Sequence[Tensor], grads: Sequence[Tensor | None], weights: Sequence[Tensor | None],
@@ -73,7 +86,7 @@ class ConsistencyCheck:
             ours, spread = self.ddp.sum_over_ranks(torch.stack([ours, spread]))
         return ours, theirs, scale + spread
 
-    def finalize(self, window: Window, first: Tensor, second: Tensor | None, lr: float) -> None:
+    def finalize(self, window: Window, first: Tensor, second: Tensor | None, lr: list[float]) -> None:
         """One host transfer per step: values, and the flags that say whether to keep them.
         Leaves the window valued or skipped, or raises."""
         parts = [first, second, *(window.check_terms or ()), torch.isfinite(window.exit_norms).all()]
@@ -88,7 +101,7 @@ class ConsistencyCheck:
             host.append(pieces.pop(0))
         norms_finite = bool(pieces.pop())
         if window.check_terms is not None:
-            ours, theirs, scale = pieces
+            ours, theirs, scale = self.grouped(*pieces)
             low = any(mb.low_precision for mb in window.micro)
             rtol = self.config.check_tolerance(torch.bfloat16 if low else self.table.dtype)
             # A parameter whose gradient is zero in exact arithmetic (a key bias under softmax, a

@@ -38,7 +38,7 @@ from .entries import Entry, build_entries
 from .params import ParamTable
 from .plan import RowVerifier
 from .replay import RootCalls
-from .routes import RoutePolicy, check_versions, contract_call, route_label
+from .routes import RoutePolicy, contract_call, route_label
 from .rules import make_value_rule
 from .state import Capture, MicroBatch, Plan, StepLog, Window
 from .validation import Validation, ValidationPass
@@ -75,6 +75,7 @@ class StepEngine:
             self.module, self.table, self.entries, self.hooks, val_loss, config, self.update, self.policy,
         )
         self.check = ConsistencyCheck(config, self.table, self.ddp)
+        self.check.groups = self.joint_groups()
         self.rule = make_value_rule(config, self.update, self.table, self.validation, self.check, self.ddp)
         self.log = StepLog(ledger)
         self.enabled = True
@@ -147,8 +148,7 @@ class StepEngine:
             except BaseException:
                 window.doomed = "the row verification refused the model"
                 raise
-        else:
-            self.late_dots(mb)
+            self.check.groups = self.joint_groups()
         val = self.validation.current
         if mb.dots is None:
             mb.dots = self.zero_dots(mb, self.table.device)
@@ -175,25 +175,19 @@ class StepEngine:
         else:
             cap.saved = None
 
-    def late_dots(self, mb: MicroBatch) -> None:
-        """Immediate rules: the dots of calls whose handler needs every output's gradient (the
-        fallback), now that the backward is complete; their inputs are kept only if the rule
-        keeps factors."""
-        if not self.rule.immediate:
-            return
-        val = self.validation.current
-        kept = []
-        with self.hooks.paused(), torch.no_grad():
-            for cap in mb.captures:
-                e = cap.entry
-                if e.handler.multi_output and cap.fired:
-                    check_versions(cap)
-                    e.route = route_label(e, False)
-                    vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
-                    self._add_dots(mb, e, contract_call(e, cap.saved, cap.grad, vectors, None, cap.rows))
-                if self.rule.keeps_factors or not e.handler.multi_output:
-                    kept.append(cap)
-        mb.captures = kept
+    def joint_groups(self) -> list[list[int]]:
+        """Parameter rows valued together (the fallback values a module's parameters jointly):
+        the per-step check and the row verification judge each group as one. Groups that share
+        a row (a tied parameter) are merged."""
+        groups: list[set[int]] = []
+        for e in self.entries:
+            if e.active and e.handler.multi_output and len(e.param_index) > 1:
+                rows = set(e.param_index)
+                for g in [g for g in groups if g & rows]:
+                    rows |= g
+                    groups.remove(g)
+                groups.append(rows)
+        return [sorted(g) for g in groups]
 
     def zero_dots(self, mb: MicroBatch, device: torch.device) -> Tensor:
         columns = self.validation.current.columns
@@ -239,7 +233,7 @@ class StepEngine:
                 # DDP averages over ranks: each rank's example adds g_z / W to the update.
                 ratio = ratio / self.ddp.world_size
         first, second = self.rule.at_step(window, grads, ratio)
-        self.check.finalize(window, first, second, lr=float(self.optimizer.param_groups[0]["lr"]))
+        self.check.finalize(window, first, second, lr=self.table.learning_rates(self.optimizer))
 
     def post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.validation.parameters_changed()  # any cached validation gradient is stale

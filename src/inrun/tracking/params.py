@@ -109,3 +109,8 @@ class ParamTable:
                 len(missing),
                 ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
             )
+
+    @staticmethod
+    def learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
+        """The learning rate of every parameter group, in the optimizer's order."""
+        return [float(g["lr"]) for g in optimizer.param_groups]

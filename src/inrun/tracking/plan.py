@@ -77,9 +77,7 @@ class RowVerifier:
             )
         kept = [t for c in calls for t in (*c.outputs, *(g for g in c.grads if g is not None))]
         if not all(bool(torch.isfinite(t).all()) for t in kept):
-            # Not a step to prove anything on: its values are refused or skipped at the step.
-            engine.late_dots(mb)
-            return mb
+            return mb  # not a step to prove anything on: its values are refused or skipped at the step
         if not engine.plan.interactions_tested and mb.size > 1:
             engine.plan.interactions_tested = self._refuse_interactions(calls[0])
         history: list[str] = []
@@ -87,6 +85,8 @@ class RowVerifier:
             replayed, moves = self._round(mb, calls)
             if not moves:
                 engine.plan.verified.update(k for k in replayed.signature if k[1] is not None)
+                if not engine.rule.keeps_factors:  # the replay kept every layer's factors to verify
+                    replayed.captures = [c for c in replayed.captures if c.entry.handler.multi_output]
                 return replayed
             history += [f"{engine.entries[i].name}: {why}" for i, why in moves.items()]
             self._move(moves)
@@ -153,7 +153,6 @@ class RowVerifier:
         moves.update(self._uncalled(new, grads))
         if moves:
             return new, moves
-        engine.late_dots(new)
         if new.dots is None:
             new.dots = engine.zero_dots(new, engine.table.device)
         w = torch.randn(mb.size, generator=self.generator, dtype=torch.float64)
@@ -185,12 +184,12 @@ class RowVerifier:
     def _compare(self, new: MicroBatch, weighted: tuple[Tensor | None, ...], w: Tensor) -> dict[int, str]:
         engine = self.engine
         val = engine.validation.current
+        n = len(engine.table)
+        window = Window(step=-1, micro=[new])
         if engine.rule.immediate:
-            ghost = new.dots
+            ghost = new.dots + contract_window(window, n, val.grads, joint=True)
         else:
-            n = len(engine.table)
-            ghost = contract_window(Window(step=-1, micro=[new]), n, val.grads, gram=val.gram,
-                                    coef=torch.ones(n, dtype=torch.float64))
+            ghost = contract_window(window, n, val.grads, gram=val.gram, coef=torch.ones(n, dtype=torch.float64))
         ghost = ghost.sum(dim=2)  # [P, B]
         ours = (ghost * w.to(ghost)).sum(dim=1)
         spread = (ghost * w.to(ghost)).abs().sum(dim=1)
@@ -202,6 +201,11 @@ class RowVerifier:
             v = column_sum(val.grads[i]).to(torch.float64)
             theirs[i] = (g.to(torch.float64) * v).sum()
             scale[i] += g.to(torch.float64).norm() * v.norm()
+        groups = engine.joint_groups()
+        for g in groups:  # modules valued jointly are judged as one
+            for v in (ours, theirs, scale):
+                v[g[0]] = v[g].sum()
+                v[g[1:]] = 0
         rtol = engine.config.check_tolerance(engine.table.dtype)
         bad = (ours - theirs).abs() > rtol * (scale + STEP_FLOOR * scale.sum()) + 1e-300
         moves = {}

@@ -72,19 +72,21 @@ def check_versions(cap: Capture) -> None:
 
 def contract_window(
     window: Window, n_params: int, vectors: list[Tensor], gram: Mapping[int, GramFactors] | None = None,
-    coef: Tensor | None = None, record_route: bool = False,
+    coef: Tensor | None = None, record_route: bool = False, joint: bool | None = None,
 ) -> Tensor:
     """``[P, B, K]`` dots of the window's kept per-example factors with per-parameter vectors.
 
     With ``gram`` (validation factors by entry) and ``coef`` (``vectors[p] = coef[p] · g``), a
     layer with factors takes its weight's dots by the Gram route instead, times ``coef``.
+    ``joint``: only the calls of modules valued jointly (``True``), or only the others (``False``).
+    A jointly valued module's dots are in the row of its first parameter.
     """
     K = vectors[0].shape[0]
     parts = []
     for mb in window.micro:
         out = torch.zeros(n_params, mb.size, K, dtype=torch.float64, device=mb.dots.device)
         for cap in mb.captures:
-            if cap.grad is None:
+            if cap.grad is None or (joint is not None and cap.entry.handler.multi_output != joint):
                 continue
             check_versions(cap)
             e = cap.entry

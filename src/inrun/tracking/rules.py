@@ -57,7 +57,7 @@ class ValueRule:
             if self.update.elementwise:
                 first = self._first_order_elementwise(window, grads, ratio, val)
             else:
-                first = self._first_order_scalar(window, ratio)
+                first = self._first_order_scalar(window, grads, ratio, val)
         second = None
         if self.correction == "hessian":
             second = self._hessian(window, grads, val)
@@ -65,14 +65,31 @@ class ValueRule:
             window.base_values = first  # the data part's start: g_val at θ_t + f(0)
         return first, second
 
-    def _first_order_scalar(self, window: Window, ratio: Tensor) -> Tensor:
+    def _first_order_scalar(self, window: Window, grads: list[Tensor | None], ratio: Tensor, val: Validation) -> Tensor:
         window.rates = self.update.scalar_coefficients(self.table.params).to(ratio.device)
         window.coef = window.rates * ratio
         window.multipliers = list(window.coef)
         if self.ddp is not None and window.check_terms is not None:
             # the check's terms become the group's: one all-reduce per step
             window.check_terms = self.ddp.reduce_check_terms(window.check_terms)
-        return shapley.first_order(window.coef, window.dots())
+        first = shapley.first_order(window.coef, window.dots())
+        if not self.check.groups and not any(c.entry.handler.multi_output for mb in window.micro for c in mb.captures):
+            return first
+        # Modules valued jointly (the fallback) are contracted now, along each parameter's step.
+        weighted = shapley.weighted(window.multipliers, val.grads)
+        joint = contract_window(window, len(self.table), weighted, joint=True, record_route=True)
+        if window.check_terms is not None:
+            rows = sorted({i for mb in window.micro for c in mb.captures if c.entry.handler.multi_output
+                           for i in c.entry.param_index})
+            weights = [m.to(v.dtype) * column_sum(v) if i in rows else None
+                       for i, (m, v) in enumerate(zip(window.multipliers, val.grads))]
+            # Those rows' check is on the weighted dots, the other modules' uses of a shared (tied)
+            # parameter included.
+            both = joint + window.coef.to(joint).view(-1, 1, 1) * window.dots()
+            terms = self.check.terms([both], grads, weights, ratio=ratio, sum_over_ranks=True)
+            index = torch.tensor(rows, device=joint.device, dtype=torch.long)
+            window.check_terms = tuple(t.index_copy(0, index, j[index]) for t, j in zip(window.check_terms, terms))
+        return first + shapley.first_order_weighted(joint)
 
     def _first_order_elementwise(
         self, window: Window, grads: list[Tensor | None], ratio: Tensor, val: Validation,

@@ -95,7 +95,8 @@ class Window:
     """Trapezoid: the values at the data part's start, on the device."""
     first: np.ndarray | None = None
     second: np.ndarray | None = None
-    lr: float | None = None
+    lr: list[float] | None = None
+    """The learning rate of each parameter group at the step."""
 
     @property
     def ids(self) -> list:
@@ -104,7 +105,7 @@ class Window:
     def dots(self) -> Tensor:
         return torch.cat([mb.dots for mb in self.micro], dim=1)
 
-    def value(self, first: np.ndarray, second: np.ndarray | None, lr: float) -> None:
+    def value(self, first: np.ndarray, second: np.ndarray | None, lr: list[float]) -> None:
         self.first, self.second, self.lr = first, second, lr
         self.state = StepState.VALUED
 
