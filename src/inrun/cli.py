@@ -1,4 +1,4 @@
-"""The ``inrun`` command line: demo, train, report, curate, inspect, bench.
+"""The ``inrun`` command line: demo, train, report, baselines, curate, inspect, bench.
 
 Every command that runs for long shows a progress bar (step, loss, examples/s, ETA). Errors
 that inrun raises on purpose (bad config, data, run directory...) and errors of the system
@@ -209,6 +209,15 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_baselines(args: argparse.Namespace, console: Console) -> int:
+    from .baseline_run import compute_baselines
+
+    with console.status("final-checkpoint loss, gradient cosine and KNN-Shapley of every training example"):
+        path = compute_baselines(args.run_dir)
+    console.print(f"Baselines: [bold]{path.resolve()}[/] (shown by `inrun report`)")
+    return 0
+
+
 def cmd_curate(args: argparse.Namespace, console: Console) -> int:
     from .curate import curate, retrain
 
@@ -362,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--top", type=positive_int, default=10, help="examples in the helpful/harmful tables")
     report.add_argument("--stages", type=positive_int, default=8, help="training stages in the per-source plot")
     report.set_defaults(func=cmd_report)
+
+    baselines = sub.add_parser("baselines", help="final-checkpoint loss, gradient cosine and KNN-Shapley beside the values")
+    baselines.add_argument("run_dir")
+    baselines.set_defaults(func=cmd_baselines)
 
     curate = sub.add_parser("curate", help="drop low-value examples; --retrain compares with a random subset")
     curate.add_argument("run_dir")

@@ -269,6 +269,7 @@ def _page(
     if "stages" not in figures:
         parts.append("<h2>Value by training stage</h2><p>This run kept no per-step trace (values.trace = false).</p>")
     parts += _figure_html("loss", figures)
+    parts += _baseline_section(rd, summary)
     for result in curation:
         parts += _figure_html(_curation_key(result), figures)
     if curation:
@@ -285,6 +286,37 @@ def _page(
     )
     parts.append("</main></body></html>")
     return "\n".join(parts)
+
+
+def _baseline_section(rd: RunDir, summary: dict[str, Any]) -> list[str]:
+    """Baselines beside the values (``inrun baselines`` wrote them): how each ranks the examples
+    against the values, and the ids each flags first."""
+    from ..baseline_run import SCORES, read_baselines
+
+    baselines = read_baselines(rd)
+    if baselines is None:
+        return ['<h2>Baselines</h2><p class="sub">Not computed: <code>inrun baselines RUN_DIR</code> adds the '
+                "final-checkpoint loss, gradient cosine and KNN-Shapley of every example here.</p>"]
+    e = html.escape
+    values = value_frame(rd)
+    values = values[values["count"] > 0].set_index("id")["value"]
+    joined = baselines.join(values, how="inner")
+    # Flag first what each score says is worst: high loss, a gradient against validation, low KNN value.
+    worst = {"final_loss": False, "grad_cosine": True, "knn_shapley": True}
+    rows = []
+    for col in baselines.columns:
+        rho = joined["value"].rank().corr(joined[col].rank())
+        flagged = joined[col].sort_values(ascending=worst.get(col, True)).index[:5]
+        rows.append(f"<tr><td>{e(SCORES.get(col, col))}</td><td class=num>{rho:+.3f}</td>"
+                    f"<td>{e(', '.join(str(i) for i in flagged))}</td></tr>")
+    return [
+        '<h2 id="baselines">Baselines beside the values</h2>',
+        "<table><tr><th>score</th><th>Spearman with the In-Run value</th><th>ids it flags first</th></tr>"
+        + "".join(rows) + "</table>",
+        '<p class="sub">One checkpoint\'s scores (the final model), a different question than an '
+        "example's value to this run; docs/case-studies.md compares them on mislabel detection and "
+        "data selection.</p>",
+    ]
 
 
 def _figure_html(key: str, figures: dict[str, tuple[str, bytes, str]]) -> list[str]:
