@@ -1,30 +1,25 @@
 """``InRunShapley``: In-Run Data Shapley values computed inside the user's own training loop.
 
-The tracker is a facade over :mod:`inrun.tracking` (one job per module; the life of one step is
-in :mod:`inrun.tracking.engine`). All per-step state lives there, keyed by module: nothing is
-stored on the user's parameters or optimizer. While tracked, modules of layers with the
-book-keeping route (``bookkeeping="auto"`` or ``"always"``) have their ``forward`` replaced by
-one that may send a call through the route's autograd Function; :meth:`InRunShapley.close`
-removes it and every hook, leaving the model and optimizer exactly as they were.
+A facade over :mod:`inrun.tracking` (one job per module; the life of one step: its ``engine``),
+where all per-step state lives: nothing is stored on the user's parameters or optimizer.
+:meth:`InRunShapley.close` removes every hook (and the book-keeping route's ``forward``
+override), leaving the model and optimizer exactly as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import BatchMismatchError, InRunError, StepOrderError, UnsupportedModuleError
-from .layers.norm import batchnorm_message
-from .ledger import PerValidation, ValueLedger, ValueTable, check_ids
+from .ledger import PerValidation, ValueLedger, ValueTable
 from .optim import UpdateRule
+from .tracking.admission import admit_model
 from .tracking.config import (
     AdamLinearization,
     Bookkeeping,
@@ -37,6 +32,7 @@ from .tracking.config import (
     ValMode,
     Verify,
 )
+from .tracking.cost import StepCost
 from .tracking.coverage import Coverage
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
@@ -45,49 +41,6 @@ if TYPE_CHECKING:
     from .rundir import RunDir
 
 __all__ = ["Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
-
-
-@dataclass
-class StepCost:
-    """Where the time of the tracked steps went (host clock; from the second optimizer step on,
-    the first one also proves the rows by a replay).
-
-    On a GPU the clock measures what the host waited for, which is close to the kernels' time
-    only when something synchronizes (the tracker reads one number back per step).
-    """
-
-    steps: int = 0
-    """Optimizer steps timed."""
-    validation_seconds: float = 0.0
-    """Opening the steps: the validation pass (two with the trapezoid under momentum or Adam)."""
-    train_seconds: float = 0.0
-    """Inside the ``tracker.step`` blocks: your forward and backward, with the tracker's hooks."""
-
-    @property
-    def ratio(self) -> float:
-        """Validation time over training-block time: ``1.0`` means the validation pass costs as
-        much as your forward and backward of the step's micro-batches."""
-        return self.validation_seconds / self.train_seconds if self.train_seconds > 0 else float("nan")
-
-    def as_dict(self) -> dict[str, float]:
-        return {"steps": self.steps, "validation_seconds": self.validation_seconds,
-                "train_seconds": self.train_seconds, "ratio": self.ratio}
-
-
-def _refuse_compiled(model: nn.Module) -> None:
-    """``torch.compile`` and the tracker's hooks: refused, with what to do instead."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    where = [name or "the model" for name, m in model.named_modules()
-             if isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None]
-    if where:
-        raise UnsupportedModuleError(
-            f"{where[0]} is compiled with torch.compile: the tracker's per-layer hooks see a new "
-            "micro-batch every step, so the compiled graph would be recompiled at every step until "
-            "torch's recompile limit and then run eagerly anyway. Pass the module before "
-            "torch.compile (for a compiled model: model._orig_mod) to InRunShapley and train "
-            "with it; with the Hugging Face Trainer set TrainingArguments(torch_compile=False)."
-        )
 
 
 class InRunShapley:
@@ -171,11 +124,7 @@ class InRunShapley:
         validation_ids: Sequence[Any] | None = None,
         **unknown: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _refuse_compiled(model)
-        if not callable(val_loss):
-            raise TypeError("val_loss must be a callable taking the model and returning a loss")
+        admit_model(model, val_loss)
         self.config = TrackerConfig.from_options(dict(
             order=order, second_order=second_order, route=route, bookkeeping=bookkeeping, check=check,
             check_rtol=check_rtol, on_nonfinite=on_nonfinite, val_mode=val_mode, keep_trace=keep_trace,
@@ -186,8 +135,6 @@ class InRunShapley:
         self.ledger = ledger if ledger is not None else ValueLedger(keep_trace=self.config.keep_trace)
         if validation_ids is not None:
             self.ledger.validation_names = [str(v) for v in validation_ids]
-        self._cost = StepCost()
-        self._window_ids: tuple[Any, set] = (None, set())  # the open step's window and its ids
         self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger)
         self.module = self._engine.module
         self.optimizer = self._engine.optimizer
@@ -200,44 +147,8 @@ class InRunShapley:
         Args:
             ids: one id (``int`` or ``str``) per row of the batch, in batch order.
         """
-        engine = self._engine
-        if not engine.enabled:
+        with self._engine.microbatch(ids):
             yield self
-            return
-        if engine.recorder is not None:
-            raise StepOrderError("tracker.step() blocks cannot be nested")
-        id_list = check_ids(ids)
-        if not id_list:
-            raise BatchMismatchError("tracker.step() needs at least one id")
-        if len(set(id_list)) < len(id_list):
-            raise _repeated(id_list, "this batch")
-        for bn in engine.batchnorms:
-            if bn.training:
-                raise UnsupportedModuleError(batchnorm_message(bn))
-        timed = self.step_count >= 1
-        t0 = time.perf_counter()
-        opening = engine.window is None
-        recorder = engine.open_microbatch(id_list)
-        t1 = time.perf_counter()
-        try:
-            window, seen = self._window_ids
-            if window is not engine.window:
-                window, seen = engine.window, set()
-            if seen.intersection(id_list):
-                raise _repeated([*seen.intersection(id_list)] * 2, "this optimizer step (an earlier micro-batch)")
-            seen.update(id_list)
-            self._window_ids = (window, seen)
-            with engine.hooks.recording(recorder):
-                yield self
-        except BaseException as exc:
-            engine.close_microbatch(recorder, exc)
-            raise
-        t2 = time.perf_counter()
-        engine.close_microbatch(recorder, None)
-        if timed:
-            self._cost.steps += int(opening)
-            self._cost.validation_seconds += t1 - t0
-            self._cost.train_seconds += t2 - t1
 
     @property
     def enabled(self) -> bool:
@@ -247,11 +158,7 @@ class InRunShapley:
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
-        if self._engine.enabled and not value:
-            if self._engine.mid_step():
-                raise StepOrderError("tracking can only be switched off between optimizer steps")
-            self.flush()
-        self._engine.enabled = bool(value)
+        self._engine.set_enabled(value)
 
     def skip_step(self, reason: str) -> None:
         """Drop the current step without valuing it, recorded with ``reason`` in the ledger.
@@ -260,9 +167,7 @@ class InRunShapley:
         when your loop decides not to apply this step (NaN loss, a ``GradScaler`` overflow),
         then zero the gradients yourself. The step number is consumed, as the step was.
         """
-        if self._engine.recorder is not None:
-            raise StepOrderError("skip_step() must be called after the tracker.step() block, not inside it")
-        self._engine.skip(reason)
+        self._engine.skip(reason, by_user=True)
 
     @property
     def step_count(self) -> int:
@@ -295,31 +200,22 @@ class InRunShapley:
     def cost(self) -> StepCost:
         """How long the validation passes took next to your forward and backward (see
         :class:`StepCost`); what the integrations log once as the validation set's cost."""
-        return StepCost(**{k: v for k, v in self._cost.as_dict().items() if k != "ratio"})
+        return self._engine.cost.copy()
 
     def save_run(
         self, path: str | os.PathLike, *, examples: Any = None, description: str = "",
         metadata: Mapping[str, Any] | None = None,
     ) -> RunDir:
-        """Write the values so far as a complete run directory, the format of ``inrun train``,
-        on which ``inrun report``, ``inrun inspect`` and ``inrun curate`` work.
-
-        For a run directory written as training goes, with checkpoints and resume, use
-        :class:`inrun.RunWriter`.
-
-        Args:
-            path: a new directory (one that holds a run is refused).
-            examples: what the report shows of each example: a table with an ``id`` column and
-                optional ``source``, ``text``, ``location``, ``length`` (see
-                :func:`inrun.library_run.examples_from`).
-            description: one line for the report's header.
-            metadata: JSON-serializable facts kept in ``run.json``.
-        """
+        """Write the values so far as a complete run directory at a new ``path`` (the format of
+        ``inrun train``: ``inrun report``, ``inspect`` and ``curate`` work on it). ``examples``:
+        a table with an ``id`` column and optional ``source``, ``text``, ``location``, ``length``
+        (:func:`inrun.library_run.examples_from`); ``description``: the report's header line;
+        ``metadata``: JSON facts kept in ``run.json``. To write as training goes, with
+        checkpoints and resume: :class:`inrun.RunWriter`."""
         from .library_run import RunWriter
 
-        writer = RunWriter(Path(path), self, examples=examples, state={}, rng=False,
-                           description=description, metadata=metadata)
-        return writer.finish()
+        return RunWriter(Path(path), self, examples=examples, state={}, rng=False,
+                         description=description, metadata=metadata).finish()
 
     def global_ledger(self) -> ValueLedger:
         """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, the
@@ -327,10 +223,7 @@ class InRunShapley:
         examples). Under DDP this is a collective: call it on every rank (each gets the merged
         ledger), e.g. ``ledger = tracker.global_ledger()`` then save it on rank 0.
         """
-        self.flush()
-        if self._engine.ddp is None:
-            return self.ledger
-        return self._engine.ddp.gather_ledger(self.ledger)
+        return self._engine.global_ledger()
 
     def flush(self) -> None:
         """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
@@ -364,26 +257,16 @@ class InRunShapley:
         Only valid between optimizer steps; a pending order-2 step is completed first (at the
         current parameters, which the resumed run would use anyway, so values are unchanged).
         """
-        if self._engine.mid_step():
-            raise StepOrderError("a checkpoint must be taken between optimizer steps, not inside one")
-        self.flush()
-        return {"step_count": self.step_count, "config": asdict(self.config)}
+        return self._engine.checkpoint()
 
     def load_state_dict(self, state: dict[str, Any], ledger: ValueLedger | None = None) -> None:
         """Restore :meth:`state_dict` (and optionally the ledger saved with it)."""
-        saved = TrackerConfig.from_state(state["config"])
-        if saved != self.config:
-            raise InRunError(f"checkpoint was made with {saved}, this tracker has {self.config}")
-        self.step_count = int(state["step_count"])
+        self._engine.restore(state, ledger)
         if ledger is not None:
             self.ledger = ledger
-            self._engine.log.ledger = ledger
-        self._engine.validation.forget()
 
     def close(self) -> None:
         """Finish pending work and remove every hook; the model and optimizer are left as found."""
-        with contextlib.suppress(InRunError):
-            self.flush()
         self._engine.close()
 
     def __enter__(self) -> InRunShapley:
@@ -392,13 +275,3 @@ class InRunShapley:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-def _repeated(ids: list, where: str) -> BatchMismatchError:
-    seen: set = set()
-    dup = next(i for i in ids if i in seen or seen.add(i))
-    return BatchMismatchError(
-        f"example id {dup!r} appears twice in {where}. Each row of a step is one player of that "
-        "step's game, and rows under one id would be added up silently. Give each row its own id "
-        "(a sampler that draws with replacement: f\"{id}#{k}\" per draw, summed afterwards if you "
-        "want one value per example), or drop the repeated rows from the batch."
-    )
