@@ -702,24 +702,8 @@ class ValueLedger:
             raise IntegrityError(f"{meta_path} is damaged: its file list is incomplete")
         for name, digest in files.items():
             verify_file(directory / name, digest, f"listed in {meta_path}")
-        t = _read_table(directory / VALUES_FILE).to_pydict()
-        state: dict[str, Any] = {
-            "ids": t["id"],
-            "sources": t["source"],
-            "first_order": np.asarray(t["first_order"], dtype=np.float64),
-            "second_order": np.asarray(t["second_order"], dtype=np.float64),
-            "count": np.asarray(t["count"], dtype=np.int64),
-            "per_validation": None,
-            "validation_names": meta.get("validation_names"),
-            "skipped": meta.get("skipped", []),
-            "steps": meta.get("steps", 0),
-            "group_lrs": meta.get("group_lrs"),
-        }
-        if meta.get("has_per_validation"):
-            pv = _read_table(directory / PER_VALIDATION_FILE).to_pydict()
-            if pv.pop("id") != t["id"]:
-                raise IntegrityError(f"{PER_VALIDATION_FILE} ids do not match {VALUES_FILE} in {directory}")
-            state["per_validation"] = np.stack([np.asarray(v) for v in pv.values()], axis=1)
+        state = _read_values(directory, meta, IntegrityError)
+        state["group_lrs"] = meta.get("group_lrs")
         ledger = cls(keep_trace=bool(meta.get("keep_trace", False)), trace_dir=trace_dir)
         ledger._set_values(state)
         for entry in meta.get("trace") or []:
@@ -729,29 +713,35 @@ class ValueLedger:
     @classmethod
     def _load_v1(cls, directory: Path, meta: Mapping[str, Any]) -> ValueLedger:
         """A ledger saved by inrun before checksums (format 1): read as it is, unverified."""
-        t = _read_table(directory / VALUES_FILE).to_pydict()
-        state: dict[str, Any] = {
-            "ids": t["id"],
-            "sources": t["source"],
-            "first_order": np.asarray(t["first_order"], dtype=np.float64),
-            "second_order": np.asarray(t["second_order"], dtype=np.float64),
-            "count": np.asarray(t["count"], dtype=np.int64),
-            "per_validation": None,
-            "validation_names": meta.get("validation_names"),
-            "trace": None,
-            "skipped": meta.get("skipped", []),
-            "steps": meta.get("steps", 0),
-            "keep_trace": meta.get("keep_trace", False),
-        }
-        if meta.get("has_per_validation"):
-            pv = _read_table(directory / PER_VALIDATION_FILE).to_pydict()
-            if pv.pop("id") != t["id"]:
-                raise LedgerError(f"{PER_VALIDATION_FILE} ids do not match {VALUES_FILE}")
-            state["per_validation"] = np.stack([np.asarray(v) for v in pv.values()], axis=1)
+        state = _read_values(directory, meta, LedgerError)
+        state["trace"] = None
+        state["keep_trace"] = meta.get("keep_trace", False)
         if state["keep_trace"] and (directory / TRACE_FILE).exists():
             tr = _read_table(directory / TRACE_FILE).to_pydict()
             state["trace"] = {k: np.asarray(v) if k != "id" else list(v) for k, v in tr.items()}
         return cls.from_state(state)
+
+
+def _read_values(directory: Path, meta: Mapping[str, Any], error: type[Exception]) -> dict[str, Any]:
+    """The values table (and per-validation table) of a saved ledger as a ``from_state`` dict."""
+    t = _read_table(directory / VALUES_FILE).to_pydict()
+    state: dict[str, Any] = {
+        "ids": t["id"],
+        "sources": t["source"],
+        "first_order": np.asarray(t["first_order"], dtype=np.float64),
+        "second_order": np.asarray(t["second_order"], dtype=np.float64),
+        "count": np.asarray(t["count"], dtype=np.int64),
+        "per_validation": None,
+        "validation_names": meta.get("validation_names"),
+        "skipped": meta.get("skipped", []),
+        "steps": meta.get("steps", 0),
+    }
+    if meta.get("has_per_validation"):
+        pv = _read_table(directory / PER_VALIDATION_FILE).to_pydict()
+        if pv.pop("id") != t["id"]:
+            raise error(f"{PER_VALIDATION_FILE} ids do not match {VALUES_FILE} in {directory}")
+        state["per_validation"] = np.stack([np.asarray(v) for v in pv.values()], axis=1)
+    return state
 
 
 def _adopt_part(directory: Path, entry: Mapping[str, Any], store: Path | None, listed_in: Path) -> TracePart:
