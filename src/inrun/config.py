@@ -41,6 +41,7 @@ from typing import Any
 import tomllib
 
 from .errors import InRunError
+from .storage import utf8_text
 
 try:
     import tomllib
@@ -508,14 +509,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
 
 def decode_utf8(raw: bytes, source: str, error: Any) -> str:
     """``raw`` as UTF-8 text; else ``error(source, reason)`` naming the line and byte."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise error(
-            source, f"line {line}, column {column}: byte 0x{raw[exc.start]:02x} is not UTF-8; save the file as UTF-8"
-        ) from None
+    return utf8_text(raw, lambda line, column, byte: error(
+        source, f"line {line}, column {column}: byte 0x{byte:02x} is not UTF-8; save the file as UTF-8"))
 
 
 def parse_config(
