@@ -390,26 +390,34 @@ def _status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def memory_probe(workload: str, method: str, steps: int) -> float:
-    """Peak memory (bytes) that ``steps`` steps of ``method`` need above what the process held
-    before them, in this fresh process. GPU: ``max_memory_allocated``. CPU (Linux): the peak
-    resident set size (``VmHWM``) after resetting it, minus the resident size before the steps;
-    the parent runs this with glibc mapping every large block separately, so that freed tensors
-    leave the resident set."""
+def memory_probe(workload: str, method: str, steps: int, warmup: int = 2) -> float:
+    """Peak memory (bytes) of ``method``'s steady-state steps above what the process held before
+    its first step, in this fresh process: ``warmup`` steps run first (the first step's row
+    verification replays the model once, a cost of the first step only), then the peak is reset
+    and ``steps`` more run; what the warm-up left allocated (optimizer state, a pending step's
+    factors) counts. GPU: ``max_memory_allocated``. CPU (Linux): the peak resident set size
+    (``VmHWM``, reset to the current size after the warm-up) minus the resident size before the
+    first step; the parent runs this with glibc mapping every large block separately, so that
+    freed tensors leave the resident set."""
     w = WORKLOADS[workload]()
     m = METHODS[method](w)
     B = w.batches[0][0].shape[0]
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
     else:
         base = _status_kib("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set size
-    for i in range(steps):
+    for i in range(warmup + steps):
+        if i == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset the peak resident set size to the current one
         m.step(w.batches[i % len(w.batches)], list(range(i * B, (i + 1) * B)))
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base)
     return float(_status_kib("VmHWM") * 1024 - base)
