@@ -15,8 +15,9 @@ from .errors import (
     UnsupportedOptimizerError,
     ValidationLossError,
 )
-from .ledger import ValueLedger, ValueTable
-from .tracker import Coverage, InRunShapley, TrackerConfig
+from .ledger import PerValidation, ValueLedger, ValueTable
+from .library_run import RunWriter
+from .tracker import Coverage, InRunShapley, StepCost, TrackerConfig
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,9 @@ __all__ = [
     "InRunShapley",
     "LedgerError",
     "NonFiniteError",
+    "PerValidation",
+    "RunWriter",
+    "StepCost",
     "StepOrderError",
     "TrackerConfig",
     "UnsupportedModuleError",

@@ -1,4 +1,4 @@
-"""The ``inrun`` command line: demo, train, report, curate, inspect, bench.
+"""The ``inrun`` command line: demo, train, report, baselines, curate, inspect, bench.
 
 Every command that runs for long shows a progress bar (step, loss, examples/s, ETA). Errors
 that inrun raises on purpose (bad config, data, run directory...) and errors of the system
@@ -142,6 +142,12 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         raise InRunError("give --config FILE for a new run, or --resume RUN_DIR to continue one")
     if args.resume is not None:
         rd = RunDir(args.resume)
+        if rd.exists and not rd.rerunnable:
+            raise InRunError(
+                f"{rd.path} was written by {rd.kind} (not `inrun train`), so only that loop can continue "
+                "it: open it again there with resume=True (inrun.RunWriter), or resume the Trainer or "
+                "Lightning from their checkpoint"
+            )
         saved = rd.saved_config()[0] if rd.exists else None
         if args.config is not None:
             config = load_config(args.config, args.set)
@@ -203,6 +209,15 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_baselines(args: argparse.Namespace, console: Console) -> int:
+    from .baseline_run import compute_baselines
+
+    with console.status("final-checkpoint loss, gradient cosine and KNN-Shapley of every training example"):
+        path = compute_baselines(args.run_dir)
+    console.print(f"Baselines: [bold]{path.resolve()}[/] (shown by `inrun report`)")
+    return 0
+
+
 def cmd_curate(args: argparse.Namespace, console: Console) -> int:
     from .curate import curate, retrain
 
@@ -211,9 +226,19 @@ def cmd_curate(args: argparse.Namespace, console: Console) -> int:
         f"drop {selection.drop}: keeping {selection.kept:,} of {selection.total:,} training examples "
         f"({selection.dropped:,} dropped, {selection.unvalued:,} never valued are kept)"
     )
-    console.print(f"Kept ids: {selection.kept_path}\nConfig for the kept data: {selection.kept_config}")
+    console.print(f"Kept ids: {selection.kept_path}\nDropped ids: {selection.dropped_path}")
+    if selection.kept_config is not None:
+        console.print(f"Config for the kept data: {selection.kept_config}")
     if selection.filtered_data is not None:
         console.print(f"Filtered data file: {selection.filtered_data}")
+    if not selection.run_dir.rerunnable:
+        if args.retrain:
+            retrain(selection, seeds=args.seeds)  # refused, with what to do instead
+        console.print(
+            f"This run was written by {selection.run_dir.kind}, not `inrun train`: train your loop on "
+            f"the kept ids and on {selection.random_path} (a random subset of the same size) to compare."
+        )
+        return 0
     if not args.retrain:
         console.print("Add --retrain to compare training on the kept data with a random subset of the same size.")
         return 0
@@ -221,12 +246,15 @@ def cmd_curate(args: argparse.Namespace, console: Console) -> int:
     def progress_for(name: str, steps: int) -> Any:
         return training_progress(console, name, steps)
 
-    result = retrain(selection, progress_for=progress_for)
-    table = Table(title=f"Curation (drop {selection.drop}): final validation loss", title_justify="left")
+    result = retrain(selection, progress_for=progress_for, seeds=args.seeds)
+    seeds = len(result["seeds"])
+    title = f"Curation (drop {selection.drop}): final validation loss" + (f", mean ± sd over {seeds} seeds" if seeds > 1 else "")
+    table = Table(title=title, title_justify="left")
     for col in ("run", "training examples", "final validation loss"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for name, curve in result["curves"].items():
-        table.add_row(name, f"{curve['examples']:,}", f"{curve['val_loss'][-1]:.4f}")
+        final = f"{curve['final_mean']:.4f}" + (f" ± {curve['final_std']:.4f}" if seeds > 1 else "")
+        table.add_row(name, f"{curve['examples']:,}", final)
     console.print(table)
     console.print(f"Plot: {result['plot']}")
     if result.get("report"):
@@ -344,14 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--stages", type=positive_int, default=8, help="training stages in the per-source plot")
     report.set_defaults(func=cmd_report)
 
+    baselines = sub.add_parser("baselines", help="final-checkpoint loss, gradient cosine and KNN-Shapley beside the values")
+    baselines.add_argument("run_dir")
+    baselines.set_defaults(func=cmd_baselines)
+
     curate = sub.add_parser("curate", help="drop low-value examples; --retrain compares with a random subset")
     curate.add_argument("run_dir")
     curate.add_argument("--drop", required=True, help="'negative' (value < 0) or 'bottom:FRACTION' (e.g. bottom:0.1)")
     curate.add_argument("--retrain", action="store_true", help="retrain on the kept data and on a random subset of the same size")
+    curate.add_argument("--seeds", type=positive_int, default=1, help="with --retrain: seeds per arm, for a mean and a spread (default 1)")
     curate.set_defaults(func=cmd_curate)
 
     inspect = sub.add_parser("inspect", help="which parameters each route values, and the predicted extra memory")
-    inspect.add_argument("target", metavar="MODEL_OR_CONFIG", help="a run config (.toml) or a Hugging Face model type (gpt2, llama...)")
+    inspect.add_argument("target", metavar="MODEL_OR_CONFIG", help="a run config (.toml), a run directory, or a Hugging Face model type (gpt2, llama...)")
     inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help + " (config only)")
     inspect.add_argument("--batch-size", type=positive_int, default=None, help="examples per step (default: the config's, or 16)")
     inspect.add_argument("--length", type=positive_int, default=None, help="tokens per example for a model type (default 128)")

@@ -11,17 +11,19 @@ removes it and every hook, leaving the model and optimizer exactly as they were.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
-from typing import Any
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .errors import BatchMismatchError, InRunError, StepOrderError, UnsupportedModuleError
 from .layers.norm import batchnorm_message
-from .ledger import ValueLedger, ValueTable, check_ids
+from .ledger import PerValidation, ValueLedger, ValueTable, check_ids
 from .optim import UpdateRule
 from .tracking.config import (
     AdamLinearization,
@@ -39,7 +41,53 @@ from .tracking.coverage import Coverage
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
 
-__all__ = ["Coverage", "InRunShapley", "TrackerConfig"]
+if TYPE_CHECKING:
+    from .rundir import RunDir
+
+__all__ = ["Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
+
+
+@dataclass
+class StepCost:
+    """Where the time of the tracked steps went (host clock; from the second optimizer step on,
+    the first one also proves the rows by a replay).
+
+    On a GPU the clock measures what the host waited for, which is close to the kernels' time
+    only when something synchronizes (the tracker reads one number back per step).
+    """
+
+    steps: int = 0
+    """Optimizer steps timed."""
+    validation_seconds: float = 0.0
+    """Opening the steps: the validation pass (two with the trapezoid under momentum or Adam)."""
+    train_seconds: float = 0.0
+    """Inside the ``tracker.step`` blocks: your forward and backward, with the tracker's hooks."""
+
+    @property
+    def ratio(self) -> float:
+        """Validation time over training-block time: ``1.0`` means the validation pass costs as
+        much as your forward and backward of the step's micro-batches."""
+        return self.validation_seconds / self.train_seconds if self.train_seconds > 0 else float("nan")
+
+    def as_dict(self) -> dict[str, float]:
+        return {"steps": self.steps, "validation_seconds": self.validation_seconds,
+                "train_seconds": self.train_seconds, "ratio": self.ratio}
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    """``torch.compile`` and the tracker's hooks: refused, with what to do instead."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    where = [name or "the model" for name, m in model.named_modules()
+             if isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None]
+    if where:
+        raise UnsupportedModuleError(
+            f"{where[0]} is compiled with torch.compile: the tracker's per-layer hooks see a new "
+            "micro-batch every step, so the compiled graph would be recompiled at every step until "
+            "torch's recompile limit and then run eagerly anyway. Pass the module before "
+            "torch.compile (for a compiled model: model._orig_mod) to InRunShapley and train "
+            "with it; with the Hugging Face Trainer set TrainingArguments(torch_compile=False)."
+        )
 
 
 class InRunShapley:
@@ -81,6 +129,16 @@ class InRunShapley:
             of the model's call against exact per-example gradients): ``"on_change"`` (the first
             step and whenever a layer's row layout is new) or ``"every_step"``.
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
+        validation_ids: one label per validation example when ``val_loss`` returns a vector:
+            the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
+
+    Every id of one optimizer step must be distinct (micro-batches included): a step values its
+    rows, and two rows under one id would be added up without a word, so a repeated id raises
+    :class:`~inrun.BatchMismatchError`. Padding: see ``docs/guide-pytorch.md`` (positions whose
+    label is ignored add nothing to the loss, so nothing of them is valued).
+
+    ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the uncompiled
+    module.
 
     Example:
         >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP
@@ -110,10 +168,12 @@ class InRunShapley:
         proxy: Proxy | None = None,
         verify: Verify = "on_change",
         ledger: ValueLedger | None = None,
+        validation_ids: Sequence[Any] | None = None,
         **unknown: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _refuse_compiled(model)
         if not callable(val_loss):
             raise TypeError("val_loss must be a callable taking the model and returning a loss")
         self.config = TrackerConfig.from_options(dict(
@@ -124,6 +184,10 @@ class InRunShapley:
         self.model = model
         self.val_loss = val_loss
         self.ledger = ledger if ledger is not None else ValueLedger(keep_trace=self.config.keep_trace)
+        if validation_ids is not None:
+            self.ledger.validation_names = [str(v) for v in validation_ids]
+        self._cost = StepCost()
+        self._window_ids: tuple[Any, set] = (None, set())  # the open step's window and its ids
         self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger)
         self.module = self._engine.module
         self.optimizer = self._engine.optimizer
@@ -145,17 +209,35 @@ class InRunShapley:
         id_list = check_ids(ids)
         if not id_list:
             raise BatchMismatchError("tracker.step() needs at least one id")
+        if len(set(id_list)) < len(id_list):
+            raise _repeated(id_list, "this batch")
         for bn in engine.batchnorms:
             if bn.training:
                 raise UnsupportedModuleError(batchnorm_message(bn))
+        timed = self.step_count >= 1
+        t0 = time.perf_counter()
+        opening = engine.window is None
         recorder = engine.open_microbatch(id_list)
+        t1 = time.perf_counter()
         try:
+            window, seen = self._window_ids
+            if window is not engine.window:
+                window, seen = engine.window, set()
+            if seen.intersection(id_list):
+                raise _repeated([*seen.intersection(id_list)] * 2, "this optimizer step (an earlier micro-batch)")
+            seen.update(id_list)
+            self._window_ids = (window, seen)
             with engine.hooks.recording(recorder):
                 yield self
         except BaseException as exc:
             engine.close_microbatch(recorder, exc)
             raise
+        t2 = time.perf_counter()
         engine.close_microbatch(recorder, None)
+        if timed:
+            self._cost.steps += int(opening)
+            self._cost.validation_seconds += t1 - t0
+            self._cost.train_seconds += t2 - t1
 
     @property
     def enabled(self) -> bool:
@@ -200,12 +282,44 @@ class InRunShapley:
         """
         return self.global_ledger().values()
 
-    def per_validation(self) -> tuple[list, np.ndarray] | None:
-        """``(ids, [N, V])`` per-(train, validation) values when ``val_loss`` returns a vector.
+    def per_validation(self) -> PerValidation | None:
+        """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``.
 
+        A labelled table (:class:`~inrun.ledger.PerValidation`): ``.to_pandas()`` has one row per
+        training id and one column per validation example (``validation_ids``, default
+        ``val_0``...). It still unpacks as the ``(ids, [N, V] array)`` pair it used to be.
         With a DDP model: global, and a collective call like :meth:`values`.
         """
         return self.global_ledger().per_validation()
+
+    def cost(self) -> StepCost:
+        """How long the validation passes took next to your forward and backward (see
+        :class:`StepCost`); what the integrations log once as the validation set's cost."""
+        return StepCost(**{k: v for k, v in self._cost.as_dict().items() if k != "ratio"})
+
+    def save_run(
+        self, path: str | os.PathLike, *, examples: Any = None, description: str = "",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> RunDir:
+        """Write the values so far as a complete run directory, the format of ``inrun train``,
+        on which ``inrun report``, ``inrun inspect`` and ``inrun curate`` work.
+
+        For a run directory written as training goes, with checkpoints and resume, use
+        :class:`inrun.RunWriter`.
+
+        Args:
+            path: a new directory (one that holds a run is refused).
+            examples: what the report shows of each example: a table with an ``id`` column and
+                optional ``source``, ``text``, ``location``, ``length`` (see
+                :func:`inrun.library_run.examples_from`).
+            description: one line for the report's header.
+            metadata: JSON-serializable facts kept in ``run.json``.
+        """
+        from .library_run import RunWriter
+
+        writer = RunWriter(Path(path), self, examples=examples, state={}, rng=False,
+                           description=description, metadata=metadata)
+        return writer.finish()
 
     def global_ledger(self) -> ValueLedger:
         """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, the
@@ -277,3 +391,14 @@ class InRunShapley:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _repeated(ids: list, where: str) -> BatchMismatchError:
+    seen: set = set()
+    dup = next(i for i in ids if i in seen or seen.add(i))
+    return BatchMismatchError(
+        f"example id {dup!r} appears twice in {where}. Each row of a step is one player of that "
+        "step's game, and rows under one id would be added up silently. Give each row its own id "
+        "(a sampler that draws with replacement: f\"{id}#{k}\" per draw, summed afterwards if you "
+        "want one value per example), or drop the repeated rows from the batch."
+    )
