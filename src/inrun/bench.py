@@ -94,13 +94,12 @@ class Workload:
 
 def gpt2_workload(
     name: str, n_layer: int, n_embd: int, n_head: int, batch: int, seq: int, val_seq: int, micro: int = 1,
-    lora: int | None = None, methods: tuple[str, ...] | None = None,
+    lora: int | None = None, methods: tuple[str, ...] | None = None, vocab: int = 4096,
 ) -> Workload:
     """GPT-2 on random tokens; ``micro`` micro-batches per step; ``lora``: rank of LoRA adapters on
     the attention and MLP (``c_attn``, ``c_proj``, ``c_fc``) with the base frozen (peft)."""
     from transformers import GPT2Config
 
-    vocab = 4096
     cfg = GPT2Config(
         n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=max(seq, val_seq),
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
