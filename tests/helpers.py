@@ -9,6 +9,7 @@ per-example gradients (``inrun.exact``) in float64.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,10 @@ def forced_route(route: str) -> dict[str, str]:
     """Tracker options that force one route wherever a layer has it (book-keeping is its own setting)."""
     return {"bookkeeping": "always"} if route == "bookkeeping" else {"route": route}
 
+
+DEVICE = torch.device(os.environ.get("INRUN_TEST_DEVICE", "cpu"))
+"""Where the oracle comparisons run (benchmarks/gpu_check.sh sets ``INRUN_TEST_DEVICE=cuda``);
+the cases' data are drawn on the CPU either way, so the values compared are the same inputs."""
 
 # One table of tolerances, relative to η·‖g_z‖·‖g_val‖ (the natural scale of a dot product).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -55,7 +60,7 @@ def compare_with_oracle(
 ) -> dict[str, float]:
     """Run ``steps`` tracked SGD steps; assert each step's values equal the oracle's."""
     torch.manual_seed(0)
-    model = case.make_model().to(dtype)
+    model = case.make_model().to(DEVICE, dtype)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=case.lr)
     val_loss = _cast_val_loss(case.val_loss, dtype)
     tracker = InRunShapley(model, opt, val_loss=val_loss, **tracker_options)
@@ -64,7 +69,7 @@ def compare_with_oracle(
     scale: dict[int, float] = {}
     next_id = 0
     for _ in range(steps):
-        batch = cast_floats(case.make_batch(gen), dtype)
+        batch = cast_floats(tuple(t.to(DEVICE) for t in case.make_batch(gen)), dtype)
         B = batch[0].shape[0]
         ids = list(range(next_id, next_id + B))
         next_id += B
@@ -132,8 +137,8 @@ def classification_case(
     lr: float = 0.05,
 ) -> Case:
     """A classifier trained with cross-entropy (mean or sum over the batch)."""
-    xv = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(7))
-    yv = torch.arange(3) % n_classes
+    xv = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    yv = (torch.arange(3) % n_classes).to(DEVICE)
 
     def make_batch(gen: torch.Generator) -> tuple[Tensor, ...]:
         x = torch.randn(batch, *input_shape, generator=gen)
@@ -164,7 +169,7 @@ def lm_case(
     lr: float = 0.05,
 ) -> Case:
     """A causal LM trained with the token-mean next-token loss (Hugging Face convention)."""
-    val_ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(7))
+    val_ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(7)).to(DEVICE)
 
     def logits_of(f: Callable, ids: Tensor) -> Tensor:
         out = f(input_ids=ids) if hf else f(ids)

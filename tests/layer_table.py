@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from helpers import Case, with_dtype
+from helpers import DEVICE, Case, with_dtype
 from torch import Tensor, nn
 
 
@@ -161,8 +161,8 @@ class Probe(nn.Module):
 
 def layer_case(row: LayerRow, batch: int = 5, classes: int = 4, lr: float = 0.05) -> Case:
     """A whole training step of a :class:`Probe` around the row's layer (batch-mean cross-entropy)."""
-    xv = row.make_input(torch.Generator().manual_seed(7), 3)
-    yv = torch.arange(3) % classes
+    xv = row.make_input(torch.Generator().manual_seed(7), 3).to(DEVICE)
+    yv = (torch.arange(3) % classes).to(DEVICE)
 
     def make_model() -> nn.Module:
         layer = row.make_module()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Case, classification_case, compare_with_oracle, forced_route, lm_case
+from helpers import DEVICE, Case, classification_case, compare_with_oracle, forced_route, lm_case
 from layer_table import (
     BATCHED_LAYERS,
     LAYERS,
@@ -167,10 +167,10 @@ def test_bookkeeping_route_is_used_and_matches_oracle(order: int) -> None:
     if order == 1:
         compare_with_oracle(case, torch.float64, bookkeeping="always")
     torch.manual_seed(0)
-    model = case.make_model().double()
+    model = case.make_model().to(DEVICE).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     tracker = InRunShapley(model, opt, val_loss=case.val_loss, bookkeeping="always", order=order)
-    (x,) = case.make_batch(torch.Generator().manual_seed(0))
+    (x,) = (t.to(DEVICE) for t in case.make_batch(torch.Generator().manual_seed(0)))
     with tracker.step(range(len(x))):
         case.batch_loss(model, (x,)).backward()
     opt.step()

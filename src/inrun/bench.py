@@ -16,11 +16,18 @@ Workloads: R = GPT-2 n_layer=4, n_embd=256, n_head=4, vocab 4096, 16 x 128 token
 sequence; S = GPT-2 n_layer=2, n_embd=768, vocab 4096, 8 x 256 tokens, 1 validation sequence of
 128 tokens; M = MLP 784-512-512-10, batch 256, 32 validation rows; E = Mixtral 2x256 with 8 experts
 (top-2), 8 x 128 tokens; T = ``nn.TransformerEncoder`` 4x256 LM (its attention valued by the
-fallback), 16 x 128 tokens. A method that cannot run on a workload (per-example ``vmap`` over
-data-dependent expert routing) is listed with the reason. GPT-2 uses eager
-attention in every method (the Hessian variant needs a double backward, which CPU SDPA lacks).
+fallback), 16 x 128 tokens; A = R's GPT-2 trained the way people train it: AdamW (and SGD for
+comparison), gradient accumulation of 4 micro-batches of 8 x 128 per optimizer step, 1 validation
+sequence; L = R's GPT-2 with LoRA adapters of rank 8 on attention and MLP, the base frozen (only
+the adapters train and are valued). A method that cannot run on a workload (per-example ``vmap``
+over data-dependent expert routing) is listed with the reason; A and L run their own list of
+methods by default. GPT-2 runs its default attention (SDPA); the Hessian variant's
+Hessian-vector products run SDPA's math backend, which has a double backward.
 
-Usage: ``inrun bench`` or ``python benchmarks/overhead.py`` [--workloads R,S,M] [--steps 24]
+The line under each table is the validation pass's measured share of a plain step ("plain +
+validation pass", on the thread count the tracker would pick) beside its FLOP share.
+
+Usage: ``inrun bench`` or ``python benchmarks/overhead.py`` [--workloads R,S,M,A,L] [--steps 24]
 [--methods ...].
 """
 
@@ -62,12 +69,37 @@ class Workload:
     lr: float = 1e-3
     notes: str = ""
     linears: list[tuple[int, int, bool]] = field(default_factory=list)  # (d, p, gram-capable)
+    frozen: list[tuple[int, int]] = field(default_factory=list)
+    """Linear layers of a frozen base: forward and input gradient only, nothing to value."""
+    micro: int = 1
+    """Micro-batches per optimizer step (gradient accumulation): each batch is cut into ``micro``
+    equal parts, each its own forward/backward (and ``tracker.step``) of the loss / ``micro``."""
+    methods: tuple[str, ...] | None = None
+    """The methods run by default (``None``: all)."""
+
+    @property
+    def examples(self) -> int:
+        """Examples per optimizer step."""
+        return self.batches[0][0].shape[0]
+
+    def micro_batches(self, batch: tuple, ids: list[int]) -> list[tuple[tuple, list[int]]]:
+        if self.micro == 1:
+            return [(batch, ids)]
+        size = len(ids) // self.micro
+        return [
+            (tuple(t[k * size : (k + 1) * size] for t in batch), ids[k * size : (k + 1) * size])
+            for k in range(self.micro)
+        ]
 
 
-def gpt2_workload(name: str, n_layer: int, n_embd: int, n_head: int, batch: int, seq: int, val_seq: int) -> Workload:
+def gpt2_workload(
+    name: str, n_layer: int, n_embd: int, n_head: int, batch: int, seq: int, val_seq: int, micro: int = 1,
+    lora: int | None = None, methods: tuple[str, ...] | None = None, vocab: int = 4096,
+) -> Workload:
+    """GPT-2 on random tokens; ``micro`` micro-batches per step; ``lora``: rank of LoRA adapters on
+    the attention and MLP (``c_attn``, ``c_proj``, ``c_fc``) with the base frozen (peft)."""
     from transformers import GPT2Config
 
-    vocab = 4096
     cfg = GPT2Config(
         n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=max(seq, val_seq),
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
@@ -75,7 +107,8 @@ def gpt2_workload(name: str, n_layer: int, n_embd: int, n_head: int, batch: int,
 
     def make_model() -> nn.Module:
         torch.manual_seed(0)
-        return causal_lm(cfg)
+        model = causal_lm(cfg)
+        return model if lora is None else with_lora(model, lora)
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, vocab, (batch, seq), generator=g),) for _ in range(4)]
@@ -89,13 +122,34 @@ def gpt2_workload(name: str, n_layer: int, n_embd: int, n_head: int, batch: int,
         return F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum") / (batch_size * (seq - 1))
 
     d = n_embd
-    linears = [(d, 3 * d, True), (d, d, True), (d, 4 * d, True), (4 * d, d, True)] * n_layer
-    # The LM head, tied to the token embedding: Gram factors plus the embedding's rows as a residual.
-    linears.append((d, vocab, True))
+    blocks = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)] * n_layer
+    if lora is None:
+        # The LM head, tied to the token embedding: Gram factors plus the embedding's rows as a residual.
+        linears = [(a, b, True) for a, b in blocks] + [(d, vocab, True)]
+        frozen: list[tuple[int, int]] = []
+    else:
+        linears = [pair for a, b in blocks for pair in ((a, lora, True), (lora, b, True))]
+        frozen = [*blocks, (d, vocab)]
+    notes = f"GPT-2 {n_layer}x{n_embd}, vocab {vocab}, {batch}x{seq}"
+    if micro > 1:
+        notes += f" as {micro} micro-batches of {batch // micro}"
+    if lora is not None:
+        notes += f", LoRA rank {lora} on attention and MLP (base frozen)"
     return Workload(
         name, make_model, batches, val, loss, example_loss, lambda m: loss(m, val), seq, val_seq,
-        notes=f"GPT-2 {n_layer}x{n_embd}, vocab {vocab}, {batch}x{seq}, 1 val x {val_seq}", linears=linears,
+        notes=notes + f", 1 val x {val_seq}", linears=linears, frozen=frozen, micro=micro, methods=methods,
     )
+
+
+def with_lora(model: nn.Module, rank: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"],
+                         fan_in_fan_out=True)
+        return get_peft_model(model, cfg)
 
 
 def mlp_workload() -> Workload:
@@ -200,9 +254,16 @@ def encoder_workload() -> Workload:
     )
 
 
+ACCUMULATION_METHODS = ("plain", "order 1", "order 1 + book-keeping", "order 2 trapezoid", "plain AdamW",
+                        "Adam-aware order 1", "plain + validation pass")
+LORA_METHODS = ("plain", "order 1", "plain AdamW", "Adam-aware order 1", "torch.func per-example",
+                "plain + validation pass")
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "R": lambda: gpt2_workload("R", 4, 256, 4, 16, 128, 128),
     "S": lambda: gpt2_workload("S", 2, 768, 12, 8, 256, 128),
+    "A": lambda: gpt2_workload("A", 4, 256, 4, 32, 128, 128, micro=4, methods=ACCUMULATION_METHODS),
+    "L": lambda: gpt2_workload("L", 4, 256, 4, 16, 128, 128, lora=8, methods=LORA_METHODS),
     "M": mlp_workload,
     "E": moe_workload,
     "T": encoder_workload,
@@ -220,19 +281,24 @@ class Method:
         self.w = w
         self.model = w.make_model()
         self.model.train()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.optimizer == "adamw":
-            self.opt: torch.optim.Optimizer = torch.optim.AdamW(self.model.parameters(), lr=w.lr)
+            self.opt: torch.optim.Optimizer = torch.optim.AdamW(trainable, lr=w.lr)
         else:
-            self.opt = torch.optim.SGD(self.model.parameters(), lr=w.lr)
+            self.opt = torch.optim.SGD(trainable, lr=w.lr)
         self.setup()
 
     def setup(self) -> None:
         pass
 
     def step(self, batch: tuple, ids: list[int]) -> None:
-        self.w.loss(self.model, batch).backward()
+        for part, part_ids in self.w.micro_batches(batch, ids):
+            self.backward(part, part_ids)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+    def backward(self, batch: tuple, ids: list[int]) -> None:
+        (self.w.loss(self.model, batch) / self.w.micro).backward()
 
 
 class PlainAdam(Method):
@@ -247,11 +313,29 @@ class Tracked(Method):
         options = {"check": True, **self.options}
         self.tracker = InRunShapley(self.model, self.opt, val_loss=self.w.val_loss, **options)
 
-    def step(self, batch: tuple, ids: list[int]) -> None:
+    def backward(self, batch: tuple, ids: list[int]) -> None:
         with self.tracker.step(ids):
-            self.w.loss(self.model, batch).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+            super().backward(batch, ids)
+
+
+class PlainPlusValidation(Method):
+    """Plain training plus one validation forward/backward per optimizer step, on the thread count
+    the tracker's validation pass picks: the part of a valued step every method pays."""
+
+    name = "plain + validation pass"
+
+    def setup(self) -> None:
+        from .tracking.validation import ThreadChoice
+
+        self.threads = ThreadChoice("auto")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def step(self, batch: tuple, ids: list[int]) -> None:
+        with self.threads.applied(self.params[0].device):
+            self.model.eval()
+            torch.autograd.grad(self.w.val_loss(self.model), self.params)
+            self.model.train()
+        super().step(batch, ids)
 
 
 def tracked(name: str, optimizer: str = "sgd", **options: Any) -> type[Tracked]:
@@ -264,7 +348,7 @@ class TorchFuncBaseline(Method):
     name = "torch.func per-example"
 
     def step(self, batch: tuple, ids: list[int]) -> None:
-        params = [p for p in self.model.parameters()]
+        params = [p for p in self.model.parameters() if p.requires_grad]
         g_val = torch.autograd.grad(self.w.val_loss(self.model), params)
         B = batch[0].shape[0]
         with warnings.catch_warnings():
@@ -289,7 +373,7 @@ class BatchOneBaseline(Method):
     name = "batch-size-1 loop"
 
     def step(self, batch: tuple, ids: list[int]) -> None:
-        params = list(self.model.parameters())
+        params = [p for p in self.model.parameters() if p.requires_grad]
         g_val = torch.autograd.grad(self.w.val_loss(self.model), params)
         B = batch[0].shape[0]
         lr = self.opt.param_groups[0]["lr"]
@@ -318,22 +402,30 @@ METHODS: dict[str, type[Method]] = {
     "Adam-aware order 1": tracked("Adam-aware order 1", optimizer="adamw"),
     "torch.func per-example": TorchFuncBaseline,
     "batch-size-1 loop": BatchOneBaseline,
+    "plain + validation pass": PlainPlusValidation,
 }
 BASELINE_OF = {"Adam-aware order 1": "plain AdamW"}
 
 
 # ----------------------------------------------------------------------------- FLOP floors
 def floors(w: Workload) -> dict[str, float]:
-    """Multiply-adds added to training, as a ratio (1 + added / training), per method."""
+    """Multiply-adds added to training, as a ratio (1 + added / training), per method.
+
+    Per example of ``T`` positions: training is ``3·T·d·p`` per trainable linear layer (forward,
+    input gradient, weight gradient) and ``2·T·d·p`` per frozen one (no weight gradient); the
+    validation pass is training's count scaled by its share of the positions (``N`` validation
+    positions against the step's ``B·T``, whatever the number of micro-batches).
+    """
     T, N = w.tokens, w.val_tokens
-    B = w.batches[0][0].shape[0]
-    train = sum(3 * T * d * p for d, p, _ in w.linears)  # per example: forward + 2 backward GEMMs
+    B = w.examples
+    train = sum(3 * T * d * p for d, p, _ in w.linears) + sum(2 * T * d * p for d, p in w.frozen)
     val_pass = (N / (B * T)) * train  # forward + backward on the validation set, per example
     vector = sum(T * d * p for d, p, _ in w.linears)
     best = sum(min(T * d * p, T * N * (d + p)) if gram else T * d * p for d, p, gram in w.linears)
     out = {
         "plain": 1.0,
         "plain AdamW": 1.0,
+        "plain + validation pass": 1 + val_pass / train,
         "order 1": 1 + (val_pass + best) / train,
         "order 1 + book-keeping": 1 + val_pass / train,
         # SGD: g_val(θ_t+1) is the next step's validation pass, and a gradient, so Gram again.
@@ -390,26 +482,34 @@ def _status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def memory_probe(workload: str, method: str, steps: int) -> float:
-    """Peak memory (bytes) that ``steps`` steps of ``method`` need above what the process held
-    before them, in this fresh process. GPU: ``max_memory_allocated``. CPU (Linux): the peak
-    resident set size (``VmHWM``) after resetting it, minus the resident size before the steps;
-    the parent runs this with glibc mapping every large block separately, so that freed tensors
-    leave the resident set."""
+def memory_probe(workload: str, method: str, steps: int, warmup: int = 2) -> float:
+    """Peak memory (bytes) of ``method``'s steady-state steps above what the process held before
+    its first step, in this fresh process: ``warmup`` steps run first (the first step's row
+    verification replays the model once, a cost of the first step only), then the peak is reset
+    and ``steps`` more run; what the warm-up left allocated (optimizer state, a pending step's
+    factors) counts. GPU: ``max_memory_allocated``. CPU (Linux): the peak resident set size
+    (``VmHWM``, reset to the current size after the warm-up) minus the resident size before the
+    first step; the parent runs this with glibc mapping every large block separately, so that
+    freed tensors leave the resident set."""
     w = WORKLOADS[workload]()
     m = METHODS[method](w)
     B = w.batches[0][0].shape[0]
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
     else:
         base = _status_kib("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set size
-    for i in range(steps):
+    for i in range(warmup + steps):
+        if i == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset the peak resident set size to the current one
         m.step(w.batches[i % len(w.batches)], list(range(i * B, (i + 1) * B)))
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base)
     return float(_status_kib("VmHWM") * 1024 - base)
@@ -434,7 +534,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
     parser = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="R,S,M")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=None, help="comma-separated (default: each workload's own list)")
     parser.add_argument("--steps", type=positive_int, default=24, help="timed steps per method (>= 20 for results)")
     parser.add_argument("--rounds", type=positive_int, default=4, help="alternation rounds")
     parser.add_argument("--warmup", type=non_negative_int, default=2)
@@ -450,20 +550,23 @@ def run(args: argparse.Namespace) -> int:
     if args.memory_probe:
         print(json.dumps({"bytes": memory_probe(*args.memory_probe, steps=3)}))
         return 0
-    unknown = [n for n in args.methods.split(",") if n.strip() not in METHODS]
+    unknown = [n for n in (args.methods or "").split(",") if n.strip() and n.strip() not in METHODS]
     unknown += [w for w in args.workloads.split(",") if w not in WORKLOADS]
     if unknown:
         raise SystemExit(f"unknown method or workload {unknown}; methods: {list(METHODS)}, workloads: {list(WORKLOADS)}")
-    names = [n.strip() for n in args.methods.split(",")]
+    chosen = None if args.methods is None else [n.strip() for n in args.methods.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; medians of {args.steps} steps per method\n")
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; medians of {args.steps} steps per method; "
+          f"load average {os.getloadavg()[0]:.2f} at the start\n")
     for wname in args.workloads.split(","):
         w = WORKLOADS[wname]()
+        names = chosen or list(w.methods or METHODS)
         print(f"### Workload {wname}: {w.notes}", file=sys.stderr)
         times = time_methods(w, names, args.steps, args.warmup, args.rounds)
         memory = {} if args.no_memory else measure_memory(wname, names)
         floor = floors(w)
         print(f"### Workload {wname}: {w.notes}\n")
+        print(f"(load average {os.getloadavg()[0]:.2f} after the timing)\n")
         print("| method | median step (ms) | time ratio | FLOP floor | peak memory (MiB) | memory ratio |")
         print("|---|---:|---:|---:|---:|---:|")
         for n in names:
@@ -476,6 +579,10 @@ def run(args: argparse.Namespace) -> int:
             mem = memory[n] / memory[base] if memory and base in memory else float("nan")
             mib = memory[n] / 2**20 if memory else float("nan")
             print(f"| {n} | {med * 1000:.0f} | {ratio:.2f}x | {floor[n]:.2f}x | {mib:.0f} | {mem:.2f}x |")
+        if "plain + validation pass" in times and "plain" in times:
+            share = statistics.median(times["plain + validation pass"]) / statistics.median(times["plain"]) - 1
+            print(f"\nValidation pass: measured {100 * share:+.1f}% of a plain step, FLOP share "
+                  f"{100 * (floor['plain + validation pass'] - 1):+.1f}%.")
         print()
     return 0
 

@@ -75,7 +75,8 @@ class Bookkeeping:
             entry.route = "bookkeeping"
             self.add_dots(batch, entry, dots)
             if recorder.keep_factors:
-                cap.saved, cap.grad = own_leaf_tensors(x.detach()), grad_out.detach()
+                history = {x.untyped_storage().data_ptr()} if x.requires_grad or x.grad_fn is not None else set()
+                cap.saved, cap.grad = own_leaf_tensors(x.detach(), history), grad_out.detach()
                 cap.versions = versions(cap.saved)
 
         self.calls.add(entry.index)

@@ -159,7 +159,7 @@ class TrainRecorder:
         if self.keep_factors:
             # The factors are read again after the step: copy inputs that are the user's data
             # (a loop may refill one input buffer in place) and remember activations' versions.
-            saved = handler.keep(entry.module, own_leaf_tensors(saved))
+            saved = handler.keep(entry.module, own_leaf_tensors(saved, activation_storages(args, kwargs)))
         reduce = None if handler.multi_output else (Rows("batched", mb.size) if rows[0].shared else rows[0])
         cap = Capture(entry=entry, saved=saved, microbatch=mb, rows=reduce)
         if self.keep_factors or handler.multi_output:
@@ -291,12 +291,25 @@ class ValidationRecorder:
         return torch.unique(torch.cat(rows)) if rows else torch.zeros(0, dtype=torch.long)
 
 
-def own_leaf_tensors(saved: Any) -> Any:
-    """Copies of the tensors in ``saved`` that are user data (no autograd history)."""
+def activation_storages(args: tuple, kwargs: dict) -> set[int]:
+    """Storages of a call's inputs that have autograd history: activations the model computed
+    (``capture`` detaches what it keeps, so this is read from the call's own arguments)."""
+    leaves, _ = tree_flatten((args, kwargs))
+    return {
+        x.untyped_storage().data_ptr() for x in leaves
+        if isinstance(x, Tensor) and (x.requires_grad or x.grad_fn is not None)
+    }
+
+
+def own_leaf_tensors(saved: Any, activations: set[int] = frozenset()) -> Any:
+    """Copies of the tensors in ``saved`` that may be user data: every tensor but those whose
+    storage is in ``activations`` (inputs with autograd history, which no loop refills)."""
     if isinstance(saved, Tensor):
-        return saved.clone() if saved.grad_fn is None and not saved.requires_grad else saved
+        if saved.grad_fn is not None or saved.requires_grad:
+            return saved
+        return saved if saved.untyped_storage().data_ptr() in activations else saved.clone()
     if isinstance(saved, (list, tuple)):
-        items = [own_leaf_tensors(x) for x in saved]
+        items = [own_leaf_tensors(x, activations) for x in saved]
         return type(saved)(items) if isinstance(saved, tuple) else items
     return saved
 

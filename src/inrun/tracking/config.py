@@ -18,6 +18,7 @@ NonFinitePolicy = Literal["raise", "skip"]
 AdamLinearization = Literal["secant", "fixed_state"]
 Proxy = Literal["sgd"]
 Verify = Literal["on_change", "every_step"]
+ValThreads = Literal["auto", "all", "one"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,14 @@ class TrackerConfig:
     model's call against exact per-example gradients, :mod:`inrun.tracking.plan`):
     ``"on_change"`` at the first step and whenever a call's row layout is new; ``"every_step"``
     for every micro-batch (about one more forward and two backward passes each)."""
+    val_threads: ValThreads = "auto"
+    """CPU threads of the validation pass: ``"all"`` (torch's intra-op count), ``"one"``, or
+    ``"auto"``: whichever of the two its measured wall time says is faster (timed at the first
+    passes and re-timed now and then). A pass over a few validation rows is a sequence of small
+    kernels; on two threads each waits for both threads to be scheduled at once, which a busy
+    machine makes many times slower. The thread count can change the rounding of a reduction,
+    so values may differ in their last bits between runs with ``"auto"``; pin it to compare
+    runs bit for bit. Without effect on GPU."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -115,5 +124,5 @@ def _choices(annotation: Any) -> tuple[Any, ...] | None:
 _LITERALS = {
     "Order": Order, "SecondOrder": SecondOrder, "Route": Route, "Bookkeeping": Bookkeeping,
     "ValMode": ValMode, "NonFinitePolicy": NonFinitePolicy, "AdamLinearization": AdamLinearization,
-    "Proxy": Proxy, "Verify": Verify,
+    "Proxy": Proxy, "Verify": Verify, "ValThreads": ValThreads,
 }

@@ -179,10 +179,13 @@ class StepEngine:
             )
         if verify:
             try:
-                mb = self.verifier.verify(mb, calls)
+                verified = self.verifier.verify(mb, calls)
             except BaseException:
                 window.doomed = "the row verification refused the model"
                 raise
+            if verified is not mb:
+                mb.captures.clear()  # the replay's micro-batch replaces it (and a cycle holds its factors)
+            mb = verified
             self.check.groups = self.joint_groups()
         val = self.validation.current
         if mb.dots is None:

@@ -105,6 +105,13 @@ class Window:
     def dots(self) -> Tensor:
         return torch.cat([mb.dots for mb in self.micro], dim=1)
 
+    def release(self) -> None:
+        """Drop the micro-batches and what their calls kept. A capture and its micro-batch refer
+        to each other: without this, the kept factors would wait for Python's cycle collector."""
+        for mb in self.micro:
+            mb.captures.clear()
+        self.micro.clear()
+
     def value(self, first: np.ndarray, second: np.ndarray | None, lr: list[float]) -> None:
         self.first, self.second, self.lr = first, second, lr
         self.state = StepState.VALUED
@@ -140,7 +147,7 @@ class StepLog:
         else:
             self.ledger.add(window.step, window.ids, window.first, window.second, lr=window.lr)
             window.state = StepState.COMMITTED
-        window.micro.clear()
+        window.release()
 
     def skip(self, window: Window | None, reason: str, warn: bool = False) -> None:
         """End a window that no optimizer step will value (or the step with no window at all)."""

@@ -9,6 +9,8 @@ the user's training), and the parameters moved to ``θ + shift`` and restored bi
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +45,65 @@ class Validation:
         return self.grads[0].shape[0] if self.grads else 1
 
 
+class ThreadChoice:
+    """The intra-op thread count of the validation pass on CPU, chosen by its measured wall time.
+
+    Candidates: torch's current count and one thread. The first passes alternate between them;
+    then the faster (median of its last :data:`WINDOW` timings) runs, and every
+    :data:`PROBE_EVERY` passes the other is timed once more, so a change of the machine's load
+    changes the choice. Why it matters: one validation sequence is ~a thousand small kernels, each
+    an OpenMP parallel region that on two threads waits until both are scheduled; with one other
+    busy thread on a two-core machine a region waits for a scheduler time slice, and the pass took
+    1.5 s on two threads against 60 ms on one (workload R; docs/performance.md).
+    """
+
+    WINDOW = 3
+    PROBE_EVERY = 16
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.timings: dict[int, list[float]] = {}
+        self.passes = 0
+        self.last: int | None = None  # the count the last pass ran on (for inspect and the docs)
+
+    def pick(self, device: torch.device) -> int | None:
+        """The thread count the next pass runs on (``None``: leave torch's setting alone)."""
+        full = torch.get_num_threads()
+        if device.type != "cpu" or full == 1 or self.mode == "all":
+            return None
+        if self.mode == "one":
+            return 1
+        candidates = (full, 1)
+        unmeasured = [c for c in candidates if len(self.timings.get(c, [])) < 2]
+        if unmeasured:
+            return unmeasured[0]
+        best = min(candidates, key=lambda c: statistics.median(self.timings[c][-self.WINDOW:]))
+        if self.passes % self.PROBE_EVERY == self.PROBE_EVERY - 1:
+            return candidates[1] if best == candidates[0] else candidates[0]
+        return best
+
+    @contextlib.contextmanager
+    def applied(self, device: torch.device, timed: bool = True) -> Iterator[None]:
+        threads = self.pick(device)
+        if threads is None:
+            yield
+            return
+        full = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            torch.set_num_threads(full)
+        self.last = threads
+        if timed and self.mode == "auto":
+            self.passes += 1
+            key = full if threads == full else 1
+            self.timings.setdefault(key, []).append(elapsed)
+            del self.timings[key][: -self.WINDOW]
+
+
 class ValidationPass:
     """Runs ``val_loss`` and keeps its gradient until the parameters change."""
 
@@ -55,6 +116,7 @@ class ValidationPass:
         self.captures_gram = policy.captures_gram
         self.version = 0
         self.current: Validation | None = None
+        self.threads = ThreadChoice(config.val_threads)
 
     def parameters_changed(self) -> None:
         self.version += 1
@@ -88,7 +150,7 @@ class ValidationPass:
     def _pass(self, shift: list[Tensor] | None, step: int) -> Validation:
         params = self.table.params
         recorder = ValidationRecorder(self.entries) if self.captures_gram else None
-        with self._evaluate(shift, recorder, step) as loss:
+        with self.threads.applied(self.table.device), self._evaluate(shift, recorder, step) as loss:
             if loss.dim() == 1 and recorder is not None:
                 recorder.discard()  # per-validation columns use the vector route
                 recorder = None
@@ -119,7 +181,8 @@ class ValidationPass:
         hvps: list[list[Tensor]] = []
         # Fused attention kernels have no double backward: the math backend computes the same
         # attention and can be differentiated twice.
-        with _math_attention(), self._evaluate(shift, None, step) as loss:
+        with self.threads.applied(self.table.device, timed=False), _math_attention(), \
+                self._evaluate(shift, None, step) as loss:
             columns = [loss] if loss.dim() == 0 else list(loss)
             for k, column in enumerate(columns):
                 g = torch.autograd.grad(column, params, create_graph=True, allow_unused=True)
