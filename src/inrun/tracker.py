@@ -30,6 +30,7 @@ from .tracking.config import (
     SecondOrder,
     TrackerConfig,
     ValMode,
+    ValThreads,
     Verify,
 )
 from .tracking.cost import StepCost
@@ -81,6 +82,8 @@ class InRunShapley:
         verify: when the tracker proves that each layer's rows belong to their examples (a replay
             of the model's call against exact per-example gradients): ``"on_change"`` (the first
             step and whenever a layer's row layout is new) or ``"every_step"``.
+        val_threads: CPU threads of the validation pass: ``"all"`` (torch's), ``"one"``, or
+            ``"auto"`` (the faster by measured time; last bits then depend on the load).
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
         validation_ids: one label per validation example when ``val_loss`` returns a vector:
             the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
@@ -120,6 +123,7 @@ class InRunShapley:
         adam: AdamLinearization = "secant",
         proxy: Proxy | None = None,
         verify: Verify = "on_change",
+        val_threads: ValThreads = "all",
         ledger: ValueLedger | None = None,
         validation_ids: Sequence[Any] | None = None,
         **unknown: Any,
@@ -128,7 +132,7 @@ class InRunShapley:
         self.config = TrackerConfig.from_options(dict(
             order=order, second_order=second_order, route=route, bookkeeping=bookkeeping, check=check,
             check_rtol=check_rtol, on_nonfinite=on_nonfinite, val_mode=val_mode, keep_trace=keep_trace,
-            adam=adam, proxy=proxy, verify=verify, **unknown,
+            adam=adam, proxy=proxy, verify=verify, val_threads=val_threads, **unknown,
         ))
         self.model = model
         self.val_loss = val_loss

@@ -60,14 +60,15 @@ class TrackerConfig:
     model's call against exact per-example gradients, :mod:`inrun.tracking.plan`):
     ``"on_change"`` at the first step and whenever a call's row layout is new; ``"every_step"``
     for every micro-batch (about one more forward and two backward passes each)."""
-    val_threads: ValThreads = "auto"
+    val_threads: ValThreads = "all"
     """CPU threads of the validation pass: ``"all"`` (torch's intra-op count), ``"one"``, or
     ``"auto"``: whichever of the two its measured wall time says is faster (timed at the first
     passes and re-timed now and then). A pass over a few validation rows is a sequence of small
     kernels; on two threads each waits for both threads to be scheduled at once, which a busy
-    machine makes many times slower. The thread count can change the rounding of a reduction,
-    so values may differ in their last bits between runs with ``"auto"``; pin it to compare
-    runs bit for bit. Without effect on GPU."""
+    machine makes many times slower. ``"all"`` by default because the thread count changes the
+    rounding of a reduction: under ``"auto"`` the values depend on the machine's load in their
+    last bits, so two runs, or a run and its resumed copy, are no longer bit for bit equal.
+    Without effect on GPU."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
