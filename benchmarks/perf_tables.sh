@@ -22,8 +22,8 @@ declare -A METHODS=(
   [A]=""  # the workload's own list: SGD and AdamW, order 1, book-keeping, the trapezoid
   [L]=""  # the workload's own list: SGD and AdamW, order 1, torch.func per-example
   [M]="$order1,order 2 trapezoid,order 2 hessian,plain AdamW,Adam-aware order 1,torch.func per-example,batch-size-1 loop"
-  [E]="plain,order 1,plain + validation pass"
-  [T]="plain,order 1,plain + validation pass"
+  [E]="plain,order 1,plain + validation pass,torch.func per-example"  # issue 13: against per-example gradients
+  [T]="plain,order 1,plain + validation pass,torch.func per-example"
 )
 
 {
