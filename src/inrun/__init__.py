@@ -16,11 +16,12 @@ from .errors import (
     ValidationLossError,
 )
 from .ledger import ValueLedger, ValueTable
-from .tracker import Coverage, InRunShapley, TrackerConfig
+from .tracker import AuditConfig, Coverage, InRunShapley, TrackerConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditConfig",
     "BatchMismatchError",
     "ConsistencyError",
     "Coverage",

@@ -11,7 +11,7 @@ removes it and every hook, leaving the model and optimizer exactly as they were.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -23,6 +23,7 @@ from .errors import BatchMismatchError, InRunError, StepOrderError, UnsupportedM
 from .layers.norm import batchnorm_message
 from .ledger import ValueLedger, ValueTable, check_ids
 from .optim import UpdateRule
+from .tracking.audit import AuditConfig, StepAudit
 from .tracking.config import (
     AdamLinearization,
     Bookkeeping,
@@ -39,7 +40,7 @@ from .tracking.coverage import Coverage
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
 
-__all__ = ["Coverage", "InRunShapley", "TrackerConfig"]
+__all__ = ["AuditConfig", "Coverage", "InRunShapley", "TrackerConfig"]
 
 
 class InRunShapley:
@@ -81,6 +82,10 @@ class InRunShapley:
             of the model's call against exact per-example gradients): ``"on_change"`` (the first
             step and whenever a layer's row layout is new) or ``"every_step"``.
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
+        audit: check the values during the run against exact Shapley values of sampled steps
+            (an :class:`~inrun.AuditConfig`, a dict of its settings, or ``True`` for the defaults:
+            every 100 steps, 8 examples; see :mod:`inrun.tracking.audit`). Off by default. It
+            never changes training; its cost is measured (:attr:`audit`).
 
     Example:
         >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP
@@ -110,6 +115,7 @@ class InRunShapley:
         proxy: Proxy | None = None,
         verify: Verify = "on_change",
         ledger: ValueLedger | None = None,
+        audit: AuditConfig | Mapping[str, Any] | bool | None = None,
         **unknown: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -124,7 +130,8 @@ class InRunShapley:
         self.model = model
         self.val_loss = val_loss
         self.ledger = ledger if ledger is not None else ValueLedger(keep_trace=self.config.keep_trace)
-        self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger)
+        self.audit_config = AuditConfig.of(audit)
+        self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger, audit=self.audit_config)
         self.module = self._engine.module
         self.optimizer = self._engine.optimizer
 
@@ -239,6 +246,14 @@ class InRunShapley:
         return self._engine.rule
 
     @property
+    def audit(self) -> StepAudit | None:
+        """The run's audit (``None`` unless ``audit=`` was given): per audited step the exact
+        Shapley values of a sampled sub-batch next to the tracker's, with Pearson, Spearman,
+        relative RMSE, efficiency gap and cost (``audit.steps``, ``audit.values``,
+        ``audit.summary()``; as tables: :func:`inrun.views.audit_frames`)."""
+        return self._engine.audit
+
+    @property
     def world_size(self) -> int:
         """Processes of the DDP group the model trains in (1 without DDP)."""
         return 1 if self._engine.ddp is None else self._engine.ddp.world_size
@@ -253,7 +268,10 @@ class InRunShapley:
         if self._engine.mid_step():
             raise StepOrderError("a checkpoint must be taken between optimizer steps, not inside one")
         self.flush()
-        return {"step_count": self.step_count, "config": asdict(self.config)}
+        state: dict[str, Any] = {"step_count": self.step_count, "config": asdict(self.config)}
+        if self._engine.audit is not None:
+            state["audit"] = self._engine.audit.state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any], ledger: ValueLedger | None = None) -> None:
         """Restore :meth:`state_dict` (and optionally the ledger saved with it)."""
@@ -261,6 +279,8 @@ class InRunShapley:
         if saved != self.config:
             raise InRunError(f"checkpoint was made with {saved}, this tracker has {self.config}")
         self.step_count = int(state["step_count"])
+        if self._engine.audit is not None and state.get("audit") is not None:
+            self._engine.audit.load_state(state["audit"])
         if ledger is not None:
             self.ledger = ledger
             self._engine.log.ledger = ledger

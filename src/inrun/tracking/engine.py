@@ -29,6 +29,7 @@ from ..errors import StepOrderError
 from ..integrations.ddp import DDPSync
 from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
+from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
 from .capture import Hooks, TrainRecorder
 from .check import ConsistencyCheck, column_sum
@@ -57,7 +58,7 @@ class StepEngine:
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, val_loss: Any, config: TrackerConfig,
-        ledger: ValueLedger,
+        ledger: ValueLedger, audit: AuditConfig | None = None,
     ) -> None:
         self.config = config
         self.module = unwrap_model(model)
@@ -87,9 +88,11 @@ class StepEngine:
             if config.bookkeeping != "off" else None
         )
         self.plan = Plan()
-        self.root_calls = RootCalls(self.module, wanted=self._verifying)
+        self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads)
         self.verifier = RowVerifier(self)
         self.hooks.install()
+        # The audit (exact Shapley values of sampled steps) only reads: see tracking/audit.py.
+        self.audit = StepAudit(audit, self, val_loss) if audit is not None else None
         self._optimizer_hooks = [
             self.optimizer.register_step_pre_hook(self.pre_step),
             self.optimizer.register_step_post_hook(self.post_step),
@@ -112,6 +115,8 @@ class StepEngine:
         self.root_calls.arm(len(ids))
         self.recorder = self.make_recorder(MicroBatch(ids=ids, size=len(ids)), self.rule.keeps_factors,
                                            lambda e: e.index in self.plan.shared_safe)
+        if self.audit is not None:
+            self.audit.open_microbatch(self.window, ids)  # audit: is this step audited?
         return self.recorder
 
     def make_recorder(self, mb: MicroBatch, keep_factors: bool, expand_shared: Any) -> TrainRecorder:
@@ -125,11 +130,17 @@ class StepEngine:
         mb = self.recorder.microbatch if self.recorder is not None else None
         return mb is not None and (mb.off_plan or bool(mb.unresolved) or self.config.verify == "every_step")
 
+    def _wants_output_grads(self) -> bool:
+        """The model's output gradients are kept for the row verification, and on audited steps."""
+        return self._verifying() or (self.audit is not None and self.audit.recording)
+
     def close_microbatch(self, recorder: TrainRecorder, error: BaseException | None) -> None:
         verify = self._verifying()
         recorder.open = False
         self.recorder = None
         calls = self.root_calls.disarm()
+        if self.audit is not None:
+            self.audit.close_microbatch(recorder.microbatch.ids, error, calls)  # audit: the players' gradients
         window = self.window
         if error is not None:
             if window is not None:
@@ -234,6 +245,8 @@ class StepEngine:
                 ratio = ratio / self.ddp.world_size
         first, second = self.rule.at_step(window, grads, ratio)
         self.check.finalize(window, first, second, lr=self.table.learning_rates(self.optimizer))
+        if self.audit is not None:
+            self.audit.at_step(window, ratio)  # audit: θ_t and the optimizer state before the step
 
     def post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.validation.parameters_changed()  # any cached validation gradient is stale
@@ -268,6 +281,8 @@ class StepEngine:
         return coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
 
     def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
         self.hooks.remove()
         self.root_calls.remove()
         for h in self._optimizer_hooks:
