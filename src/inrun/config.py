@@ -324,12 +324,13 @@ class AuditSection:
     enabled: bool = _help("audit the values during the run (its cost is measured and printed)", True)
     every: int = _help("audit steps every, 2*every, ... (0: only the steps in 'at')", 100)
     at: tuple[int, ...] = _help("further steps to audit (0-based; step 0 only if named)", ())
-    players: int = _help("examples drawn from the step's batch (all of them if the batch is smaller)", 8)
+    players: int = _help("examples drawn from the step's batch (all of them if the batch is smaller): 2^players validation losses per audit", 6)
     max_exact: int = _help("enumerate every subset up to this many players; Monte Carlo beyond", 12)
     permutations: int = _help("Monte-Carlo permutations beyond max_exact players", 256)
     warn_below: float = _help("a step is unfaithful when Pearson is below this and relative RMSE above warn_rmse", 0.7)
     warn_rmse: float = _help("see warn_below", 0.3)
     precision: str = _help("'float64' (the game on a float64 copy of the model) or 'model' (its dtype)", "float64")
+    budget: float = _help("at most this share of the run's wall time goes to the audit (a due step over it is skipped)", 0.2)
 
     def __post_init__(self) -> None:
         from .tracking.audit import AuditError
@@ -349,7 +350,7 @@ class AuditSection:
         return AuditConfig(
             every=self.every, at=self.at, players=self.players, max_exact=self.max_exact,
             permutations=self.permutations, seed=seed, warn_below=self.warn_below, warn_rmse=self.warn_rmse,
-            precision=self.precision,  # type: ignore[arg-type]
+            precision=self.precision, budget=self.budget,  # type: ignore[arg-type]
         )
 
 

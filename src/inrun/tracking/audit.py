@@ -124,6 +124,9 @@ class AuditConfig:
     precision: Precision = "float64"
     """``"float64"``: the game on a float64 copy of the model (a utility is a difference of two
     nearby losses: float32 rounding would blur small steps); ``"model"``: in the model's dtype."""
+    budget: float | None = None
+    """At most this share of the wall time since the tracker was made goes to the audit: a due
+    step is skipped (and recorded as such) while the audit has spent more. ``None``: no limit."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "at", tuple(sorted({int(s) for s in self.at})))
@@ -143,6 +146,8 @@ class AuditConfig:
             raise AuditError(f"audit.warn_rmse={self.warn_rmse}: must be > 0")
         if self.precision not in PRECISIONS:
             raise AuditError(f"audit.precision={self.precision!r} is not one of {PRECISIONS}")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise AuditError(f"audit.budget={self.budget}: a share of the run's time, in (0, 1] (or None: no limit)")
 
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` is audited."""
@@ -226,6 +231,7 @@ class _Sample:
     seen: int = 0
     slots: list[_Player] = field(default_factory=list)
     refused: str | None = None
+    skipped: str | None = None  # not audited at all (over the time budget)
     seconds: float = 0.0
 
     def offer(self, ids: Sequence[Any]) -> list[_Player]:
@@ -277,6 +283,8 @@ class StepAudit:
         self._baseline: list[Tensor | None] | None = None
         self._waiting: list[tuple[Window, list[int], int]] = []  # (window, player positions, first value row)
         self._precision: Precision = config.precision
+        self._clock = time.perf_counter()
+        self._spent = 0.0  # seconds the audit took in this process (the budget's numerator)
 
     # ------------------------------------------------------------------ micro-batches
     def open_microbatch(self, window: Window, ids: list) -> None:
@@ -286,6 +294,15 @@ class StepAudit:
         if self._sample is None or self._sample.step != step:
             seed = np.random.SeedSequence([self.config.seed, step])
             self._sample = _Sample(step, self.config.players, np.random.default_rng(seed))
+            budget = self.config.budget
+            elapsed = time.perf_counter() - self._clock
+            if budget is not None and self._spent > budget * elapsed:
+                self._sample.skipped = (
+                    f"over the time budget: the audit took {self._spent:.0f} s of {elapsed:.0f} s "
+                    f"(> {budget:.0%})"
+                )
+        if self._sample.skipped is not None:
+            return
         # The micro-batch's own gradient is p.grad after it minus p.grad before it (accumulation).
         with torch.no_grad():
             self._baseline = [None if p.grad is None else p.grad.detach().clone() for p in self.engine.table.params]
@@ -359,6 +376,11 @@ class StepAudit:
             return
         players = sorted(sample.slots, key=lambda p: p.position)
         row = self._base_row(window, len(players), sample.seen)
+        self._spent += sample.seconds
+        if sample.skipped is not None:
+            row.update(status="skipped", reason=sample.skipped)
+            self.steps.append(row)
+            return
         if sample.refused is None and any(p.grads is None for p in players):
             sample.refused = "a player's gradient is missing"
         if sample.refused is not None:
@@ -376,6 +398,7 @@ class StepAudit:
             self._tell(f"audit of step {window.step} refused: {exc}")
             return
         exact_values, stderr, approx, method, evaluations = result
+        self._spent += time.perf_counter() - t0
         numbers = fidelity(exact_values, approx)
         flagged = (
             len(players) >= 4 and numbers["pearson"] < self.config.warn_below
@@ -585,6 +608,7 @@ class _Refused(Exception):
 def audit_summary(steps: Sequence[Mapping[str, Any]], config: AuditConfig | None = None) -> dict[str, Any]:
     """Headline numbers of an audit: how many steps, how faithful, what it cost."""
     ok = [r for r in steps if r["status"] == "ok"]
+    skipped = [r["step"] for r in steps if r["status"] == "skipped"]
 
     def median(key: str) -> float:
         xs = [r[key] for r in ok if r[key] is not None and np.isfinite(r[key])]
@@ -597,7 +621,8 @@ def audit_summary(steps: Sequence[Mapping[str, Any]], config: AuditConfig | None
     flagged = [r["step"] for r in ok if r["flagged"]]
     return {
         "audited_steps": len(ok),
-        "refused_steps": len(steps) - len(ok),
+        "refused_steps": len(steps) - len(ok) - len(skipped),
+        "skipped_steps": skipped,
         "flagged_steps": flagged,
         "median_pearson": median("pearson"),
         "median_spearman": median("spearman"),
