@@ -298,7 +298,7 @@ class StepAudit:
             elapsed = time.perf_counter() - self._clock
             if budget is not None and self._spent > budget * elapsed:
                 self._sample.skipped = (
-                    f"over the time budget: the audit took {self._spent:.0f} s of {elapsed:.0f} s "
+                    f"over the time budget: the audit took {self._spent:.1f} s of {elapsed:.1f} s "
                     f"(> {budget:.0%})"
                 )
         if self._sample.skipped is not None:
