@@ -20,7 +20,7 @@ from inrun.auditlog import load_audit
 from inrun.cli import main
 from inrun.config import parse_config
 from inrun.rundir import RunDir
-from inrun.runner import train
+from inrun.runner import RunInterrupted, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,7 +149,7 @@ def test_inspect_a_run_directory(audited_run, capsys) -> None:
     assert "Audited steps" in out and "Step-normalized view" in out and "Value per source and stage" in out
     assert "Values over steps 30-end only" in out
     assert main(["inspect", str(audited_run.path), "--window", "9:3"]) == 1
-    assert "START:STOP" in capsys.readouterr().out
+    assert "START:STOP" in capsys.readouterr().err
 
 
 def test_the_audit_of_a_run_resumes_where_it_stopped(tmp_path) -> None:
@@ -164,7 +164,7 @@ def test_the_audit_of_a_run_resumes_where_it_stopped(tmp_path) -> None:
 
     threads = torch.get_num_threads()
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(RunInterrupted):
             train(config, progress=stop_after_25)
         # the checkpoint after 20 steps (0-19) holds the audit of step 10; step 20 is audited again on resume
         assert [r["step"] for r in load_audit(tmp_path / "cut").steps] == [10]

@@ -74,7 +74,7 @@ def inspect_run(
                 "[red]unfaithful[/]" if r["flagged"] else "",
             )
         console.print(table)
-    if not rd.file("trace.parquet").exists():
+    if not rd.ledger().keep_trace:
         console.print("Views: this run kept no per-step trace (values.trace = false).")
         return
     previews = _previews(rd)

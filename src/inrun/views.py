@@ -52,10 +52,10 @@ def trace_frame(source: Any) -> Any:
         from .summary import value_frame
 
         rd = RunDir(source)
-        path = rd.file("trace.parquet")
-        if not path.exists():
+        tr = rd.ledger().trace()
+        if tr is None:
             raise LedgerError(f"{rd.path} has no per-step trace (values.trace = false): views need it")
-        trace = pd.read_parquet(path)
+        trace = pd.DataFrame({k: tr[k] for k in ("step", "id", "first_order", "second_order")})
         frame = value_frame(rd)
         sources = dict(zip(frame["id"], frame["source"]))
     else:

@@ -306,12 +306,12 @@ class StepAudit:
         # The micro-batch's own gradient is p.grad after it minus p.grad before it (accumulation).
         with torch.no_grad():
             self._baseline = [None if p.grad is None else p.grad.detach().clone() for p in self.engine.table.params]
-        self.calls.arm(len(ids))
+        self.recording = True
 
-    def close_microbatch(self, ids: list, error: BaseException | None) -> None:
-        if not self.calls.armed:
+    def close_microbatch(self, ids: list, error: BaseException | None, calls: list[RootCall]) -> None:
+        if not self.recording:
             return
-        calls = self.calls.disarm()
+        self.recording = False
         sample, baseline, self._baseline = self._sample, self._baseline, None
         if sample is None or sample.refused is not None:
             return
