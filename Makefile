@@ -17,8 +17,10 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(BIN)/inrun demo
 
+# Byte-code is written (an empty PYTHONDONTWRITEBYTECODE is unset): the install skips compiling,
+# so every process of the suite (the CLI tests start many) would otherwise compile torch again.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -38,7 +38,6 @@ from cli_helpers import digits_config, run_in_process  # noqa: E402
 from inrun.errors import InRunError  # noqa: E402
 from inrun.rundir import RunDir  # noqa: E402
 
-
 AUDITED = ("audit.every=5", "audit.players=4", "audit.budget=1.0")
 """The run audits steps 5, 10 and 15, so its audit files hold rows to damage."""
 

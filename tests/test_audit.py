@@ -17,7 +17,8 @@ from torch import nn
 
 from inrun import AuditConfig, InRunShapley, exact
 from inrun.auditlog import load_audit, save_audit
-from inrun.tracking.audit import AuditError, fidelity
+from inrun.tracking.auditconfig import AuditError
+from inrun.tracking.auditgame import fidelity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The repository itself: no merge-conflict markers left in any tracked text file."""
+"""The repository itself: no merge-conflict markers, no import cycle, the tracker kept in parts."""
 
 from __future__ import annotations
 
@@ -75,3 +75,14 @@ def test_no_import_cycle_in_the_package() -> None:
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+def test_the_tracker_stays_in_parts() -> None:
+    """The facade reads on a few screens and no part of the tracker grows into a second tracker
+    (issue 12: facade under 300 lines, each module of ``inrun.tracking`` under 400)."""
+    src = Path(__file__).resolve().parents[1] / "src" / "inrun"
+    facade = len((src / "tracker.py").read_text().splitlines())
+    assert facade < 300, f"src/inrun/tracker.py has {facade} lines: move the work into inrun/tracking"
+    too_long = {p.name: n for p in (src / "tracking").glob("*.py")
+                if (n := len(p.read_text().splitlines())) >= 400}
+    assert not too_long, f"modules of inrun/tracking over 400 lines: {too_long}"

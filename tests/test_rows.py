@@ -262,3 +262,18 @@ def test_coverage_says_the_route_and_the_module_level_of_each_parameter() -> Non
     assert rows["lin.weight"] == ("fallback", "SequenceFirst (site)")
     assert rows["l1.weight"] == ("vector:linear", "l1") and rows["head.bias"] == ("vector:linear", "head")
     assert "lin.weight -> SequenceFirst (site)" in str(tracker.coverage())
+
+
+def test_verifying_every_step_gives_the_same_values() -> None:
+    from helpers import microbatch_values
+
+    def run(verify: str) -> list[float]:
+        torch.manual_seed(0)
+        model = Permuted().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+        xv = torch.randn(3, 5, generator=g, dtype=torch.float64)
+        return microbatch_values(model, opt, lambda m: m(xv).logsumexp(-1).mean(), x, y, chunks=2, verify=verify)
+
+    torch.testing.assert_close(torch.tensor(run("every_step")), torch.tensor(run("on_change")), rtol=1e-12, atol=1e-15)

@@ -15,8 +15,9 @@ from .errors import (
     UnsupportedOptimizerError,
     ValidationLossError,
 )
-from .ledger import ValueLedger, ValueTable
-from .tracker import AuditConfig, Coverage, InRunShapley, TrackerConfig
+from .ledger import PerValidation, ValueLedger, ValueTable
+from .library_run import RunWriter
+from .tracker import AuditConfig, Coverage, InRunShapley, StepCost, TrackerConfig
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,9 @@ __all__ = [
     "InRunShapley",
     "LedgerError",
     "NonFiniteError",
+    "PerValidation",
+    "RunWriter",
+    "StepCost",
     "StepOrderError",
     "TrackerConfig",
     "UnsupportedModuleError",

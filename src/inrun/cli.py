@@ -1,4 +1,4 @@
-"""The ``inrun`` command line: demo, train, report, curate, inspect, bench.
+"""The ``inrun`` command line: demo, train, report, baselines, curate, inspect, bench.
 
 Every command that runs for long shows a progress bar (step, loss, examples/s, ETA). Errors
 that inrun raises on purpose (bad config, data, run directory...) and errors of the system
@@ -142,6 +142,12 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         raise InRunError("give --config FILE for a new run, or --resume RUN_DIR to continue one")
     if args.resume is not None:
         rd = RunDir(args.resume)
+        if rd.exists and not rd.rerunnable:
+            raise InRunError(
+                f"{rd.path} was written by {rd.kind} (not `inrun train`), so only that loop can continue "
+                "it: open it again there with resume=True (inrun.RunWriter), or resume the Trainer or "
+                "Lightning from their checkpoint"
+            )
         saved = rd.saved_config()[0] if rd.exists else None
         if args.config is not None:
             config = load_config(args.config, args.set)
@@ -205,6 +211,15 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_baselines(args: argparse.Namespace, console: Console) -> int:
+    from .baseline_run import compute_baselines
+
+    with console.status("final-checkpoint loss, gradient cosine and KNN-Shapley of every training example"):
+        path = compute_baselines(args.run_dir)
+    console.print(f"Baselines: [bold]{path.resolve()}[/] (shown by `inrun report`)")
+    return 0
+
+
 def cmd_curate(args: argparse.Namespace, console: Console) -> int:
     from .curate import curate, retrain
 
@@ -213,9 +228,19 @@ def cmd_curate(args: argparse.Namespace, console: Console) -> int:
         f"drop {selection.drop}: keeping {selection.kept:,} of {selection.total:,} training examples "
         f"({selection.dropped:,} dropped, {selection.unvalued:,} never valued are kept)"
     )
-    console.print(f"Kept ids: {selection.kept_path}\nConfig for the kept data: {selection.kept_config}")
+    console.print(f"Kept ids: {selection.kept_path}\nDropped ids: {selection.dropped_path}")
+    if selection.kept_config is not None:
+        console.print(f"Config for the kept data: {selection.kept_config}")
     if selection.filtered_data is not None:
         console.print(f"Filtered data file: {selection.filtered_data}")
+    if not selection.run_dir.rerunnable:
+        if args.retrain:
+            retrain(selection, seeds=args.seeds)  # refused, with what to do instead
+        console.print(
+            f"This run was written by {selection.run_dir.kind}, not `inrun train`: train your loop on "
+            f"the kept ids and on {selection.random_path} (a random subset of the same size) to compare."
+        )
+        return 0
     if not args.retrain:
         console.print("Add --retrain to compare training on the kept data with a random subset of the same size.")
         return 0
@@ -223,12 +248,15 @@ def cmd_curate(args: argparse.Namespace, console: Console) -> int:
     def progress_for(name: str, steps: int) -> Any:
         return training_progress(console, name, steps)
 
-    result = retrain(selection, progress_for=progress_for)
-    table = Table(title=f"Curation (drop {selection.drop}): final validation loss", title_justify="left")
+    result = retrain(selection, progress_for=progress_for, seeds=args.seeds)
+    seeds = len(result["seeds"])
+    title = f"Curation (drop {selection.drop}): final validation loss" + (f", mean ± sd over {seeds} seeds" if seeds > 1 else "")
+    table = Table(title=title, title_justify="left")
     for col in ("run", "training examples", "final validation loss"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for name, curve in result["curves"].items():
-        table.add_row(name, f"{curve['examples']:,}", f"{curve['val_loss'][-1]:.4f}")
+        final = f"{curve['final_mean']:.4f}" + (f" ± {curve['final_std']:.4f}" if seeds > 1 else "")
+        table.add_row(name, f"{curve['examples']:,}", final)
     console.print(table)
     console.print(f"Plot: {result['plot']}")
     if result.get("report"):
@@ -244,11 +272,13 @@ def _window(text: str | None, parse: Callable[[str | None], Any]) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
-    from .inspect import inspect_target
+    from .inspect import inspect_run_dir, inspect_target
     from .runinspect import inspect_run, is_run_dir, parse_window
 
     if is_run_dir(args.target):
-        inspect_run(args.target, console, top=args.top, stages=args.stages, window=_window(args.window, parse_window))
+        window = _window(args.window, parse_window)
+        inspect_run(args.target, console, top=args.top, stages=args.stages, window=window)
+        inspect_run_dir(args.target).print(console, modules=args.modules)
         return 0
 
     report = inspect_target(
@@ -363,10 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--window", metavar="START:STOP", help="also list the values over steps START..STOP-1 (a view)")
     report.set_defaults(func=cmd_report)
 
+    baselines = sub.add_parser("baselines", help="final-checkpoint loss, gradient cosine and KNN-Shapley beside the values")
+    baselines.add_argument("run_dir")
+    baselines.set_defaults(func=cmd_baselines)
+
     curate = sub.add_parser("curate", help="drop low-value examples; --retrain compares with a random subset")
     curate.add_argument("run_dir")
     curate.add_argument("--drop", required=True, help="'negative' (value < 0) or 'bottom:FRACTION' (e.g. bottom:0.1)")
     curate.add_argument("--retrain", action="store_true", help="retrain on the kept data and on a random subset of the same size")
+    curate.add_argument("--seeds", type=positive_int, default=1, help="with --retrain: seeds per arm, for a mean and a spread (default 1)")
     curate.set_defaults(func=cmd_curate)
 
     inspect = sub.add_parser(

@@ -41,6 +41,7 @@ from typing import Any
 import tomllib
 
 from .errors import InRunError
+from .storage import utf8_text
 
 try:
     import tomllib
@@ -333,7 +334,7 @@ class AuditSection:
     budget: float = _help("at most this share of the run's wall time goes to the audit (a due step over it is skipped)", 0.2)
 
     def __post_init__(self) -> None:
-        from .tracking.audit import AuditError
+        from .tracking.auditconfig import AuditError
 
         try:
             self.audit_config(seed=0)
@@ -343,7 +344,7 @@ class AuditSection:
 
     def audit_config(self, seed: int) -> Any:
         """The :class:`inrun.AuditConfig` of this section (``None`` when disabled), seeded with the run's seed."""
-        from .tracking.audit import AuditConfig
+        from .tracking.auditconfig import AuditConfig
 
         if not self.enabled:
             return None
@@ -546,14 +547,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
 
 def decode_utf8(raw: bytes, source: str, error: Any) -> str:
     """``raw`` as UTF-8 text; else ``error(source, reason)`` naming the line and byte."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise error(
-            source, f"line {line}, column {column}: byte 0x{raw[exc.start]:02x} is not UTF-8; save the file as UTF-8"
-        ) from None
+    return utf8_text(raw, lambda line, column, byte: error(
+        source, f"line {line}, column {column}: byte 0x{byte:02x} is not UTF-8; save the file as UTF-8"))
 
 
 def parse_config(

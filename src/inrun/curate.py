@@ -13,7 +13,13 @@ curated run samples only from the kept examples; the control samples as many ran
 Values are not computed in these runs (``values.enabled = false``); training is the same with
 or without the tracker.
 
+With ``seeds = N`` each arm (kept, random, all data) is trained N times (seeds ``seed``...
+``seed + N - 1``, each with its own random subset), and the results are the mean and the spread.
+
 Examples never in a valued step (count 0) have no value: they are kept.
+
+A run of your own loop, the Trainer or Lightning (``run.json`` kind other than ``"cli"``) gets
+the id lists; inrun cannot train it again, so :func:`retrain` refuses it and says what to do.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ KEPT, RANDOM, ORIGINAL = "kept (curated)", "random subset", "original (all data)
 
 @dataclass
 class Selection:
-    """What :func:`curate` chose and wrote."""
+    """What :func:`curate` chose and wrote; the configs are ``None`` for a run that inrun cannot
+    train again (one of your own loop, the Trainer or Lightning)."""
 
     run_dir: RunDir
     drop: str
@@ -51,10 +58,11 @@ class Selection:
     unvalued: int
     kept_path: Path
     random_path: Path
-    kept_config: Path
-    random_config: Path
+    kept_config: Path | None
+    random_config: Path | None
     filtered_data: Path | None
-    config: RunConfig
+    config: RunConfig | None
+    dropped_path: Path | None = None
 
 
 def parse_drop(spec: str) -> tuple[str, float | None]:
@@ -72,11 +80,12 @@ def parse_drop(spec: str) -> tuple[str, float | None]:
 
 
 def curate(run_dir: str | Path, drop: str) -> Selection:
-    """Choose the kept examples of a run and write the id lists and configs."""
+    """Choose the kept examples of a run and write the id lists (and, for a run of
+    ``inrun train``, the configs that restrict it to them)."""
     kind, fraction = parse_drop(drop)
     rd = RunDir(run_dir)
     meta = rd.meta()
-    config = RunConfig.from_dict(meta["config"])
+    config = RunConfig.from_dict(meta["config"]) if rd.rerunnable else None
     frame = value_frame(rd)
     valued = frame["count"].to_numpy() > 0
     values = frame["value"].to_numpy()
@@ -89,12 +98,14 @@ def curate(run_dir: str | Path, drop: str) -> Selection:
         drop_mask = np.zeros(len(frame), dtype=bool)
         drop_mask[order[:n_drop]] = True
     kept_rows = np.flatnonzero(~drop_mask)
-    if len(kept_rows) < config.training.batch_size:
+    if config is not None and len(kept_rows) < config.training.batch_size:
         raise RunDirError(
             f"drop {drop} keeps {len(kept_rows)} examples, fewer than one batch ({config.training.batch_size})"
         )
-    rng = np.random.default_rng([config.seed, 1])
-    random_rows = np.sort(rng.choice(len(frame), size=len(kept_rows), replace=False))
+    if len(kept_rows) == 0:
+        raise RunDirError(f"drop {drop} keeps no example")
+    seed = config.seed if config is not None else 0
+    random_rows = _random_rows(len(frame), len(kept_rows), seed, 0)
 
     tag = drop.replace(":", "-")
     out = rd.path / CURATE_DIR / tag
@@ -104,35 +115,53 @@ def curate(run_dir: str | Path, drop: str) -> Selection:
     _write_frame(frame.iloc[kept_rows][cols], kept_path)
     _write_frame(frame.iloc[np.flatnonzero(drop_mask)][cols], dropped_path)
     _write_frame(frame.iloc[random_rows][["id"]], random_path)
-
-    def variant(ids_path: Path, name: str) -> Path:
-        cfg = config.replace(
-            data=dataclasses.replace(config.data, subset=str(ids_path.resolve())),
-            values=dataclasses.replace(config.values, enabled=False),
-            checkpoint=dataclasses.replace(config.checkpoint, every=0, keep=1),
-            output=str((out / name).resolve()),
-        )
-        path = out / f"{name}.toml"
-        atomic_write(path, lambda p: Path(p).write_text(dumps_toml(cfg)))
-        return path
-
-    filtered = _filter_file(config, set(frame["id"].iloc[kept_rows].tolist()), out)
-    return Selection(
+    selection = Selection(
         run_dir=rd, drop=drop, out_dir=out, total=len(frame), kept=len(kept_rows),
         dropped=int(drop_mask.sum()), unvalued=int((~valued).sum()), kept_path=kept_path,
-        random_path=random_path, kept_config=variant(kept_path, "kept"),
-        random_config=variant(random_path, "random"), filtered_data=filtered, config=config,
+        random_path=random_path, kept_config=None, random_config=None, filtered_data=None, config=config,
+        dropped_path=dropped_path,
     )
+    if config is not None:
+        selection.kept_config = _variant(config, kept_path, out, "kept")
+        selection.random_config = _variant(config, random_path, out, "random")
+        selection.filtered_data = _filter_file(config, set(frame["id"].iloc[kept_rows].tolist()), out)
+    return selection
+
+
+def _random_rows(n: int, size: int, seed: int, k: int) -> np.ndarray:
+    """The random control subset of seed number ``k`` (``k = 0``: the one always drawn)."""
+    rng = np.random.default_rng([seed, 1] if k == 0 else [seed, 1, k])
+    return np.sort(rng.choice(n, size=size, replace=False))
+
+
+def _variant(config: RunConfig, ids_path: Path | None, out: Path, name: str, seed: int | None = None) -> Path:
+    """A config of the run restricted to ``ids_path`` (all data: ``None``), values off."""
+    cfg = config.replace(
+        data=dataclasses.replace(config.data, subset=str(ids_path.resolve()) if ids_path is not None else None),
+        values=dataclasses.replace(config.values, enabled=False),
+        checkpoint=dataclasses.replace(config.checkpoint, every=0, keep=1),
+        output=str((out / name).resolve()),
+        **({"seed": seed} if seed is not None else {}),
+    )
+    path = out / f"{name}.toml"
+    atomic_write(path, lambda p: Path(p).write_text(dumps_toml(cfg)))
+    return path
 
 
 def retrain(
-    selection: Selection, progress_for: Callable[[str, int], Any] | None = None
+    selection: Selection, progress_for: Callable[[str, int], Any] | None = None, seeds: int = 1,
 ) -> dict[str, Any]:
     """Train on the kept and on the random ids; write ``curation.json``, a plot and the report.
 
     Args:
         progress_for: ``progress_for(name, steps)`` returns a context manager yielding a
             progress callback (the CLI's progress bars), or ``None``.
+        seeds: training seeds per arm (``seed``, ``seed + 1``...). Each seed also draws its own
+            random subset, and seeds after the first retrain the original config on all data,
+            so every arm has a mean and a spread (sample standard deviation) over ``seeds`` runs.
+
+    Raises:
+        RunDirError: the run was not made by ``inrun train`` (inrun cannot train it again).
     """
     from .config import load_config
     from .report import build_report
@@ -140,39 +169,94 @@ def retrain(
     from .runner import train
 
     rd = selection.run_dir
-    original = rd.metrics()
-    curves: dict[str, dict[str, Any]] = {ORIGINAL: _curve(original, selection.total)}
-    for name, cfg_path, count in (
-        (KEPT, selection.kept_config, selection.kept),
-        (RANDOM, selection.random_config, selection.kept),
-    ):
+    if selection.config is None:
+        raise RunDirError(
+            f"{rd.path} was written by {_who(rd.kind)}: inrun cannot train it again. To run the "
+            f"curation experiment, train your loop on the ids in {selection.kept_path} and on those "
+            f"in {selection.random_path} (a random subset of the same size), with the same seed and "
+            "steps, and compare their validation losses"
+        )
+    if seeds < 1:
+        raise ConfigError("--seeds", f"must be at least 1, got {seeds}")
+    config = selection.config
+    frame = value_frame(rd)
+    runs: dict[str, list[dict[str, Any]]] = {ORIGINAL: [dict(_curve(rd.metrics(), selection.total), seed=config.seed)],
+                                             KEPT: [], RANDOM: []}
+
+    def run(name: str, cfg_path: Path, count: int, seed: int) -> None:
         cfg = load_config(cfg_path)
         out = Path(cfg.output)
         if out.exists() and RunDir(out).exists:
             RunDir(out).refuse_if_in_use("replace")
             shutil.rmtree(out)  # an earlier retrain of the same selection
+        label = name if len(runs[KEPT]) == 0 or seeds == 1 else f"{name} (seed {seed})"
         if progress_for is None:
             train(cfg, out)
         else:
-            with progress_for(name, cfg.training.steps) as progress:
+            with progress_for(label, cfg.training.steps) as progress:
                 train(cfg, out, progress=progress)
-        curves[name] = _curve(RunDir(out).metrics(), count)
+        runs[name].append(dict(_curve(RunDir(out).metrics(), count), seed=seed))
+
+    for k in range(seeds):
+        seed = config.seed + k
+        if k == 0:
+            kept_cfg, random_cfg = selection.kept_config, selection.random_config
+        else:
+            random_ids = selection.out_dir / f"random_ids-seed{k}.parquet"
+            _write_frame(frame.iloc[_random_rows(len(frame), selection.kept, config.seed, k)][["id"]], random_ids)
+            kept_cfg = _variant(config, selection.kept_path, selection.out_dir, f"kept-seed{k}", seed)
+            random_cfg = _variant(config, random_ids, selection.out_dir, f"random-seed{k}", seed)
+            run(ORIGINAL, _variant(config, None, selection.out_dir, f"original-seed{k}", seed), selection.total, seed)
+        assert kept_cfg is not None and random_cfg is not None
+        run(KEPT, kept_cfg, selection.kept, seed)
+        run(RANDOM, random_cfg, selection.kept, seed)
+    curves = {name: _summarize_runs(r) for name, r in runs.items()}
     result = {
         "drop": selection.drop,
         "total": selection.total,
         "kept": selection.kept,
         "dropped": selection.dropped,
+        "seeds": [config.seed + k for k in range(seeds)],
         "curves": curves,
-        "final_val_loss": {k: v["val_loss"][-1] for k, v in curves.items()},
+        "final_val_loss": {k: v["final_mean"] for k, v in curves.items()},
     }
     plot = selection.out_dir / "val_loss.png"
-    png = curation_curves({k: (np.array(v["steps"]), np.array(v["val_loss"])) for k, v in curves.items()})
+    png = curation_curves(
+        {k: (np.array(v["steps"]), np.array(v["val_loss"])) for k, v in curves.items()},
+        spread={k: np.array(v["val_loss_std"]) for k, v in curves.items()} if seeds > 1 else None,
+    )
     atomic_write(plot, lambda p: Path(p).write_bytes(png))
     result["plot"] = str(plot)
     write_json(selection.out_dir / "curation.json", result)
     if rd.has_values():
         result["report"] = str(build_report(rd.path).resolve())
     return result
+
+
+def _who(kind: str) -> str:
+    return {"library": "your own training loop (RunWriter)", "trainer": "the Hugging Face Trainer (InRunTrainer)",
+            "lightning": "Lightning (InRunCallback)"}.get(kind, kind)
+
+
+def _summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean curve and spread of the runs of one arm (their evaluation steps are the same)."""
+    steps = runs[0]["steps"]
+    for r in runs[1:]:
+        if r["steps"] != steps:
+            raise RunDirError(f"the retrained runs were evaluated at different steps ({r['steps'][:5]}... vs {steps[:5]}...)")
+    losses = np.array([r["val_loss"] for r in runs], dtype=np.float64)  # [seeds, evals]
+    final = losses[:, -1]
+    std = losses.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(losses.shape[1])
+    return {
+        "steps": steps,
+        "val_loss": losses.mean(axis=0).tolist(),
+        "val_loss_std": std.tolist(),
+        "examples": runs[0]["examples"],
+        "runs": runs,
+        "final": final.tolist(),
+        "final_mean": float(final.mean()),
+        "final_std": float(final.std(ddof=1)) if len(runs) > 1 else 0.0,
+    }
 
 
 def _curve(metrics: Any, examples: int) -> dict[str, Any]:

@@ -120,7 +120,13 @@ def inspect_target(
     val_tokens: int | None = None,
     order: int | None = None,
 ) -> InspectReport:
-    """Inspect a run config (path ending in ``.toml``) or a Hugging Face model type."""
+    """Inspect a run config (path ending in ``.toml``), a run directory, or a Hugging Face model type."""
+    if Path(target).is_dir():
+        if overrides:
+            from .config import ConfigError
+
+            raise ConfigError("--set", "overrides apply to a config file, not to a run directory")
+        return inspect_run_dir(target)
     if target.endswith(".toml") or Path(target).is_file():
         from .config import load_config
 
@@ -186,7 +192,7 @@ def inspect_config(config: Any, batch_size: int | None = None, order: int | None
             loss_fn(model, x, y).backward()
         optimizer.step()
         coverage = tracker.coverage()
-        deferred = tracker.value_rule.keeps_factors
+        deferred = _kept_because(v.order, tracker.value_rule.keeps_factors)
     finally:
         for h in handles:
             h.remove()
@@ -248,14 +254,64 @@ def inspect_model_type(model_type: str, batch_size: int, length: int, val_tokens
     routes, numel = coverage.routes, coverage.numel
     settings = f"batch {batch_size}, {length} tokens per example, {val_tokens:,} validation tokens, order {order}"
     report = _report(f"{type(model).__name__} ({model_type}, default sizes)", model, routes, numel, modules,
-                     batch_size, val_tokens, order == 2, settings)
+                     batch_size, val_tokens, "order 2" if order == 2 else None, settings)
     report.notes.append("Predicted from the layer registry on the meta device; inspect a run config for the routes of a real step.")
     return report
 
 
+def _kept_because(order: int, keeps_factors: bool) -> str | None:
+    """Why a config keeps per-example factors until the step's values are final (or ``None``)."""
+    if order == 2:
+        return "order 2"
+    if keeps_factors:
+        return "order 1 under Adam: its per-coordinate step is known only at optimizer.step()"
+    return None
+
+
+def inspect_run_dir(path: str | Path) -> InspectReport:
+    """What a run directory recorded: the route of every parameter, the valued modules and the
+    settings (``tracker.json``); a run of ``inrun train`` without it is inspected from its config."""
+    from .library_run import read_tracker_info
+    from .rundir import RunDir
+
+    rd = RunDir(path)
+    meta = rd.meta()
+    info = read_tracker_info(rd)
+    if info is None:
+        if rd.rerunnable:
+            return inspect_config(rd.saved_config()[0])
+        from .rundir import RunDirError
+
+        raise RunDirError(f"{rd.path} has no tracker.json (it is written at the first checkpoint and at the end)")
+    cfg = info["config"]
+    params = info["parameters"]
+    modules = [ModuleInfo(m["name"], m["type"], m["route"], list(m["params"]), int(m["numel"]), int(m["d_in"]), int(m["d_out"]))
+               for m in info["modules"]]
+    element = int(params["element_size"])
+    memory = [("validation gradient g_val", int(params["trainable"]) * element)]
+    notes = [f"Recorded by {meta.get('kind', 'cli')} at step {info['step_count']}: the routes that valued each parameter."]
+    reason = _kept_because(int(cfg["order"]), bool(info["keeps_factors"]))
+    if reason is not None:
+        notes.append(f"Each tracked layer's per-example inputs and output gradients are kept until the step's "
+                     f"values are final ({reason}); their size depends on the batch: inspect the model's config "
+                     "or type for an estimate.")
+    cost = info.get("cost") or {}
+    if cost.get("steps"):
+        notes.append(f"Validation pass: {cost['validation_seconds'] / cost['steps'] * 1e3:.1f} ms per step, "
+                     f"{cost['ratio']:.2f}x the forward and backward in tracker.step (measured over {cost['steps']} steps).")
+    settings = f"order {cfg['order']}, {info['optimizer']} ({info['rule']})"
+    title = f"{meta.get('model', {}).get('class', 'model')} as run {rd.path.name} valued it"
+    return InspectReport(
+        title=title, total_params=int(params["total"]), trainable_params=int(params["trainable"]),
+        frozen_params=int(params["frozen"]), routes=info["coverage"]["routes"],
+        numel={k: int(v) for k, v in info["coverage"]["numel"].items()}, modules=modules, memory=memory,
+        param_bytes=(int(params["total"]) + int(params["trainable"])) * element, settings=settings, notes=notes,
+    )
+
+
 def _report(
     title: str, model: nn.Module, routes: dict[str, list[str]], numel: dict[str, int], modules: list[ModuleInfo],
-    batch: int, val_tokens: int, deferred: bool, settings: str,
+    batch: int, val_tokens: int, deferred: str | None, settings: str,
 ) -> InspectReport:
     unique = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in unique.values())
@@ -268,7 +324,7 @@ def _report(
         memory.append(("Gram route: validation factors A_val, D_val", gram))
     if deferred:
         kept = sum(batch * m.tokens * (m.d_in + m.d_out) * elem for m in modules)
-        memory.append(("kept per-example inputs and output gradients (order 2, Adam)", kept))
+        memory.append((f"kept per-example inputs and output gradients ({deferred})", kept))
     memory.append(("per-example dot products (float64)", n_tensors * batch * 8))
     vector = [batch * m.tokens * min(m.d_in, m.d_out) * elem for m in modules if m.route.startswith("vector:") and m.d_in]
     if vector:

@@ -134,6 +134,7 @@ class ValueTable(Mapping):
         return [(self._ids[r], float(self.value[r])) for r in order]
 
     def to_pandas(self) -> Any:
+        """``pandas.DataFrame``: id, value, first_order, second_order, count, source."""
         import pandas as pd
 
         return pd.DataFrame(
@@ -146,6 +147,98 @@ class ValueTable(Mapping):
                 "source": self.sources,
             }
         )
+
+    def to_arrow(self) -> Any:
+        """``pyarrow.Table`` with the columns of :meth:`to_pandas` (ids keep their type)."""
+        import pyarrow as pa
+
+        return pa.table({
+            "id": _id_array(self._ids), "value": self.value, "first_order": self.first_order,
+            "second_order": self.second_order, "count": self.counts,
+            "source": pa.array(self.sources, type=pa.string()),
+        })
+
+    def to_parquet(self, path: str | os.PathLike) -> Path:
+        """Write the table as one Parquet file (atomically); returns its path."""
+        import pyarrow.parquet as pq
+
+        table = self.to_arrow()
+        atomic_write(path, lambda p: pq.write_table(table, p))
+        return Path(path)
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write the table as CSV (atomically): values with 17 significant digits, so they read
+        back as the same float64 numbers; returns its path."""
+        frame = self.to_pandas()
+        atomic_write(path, lambda p: frame.to_csv(p, index=False, float_format="%.17g"))
+        return Path(path)
+
+    def to_dataset(self, dataset: Any, id_column: str = "id", column: str = "inrun_value",
+                   count_column: str | None = "inrun_count") -> Any:
+        """``dataset`` (a ``datasets.Dataset``) with the values as a new column, matched by id.
+
+        Examples never valued get ``NaN`` (and count 0). The dataset is not changed: a new one
+        is returned, as ``datasets`` does.
+
+        Args:
+            id_column: the dataset's column of example ids (the ids given to ``tracker.step``).
+            column: name of the new value column.
+            count_column: name of a column with how often each example was valued (``None``: none).
+
+        Raises:
+            KeyError: the dataset has no ``id_column``, or already has ``column``.
+        """
+        names = getattr(dataset, "column_names", None)
+        if names is None:
+            raise TypeError(f"to_dataset takes a datasets.Dataset, got {type(dataset).__name__}; for a table use to_pandas()")
+        if id_column not in names:
+            raise KeyError(f"the dataset has no {id_column!r} column (it has {names}); pass id_column=")
+        for c in (column, count_column):
+            if c is not None and c in names:
+                raise KeyError(f"the dataset already has a {c!r} column; pass another column= name")
+        ids = dataset[id_column]
+        rows = [self._index.get(int(i) if isinstance(i, np.integer) else i) for i in ids]
+        values = [float(self.value[r]) if r is not None else float("nan") for r in rows]
+        out = dataset.add_column(column, values)
+        if count_column is not None:
+            out = out.add_column(count_column, [int(self.counts[r]) if r is not None else 0 for r in rows])
+        return out
+
+
+class PerValidation(tuple):
+    """Per-(train, validation) values: ``values[i, k]`` is training example ``ids[i]``'s value for
+    validation example ``validation[k]``; they add up over ``k`` to the example's value.
+
+    It is the ``(ids, values)`` pair :meth:`ValueLedger.per_validation` always returned (so
+    ``ids, matrix = tracker.per_validation()`` still works), with labels and a table form.
+    """
+
+    ids: list
+    values: np.ndarray
+    validation: list[str]
+
+    def __new__(cls, ids: Sequence[Id], values: np.ndarray, validation: Sequence[str]) -> PerValidation:
+        obj = super().__new__(cls, (list(ids), values))
+        obj.ids, obj.values, obj.validation = list(ids), values, list(validation)
+        return obj
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # pickling (DDP gathers, multiprocessing)
+        return (self.ids, self.values, self.validation)
+
+    def to_pandas(self) -> Any:
+        """``pandas.DataFrame``: index the training ids (``"id"``), one column per validation example."""
+        import pandas as pd
+
+        return pd.DataFrame(self.values, index=pd.Index(self.ids, name="id"),
+                            columns=pd.Index(self.validation, name="validation"))
+
+    def column(self, validation: str) -> dict[Id, float]:
+        """id -> value for one validation example."""
+        k = self.validation.index(str(validation))
+        return {i: float(v) for i, v in zip(self.ids, self.values[:, k])}
+
+    def __repr__(self) -> str:
+        return f"PerValidation({len(self.ids)} training x {len(self.validation)} validation examples)"
 
 
 @dataclass(frozen=True)
@@ -377,11 +470,14 @@ class ValueLedger:
         first, second = self._first[:n].copy(), self._second[:n].copy()
         return ValueTable(self._ids, first + second, first, second, self._count[:n].copy(), self._sources)
 
-    def per_validation(self) -> tuple[list[Id], np.ndarray] | None:
-        """``(ids, [N, V])`` per-(train, validation) values, if the validation loss was a vector."""
+    def per_validation(self) -> PerValidation | None:
+        """Per-(train, validation) values (:class:`PerValidation`, which unpacks as
+        ``(ids, [N, V])``), if the validation loss was a vector; else ``None``."""
         if self._per_val is None:
             return None
-        return list(self._ids), self._per_val[: len(self._ids)].copy()
+        pv = self._per_val[: len(self._ids)].copy()
+        names = self.validation_names or [f"val_{k}" for k in range(pv.shape[1])]
+        return PerValidation(self._ids, pv, names)
 
     def trace(self) -> dict[str, np.ndarray] | None:
         """Column arrays of the per-step trace (``keep_trace=True``), ids resolved.
@@ -606,24 +702,8 @@ class ValueLedger:
             raise IntegrityError(f"{meta_path} is damaged: its file list is incomplete")
         for name, digest in files.items():
             verify_file(directory / name, digest, f"listed in {meta_path}")
-        t = _read_table(directory / VALUES_FILE).to_pydict()
-        state: dict[str, Any] = {
-            "ids": t["id"],
-            "sources": t["source"],
-            "first_order": np.asarray(t["first_order"], dtype=np.float64),
-            "second_order": np.asarray(t["second_order"], dtype=np.float64),
-            "count": np.asarray(t["count"], dtype=np.int64),
-            "per_validation": None,
-            "validation_names": meta.get("validation_names"),
-            "skipped": meta.get("skipped", []),
-            "steps": meta.get("steps", 0),
-            "group_lrs": meta.get("group_lrs"),
-        }
-        if meta.get("has_per_validation"):
-            pv = _read_table(directory / PER_VALIDATION_FILE).to_pydict()
-            if pv.pop("id") != t["id"]:
-                raise IntegrityError(f"{PER_VALIDATION_FILE} ids do not match {VALUES_FILE} in {directory}")
-            state["per_validation"] = np.stack([np.asarray(v) for v in pv.values()], axis=1)
+        state = _read_values(directory, meta, IntegrityError)
+        state["group_lrs"] = meta.get("group_lrs")
         ledger = cls(keep_trace=bool(meta.get("keep_trace", False)), trace_dir=trace_dir)
         ledger._set_values(state)
         for entry in meta.get("trace") or []:
@@ -633,29 +713,35 @@ class ValueLedger:
     @classmethod
     def _load_v1(cls, directory: Path, meta: Mapping[str, Any]) -> ValueLedger:
         """A ledger saved by inrun before checksums (format 1): read as it is, unverified."""
-        t = _read_table(directory / VALUES_FILE).to_pydict()
-        state: dict[str, Any] = {
-            "ids": t["id"],
-            "sources": t["source"],
-            "first_order": np.asarray(t["first_order"], dtype=np.float64),
-            "second_order": np.asarray(t["second_order"], dtype=np.float64),
-            "count": np.asarray(t["count"], dtype=np.int64),
-            "per_validation": None,
-            "validation_names": meta.get("validation_names"),
-            "trace": None,
-            "skipped": meta.get("skipped", []),
-            "steps": meta.get("steps", 0),
-            "keep_trace": meta.get("keep_trace", False),
-        }
-        if meta.get("has_per_validation"):
-            pv = _read_table(directory / PER_VALIDATION_FILE).to_pydict()
-            if pv.pop("id") != t["id"]:
-                raise LedgerError(f"{PER_VALIDATION_FILE} ids do not match {VALUES_FILE}")
-            state["per_validation"] = np.stack([np.asarray(v) for v in pv.values()], axis=1)
+        state = _read_values(directory, meta, LedgerError)
+        state["trace"] = None
+        state["keep_trace"] = meta.get("keep_trace", False)
         if state["keep_trace"] and (directory / TRACE_FILE).exists():
             tr = _read_table(directory / TRACE_FILE).to_pydict()
             state["trace"] = {k: np.asarray(v) if k != "id" else list(v) for k, v in tr.items()}
         return cls.from_state(state)
+
+
+def _read_values(directory: Path, meta: Mapping[str, Any], error: type[Exception]) -> dict[str, Any]:
+    """The values table (and per-validation table) of a saved ledger as a ``from_state`` dict."""
+    t = _read_table(directory / VALUES_FILE).to_pydict()
+    state: dict[str, Any] = {
+        "ids": t["id"],
+        "sources": t["source"],
+        "first_order": np.asarray(t["first_order"], dtype=np.float64),
+        "second_order": np.asarray(t["second_order"], dtype=np.float64),
+        "count": np.asarray(t["count"], dtype=np.int64),
+        "per_validation": None,
+        "validation_names": meta.get("validation_names"),
+        "skipped": meta.get("skipped", []),
+        "steps": meta.get("steps", 0),
+    }
+    if meta.get("has_per_validation"):
+        pv = _read_table(directory / PER_VALIDATION_FILE).to_pydict()
+        if pv.pop("id") != t["id"]:
+            raise error(f"{PER_VALIDATION_FILE} ids do not match {VALUES_FILE} in {directory}")
+        state["per_validation"] = np.stack([np.asarray(v) for v in pv.values()], axis=1)
+    return state
 
 
 def _adopt_part(directory: Path, entry: Mapping[str, Any], store: Path | None, listed_in: Path) -> TracePart:

@@ -274,6 +274,26 @@ class RunDir:
         return meta
 
     @property
+    def kind(self) -> str:
+        """Who wrote the run: ``"cli"`` (``inrun train``), ``"library"`` (:class:`inrun.RunWriter`
+        in your own loop), ``"trainer"`` (``InRunTrainer``) or ``"lightning"``."""
+        return str(self.meta().get("kind", "cli"))
+
+    @property
+    def rerunnable(self) -> bool:
+        """Whether inrun can run this run again (``inrun train --resume``, ``curate --retrain``)."""
+        return self.kind == "cli"
+
+    def create_run(self, meta: Mapping[str, Any], examples: tuple[list, list, list, list, Any] | None) -> None:
+        """Start a run of another loop than ``inrun train`` (the caller holds :meth:`lock`):
+        ``examples.parquet`` when the examples are described, then ``run.json``, last."""
+        if self.exists:
+            raise RunDirError(f"{self.path} already holds a run")
+        if examples is not None:
+            self.write_examples(*examples)
+        write_json(self.file(META_FILE), meta)
+
+    @property
     def legacy(self) -> bool:
         """Written by an inrun before checksums (format 1): readable, not verified."""
         return self.meta().get("format") == 1
@@ -360,8 +380,16 @@ class RunDir:
         if status.get("state") == "running" and self.holder() is None:
             # Nobody holds the lock: the process that wrote "running" is gone (kill -9, power).
             status["stale"] = True
-            status["message"] = f"no process is training in it (it was killed); continue with `inrun train --resume {self.path}`"
+            how = (f"`inrun train --resume {self.path}`" if self._kind_quiet() == "cli"
+                   else "your loop, opening it with resume=True")
+            status["message"] = f"no process is training in it (it was killed); continue with {how}"
         return status
+
+    def _kind_quiet(self) -> str:
+        try:
+            return self.kind
+        except LedgerError:
+            return "cli"
 
     def _is_legacy_quiet(self) -> bool:
         try:
@@ -370,19 +398,24 @@ class RunDir:
             return False
 
     # -- results -------------------------------------------------------------------------------
-    def write_examples(self, ids: list, sources: list, locations: list, previews: list) -> None:
+    def write_examples(
+        self, ids: list, sources: list, locations: list, previews: list, lengths: list | None = None
+    ) -> None:
+        """``examples.parquet``; ``lengths`` (tokens per example, for the length check of
+        :func:`inrun.summary.summarize`) adds a ``length`` column."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         id_type = pa.string() if ids and isinstance(ids[0], str) else pa.int64()
-        table = pa.table(
-            {
-                "id": pa.array(list(ids), type=id_type),
-                "source": pa.array(sources, type=pa.string()),
-                "location": pa.array(locations, type=pa.string()),
-                "preview": pa.array(previews, type=pa.string()),
-            }
-        )
+        columns = {
+            "id": pa.array(list(ids), type=id_type),
+            "source": pa.array(sources, type=pa.string()),
+            "location": pa.array(locations, type=pa.string()),
+            "preview": pa.array(previews, type=pa.string()),
+        }
+        if lengths is not None:
+            columns["length"] = pa.array(lengths, type=pa.int64())
+        table = pa.table(columns)
         atomic_write(self.file(EXAMPLES_FILE), lambda p: pq.write_table(table, p))
         self._examples_digest = file_digest(self.file(EXAMPLES_FILE))
 
@@ -421,7 +454,7 @@ class RunDir:
             steps = metrics.step[-1] if metrics.step else 0
             write_json(self.file(MANIFEST_FILE), {"format": RUN_FORMAT, "step": steps, "files": files}, fsync=False)
 
-    def heal_examples(self, ids: list, sources: list, locations: list, previews: list) -> bool:
+    def heal_examples(self, ids: list, sources: list, locations: list, previews: list, lengths: list | None = None) -> bool:
         """Rewrite ``examples.parquet`` from the data unless it matches the manifest; ``True``
         when it was rewritten."""
         try:
@@ -432,7 +465,7 @@ class RunDir:
                 return False
         except (IntegrityError, KeyError, TypeError, AttributeError):
             pass
-        self.write_examples(ids, sources, locations, previews)
+        self.write_examples(ids, sources, locations, previews, lengths)
         return True
 
     def _manifest(self) -> dict[str, Any]:
@@ -513,6 +546,9 @@ class RunDir:
         with self.reading():
             if not self.legacy and not self.file(MANIFEST_FILE).exists():
                 path = self.file(EXAMPLES_FILE)
+            elif (not self.legacy and not self.file(EXAMPLES_FILE).exists()
+                  and EXAMPLES_FILE not in self._manifest()["files"]):
+                path = self.file(EXAMPLES_FILE)  # a run of another loop whose examples were not described
             else:
                 path = self._verified(EXAMPLES_FILE)
             if not path.exists():

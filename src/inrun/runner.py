@@ -188,7 +188,7 @@ def train(
         torch.manual_seed(config.seed)
         model = _build_model(config, train_set, device)
         meta = run_metadata(config, model, train_set, val_set)
-        examples = (train_set.ids, train_set.sources, train_set.locations, train_set.previews)
+        examples = (train_set.ids, train_set.sources, train_set.locations, train_set.previews, _lengths(train_set))
         if resume:
             rd.check_meta(meta)
             rd.clean_temporary()
@@ -403,6 +403,10 @@ class _Runner:
         if self.tracker is not None:
             self.tracker.flush()
             self.tracker.close()
+            from .library_run import TRACKER_FILE, tracker_info
+            from .storage import write_json
+
+            write_json(rd.file(TRACKER_FILE), tracker_info(self.tracker), fsync=False)  # for `inrun inspect RUN_DIR`
         self._save()  # the final checkpoint saved them too, unless the last step was skipped
         rd.write_status("complete", tc.steps, tc.steps)
         if self.tracker is not None:
@@ -643,6 +647,13 @@ class _Runner:
         self.rd.write_checkpoint(step, state, self.ledger, metrics, self.config.checkpoint.keep)
         self.rd.save_results(self.ledger, metrics, audit=self._audit())
         self.rd.write_status("running" if step < tc.steps else "complete", step, tc.steps)
+
+
+def _lengths(data: ExampleSet) -> list[int] | None:
+    """Tokens per example that count in the loss (text), for the length check of the summary."""
+    if data.task != "lm":
+        return None
+    return [int(n) for n in (data.targets != -100).sum(dim=1).tolist()]
 
 
 def _grad_norm(params: list[nn.Parameter], clip: float | None) -> float:

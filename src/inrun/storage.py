@@ -325,3 +325,13 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def utf8_text(raw: bytes, bad_byte: Callable[[int, int, int], Exception]) -> str:
+    """``raw`` decoded as UTF-8; else ``bad_byte(line, column, byte)`` (1-based) is raised."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise bad_byte(line, column, raw[exc.start]) from None

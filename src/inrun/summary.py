@@ -1,5 +1,10 @@
 """A run's headline numbers: totals, most helpful and harmful examples, value per source.
 
+When the examples have a length (``examples.parquet``'s ``length`` column: tokens that count in
+the loss), the Spearman correlation between length and value is reported, with a warning from
+|ρ| ≥ 0.3: with a token-mean loss an example's share of the loss grows with its length, so its
+value does too, and a ranking by value is then partly a ranking by length.
+
 Examples that never were in a valued step (count 0) have no value and are left out of shares
 and rankings; they are counted separately. "Most helpful" lists only positive values and "most
 harmful" only negative ones, so a run with few negative values shows a short harmful list.
@@ -7,6 +12,7 @@ harmful" only negative ones, so a run with few negative values shows a short har
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -15,6 +21,10 @@ from .rundir import SUMMARY_FILE, RunDir
 from .storage import write_json
 
 NO_SOURCE = "(no source)"
+LENGTH_WARNING = 0.3  # |Spearman ρ| between length and value from which the summary warns
+MIN_FOR_LENGTH = 20
+
+logger = logging.getLogger(__name__)
 
 
 def value_frame(rd: RunDir) -> Any:
@@ -76,6 +86,14 @@ def summarize(rd: RunDir, top: int = 8) -> dict[str, Any]:
         }
     per_source = dict(sorted(per_source.items(), key=lambda kv: -kv[1]["total"]))
     audit = rd.audit()
+    rho = length_correlation(valued)
+    warnings = []
+    if rho is not None and abs(rho) >= LENGTH_WARNING:
+        warnings.append(
+            f"values correlate with the examples' lengths (Spearman {rho:+.2f} over {len(valued):,} examples): "
+            "with a token-mean loss an example's share of the loss grows with its length; average each "
+            "example's own tokens first to value examples alike (docs/guide-pytorch.md, Padding)"
+        )
     return {
         "run_dir": str(rd.path),
         "state": status.get("state"),
@@ -94,12 +112,27 @@ def summarize(rd: RunDir, top: int = 8) -> dict[str, Any]:
         "most_harmful": rows(ranked[ranked["value"] < 0].head(top)),
         "per_source": per_source,
         "audit": None if audit is None else _finite(audit.summary()),
+        "length_correlation": rho,
+        "warnings": warnings,
     }
+
+
+def length_correlation(valued: Any) -> float | None:
+    """Spearman ρ between the ``length`` and ``value`` of valued examples (``None`` without lengths)."""
+    if "length" not in valued or valued["length"].notna().sum() < MIN_FOR_LENGTH:
+        return None
+    both = valued[["length", "value"]].dropna()
+    if both["length"].nunique() < 2 or both["value"].nunique() < 2:
+        return None
+    ranks = both.rank(method="average")
+    return float(np.corrcoef(ranks["length"], ranks["value"])[0, 1])
 
 
 def write_summary(rd: RunDir) -> dict[str, Any]:
     """Compute the summary and write ``summary.json``."""
     summary = summarize(rd)
+    for warning in summary["warnings"]:
+        logger.warning("%s: %s", rd.path, warning)
     write_json(rd.file(SUMMARY_FILE), summary)
     return summary
 

@@ -1,28 +1,25 @@
 """``InRunShapley``: In-Run Data Shapley values computed inside the user's own training loop.
 
-The tracker is a facade over :mod:`inrun.tracking` (one job per module; the life of one step is
-in :mod:`inrun.tracking.engine`). All per-step state lives there, keyed by module: nothing is
-stored on the user's parameters or optimizer. While tracked, modules of layers with the
-book-keeping route (``bookkeeping="auto"`` or ``"always"``) have their ``forward`` replaced by
-one that may send a call through the route's autograd Function; :meth:`InRunShapley.close`
-removes it and every hook, leaving the model and optimizer exactly as they were.
+A facade over :mod:`inrun.tracking` (one job per module; the life of one step: its ``engine``),
+where all per-step state lives: nothing is stored on the user's parameters or optimizer.
+:meth:`InRunShapley.close` removes every hook (and the book-keeping route's ``forward``
+override), leaving the model and optimizer exactly as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict
-from typing import Any
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import BatchMismatchError, InRunError, StepOrderError, UnsupportedModuleError
-from .layers.norm import batchnorm_message
-from .ledger import ValueLedger, ValueTable, check_ids
+from .ledger import PerValidation, ValueLedger, ValueTable
 from .optim import UpdateRule
+from .tracking.admission import admit_model
 from .tracking.audit import AuditConfig, StepAudit
 from .tracking.config import (
     AdamLinearization,
@@ -36,11 +33,15 @@ from .tracking.config import (
     ValMode,
     Verify,
 )
+from .tracking.cost import StepCost
 from .tracking.coverage import Coverage
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
 
-__all__ = ["AuditConfig", "Coverage", "InRunShapley", "TrackerConfig"]
+if TYPE_CHECKING:
+    from .rundir import RunDir
+
+__all__ = ["AuditConfig", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
 
 class InRunShapley:
@@ -86,6 +87,16 @@ class InRunShapley:
             (an :class:`~inrun.AuditConfig`, a dict of its settings, or ``True`` for the defaults:
             every 100 steps, 8 examples; see :mod:`inrun.tracking.audit`). Off by default. It
             never changes training; its cost is measured (:attr:`audit`).
+        validation_ids: one label per validation example when ``val_loss`` returns a vector:
+            the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
+
+    Every id of one optimizer step must be distinct (micro-batches included): a step values its
+    rows, and two rows under one id would be added up without a word, so a repeated id raises
+    :class:`~inrun.BatchMismatchError`. Padding: see ``docs/guide-pytorch.md`` (positions whose
+    label is ignored add nothing to the loss, so nothing of them is valued).
+
+    ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the uncompiled
+    module.
 
     Example:
         >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP
@@ -116,12 +127,10 @@ class InRunShapley:
         verify: Verify = "on_change",
         ledger: ValueLedger | None = None,
         audit: AuditConfig | Mapping[str, Any] | bool | None = None,
+        validation_ids: Sequence[Any] | None = None,
         **unknown: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(val_loss):
-            raise TypeError("val_loss must be a callable taking the model and returning a loss")
+        admit_model(model, val_loss)
         self.config = TrackerConfig.from_options(dict(
             order=order, second_order=second_order, route=route, bookkeeping=bookkeeping, check=check,
             check_rtol=check_rtol, on_nonfinite=on_nonfinite, val_mode=val_mode, keep_trace=keep_trace,
@@ -130,6 +139,8 @@ class InRunShapley:
         self.model = model
         self.val_loss = val_loss
         self.ledger = ledger if ledger is not None else ValueLedger(keep_trace=self.config.keep_trace)
+        if validation_ids is not None:
+            self.ledger.validation_names = [str(v) for v in validation_ids]
         self.audit_config = AuditConfig.of(audit)
         self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger, audit=self.audit_config)
         self.module = self._engine.module
@@ -143,26 +154,8 @@ class InRunShapley:
         Args:
             ids: one id (``int`` or ``str``) per row of the batch, in batch order.
         """
-        engine = self._engine
-        if not engine.enabled:
+        with self._engine.microbatch(ids):
             yield self
-            return
-        if engine.recorder is not None:
-            raise StepOrderError("tracker.step() blocks cannot be nested")
-        id_list = check_ids(ids)
-        if not id_list:
-            raise BatchMismatchError("tracker.step() needs at least one id")
-        for bn in engine.batchnorms:
-            if bn.training:
-                raise UnsupportedModuleError(batchnorm_message(bn))
-        recorder = engine.open_microbatch(id_list)
-        try:
-            with engine.hooks.recording(recorder):
-                yield self
-        except BaseException as exc:
-            engine.close_microbatch(recorder, exc)
-            raise
-        engine.close_microbatch(recorder, None)
 
     @property
     def enabled(self) -> bool:
@@ -172,11 +165,7 @@ class InRunShapley:
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
-        if self._engine.enabled and not value:
-            if self._engine.mid_step():
-                raise StepOrderError("tracking can only be switched off between optimizer steps")
-            self.flush()
-        self._engine.enabled = bool(value)
+        self._engine.set_enabled(value)
 
     def skip_step(self, reason: str) -> None:
         """Drop the current step without valuing it, recorded with ``reason`` in the ledger.
@@ -185,9 +174,7 @@ class InRunShapley:
         when your loop decides not to apply this step (NaN loss, a ``GradScaler`` overflow),
         then zero the gradients yourself. The step number is consumed, as the step was.
         """
-        if self._engine.recorder is not None:
-            raise StepOrderError("skip_step() must be called after the tracker.step() block, not inside it")
-        self._engine.skip(reason)
+        self._engine.skip(reason, by_user=True)
 
     @property
     def step_count(self) -> int:
@@ -207,12 +194,35 @@ class InRunShapley:
         """
         return self.global_ledger().values()
 
-    def per_validation(self) -> tuple[list, np.ndarray] | None:
-        """``(ids, [N, V])`` per-(train, validation) values when ``val_loss`` returns a vector.
+    def per_validation(self) -> PerValidation | None:
+        """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``.
 
+        A labelled table (:class:`~inrun.ledger.PerValidation`): ``.to_pandas()`` has one row per
+        training id and one column per validation example (``validation_ids``, default
+        ``val_0``...). It still unpacks as the ``(ids, [N, V] array)`` pair it used to be.
         With a DDP model: global, and a collective call like :meth:`values`.
         """
         return self.global_ledger().per_validation()
+
+    def cost(self) -> StepCost:
+        """How long the validation passes took next to your forward and backward (see
+        :class:`StepCost`); what the integrations log once as the validation set's cost."""
+        return self._engine.cost.copy()
+
+    def save_run(
+        self, path: str | os.PathLike, *, examples: Any = None, description: str = "",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> RunDir:
+        """Write the values so far as a complete run directory at a new ``path`` (the format of
+        ``inrun train``: ``inrun report``, ``inspect`` and ``curate`` work on it). ``examples``:
+        a table with an ``id`` column and optional ``source``, ``text``, ``location``, ``length``
+        (:func:`inrun.library_run.examples_from`); ``description``: the report's header line;
+        ``metadata``: JSON facts kept in ``run.json``. To write as training goes, with
+        checkpoints and resume: :class:`inrun.RunWriter`."""
+        from .library_run import RunWriter
+
+        return RunWriter(Path(path), self, examples=examples, state={}, rng=False,
+                         description=description, metadata=metadata).finish()
 
     def global_ledger(self) -> ValueLedger:
         """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, the
@@ -220,10 +230,7 @@ class InRunShapley:
         examples). Under DDP this is a collective: call it on every rank (each gets the merged
         ledger), e.g. ``ledger = tracker.global_ledger()`` then save it on rank 0.
         """
-        self.flush()
-        if self._engine.ddp is None:
-            return self.ledger
-        return self._engine.ddp.gather_ledger(self.ledger)
+        return self._engine.global_ledger()
 
     def flush(self) -> None:
         """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
@@ -265,31 +272,16 @@ class InRunShapley:
         Only valid between optimizer steps; a pending order-2 step is completed first (at the
         current parameters, which the resumed run would use anyway, so values are unchanged).
         """
-        if self._engine.mid_step():
-            raise StepOrderError("a checkpoint must be taken between optimizer steps, not inside one")
-        self.flush()
-        state: dict[str, Any] = {"step_count": self.step_count, "config": asdict(self.config)}
-        if self._engine.audit is not None:
-            state["audit"] = self._engine.audit.state()
-        return state
+        return self._engine.checkpoint()
 
     def load_state_dict(self, state: dict[str, Any], ledger: ValueLedger | None = None) -> None:
         """Restore :meth:`state_dict` (and optionally the ledger saved with it)."""
-        saved = TrackerConfig.from_state(state["config"])
-        if saved != self.config:
-            raise InRunError(f"checkpoint was made with {saved}, this tracker has {self.config}")
-        self.step_count = int(state["step_count"])
-        if self._engine.audit is not None and state.get("audit") is not None:
-            self._engine.audit.load_state(state["audit"])
+        self._engine.restore(state, ledger)
         if ledger is not None:
             self.ledger = ledger
-            self._engine.log.ledger = ledger
-        self._engine.validation.forget()
 
     def close(self) -> None:
         """Finish pending work and remove every hook; the model and optimizer are left as found."""
-        with contextlib.suppress(InRunError):
-            self.flush()
         self._engine.close()
 
     def __enter__(self) -> InRunShapley:
@@ -297,3 +289,4 @@ class InRunShapley:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+

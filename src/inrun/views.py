@@ -128,7 +128,7 @@ def source_stages(source: Any, stages: int = 4, *, steps: int | None = None, sha
 
 
 def audit_frames(source: Any) -> tuple[Any, Any]:
-    """The audit's ``(steps, values)`` tables (see :mod:`inrun.tracking.audit` for the columns),
+    """The audit's ``(steps, values)`` tables (see :mod:`inrun.tracking.auditgame` for the columns),
     from a tracker made with ``audit=`` or a run directory. Raises :class:`LedgerError` if none."""
     from .auditlog import AuditLog
     from .rundir import RunDir

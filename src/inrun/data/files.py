@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..storage import utf8_text
 from .base import DataError, ExampleSet, check_unique_ids, encode_texts, preview_text
 
 # Beyond this a value is a sentinel or corruption, not a measurement: float64 no longer holds
@@ -39,14 +40,8 @@ def _read_text(path: Path) -> str:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise DataError(
-            f"{path.name}:{line}: byte 0x{raw[exc.start]:02x} at column {column} is not UTF-8; save the file as UTF-8"
-        ) from None
+    return utf8_text(raw, lambda line, column, byte: DataError(
+        f"{path.name}:{line}: byte 0x{byte:02x} at column {column} is not UTF-8; save the file as UTF-8"))
 
 
 def _data_file(path: Path, what: str) -> Path:

@@ -22,11 +22,21 @@ added to the Trainer's signature columns, taken out of the features before your 
 runs (so any collator works), put back into the batch as a plain list, and removed from the
 inputs before the model's forward. Evaluation batches may carry the column too.
 
-Output. At the end of ``train()`` the global ledger is written to ``<output_dir>/inrun/``
-(``values.parquet``, ``ledger.json`` and friends, see :meth:`inrun.ValueLedger.save`) together
-with ``tracker.json`` (step count, settings, which route valued each parameter), and the same
-at every checkpoint to ``<checkpoint-N>/inrun/``. ``train(resume_from_checkpoint=...)`` reloads
-the checkpoint's ledger and continues adding to it.
+Output. ``<output_dir>/inrun/`` is a run directory in the format ``inrun train`` writes
+(:mod:`inrun.library_run`): values, trace, examples (ids, ``source`` and ``text`` columns when the
+dataset has them, else the decoded ``input_ids`` when the Trainer has a tokenizer), curves,
+``tracker.json`` (settings, the route of every parameter), ``summary.json`` and ``status.json``, so
+``inrun report``, ``inrun inspect`` and ``inrun curate`` work on it. It is updated at every
+checkpoint and completed at the end of ``train()``. The tracker's state lives with the Trainer's
+own checkpoints: ``<checkpoint-N>/inrun/`` holds the ledger (``ValueLedger.load`` reads it), the
+curves and ``tracker.json``; ``train(resume_from_checkpoint=...)`` reloads it and continues, and
+the values then equal those of an uninterrupted run.
+
+Logs. At every logging step the Trainer's logs get the values' scalars
+(:func:`inrun.integrations.metrics.value_scalars`: quantiles, share of negative values, per-source
+totals), so ``report_to="tensorboard"`` plots them. Once, after the third step, the measured cost
+of the validation pass is logged (``inrun/validation_cost_ratio``, and a line on the ``inrun``
+logger: a warning when it costs more than the training batch itself).
 
 Example:
     >>> from inrun.integrations.hf import InRunArguments, InRunTrainer       # doctest: +SKIP
@@ -39,7 +49,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -48,12 +57,16 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import BatchMismatchError, InRunError, ValidationLossError
-from ..ledger import ValueLedger, ValueTable, atomic_write
+from ..ledger import ValueLedger, ValueTable
+from ..library_run import Examples, RunWriter, examples_from, tracker_info
+from ..rundir import METRICS_FILE, Metrics, RunDir
+from ..storage import write_json
 from ..tracker import InRunShapley, TrackerConfig
+from .metrics import value_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +89,14 @@ class InRunArguments:
     """Validation rows per forward when a validation dataset is given (default: the Trainer's
     ``per_device_eval_batch_size``). All chunks are in one autograd graph per step."""
     save_on_checkpoint: bool = True
-    """Also write the ledger into every checkpoint directory."""
+    """Also write the ledger into every checkpoint directory (needed to resume the values)."""
+    source_column: str = "source"
+    """Column of the training dataset with each example's data source (used when present)."""
+    text_column: str = "text"
+    """Column with each example's text for the report (used when present; else the decoded
+    ``input_ids`` if the Trainer has a tokenizer)."""
+    log_values: bool = True
+    """Add the values' scalars to the Trainer's logs at every logging step."""
     tracker_options: Mapping[str, Any] = field(default_factory=dict)
     """Any other :class:`inrun.TrackerConfig` field (``route``, ``check``, ``keep_trace``...)."""
 
@@ -152,16 +172,37 @@ class InRunTrainer(Trainer):
         self._user_collator = self.data_collator
         self.data_collator = _IdCollator(self.data_collator, self.inrun_args.id_column)
         self.inrun_tracker: InRunShapley | None = None
+        self.inrun_run: RunWriter | None = None
         self._inrun_resume: str | None = None
+        self._inrun_metrics: Metrics | None = None
+        self._inrun_step_loss = 0.0
+        self._inrun_cost_logged = False
+        self.add_callback(_InRunSteps(self))
 
     # ------------------------------------------------------------------ Trainer overrides
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if self.inrun_args.id_column not in self._signature_columns:
+        if self.inrun_args.id_column not in self._signature_columns and not getattr(self, "_inrun_hide_id", False):
             self._signature_columns.append(self.inrun_args.id_column)
 
+    def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
+        # The id column is kept among the signature columns; it must not hide the Trainer's own
+        # error when no *model* input matches (a torch.compile'd model's forward(*args, **kwargs)).
+        if self.args.remove_unused_columns and hasattr(dataset, "column_names"):
+            self._set_signature_columns_if_needed()
+            column = self.inrun_args.id_column
+            model_columns = [c for c in self._signature_columns if c != column]
+            if not any(c in dataset.column_names for c in model_columns):
+                kept = self._signature_columns
+                self._signature_columns, self._inrun_hide_id = model_columns, True
+                try:
+                    return super()._remove_unused_columns(dataset, description)  # raises its ValueError
+                finally:
+                    self._signature_columns, self._inrun_hide_id = kept, False
+        return super()._remove_unused_columns(dataset, description)
+
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer.train``, then the global ledger is written to ``<output_dir>/<subdir>``.
+        """``Trainer.train``; the run directory ``<output_dir>/<subdir>`` is completed at the end.
 
         The tracker's hooks are removed when it returns; a later ``train()`` call continues the
         same ledger (or the checkpoint's, when resuming).
@@ -169,11 +210,22 @@ class InRunTrainer(Trainer):
         self._inrun_resume = None
         try:
             output = super().train(*args, **kwargs)
-            self._save_inrun(Path(self.args.output_dir) / self.inrun_args.subdir)
+            self._finish_inrun()
+        except BaseException as exc:
+            if self.inrun_run is not None:
+                self.inrun_run.fail(exc)
+                self.inrun_run = None
+            raise
         finally:
             if self.inrun_tracker is not None:
                 self.inrun_tracker.close()
         return output
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        tracker = self.inrun_tracker
+        if tracker is not None and "loss" in logs and self.inrun_args.log_values:
+            logs = {**logs, **value_scalars(tracker.ledger.values())}
+        super().log(logs, *args, **kwargs)
 
     def training_step(
         self,
@@ -190,7 +242,9 @@ class InRunTrainer(Trainer):
             )
         tracker = self._tracker_for(model)
         with tracker.step(ids):
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self._inrun_step_loss += float(loss)
+        return loss
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Tensor | Any], *args: Any, **kwargs: Any) -> Any:
         inputs, _ = self._pop_ids(inputs)
@@ -200,7 +254,9 @@ class InRunTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         if self.inrun_args.save_on_checkpoint and self.inrun_tracker is not None:
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            self._save_inrun(Path(self._get_output_dir(trial=trial)) / folder / self.inrun_args.subdir)
+            ledger = self._save_inrun(Path(self._get_output_dir(trial=trial)) / folder / self.inrun_args.subdir)
+            if self.inrun_run is not None:
+                self.inrun_run.save(ledger)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -248,7 +304,96 @@ class InRunTrainer(Trainer):
         tracker.step_count = self.state.global_step  # steps are numbered as the Trainer's
         self.inrun_tracker = tracker
         logger.info("InRunTrainer: valuing examples of %s", type(tracker.module).__name__)
+        if self.args.should_save:
+            self._open_run(tracker)
         return tracker
+
+    def _open_run(self, tracker: InRunShapley) -> None:
+        """The run directory ``<output_dir>/<subdir>``: new, or continued after a resume."""
+        if self.inrun_run is not None:
+            self.inrun_run.close()
+        n_val = len(self._inrun_val_dataset) if self._inrun_val_dataset is not None else None
+        self.inrun_run = RunWriter(
+            Path(self.args.output_dir) / self.inrun_args.subdir, tracker, examples=self._inrun_examples(),
+            resume="auto", state={}, rng=False, keep=None, kind="trainer",
+            total_steps=self.state.max_steps or None, restored=self._inrun_metrics if tracker.step_count else None,
+            description=f"{type(tracker.module).__name__} trained with the Hugging Face Trainer",
+            metadata={"validation_examples": n_val, "per_device_train_batch_size": self.args.per_device_train_batch_size,
+                      "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+                      "learning_rate": self.args.learning_rate},
+        )
+        self.inrun_run.info = {"inrun_args": self._inrun_args_dict()}
+
+    def _inrun_examples(self) -> Examples | None:
+        """Ids, sources and texts of the training dataset, for the report (``None`` when the
+        dataset cannot be listed, e.g. an IterableDataset)."""
+        args, dataset = self.inrun_args, self.train_dataset
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            return None
+        try:
+            if hasattr(dataset, "column_names"):  # datasets.Dataset: column access, no row loop
+                names = set(dataset.column_names)
+                cols = {c: dataset[c] for c in (args.id_column, args.source_column, args.text_column) if c in names}
+                tokens = dataset["input_ids"] if "input_ids" in names else None
+            else:
+                rows = [dataset[i] for i in range(len(dataset))]
+                names = set(rows[0]) if rows and isinstance(rows[0], Mapping) else set()
+                cols = {c: [r[c] for r in rows] for c in (args.id_column, args.source_column, args.text_column) if c in names}
+                tokens = [r["input_ids"] for r in rows] if "input_ids" in names else None
+        except (KeyError, TypeError, IndexError):
+            return None
+        if args.id_column not in cols:
+            return None
+        table: dict[str, Any] = {"id": [i.item() if isinstance(i, Tensor) else i for i in cols[args.id_column]]}
+        if args.source_column in cols:
+            table["source"] = cols[args.source_column]
+        if args.text_column in cols:
+            table["text"] = cols[args.text_column]
+        elif tokens is not None and self.processing_class is not None and hasattr(self.processing_class, "decode"):
+            table["text"] = [self.processing_class.decode(list(t)[:256]) for t in tokens]
+        if tokens is not None:
+            table["length"] = [len(t) for t in tokens]
+        return examples_from(table)
+
+    def _inrun_args_dict(self) -> dict[str, Any]:
+        return {**asdict(self.inrun_args), "tracker_options": dict(self.inrun_args.tracker_options)}
+
+    def _finish_inrun(self) -> None:
+        """The global ledger (collective under DDP), then the run directory completed (rank 0)."""
+        tracker = self.inrun_tracker
+        if tracker is None:
+            logger.warning("no training step was valued: nothing written to %s", Path(self.args.output_dir) / self.inrun_args.subdir)
+            return
+        ledger = tracker.global_ledger()
+        if self.inrun_run is not None:
+            self.inrun_run.finish(checkpoint=False, ledger=ledger)
+            self.inrun_run = None
+            logger.info("In-Run Data Shapley values of %d examples written to %s", len(ledger),
+                        Path(self.args.output_dir) / self.inrun_args.subdir)
+
+    def _after_optimizer_step(self, step: int) -> None:
+        """Called at the end of every optimizer step: the curve's row; the cost, once."""
+        tracker, run = self.inrun_tracker, self.inrun_run
+        if run is not None:
+            run.log(self._inrun_step_loss, step=step)
+        self._inrun_step_loss = 0.0
+        if tracker is not None and not self._inrun_cost_logged and tracker.cost().steps >= 2:
+            self._inrun_cost_logged = True
+            self._log_validation_cost(tracker)
+
+    def _log_validation_cost(self, tracker: InRunShapley) -> None:
+        cost = tracker.cost()
+        n_val = len(self._inrun_val_dataset) if self._inrun_val_dataset is not None else "the"
+        rows = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        message = (
+            f"inrun: the validation pass ({n_val} rows) takes {cost.ratio:.2f}x the time of the "
+            f"training forward and backward ({rows} rows per step): "
+            f"{cost.validation_seconds / cost.steps * 1e3:.0f} ms against "
+            f"{cost.train_seconds / cost.steps * 1e3:.0f} ms per step, measured over {cost.steps} steps. "
+            "It runs at every optimizer step; fewer validation rows make every step cheaper."
+        )
+        (logger.warning if cost.ratio >= 1 else logger.info)(message)
+        super().log({"inrun/validation_cost_ratio": cost.ratio})
 
     def _resume_ledger(self, previous: InRunShapley | None) -> ValueLedger | None:
         """The ledger to continue: the resumed checkpoint's, else the previous ``train()``'s."""
@@ -265,7 +410,10 @@ class InRunTrainer(Trainer):
         if self.args.process_index != 0:
             return None
         logger.info("resuming the values saved in %s", path)
-        return ValueLedger.load(path)
+        store = RunDir(Path(self.args.output_dir) / self.inrun_args.subdir).trace_store if self.args.should_save else None
+        metrics = path / METRICS_FILE
+        self._inrun_metrics = Metrics.load(metrics) if metrics.exists() else Metrics()
+        return ValueLedger.load(path, trace_dir=store)
 
     def _make_val_loss(self) -> Callable[[nn.Module], Tensor]:
         if self._inrun_val_loss is not None:
@@ -308,22 +456,28 @@ class InRunTrainer(Trainer):
             self._inrun_val_chunks = chunks
         return self._inrun_val_chunks
 
-    def _save_inrun(self, directory: Path) -> None:
-        """Gather the global ledger (collective) and write it with the tracker's state."""
+    def _save_inrun(self, directory: Path) -> ValueLedger | None:
+        """Gather the global ledger (collective) and write it with the tracker's state and the
+        curves into a checkpoint's directory; returns the ledger."""
         tracker = self.inrun_tracker
-        if tracker is None:
-            logger.warning("no training step was valued: nothing written to %s", directory)
-            return
+        assert tracker is not None
         ledger = tracker.global_ledger()
         if not self.args.should_save:
-            return
+            return ledger
         ledger.save(directory)
-        coverage = tracker.coverage()
-        state = {
-            **tracker.state_dict(),
-            "world_size": tracker.world_size,
-            "inrun_args": {**asdict(self.inrun_args), "tracker_options": dict(self.inrun_args.tracker_options)},
-            "coverage": {"routes": coverage.routes, "numel": coverage.numel},
-        }
-        atomic_write(directory / TRACKER_FILE, lambda p: Path(p).write_text(json.dumps(state, indent=2, default=str)))
+        if self.inrun_run is not None:
+            self.inrun_run.metrics().save(directory / METRICS_FILE)
+        write_json(directory / TRACKER_FILE, {**tracker_info(tracker), **tracker.state_dict(),
+                                              "inrun_args": self._inrun_args_dict()})
         logger.info("In-Run Data Shapley values of %d examples written to %s", len(ledger), directory)
+        return ledger
+
+
+class _InRunSteps(TrainerCallback):
+    """Tells the trainer when an optimizer step ended (a callback sees it; a subclass does not)."""
+
+    def __init__(self, trainer: InRunTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._after_optimizer_step(state.global_step)

@@ -124,9 +124,13 @@ def build_report(
 
 # -- data preparation -----------------------------------------------------------------------------
 def _config_text(meta: dict[str, Any]) -> str:
-    """The run's config as TOML, from run.json (checked), not from the editable config.toml."""
+    """The run's config as TOML, from run.json (checked), not from the editable config.toml; for
+    a run of another loop, the tracker's settings and the run's metadata."""
     from ..config import ConfigError, RunConfig
 
+    if meta.get("kind", "cli") != "cli":
+        return json.dumps({"tracker": meta.get("tracker_config"), "optimizer": meta.get("optimizer"),
+                           "model": meta.get("model"), "metadata": meta.get("metadata")}, indent=2, default=str)
     try:
         return RunConfig.from_dict(meta.get("config", {})).to_toml()
     except ConfigError:
@@ -216,6 +220,7 @@ th,td{border-bottom:1px solid #eee;padding:4px 8px;text-align:left;vertical-alig
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 pre{margin:0;font-size:11px;line-height:1.25;white-space:pre-wrap;word-break:break-all;max-height:12.5em;overflow:hidden}
 .pos{color:#1e7a46}.neg{color:#b3263a}
+.warn{background:#fff4e0;border-left:4px solid #e0a030;padding:6px 10px;font-size:13px}
 details pre{max-height:none;background:#f6f6f6;padding:8px}
 .cols{display:grid;grid-template-columns:1fr 1fr;gap:16px}
 @media (max-width:900px){.cols{grid-template-columns:1fr}}
@@ -233,6 +238,17 @@ def _page(
     if model.get("lora"):
         model_desc += " + LoRA"
     data_desc = data.get("dataset") or (Path(data["path"]).name if data.get("path") else data.get("kind", "?"))
+    order = cfg.get("values", {}).get("order", 1)
+    header = (
+        f'{e(str(model_desc))} on {e(str(data_desc))}; {e(str(opt.get("name", "?")))} '
+        f'lr {e(str(opt.get("lr", "?")))}, {tr.get("steps", "?")} steps x {tr.get("batch_size", "?")}'
+    )
+    if meta.get("kind", "cli") != "cli":  # a run of the user's own loop, the Trainer or Lightning
+        tracker = meta.get("tracker_config") or {}
+        order = tracker.get("order", 1)
+        loop = {"library": "your training loop", "trainer": "the Hugging Face Trainer", "lightning": "Lightning"}
+        header = (f'{e(str(meta.get("description") or (meta.get("model") or {}).get("class", "model")))}; '
+                  f'{e(str(meta.get("optimizer", "?")))} in {e(loop.get(meta["kind"], meta["kind"]))}, {summary["steps"]:,} steps')
     cards = [
         (f"{summary['examples_valued']:,} / {summary['examples']:,}", "examples valued / in training set"),
         (f"{summary['negative_share']:.1%}", "of valued examples are negative"),
@@ -250,12 +266,13 @@ def _page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>inrun report: {e(rd.path.name)}</title><style>{CSS}</style></head><body><main>",
         f"<h1>In-Run Data Shapley: {e(rd.path.name)}</h1>",
-        f'<div class="sub">{e(str(model_desc))} on {e(str(data_desc))}; {e(str(opt.get("name", "?")))} '
-        f'lr {e(str(opt.get("lr", "?")))}, {tr.get("steps", "?")} steps x {tr.get("batch_size", "?")}; '
-        f'value order {cfg.get("values", {}).get("order", 1)}. inrun {e(str(meta.get("inrun_version")))}, '
+        f'<div class="sub">{header}; '
+        f'value order {order}. inrun {e(str(meta.get("inrun_version")))}, '
         f'run created {e(str(meta.get("created", "")))}.</div>',
         '<div class="cards">' + "".join(f"<div class=card><b>{e(v)}</b><span>{e(k)}</span></div>" for v, k in cards) + "</div>",
     ]
+    for warning in summary.get("warnings", []):
+        parts.append(f'<p class="warn" id="warning-length"><b>Warning:</b> {e(warning)}</p>')
     parts += _figure_html("distribution", figures)
     parts += _fidelity_html(audit, figures)
     parts.append('<h2>Most helpful and most harmful examples</h2><div class="cols">')
@@ -274,6 +291,7 @@ def _page(
     parts += _figure_html("loss", figures)
     if views_html:
         parts.append(views_html)
+    parts += _baseline_section(rd, summary)
     for result in curation:
         parts += _figure_html(_curation_key(result), figures)
     if curation:
@@ -290,6 +308,37 @@ def _page(
     )
     parts.append("</main></body></html>")
     return "\n".join(parts)
+
+
+def _baseline_section(rd: RunDir, summary: dict[str, Any]) -> list[str]:
+    """Baselines beside the values (``inrun baselines`` wrote them): how each ranks the examples
+    against the values, and the ids each flags first."""
+    from ..baseline_run import SCORES, read_baselines
+
+    baselines = read_baselines(rd)
+    if baselines is None:
+        return ['<h2>Baselines</h2><p class="sub">Not computed: <code>inrun baselines RUN_DIR</code> adds the '
+                "final-checkpoint loss, gradient cosine and KNN-Shapley of every example here.</p>"]
+    e = html.escape
+    values = value_frame(rd)
+    values = values[values["count"] > 0].set_index("id")["value"]
+    joined = baselines.join(values, how="inner")
+    # Flag first what each score says is worst: high loss, a gradient against validation, low KNN value.
+    worst = {"final_loss": False, "grad_cosine": True, "knn_shapley": True}
+    rows = []
+    for col in baselines.columns:
+        rho = joined["value"].rank().corr(joined[col].rank())
+        flagged = joined[col].sort_values(ascending=worst.get(col, True)).index[:5]
+        rows.append(f"<tr><td>{e(SCORES.get(col, col))}</td><td class=num>{rho:+.3f}</td>"
+                    f"<td>{e(', '.join(str(i) for i in flagged))}</td></tr>")
+    return [
+        '<h2 id="baselines">Baselines beside the values</h2>',
+        "<table><tr><th>score</th><th>Spearman with the In-Run value</th><th>ids it flags first</th></tr>"
+        + "".join(rows) + "</table>",
+        '<p class="sub">One checkpoint\'s scores (the final model), a different question than an '
+        "example's value to this run; docs/case-studies.md compares them on mislabel detection and "
+        "data selection.</p>",
+    ]
 
 
 def _figure_html(key: str, figures: dict[str, tuple[str, bytes, str]]) -> list[str]:
@@ -310,11 +359,12 @@ def _examples_table(rows: list[dict[str, Any]]) -> str:
         return "<p>none</p>"
     body = "".join(
         f"<tr><td class='num {'pos' if r['value'] >= 0 else 'neg'}'>{r['value']:+.3e}</td>"
+        f"<td class='num id'>{e(str(r['id']))}</td>"
         f"<td class=num>{r['count']}</td><td>{e(str(r['source']))}<br><small>{e(str(r['location']))}</small></td>"
         f"<td><pre>{e(str(r['preview']))}</pre></td></tr>"
         for r in rows
     )
-    return f"<table><tr><th>value</th><th>seen</th><th>source</th><th>text</th></tr>{body}</table>"
+    return f"<table><tr><th>value</th><th>id</th><th>seen</th><th>source</th><th>text</th></tr>{body}</table>"
 
 
 def _source_table(per_source: dict[str, dict[str, float]]) -> str:

@@ -150,16 +150,39 @@ def loss_curves(steps: np.ndarray, train_loss: np.ndarray, eval_steps: np.ndarra
     return _png(fig)
 
 
-def curation_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
-    """Validation loss over steps of several runs (original, curated, random subset)."""
+def curation_curves(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], spread: dict[str, np.ndarray] | None = None
+) -> bytes:
+    """Validation loss over steps of several runs (original, curated, random subset).
+
+    With ``spread`` (one standard deviation per evaluation, over seeds) each curve is the mean
+    with a band. The y-axis shows the part of training where the runs differ: it starts after
+    the first tenth of the steps (where every run still sits near the initial loss, which would
+    otherwise squash the end of the curves into a line); the start is cut off above, not hidden.
+    """
     fig, ax = _figure()
     styles = {"original (all data)": ("#999999", "--"), "kept (curated)": (POSITIVE, "-"), "random subset": (NEGATIVE, "-")}
+    lows, highs = [], []
     for name, (steps, loss) in curves.items():
+        steps, loss = np.asarray(steps, dtype=np.float64), np.asarray(loss, dtype=np.float64)
         color, ls = styles.get(name, (NEUTRAL, "-"))
-        ax.plot(steps, loss, ls, color=color, marker="o", ms=3, label=f"{name}: final {loss[-1]:.4f}")
+        band = None if spread is None else np.asarray(spread.get(name, np.zeros_like(loss)), dtype=np.float64)
+        final = f"{loss[-1]:.4f}" + (f" ± {band[-1]:.4f}" if band is not None and len(spread or {}) else "")
+        ax.plot(steps, loss, ls, color=color, marker="o", ms=3, label=f"{name}: final {final}")
+        late = steps >= steps[0] + 0.1 * (steps[-1] - steps[0]) if len(steps) > 2 else np.ones(len(steps), bool)
+        lo, hi = loss, loss
+        if band is not None:
+            ax.fill_between(steps, loss - band, loss + band, color=color, alpha=0.18, lw=0)
+            lo, hi = loss - band, loss + band
+        if late.any():
+            lows.append(float(lo[late].min()))
+            highs.append(float(hi[late].max()))
+    if lows and highs and max(highs) > min(lows):
+        pad = 0.08 * (max(highs) - min(lows))
+        ax.set_ylim(min(lows) - pad, max(highs) + pad)
     ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
-    ax.set_title("Curation: validation loss")
+    ax.set_ylabel("validation loss" + (" (mean ± sd over seeds)" if spread else ""))
+    ax.set_title("Curation: validation loss (start of training cut off above)")
     ax.legend(fontsize=8, frameon=False)
     return _png(fig)
 

@@ -14,6 +14,8 @@
 ``rules``                 value rules (first order scalar/elementwise, Hessian, trapezoid)
 ``check``                 the consistency check and the step's one host transfer
 ``state``                 the step's states; the one place steps are counted and recorded
+``admission``             what a model and a micro-batch must be (refusals: compiled, repeated ids)
+``cost``                  the time of the validation passes next to the training blocks
 ``engine``                the step machine wiring the parts together
 ``coverage``              which route valued each parameter
 ========================  ==================================================================

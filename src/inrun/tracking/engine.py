@@ -19,21 +19,27 @@ The life of one step (see :mod:`inrun.tracking.state` for its states)::
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import StepOrderError
+from ..errors import InRunError, StepOrderError
 from ..integrations.ddp import DDPSync
 from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
+from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
 from .capture import Hooks, TrainRecorder
 from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
+from .cost import StepCost
 from .coverage import Coverage, coverage_of
 from .entries import Entry, build_entries
 from .params import ParamTable
@@ -83,6 +89,8 @@ class StepEngine:
         self.window: Window | None = None
         self.pending: Window | None = None
         self.recorder: TrainRecorder | None = None
+        self.cost = StepCost()
+        self.window_ids = WindowIds()
         self.bookkeeping = (
             Bookkeeping(self.entries, self.policy, self._bookkeeping_target, self._add_dots)
             if config.bookkeeping != "off" else None
@@ -99,6 +107,33 @@ class StepEngine:
         ]
 
     # ------------------------------------------------------------------ micro-batches
+    @contextlib.contextmanager
+    def microbatch(self, ids: Any) -> Iterator[None]:
+        """One ``tracker.step(ids)`` block: admitted, recorded, closed, and timed (from the
+        second optimizer step on: the first also proves the rows by a replay)."""
+        if not self.enabled:
+            yield
+            return
+        if self.recorder is not None:
+            raise StepOrderError("tracker.step() blocks cannot be nested")
+        id_list = admit_ids(ids, self.batchnorms)
+        timed = self.log.count >= 1
+        t0 = time.perf_counter()
+        opening = self.window is None
+        recorder = self.open_microbatch(id_list)
+        t1 = time.perf_counter()
+        try:
+            self.window_ids.add(self.window, id_list)
+            with self.hooks.recording(recorder):
+                yield
+        except BaseException as exc:
+            self.close_microbatch(recorder, exc)
+            raise
+        t2 = time.perf_counter()
+        self.close_microbatch(recorder, None)
+        if timed:
+            self.cost.add(opening, t1 - t0, t2 - t1)
+
     def open_microbatch(self, ids: list) -> TrainRecorder:
         window = self.window
         if window is not None and window.micro and self.table.all_grads_none():
@@ -270,9 +305,39 @@ class StepEngine:
             window.skip("non-finite trapezoid correction")
         self.log.settle(window)
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, by_user: bool = False) -> None:
+        if by_user and self.recorder is not None:
+            raise StepOrderError("skip_step() must be called after the tracker.step() block, not inside it")
         window, self.window = self.window, None
         self.log.skip(window, reason)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Counters and settings of a checkpoint: between optimizer steps, a pending step done."""
+        if self.mid_step():
+            raise StepOrderError("a checkpoint must be taken between optimizer steps, not inside one")
+        self.flush()
+        state: dict[str, Any] = {"step_count": self.log.count, "config": asdict(self.config)}
+        if self.audit is not None:
+            state["audit"] = self.audit.state()
+        return state
+
+    def restore(self, state: dict[str, Any], ledger: ValueLedger | None) -> None:
+        saved = TrackerConfig.from_state(state["config"])
+        if saved != self.config:
+            raise InRunError(f"checkpoint was made with {saved}, this tracker has {self.config}")
+        self.log.count = int(state["step_count"])
+        if self.audit is not None and state.get("audit") is not None:
+            self.audit.load_state(state["audit"])
+        if ledger is not None:
+            self.log.ledger = ledger
+        self.validation.forget()
+
+    def set_enabled(self, value: bool) -> None:
+        if self.enabled and not value:
+            if self.mid_step():
+                raise StepOrderError("tracking can only be switched off between optimizer steps")
+            self.flush()
+        self.enabled = bool(value)
 
     def mid_step(self) -> bool:
         return self.recorder is not None or (self.window is not None and bool(self.window.micro))
@@ -280,7 +345,13 @@ class StepEngine:
     def coverage(self) -> Coverage:
         return coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
 
+    def global_ledger(self) -> ValueLedger:
+        self.flush()
+        return self.log.ledger if self.ddp is None else self.ddp.gather_ledger(self.log.ledger)
+
     def close(self) -> None:
+        with contextlib.suppress(InRunError):
+            self.flush()
         if self.audit is not None:
             self.audit.close()
         self.hooks.remove()

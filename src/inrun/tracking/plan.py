@@ -85,6 +85,8 @@ class RowVerifier:
             replayed, moves = self._round(mb, calls)
             if not moves:
                 engine.plan.verified.update(k for k in replayed.signature if k[1] is not None)
+                if not engine.rule.keeps_factors:  # the replay kept every layer's factors to verify
+                    replayed.captures = [c for c in replayed.captures if c.entry.handler.multi_output]
                 return replayed
             history += [f"{engine.entries[i].name}: {why}" for i, why in moves.items()]
             self._move(moves)

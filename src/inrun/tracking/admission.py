@@ -1,0 +1,76 @@
+"""What a model and a micro-batch must be before the tracker takes them: refusals with what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import BatchMismatchError, UnsupportedModuleError
+from ..layers.norm import batchnorm_message
+from ..ledger import check_ids
+
+
+def admit_model(model: Any, val_loss: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    refuse_compiled(model)
+    if not callable(val_loss):
+        raise TypeError("val_loss must be a callable taking the model and returning a loss")
+
+
+def refuse_compiled(model: nn.Module) -> None:
+    """``torch.compile`` and the tracker's hooks: refused, with what to do instead."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    where = [name or "the model" for name, m in model.named_modules()
+             if isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None]
+    if where:
+        raise UnsupportedModuleError(
+            f"{where[0]} is compiled with torch.compile: the tracker's per-layer hooks see a new "
+            "micro-batch every step, so the compiled graph would be recompiled at every step until "
+            "torch's recompile limit and then run eagerly anyway. Pass the module before "
+            "torch.compile (for a compiled model: model._orig_mod) to InRunShapley and train "
+            "with it; with the Hugging Face Trainer set TrainingArguments(torch_compile=False)."
+        )
+
+
+def repeated_id_error(ids: list, where: str) -> BatchMismatchError:
+    seen: set = set()
+    dup = next(i for i in ids if i in seen or seen.add(i))
+    return BatchMismatchError(
+        f"example id {dup!r} appears twice in {where}. Each row of a step is one player of that "
+        "step's game, and rows under one id would be added up silently. Give each row its own id "
+        "(a sampler that draws with replacement: f\"{id}#{k}\" per draw, summed afterwards if you "
+        "want one value per example), or drop the repeated rows from the batch."
+    )
+
+
+def admit_ids(ids: Any, batchnorms: list[nn.Module]) -> list:
+    """The ids of one micro-batch as a list, refused when empty or repeated, or when a BatchNorm
+    in training mode mixes the rows' statistics."""
+    id_list = check_ids(ids)
+    if not id_list:
+        raise BatchMismatchError("tracker.step() needs at least one id")
+    if len(set(id_list)) < len(id_list):
+        raise repeated_id_error(id_list, "this batch")
+    for bn in batchnorms:
+        if bn.training:
+            raise UnsupportedModuleError(batchnorm_message(bn))
+    return id_list
+
+
+class WindowIds:
+    """The ids seen so far in the open optimizer step, across its micro-batches."""
+
+    def __init__(self) -> None:
+        self._window: object = None
+        self._seen: set = set()
+
+    def add(self, window: object, ids: list) -> None:
+        if window is not self._window:
+            self._window, self._seen = window, set()
+        again = self._seen.intersection(ids)
+        if again:
+            raise repeated_id_error([*again] * 2, "this optimizer step (an earlier micro-batch)")
+        self._seen.update(ids)
