@@ -286,6 +286,24 @@ def test_the_audit_survives_a_checkpoint_and_resume(tmp_path) -> None:
     assert list(steps["step"]) == [2, 4, 6] and len(values) == 15
 
 
+def test_a_library_run_directory_carries_the_audit(tmp_path) -> None:
+    """``tracker.save_run`` (a RunWriter): the audit's files are written and listed in the
+    manifest, read back verified, and the report shows the fidelity panel."""
+    from inrun.cli import main
+    from inrun.rundir import RunDir
+
+    _, tracker = train_mlp("sgd", 0.01, steps=6, audit={"every": 2, "players": 4})
+    rd = tracker.save_run(tmp_path / "run")
+    log = rd.audit()
+    assert log is not None and [r["step"] for r in log.steps] == [2, 4]
+    assert log.values == tracker.audit.values
+    assert rd.verify() == []
+    assert main(["report", str(rd.path)]) == 0
+    assert 'id="plot-fidelity"' in (rd.path / "report.html").read_text()
+    _, plain = train_mlp("sgd", 0.01, steps=2)
+    assert RunDir(plain.save_run(tmp_path / "plain").path).audit() is None
+
+
 def test_an_audit_that_cannot_be_exact_is_refused_and_training_goes_on(caplog) -> None:
     """Per-example gradients are taken from the model's outputs. A penalty on the parameters added
     to the loss (which the tracker's own check refuses; here it is off) does not pass through
