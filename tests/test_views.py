@@ -146,6 +146,7 @@ def test_inspect_a_run_directory(audited_run, capsys) -> None:
     assert main(["inspect", str(audited_run.path), "--window", "30:", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "Audit: 3 step(s) checked against exact Shapley values (4 examples each)" in out
+    assert "of the run's time" in out  # the audit's cost as a share of the run (status.json's seconds)
     assert "Audited steps" in out and "Step-normalized view" in out and "Value per source and stage" in out
     assert "Values over steps 30-end only" in out
     assert main(["inspect", str(audited_run.path), "--window", "9:3"]) == 1

@@ -339,6 +339,7 @@ class _Runner:
     # -- one session ------------------------------------------------------------------------------
     def session(self, model: nn.Module | None, forced: dict[int, str], restore: bool, max_step: int | None) -> RunResult:
         config, rd, tc = self.config, self.rd, self.config.training
+        began = time.perf_counter()
         if model is None:  # a restart: the same initial model, from the seed
             torch.manual_seed(config.seed)
             model = _build_model(config, self.train_set, self.device)
@@ -408,7 +409,7 @@ class _Runner:
 
             write_json(rd.file(TRACKER_FILE), tracker_info(self.tracker), fsync=False)  # for `inrun inspect RUN_DIR`
         self._save()  # the final checkpoint saved them too, unless the last step was skipped
-        rd.write_status("complete", tc.steps, tc.steps)
+        rd.write_status("complete", tc.steps, tc.steps, seconds=time.perf_counter() - began)  # this session's
         if self.tracker is not None:
             from .summary import write_summary
 
