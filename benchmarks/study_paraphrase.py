@@ -12,11 +12,12 @@ per package, in a fixed hash order). Each becomes one training chunk (its 256 by
    inverted, ``x += y`` expanded, independent adjacent statements swapped (ast);
 4. same topic: the nearest other function of the same module, not inside the source chunk.
 
-A small GPT-2 trains on all chunks (SGD) with ``InRunShapley`` valuing every chunk for each item
-(one validation column per item; order 1 and order 2 in two runs with the same seed). The metric
-is the rank of the source chunk among all training chunks for each item (1 = most valuable),
-averaged over the sources, for: In-Run order 1 and 2, gradient similarity at the final
-checkpoint only (dot and cosine), and BM25.
+A small GPT-2 trains on all chunks with ``InRunShapley`` valuing every chunk for each item (one
+validation column per item): with SGD (order 1 and order 2 in two runs with the same seed) and
+with AdamW (warm-up, cosine decay; Adam-aware order 2, and the paper's SGD proxy in a run of the
+same trajectory); every valued run audited. The metric is the rank of the source chunk among all
+training chunks for each item (1 = most valuable), averaged over the sources, for: the In-Run
+values, gradient similarity at each final checkpoint only (dot and cosine), and BM25.
 
     PYTHONPATH=src python benchmarks/study_paraphrase.py
 """
@@ -37,7 +38,7 @@ import torch
 
 from inrun.baselines import BM25, code_terms
 from inrun.data.stdlib import is_validation_file, iter_source_files, load_stdlib_corpus, stdlib_root
-from studies import lm, plots
+from studies import fidelity, lm, plots
 from studies import paraphrase as para
 
 LEVELS = ("identical", "renamed", "renamed + restructured", "same topic")
@@ -130,52 +131,65 @@ def main() -> None:
         return torch.tensor([list(text.encode()[: cfg.length])], dtype=torch.long)
 
     columns = [tok(t) for s in sources for t in s["texts"]]
-    settings = {"cfg": dataclasses.asdict(cfg), "sources": [s["key"] for s in sources], "kind": "paraphrase-v2"}
+    acfg = lm.adamw(cfg)
     runs = {}
-    for order in (1, 2):
-        runs[order] = lm.cached_run(
-            f"paraphrase-o{order}", {**settings, "order": order}, args.fresh,
-            lambda order=order: lm.train_lm(
-                cfg, tokens, ids, seed=0, order=order, columns=columns,
-                evals={"test": held.tokens[: cfg.n_test]}, progress=f"paraphrase run (order {order})",
+    for key, c, order, proxy in (("SGD o1", cfg, 1, None), ("SGD o2", cfg, 2, None), ("AdamW o2", acfg, 2, None),
+                                 ("AdamW proxy", acfg, 1, "sgd")):
+        settings = {"cfg": dataclasses.asdict(c), "sources": [s["key"] for s in sources], "order": order, "proxy": proxy,
+                    "audit": lm.AUDIT, "kind": "paraphrase-v3"}
+        runs[key] = lm.cached_run(
+            f"paraphrase-{c.optimizer}-o{order}" + ("-proxy" if proxy else ""), settings, args.fresh,
+            lambda c=c, order=order, proxy=proxy, key=key: lm.train_lm(
+                c, tokens, ids, seed=0, order=order, columns=columns, proxy=proxy, audit=lm.AUDIT,
+                evals={"test": held.tokens[: cfg.n_test]}, progress=f"paraphrase run ({key})",
             ),
         )
-    scores = {"In-Run, order 1": runs[1].per_val, "In-Run, order 2": runs[2].per_val}
-    t0 = clock.wall()
-    dot, cos = lm.final_gradient_similarity(runs[2].model(cfg), tokens, columns, batch=16)
-    common.log(f"final-checkpoint gradients of {len(ids)} chunks: {clock.wall() - t0:.0f} s")
-    scores["grad·grad, final checkpoint"] = dot
-    scores["grad cosine, final checkpoint"] = cos
+    scores = {
+        "In-Run, order 1 (SGD run)": runs["SGD o1"].per_val, "In-Run, order 2 (SGD run)": runs["SGD o2"].per_val,
+        "In-Run, Adam-aware order 2 (AdamW run)": runs["AdamW o2"].per_val,
+        "In-Run, SGD proxy (AdamW run)": runs["AdamW proxy"].per_val,
+    }
+    for label, key, c in (("SGD", "SGD o2", cfg), ("AdamW", "AdamW o2", acfg)):
+        t0 = clock.wall()
+        dot, cos = lm.final_gradient_similarity(runs[key].model(c), tokens, columns, batch=16)
+        common.log(f"final-checkpoint gradients of {len(ids)} chunks ({label} model): {clock.wall() - t0:.0f} s")
+        scores[f"grad·grad, final checkpoint ({label} model)"] = dot
+        scores[f"grad cosine, final checkpoint ({label} model)"] = cos
     bm = BM25([code_terms(t) for t in texts])
     scores["BM25"] = np.stack([bm.scores(code_terms(t)) for s in sources for t in s["texts"]], axis=1)
     # diagnostic, not the paper's value: each step's values divided by the absolute sum of that
     # step's values (per item), the per-iteration normalization suggested in GhostSuite issue #1
-    for order in (1, 2):
-        scores[f"In-Run, order {order}, each step normalized (diagnostic)"] = runs[order].per_val_normalized
+    for label, key in (("order 1 (SGD run)", "SGD o1"), ("order 2 (SGD run)", "SGD o2"), ("Adam-aware (AdamW run)", "AdamW o2")):
+        scores[f"In-Run, {label}, each step normalized (diagnostic)"] = runs[key].per_val_normalized
 
     ranks = {m: np.zeros((len(sources), len(LEVELS))) for m in scores}
     for m, sc in scores.items():
         for k, row in enumerate(src_rows):
             for j in range(len(LEVELS)):
                 ranks[m][k, j] = rank_of(sc[:, 4 * k + j], row)
-    count = runs[2].count[src_rows]
-    plan = lm.batch_order(len(ids), cfg.steps, cfg.batch, 0)  # the data order of both runs (seed 0)
+    count = runs["SGD o2"].count[src_rows]
+    plan = lm.batch_order(len(ids), cfg.steps, cfg.batch, 0)  # the data order of every run (seed 0)
     visits = [np.flatnonzero((plan == row).any(axis=1)).tolist() for row in src_rows]
     out = [
-        f"{len(ids)} training chunks of {cfg.length} bytes; {cfg.steps} SGD steps of {cfg.batch} chunks "
-        f"(cosine lr {cfg.lr} → {cfg.lr_min}, clip {cfg.clip}); final test loss {runs[2].evals['test'][-1]:.3f} nats/byte. "
-        f"Each source chunk was in {', '.join(str(int(c)) for c in count)} batch(es)."
+        "**What the audit measured** (at steps 1, 5, 10, 25 and every 50: the exact Shapley values of the step's game for "
+        f"{lm.AUDIT['players']} chunks of the batch against the tracker's values of the same game)\n",
+        fidelity.table({k: (r.audit, r.meta["seconds"]) for k, r in runs.items()}),
+        f"\n{len(ids)} training chunks of {cfg.length} bytes; {cfg.steps} steps of {cfg.batch} chunks, with SGD ({lm.describe(cfg)}; "
+        f"final test loss {runs['SGD o2'].evals['test'][-1]:.3f} nats/byte) and with AdamW ({lm.describe(acfg)}; final test loss "
+        f"{runs['AdamW o2'].evals['test'][-1]:.3f}); the same data order. "
+        f"Each source chunk was in {', '.join(str(int(c)) for c in count)} batch(es).",
     ]
     out.append(f"\n**Mean rank of the source chunk among all {len(ids)} training chunks** (1 = top; mean over {len(sources)} sources)\n")
     out.append(common.table(
         ["validation item", *list(scores)],
         [[lvl] + [f"{ranks[m][:, j].mean():.1f}" for m in scores] for j, lvl in enumerate(LEVELS)],
     ))
-    out.append("\n**Per source** (ranks for order 2 / grad cosine at the final checkpoint / BM25)\n")
+    out.append("\n**Per source** (ranks for SGD order 2 / AdamW Adam-aware / grad cosine at the AdamW final checkpoint / BM25)\n")
     rows = []
     for k, s in enumerate(sources):
         rows.append([f"`{s['path']}` `{s['name']}`", ", ".join(s["changes"]), s["topic"], ", ".join(map(str, visits[k]))] + [
-            f"{ranks['In-Run, order 2'][k, j]:.0f} / {ranks['grad cosine, final checkpoint'][k, j]:.0f} / {ranks['BM25'][k, j]:.0f}"
+            f"{ranks['In-Run, order 2 (SGD run)'][k, j]:.0f} / {ranks['In-Run, Adam-aware order 2 (AdamW run)'][k, j]:.0f} / "
+            f"{ranks['grad cosine, final checkpoint (AdamW model)'][k, j]:.0f} / {ranks['BM25'][k, j]:.0f}"
             for j in range(len(LEVELS))
         ])
     out.append(common.table(["source function", "restructuring applied", "same-topic function", "trained on at step(s)", *list(LEVELS)], rows))

@@ -38,12 +38,15 @@ from cli_helpers import digits_config, run_in_process  # noqa: E402
 from inrun.errors import InRunError  # noqa: E402
 from inrun.rundir import RunDir  # noqa: E402
 
+AUDITED = ("audit.every=5", "audit.players=4", "audit.budget=1.0")
+"""The run audits steps 5, 10 and 15, so its audit files hold rows to damage."""
+
 
 def make_run(out: Path, steps: int = 20, every: int = 5) -> Path:
-    """A small finished run (digits MLP, order 2, trace, 2 checkpoints kept) with its report."""
+    """A small finished run (digits MLP, order 2, trace, audited, 2 checkpoints kept) with its report."""
     from inrun.report import build_report
 
-    run_in_process(digits_config(out, steps=steps, order=2, every=every))
+    run_in_process(digits_config(out, steps=steps, order=2, every=every), overrides=AUDITED)
     build_report(out)
     return out
 
@@ -69,6 +72,7 @@ def snapshot(path: Path) -> dict[str, Any]:
         "trace": ledger.trace(),
         "metrics": rd.metrics(),
         "examples": rd.examples().to_dict("list"),
+        "audit": _audit_rows(rd),
         "checkpoints": {},
     }
     for step, ck in rd.checkpoints():
@@ -80,6 +84,12 @@ def snapshot(path: Path) -> dict[str, Any]:
             "trace": None if cl is None else cl.trace(), "metrics": metrics,
         }
     return out
+
+
+def _audit_rows(rd: RunDir) -> Any:
+    """The audit's rows and settings, timings included (they are stored numbers like any other)."""
+    log = rd.audit()
+    return None if log is None else {"steps": log.steps, "values": log.values, "config": log.config}
 
 
 def same(a: Any, b: Any) -> bool:

@@ -26,7 +26,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,8 @@ DOMAINS = ("email", "asyncio", "xml", "unittest", "logging", "encodings")
 
 @dataclass(frozen=True)
 class LMConfig:
-    """Model, data and training settings of a code-corpus run (SGD, the theory's exact case)."""
+    """Model, data and training settings of a code-corpus run: SGD (the theory's exact case) by
+    default, or AdamW with warm-up and cosine decay (:func:`adamw`, the regime people train in)."""
 
     packages: tuple[str, ...] = DEFAULT_PACKAGES
     length: int = 128
@@ -57,6 +58,11 @@ class LMConfig:
     lr: float = 1.0
     lr_min: float = 0.1
     """Cosine decay from ``lr`` to ``lr_min`` over the run (constant if equal), as in the paper."""
+    optimizer: str = "sgd"
+    """``"sgd"`` or ``"adamw"``."""
+    warmup: int = 0
+    """Linear warm-up from ``lr / warmup`` to ``lr`` over the first ``warmup`` steps, then the decay."""
+    weight_decay: float = 0.0
     clip: float = 1.0
     max_train_per_source: int = 600
     domains: tuple[str, ...] = DOMAINS
@@ -72,6 +78,28 @@ def study_config(quick: bool, size: int = 40) -> LMConfig:
     if not quick:
         return LMConfig()
     return LMConfig(steps=size, max_train_per_source=size, eval_every=10, snapshot_every=10, n_test=32)
+
+
+ADAMW_LR = 3e-3
+"""AdamW's peak learning rate in the studies: the audit measured values faithful there (docs/case-studies.md)."""
+
+
+def adamw(cfg: LMConfig, lr: float = ADAMW_LR) -> LMConfig:
+    """The same run trained the way people train: AdamW (weight decay 0.1), linear warm-up over
+    5% of the steps, cosine decay to a tenth of the peak, clipping at 1.0."""
+    return replace(cfg, optimizer="adamw", lr=lr, lr_min=lr / 10, warmup=max(1, cfg.steps // 20), weight_decay=0.1)
+
+
+def describe(cfg: LMConfig) -> str:
+    """``"SGD, cosine lr 1.0 → 0.1, clip 1.0"`` or the AdamW recipe, for the tables."""
+    if cfg.optimizer == "sgd":
+        return f"SGD, cosine lr {cfg.lr:g} → {cfg.lr_min:g}, clip {cfg.clip:g}"
+    return (f"AdamW (weight decay {cfg.weight_decay:g}), {cfg.warmup}-step warm-up to lr {cfg.lr:g}, cosine to "
+            f"{cfg.lr_min:g}, clip {cfg.clip:g}")
+
+
+AUDIT = {"every": 50, "at": (1, 5, 10, 25), "players": 6}
+"""The audit of every valued study run: early steps (where most of the value accrues) and every 50."""
 
 
 # ---------------------------------------------------------------------- data
@@ -184,10 +212,14 @@ def eval_loss(model: nn.Module, tokens: Tensor | Sequence[Tensor], batch: int = 
 
 
 def lr_at(cfg: LMConfig, step: int) -> float:
-    """Cosine decay from ``cfg.lr`` at step 0 to ``cfg.lr_min`` at the last step."""
-    if cfg.steps <= 1:
+    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay from ``cfg.lr`` to ``cfg.lr_min``
+    at the last step (no warm-up: the decay starts at step 0, as the SGD runs always did)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = cfg.steps - 1 - cfg.warmup
+    if span <= 0:
         return cfg.lr
-    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / (cfg.steps - 1)))
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * (step - cfg.warmup) / span))
 
 
 def batch_order(n: int, steps: int, batch: int, seed: int) -> np.ndarray:
@@ -217,6 +249,7 @@ class LMRun:
     snap_steps: np.ndarray | None = None  # [S] step after which each snapshot was taken
     snapshots: np.ndarray | None = None  # [S, N, K] cumulative per-column values
     trace: dict[str, np.ndarray] | None = None  # step, row, first, second
+    audit: list[dict[str, Any]] = field(default_factory=list)  # the audit's rows, one per audited step
     train_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     eval_steps: np.ndarray = field(default_factory=lambda: np.zeros(0))
     evals: dict[str, np.ndarray] = field(default_factory=dict)
@@ -243,7 +276,7 @@ class LMRun:
         for k, v in self.state.items():
             arrays[f"state.{k}"] = v
         np.savez(path / "run.npz", **arrays)
-        (path / "meta.json").write_text(json.dumps(self.meta, indent=1, default=str))
+        (path / "meta.json").write_text(json.dumps({**self.meta, "audit": self.audit}, indent=1, default=str))
 
     @classmethod
     def load(cls, path: Path) -> LMRun:
@@ -257,6 +290,7 @@ class LMRun:
         run.evals = {k[5:]: z[k] for k in z.files if k.startswith("eval.")}
         run.state = {k[6:]: z[k] for k in z.files if k.startswith("state.")}
         run.meta = json.loads((path / "meta.json").read_text())
+        run.audit = run.meta.pop("audit", [])
         return run
 
 
@@ -274,21 +308,29 @@ def train_lm(
     keep_trace: bool = False,
     keep_state: bool = True,
     progress: str = "",
+    proxy: str | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> LMRun:
-    """Train a fresh model for ``cfg.steps`` SGD steps on ``tokens`` (rows ``pool`` only, if given).
+    """Train a fresh model for ``cfg.steps`` steps on ``tokens`` (rows ``pool`` only, if given).
 
-    ``order`` 1 or 2 values every step with ``InRunShapley`` against ``columns``; ``None`` trains
-    plainly. Same ``seed``: same initialization and same data order (for the same pool).
+    ``order`` 1 or 2 values every step with ``InRunShapley`` against ``columns`` (``proxy="sgd"``:
+    the paper's SGD proxy for an AdamW run), with the ``audit`` settings; ``None`` trains plainly.
+    Same ``seed``: same initialization and same data order (for the same pool); the tracker never
+    changes training, so two valued runs of the same seed follow the same trajectory.
     """
     clock = common.Clock()
     model = build_model(cfg, seed)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(ids)
     rows_all = np.arange(n) if pool is None else np.asarray(pool)
     plan = rows_all[batch_order(len(rows_all), cfg.steps, cfg.batch, seed)]
     tracker = None
     if order is not None:
-        tracker = InRunShapley(model, opt, val_loss=column_losses(columns), order=order, keep_trace=keep_trace)
+        tracker = InRunShapley(model, opt, val_loss=column_losses(columns), order=order, keep_trace=keep_trace,
+                               proxy=proxy, audit=audit)
         tracker.ledger.set_sources({int(i): "" for i in ids})  # ledger rows = corpus order
     run = LMRun(ids=np.asarray(ids, dtype=np.int64))
     evals = evals or {}
@@ -357,6 +399,8 @@ def train_lm(
                 "second": tr["second_order"],
             }
         run.meta["coverage"] = str(tracker.coverage())
+        if tracker.audit is not None:
+            run.audit = [dict(r) for r in tracker.audit.steps]
         tracker.close()
     if keep_state:
         run.state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if "attn.bias" not in k}
@@ -386,17 +430,19 @@ def cached_run(name: str, settings: dict[str, Any], fresh: bool, make: Callable[
     return run
 
 
-def base_run(cfg: LMConfig, data: CodeData, order: int, fresh: bool, seed: int = 0) -> LMRun:
-    """The valued pretraining run shared by the curation, stages and domain studies."""
-    settings = {"cfg": asdict(cfg), "order": order, "seed": seed, "kind": "base-v2"}
+def base_run(cfg: LMConfig, data: CodeData, order: int, fresh: bool, seed: int = 0, proxy: str | None = None) -> LMRun:
+    """The valued pretraining run shared by the curation, stages and domain studies (audited)."""
+    settings = {"cfg": asdict(cfg), "order": order, "seed": seed, "proxy": proxy, "audit": AUDIT, "kind": "base-v3"}
+    name = f"base-{cfg.optimizer}-o{order}" + ("-proxy" if proxy else "")
     return cached_run(
-        f"base-o{order}",
+        name,
         settings,
         fresh,
         lambda: train_lm(
             cfg, data.train.tokens, [c.id for c in data.train.chunks], seed=seed, order=order,
             columns=data.columns, evals={"test": data.test}, snapshots=True, keep_trace=True,
-            progress=f"valued run (order {order})",
+            progress=f"valued run ({cfg.optimizer}, order {order}{', SGD proxy' if proxy else ''})", proxy=proxy,
+            audit=AUDIT,
         ),
     )
 

@@ -17,11 +17,12 @@ from .errors import (
 )
 from .ledger import PerValidation, ValueLedger, ValueTable
 from .library_run import RunWriter
-from .tracker import Coverage, InRunShapley, StepCost, TrackerConfig
+from .tracker import AuditConfig, Coverage, InRunShapley, StepCost, TrackerConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditConfig",
     "BatchMismatchError",
     "ConsistencyError",
     "Coverage",

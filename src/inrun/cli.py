@@ -202,9 +202,11 @@ def _finish_run(result: Any, console: Console, report: bool) -> int:
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from .report import build_report
+    from .runinspect import parse_window
 
+    window = _window(args.window, parse_window)
     with console.status("writing the report"):
-        path = build_report(args.run_dir, out=args.out, top=args.top, stages=args.stages)
+        path = build_report(args.run_dir, out=args.out, top=args.top, stages=args.stages, window=window)
     console.print(f"Report: [bold]{path.resolve()}[/]")
     return 0
 
@@ -262,8 +264,22 @@ def cmd_curate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _window(text: str | None, parse: Callable[[str | None], Any]) -> Any:
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise InRunError(str(exc)) from None
+
+
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
-    from .inspect import inspect_target
+    from .inspect import inspect_run_dir, inspect_target
+    from .runinspect import inspect_run, is_run_dir, parse_window
+
+    if is_run_dir(args.target):
+        window = _window(args.window, parse_window)
+        inspect_run(args.target, console, top=args.top, stages=args.stages, window=window)
+        inspect_run_dir(args.target).print(console, modules=args.modules)
+        return 0
 
     report = inspect_target(
         args.target, overrides=args.set, batch_size=args.batch_size, length=args.length,
@@ -312,6 +328,10 @@ def print_summary(summary: dict[str, Any], console: Console, rows: int = 5) -> N
         for source, s in summary["per_source"].items():
             table.add_row(escape(source), str(s["examples"]), f"{s['total']:+.3e}", f"{s['mean']:+.2e}", f"{s['negative_share']:.0%}")
         console.print(table)
+    if "audit" in summary:
+        from .runinspect import audit_line
+
+        console.print(escape(audit_line(summary["audit"], summary.get("seconds"))), soft_wrap=True)
 
 
 def _one_line(text: str, width: int = 56) -> str:
@@ -370,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
     report.add_argument("--top", type=positive_int, default=10, help="examples in the helpful/harmful tables")
     report.add_argument("--stages", type=positive_int, default=8, help="training stages in the per-source plot")
+    report.add_argument("--window", metavar="START:STOP", help="also list the values over steps START..STOP-1 (a view)")
     report.set_defaults(func=cmd_report)
 
     baselines = sub.add_parser("baselines", help="final-checkpoint loss, gradient cosine and KNN-Shapley beside the values")
@@ -383,14 +404,20 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument("--seeds", type=positive_int, default=1, help="with --retrain: seeds per arm, for a mean and a spread (default 1)")
     curate.set_defaults(func=cmd_curate)
 
-    inspect = sub.add_parser("inspect", help="which parameters each route values, and the predicted extra memory")
-    inspect.add_argument("target", metavar="MODEL_OR_CONFIG", help="a run config (.toml), a run directory, or a Hugging Face model type (gpt2, llama...)")
+    inspect = sub.add_parser(
+        "inspect", help="a run directory: its values, audit and views; a config or model type: routes and memory"
+    )
+    inspect.add_argument("target", metavar="RUN_DIR_MODEL_OR_CONFIG",
+                         help="a run directory, a run config (.toml) or a Hugging Face model type (gpt2, llama...)")
     inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help + " (config only)")
     inspect.add_argument("--batch-size", type=positive_int, default=None, help="examples per step (default: the config's, or 16)")
     inspect.add_argument("--length", type=positive_int, default=None, help="tokens per example for a model type (default 128)")
     inspect.add_argument("--val-tokens", type=positive_int, default=None, help="validation tokens for a model type (default 1024)")
     inspect.add_argument("--order", type=int, choices=(1, 2), default=None, help="value order (default: the config's, or 1)")
     inspect.add_argument("--modules", action="store_true", help="list every valued module")
+    inspect.add_argument("--top", type=positive_int, default=5, help="run directory: examples in each view's table")
+    inspect.add_argument("--stages", type=positive_int, default=4, help="run directory: training stages in the per-source view")
+    inspect.add_argument("--window", metavar="START:STOP", help="run directory: also the values over steps START..STOP-1")
     inspect.set_defaults(func=cmd_inspect)
 
     from .bench import build_parser as bench_arguments

@@ -319,6 +319,43 @@ class ValuesConfig:
 
 
 @dataclass(frozen=True)
+class AuditSection:
+    """The run checks its own values: exact Shapley values of sampled steps beside the tracker's."""
+
+    enabled: bool = _help("audit the values during the run (its cost is measured and printed)", True)
+    every: int = _help("audit steps every, 2*every, ... (0: only the steps in 'at')", 100)
+    at: tuple[int, ...] = _help("further steps to audit (0-based; step 0 only if named)", ())
+    players: int = _help("examples drawn from the step's batch (all of them if the batch is smaller): 2^players validation losses per audit", 6)
+    max_exact: int = _help("enumerate every subset up to this many players; Monte Carlo beyond", 12)
+    permutations: int = _help("Monte-Carlo permutations beyond max_exact players", 256)
+    warn_below: float = _help("a step is unfaithful when Pearson is below this and relative RMSE above warn_rmse", 0.7)
+    warn_rmse: float = _help("see warn_below", 0.3)
+    precision: str = _help("'float64' (the game on a float64 copy of the model) or 'model' (its dtype)", "float64")
+    budget: float = _help("at most this share of the run's wall time goes to the audit (a due step over it is skipped)", 0.2)
+
+    def __post_init__(self) -> None:
+        from .tracking.auditconfig import AuditError
+
+        try:
+            self.audit_config(seed=0)
+        except AuditError as exc:
+            name = str(exc).split("=", 1)[0].removeprefix("audit.")
+            raise ConfigError(name, str(exc).split(": ", 1)[-1]) from None
+
+    def audit_config(self, seed: int) -> Any:
+        """The :class:`inrun.AuditConfig` of this section (``None`` when disabled), seeded with the run's seed."""
+        from .tracking.auditconfig import AuditConfig
+
+        if not self.enabled:
+            return None
+        return AuditConfig(
+            every=self.every, at=self.at, players=self.players, max_exact=self.max_exact,
+            permutations=self.permutations, seed=seed, warn_below=self.warn_below, warn_rmse=self.warn_rmse,
+            precision=self.precision, budget=self.budget,  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Checkpoints of model, optimizer, data order, RNG and values, written atomically."""
 
@@ -341,6 +378,7 @@ class RunConfig:
     schedule: ScheduleConfig = _help("[schedule] section", default_factory=ScheduleConfig)
     training: TrainingConfig = _help("[training] section", default_factory=TrainingConfig)
     values: ValuesConfig = _help("[values] section", default_factory=ValuesConfig)
+    audit: AuditSection = _help("[audit] section", default_factory=AuditSection)
     checkpoint: CheckpointConfig = _help("[checkpoint] section", default_factory=CheckpointConfig)
     seed: int = _help("seed of model initialization and data order", 0)
     output: str = _help("run directory (relative to the current directory)", "runs/run")

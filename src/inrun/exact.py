@@ -201,35 +201,45 @@ def sgd_update(lr: float | Mapping[str, float]) -> UpdateFn:
 
 
 def optimizer_update(
-    model: nn.Module, optimizer: torch.optim.Optimizer, *, grad_factor: float = 1.0
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    grad_factor: float | Mapping[str, float] = 1.0,
+    start: Mapping[str, Tensor] | None = None,
 ) -> UpdateFn:
     """The *real* step of ``optimizer`` as an update rule: for each subset, the change a scratch
     copy of the optimizer (its state restored every time) makes with gradient
     ``grad_factor · Σ_{z∈S} g_z``. Exact for any torch optimizer (momentum, Adam's moments, weight
-    decay, amsgrad...); ``grad_factor`` is a clip factor or gradient scale applied before the step.
-    ``Δ(∅)`` is the optimizer's data-free step, which shifts every subset alike and so leaves the
-    Shapley values unchanged.
+    decay, amsgrad...); ``grad_factor`` is a clip factor or gradient scale applied before the step,
+    one for all parameters or one per parameter name. ``Δ(∅)`` is the optimizer's data-free step,
+    which shifts every subset alike and so leaves the Shapley values unchanged.
 
     Call it before the real step (it copies the optimizer's state at that moment). One optimizer
     step per subset: fine for audits of small batches.
+
+    Args:
+        start: the parameter values to step from, by name (default: the model's own). Give a
+            float64 copy of them to evaluate a float32 run's step in float64: the optimizer's
+            state tensors are cast to each parameter's dtype.
     """
-    named = trainable_parameters(model)
+    named = trainable_parameters(model) if start is None else {n: t.detach() for n, t in start.items()}
     name_of = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     scratch = {n: nn.Parameter(t.clone()) for n, t in named.items()}
     groups, state = [], {}
     for group in optimizer.param_groups:
         params = []
         for p in group["params"]:
-            if id(p) not in name_of:
+            if id(p) not in name_of or name_of[id(p)] not in scratch:
                 continue
             q = scratch[name_of[id(p)]]
             params.append(q)
-            state[q] = {
-                k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in optimizer.state.get(p, {}).items()
-            }
+            state[q] = {k: _state_copy(k, v, q) for k, v in optimizer.state.get(p, {}).items()}
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
     opt = type(optimizer)(groups)
     order = list(state)
+
+    def factor(n: str) -> float:
+        return float(grad_factor[n]) if isinstance(grad_factor, Mapping) else float(grad_factor)
 
     def update(summed: Mapping[str, Tensor]) -> dict[str, Tensor]:
         S = next(iter(summed.values())).shape[0]
@@ -238,7 +248,7 @@ def optimizer_update(
             with torch.no_grad():
                 for n, p in scratch.items():
                     p.copy_(named[n])
-                    p.grad = (grad_factor * summed[n][s]).to(p.dtype).clone() if n in summed else None
+                    p.grad = (factor(n) * summed[n][s]).to(p.dtype).clone() if n in summed else None
             for q in order:
                 opt.state[q] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state[q].items()}
             opt.step()
@@ -248,6 +258,17 @@ def optimizer_update(
         return out
 
     return update
+
+
+def _state_copy(key: str, value: Any, param: Tensor) -> Any:
+    """An optimizer state entry copied for a scratch parameter: tensors shaped like the parameter
+    (moments, momentum buffers) in its dtype; counters (Adam's ``step``) as they are."""
+    if not torch.is_tensor(value):
+        return value
+    value = value.detach().clone()
+    if key != "step" and value.shape == param.shape and value.is_floating_point():
+        value = value.to(param.dtype)
+    return value
 
 
 def learning_rates(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:

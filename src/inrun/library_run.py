@@ -385,7 +385,7 @@ class RunWriter:
             self.resumed = True
             self._rows = {s: r for s, r in _rows_of(self._external).items() if s <= self.tracker.step_count}
             self.start_step = self.tracker.step_count
-            self.rd.save_results(self.tracker.ledger, self._metrics(), prune_trace=True)
+            self.rd.save_results(self.tracker.ledger, self._metrics(), prune_trace=True, audit=self.tracker.audit)
             rd.write_status("running", self.start_step, self.total_steps or 0)
             return
         restored = rd.restore(torch.device("cpu"), max_step=self._at_step, values=True)
@@ -405,7 +405,7 @@ class RunWriter:
             self._describe_sources(self.tracker.ledger)
             if self.tracker.ledger.keep_trace and self.tracker.ledger.trace_dir is None:
                 self.tracker.ledger.trace_dir = rd.trace_store
-            rd.save_results(None, Metrics(), prune_trace=True)
+            rd.save_results(None, Metrics(), prune_trace=True, audit=self.tracker.audit)
             self.start_step = 0
             if self.evaluate:
                 self.log(val_loss=self._validation_loss(), step=0)
@@ -429,7 +429,7 @@ class RunWriter:
         self.extra = dict(state.get("extra") or {})
         self._rows = _rows_of(restored.metrics)
         self.start_step = int(state["step"])
-        self.rd.save_results(restored.ledger, self._metrics(), prune_trace=True)
+        self.rd.save_results(restored.ledger, self._metrics(), prune_trace=True, audit=self.tracker.audit)
         logger.info("resuming %s from step %d", self.rd.path, self.start_step)
 
     # -- while training -------------------------------------------------------------------------------
@@ -480,7 +480,7 @@ class RunWriter:
         ledger.commit()
         keep = self.keep if self.keep is not None else 1 << 30
         path = self.rd.write_checkpoint(step, state, ledger, self._metrics(ledger), keep)
-        self.rd.save_results(ledger, self._metrics(ledger))
+        self.rd.save_results(ledger, self._metrics(ledger), audit=self.tracker.audit)
         self._write_tracker()
         self.rd.write_status("running", step, self.total_steps or 0)
         return path
@@ -491,7 +491,7 @@ class RunWriter:
         ledger = ledger if ledger is not None else self.tracker.ledger
         self._evaluate_at(self.tracker.step_count)
         ledger.commit()
-        self.rd.save_results(ledger, self._metrics(ledger))
+        self.rd.save_results(ledger, self._metrics(ledger), audit=self.tracker.audit)
         self._write_tracker()
         self.rd.write_status("running", self.tracker.step_count, self.total_steps or 0)
 
@@ -539,7 +539,7 @@ class RunWriter:
             ledger = ledger if ledger is not None else t.ledger
             self._evaluate_at(t.step_count)
             ledger.commit()
-            self.rd.save_results(ledger, self._metrics(ledger))
+            self.rd.save_results(ledger, self._metrics(ledger), audit=self.tracker.audit)
             self._write_tracker()
             self.rd.write_status("complete", t.step_count, self.total_steps or t.step_count,
                                  seconds=time.perf_counter() - self._t0)
@@ -559,7 +559,7 @@ class RunWriter:
             if not self.tracker._engine.mid_step():
                 self.tracker.flush()
             ledger.commit()
-            self.rd.save_results(ledger, self._metrics(ledger))
+            self.rd.save_results(ledger, self._metrics(ledger), audit=self.tracker.audit)
         except Exception as again:  # the error that ended the run is what the caller sees
             logger.warning("could not save the values after the failure: %s", again)
         try:

@@ -11,7 +11,10 @@ Layout (every file written atomically: to a temporary name, flushed to disk, the
     trace/             part-A-B.parquet: step, lr, id, first_order, second_order of steps A..B
     ledger.json        ledger metadata (steps, skipped steps) and checksums of the ledger files
     metrics.parquet    step, train_loss, lr, val_loss, skipped
-    manifest.json      SHA-256 and size of ledger.json, metrics.parquet and examples.parquet
+    audit.parquet      the audit: one row per audited step; audit_values.parquet: per audited
+                       example; audit.json: its settings (inrun.auditlog)
+    manifest.json      SHA-256 and size of ledger.json, metrics.parquet, examples.parquet and the
+                       audit's files
     summary.json       totals, top and bottom examples, per-source table (end of run)
     checkpoints/step-000100/   state.pt (model, optimizer, schedule, RNG, data position; loaded
                                with torch.load(weights_only=True)), ledger/, metrics.parquet,
@@ -416,7 +419,9 @@ class RunDir:
         atomic_write(self.file(EXAMPLES_FILE), lambda p: pq.write_table(table, p))
         self._examples_digest = file_digest(self.file(EXAMPLES_FILE))
 
-    def save_results(self, ledger: ValueLedger | None, metrics: Metrics, prune_trace: bool = False) -> None:
+    def save_results(
+        self, ledger: ValueLedger | None, metrics: Metrics, prune_trace: bool = False, audit: Any = None,
+    ) -> None:
         """Values (if any) and curves at the top of the run directory, then the manifest that
         lists them; readers wait meanwhile (:meth:`reading`). Atomic but not synced to disk:
         they are copies of the newest checkpoint's, which is, and a resume rewrites them if a
@@ -425,6 +430,8 @@ class RunDir:
         Args:
             prune_trace: first remove the trace parts ``ledger`` does not list (after a restore:
                 rows of steps past its checkpoint, which the resumed run writes again).
+            audit: the tracker's audit (:class:`inrun.tracking.audit.StepAudit`), if any: its
+                rows are written and listed too.
         """
         with exclusive_lock(self.file(RESULTS_LOCK_FILE)):
             if prune_trace:
@@ -439,6 +446,11 @@ class RunDir:
                 self._examples_digest = file_digest(self.file(EXAMPLES_FILE))
             if self._examples_digest is not None:
                 files[EXAMPLES_FILE] = self._examples_digest
+            if audit is not None:
+                from .auditlog import AUDIT_FILES, save_audit
+
+                save_audit(self.path, audit, fsync=False)
+                files.update({name: file_digest(self.file(name)) for name in AUDIT_FILES})
             steps = metrics.step[-1] if metrics.step else 0
             write_json(self.file(MANIFEST_FILE), {"format": RUN_FORMAT, "step": steps, "files": files}, fsync=False)
 
@@ -498,6 +510,27 @@ class RunDir:
                 return ValueLedger.load(self.path)
             except IntegrityError as exc:
                 raise IntegrityError(f"{exc}; {_resume_hint(self.path)}") from None
+
+    def audit(self) -> Any:
+        """The run's audit (:class:`inrun.auditlog.AuditLog`), verified; ``None`` if it had none."""
+        from .auditlog import AUDIT_FILE, AUDIT_FILES, load_audit
+
+        with self.reading():
+            if self.legacy:
+                return load_audit(self.path)
+            try:
+                listed = AUDIT_FILE in self._manifest()["files"]
+            except IntegrityError:
+                if not self.file(AUDIT_FILE).exists():
+                    return None
+                raise
+            if not listed:
+                if self.file(AUDIT_FILE).exists():
+                    raise IntegrityError(f"{self.file(AUDIT_FILE)} is not listed in {self.file(MANIFEST_FILE)}; {_resume_hint(self.path)}")
+                return None
+            for name in AUDIT_FILES:
+                self._verified(name)
+            return load_audit(self.path)
 
     def metrics(self) -> Metrics:
         with self.reading():
@@ -717,6 +750,7 @@ class RunDir:
                 ledger = check("values", self.ledger)
                 if ledger is not None:
                     check("trace", ledger.trace)
+            check("audit", self.audit)
         for _, path in self.checkpoints():
             check(f"{CHECKPOINTS}/{path.name}", lambda p=path: self.load_checkpoint(p, torch.device("cpu")))
         return problems

@@ -339,6 +339,7 @@ class _Runner:
     # -- one session ------------------------------------------------------------------------------
     def session(self, model: nn.Module | None, forced: dict[int, str], restore: bool, max_step: int | None) -> RunResult:
         config, rd, tc = self.config, self.rd, self.config.training
+        began = time.perf_counter()
         if model is None:  # a restart: the same initial model, from the seed
             torch.manual_seed(config.seed)
             model = _build_model(config, self.train_set, self.device)
@@ -384,7 +385,7 @@ class _Runner:
             forced.update({int(k): v for k, v in (state.get("forced_skips") or {}).items()})
             logger.info("resuming %s from step %d", rd.path, start)
         if restore:  # heal the top-level results: they are those of the restored checkpoint again
-            rd.save_results(ledger, self.metrics, prune_trace=True)
+            rd.save_results(ledger, self.metrics, prune_trace=True, audit=self._audit())
         rd.write_status("running", start, tc.steps)
         self.step = start
         with _Signals().installed() as signals:
@@ -408,7 +409,7 @@ class _Runner:
 
             write_json(rd.file(TRACKER_FILE), tracker_info(self.tracker), fsync=False)  # for `inrun inspect RUN_DIR`
         self._save()  # the final checkpoint saved them too, unless the last step was skipped
-        rd.write_status("complete", tc.steps, tc.steps)
+        rd.write_status("complete", tc.steps, tc.steps, seconds=time.perf_counter() - began)  # this session's
         if self.tracker is not None:
             from .summary import write_summary
 
@@ -425,6 +426,7 @@ class _Runner:
             self.model, self.optimizer, val_loss=lambda m: self.loss_fn(m, self.val_x, self.val_y),
             order=v.order, second_order=v.second_order, route=v.route, check=v.check,
             on_nonfinite="raise", keep_trace=v.trace, ledger=ledger,
+            audit=self.config.audit.audit_config(seed=self.config.seed),
         )
 
     def _parameters_finite(self, step: int) -> bool:
@@ -607,10 +609,14 @@ class _Runner:
         except OSError as exc:
             logger.warning("could not write %s: %s", self.rd.file("status.json"), _one_line(exc))
 
+    def _audit(self) -> Any:
+        """The tracker's audit, whose rows are saved beside the values (``None``: no audit)."""
+        return None if self.tracker is None else self.tracker.audit
+
     def _save(self) -> None:
         if self.ledger is not None:
             self.ledger.commit()
-        self.rd.save_results(self.ledger, self.metrics)
+        self.rd.save_results(self.ledger, self.metrics, audit=self._audit())
 
     def _checkpoint(self, step: int) -> None:
         """Checkpoint after ``step`` steps; the parameters' validation loss is known finite."""
@@ -640,7 +646,7 @@ class _Runner:
         self.update = None
         tc = self.config.training
         self.rd.write_checkpoint(step, state, self.ledger, metrics, self.config.checkpoint.keep)
-        self.rd.save_results(self.ledger, metrics)
+        self.rd.save_results(self.ledger, metrics, audit=self._audit())
         self.rd.write_status("running" if step < tc.steps else "complete", step, tc.steps)
 
 

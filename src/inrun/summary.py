@@ -85,6 +85,7 @@ def summarize(rd: RunDir, top: int = 8) -> dict[str, Any]:
             "negative_share": float((g["value"] < 0).mean()),
         }
     per_source = dict(sorted(per_source.items(), key=lambda kv: -kv[1]["total"]))
+    audit = rd.audit()
     rho = length_correlation(valued)
     warnings = []
     if rho is not None and abs(rho) >= LENGTH_WARNING:
@@ -110,6 +111,7 @@ def summarize(rd: RunDir, top: int = 8) -> dict[str, Any]:
         "most_helpful": rows(ranked[ranked["value"] > 0].iloc[::-1].head(top)),
         "most_harmful": rows(ranked[ranked["value"] < 0].head(top)),
         "per_source": per_source,
+        "audit": None if audit is None else _finite(audit.summary()),
         "length_correlation": rho,
         "warnings": warnings,
     }
@@ -133,6 +135,11 @@ def write_summary(rd: RunDir) -> dict[str, Any]:
         logger.warning("%s: %s", rd.path, warning)
     write_json(rd.file(SUMMARY_FILE), summary)
     return summary
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    """NaN as ``None``, so summary.json stays strict JSON."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
 
 
 def _plain(x: Any) -> Any:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .ledger import PerValidation, ValueLedger, ValueTable
 from .optim import UpdateRule
 from .tracking.admission import admit_model
+from .tracking.audit import AuditConfig, StepAudit
 from .tracking.config import (
     AdamLinearization,
     Bookkeeping,
@@ -41,7 +42,7 @@ from .tracking.rules import ValueRule
 if TYPE_CHECKING:
     from .rundir import RunDir
 
-__all__ = ["Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
+__all__ = ["AuditConfig", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
 
 class InRunShapley:
@@ -85,6 +86,10 @@ class InRunShapley:
         val_threads: CPU threads of the validation pass: ``"all"`` (torch's), ``"one"``, or
             ``"auto"`` (the faster by measured time; last bits then depend on the load).
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
+        audit: check the values during the run against exact Shapley values of sampled steps
+            (an :class:`~inrun.AuditConfig`, a dict of its settings, or ``True`` for the defaults:
+            every 100 steps, 8 examples; see :mod:`inrun.tracking.audit`). Off by default. It
+            never changes training; its cost is measured (:attr:`audit`).
         validation_ids: one label per validation example when ``val_loss`` returns a vector:
             the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
 
@@ -125,6 +130,7 @@ class InRunShapley:
         verify: Verify = "on_change",
         val_threads: ValThreads = "all",
         ledger: ValueLedger | None = None,
+        audit: AuditConfig | Mapping[str, Any] | bool | None = None,
         validation_ids: Sequence[Any] | None = None,
         **unknown: Any,
     ) -> None:
@@ -139,7 +145,8 @@ class InRunShapley:
         self.ledger = ledger if ledger is not None else ValueLedger(keep_trace=self.config.keep_trace)
         if validation_ids is not None:
             self.ledger.validation_names = [str(v) for v in validation_ids]
-        self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger)
+        self.audit_config = AuditConfig.of(audit)
+        self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger, audit=self.audit_config)
         self.module = self._engine.module
         self.optimizer = self._engine.optimizer
 
@@ -248,6 +255,14 @@ class InRunShapley:
     def value_rule(self) -> ValueRule:
         """How each step's values are made (order, variant; :mod:`inrun.tracking.rules`)."""
         return self._engine.rule
+
+    @property
+    def audit(self) -> StepAudit | None:
+        """The run's audit (``None`` unless ``audit=`` was given): per audited step the exact
+        Shapley values of a sampled sub-batch next to the tracker's, with Pearson, Spearman,
+        relative RMSE, efficiency gap and cost (``audit.steps``, ``audit.values``,
+        ``audit.summary()``; as tables: :func:`inrun.views.audit_frames`)."""
+        return self._engine.audit
 
     @property
     def world_size(self) -> int:

@@ -9,7 +9,11 @@ as base64), so it can be mailed or archived as one file. Sections:
 * value per data source, and how each source's share changes over training stages (the
   paper's Fig. 3: per stage, the share of value among sources with a positive total);
 * cumulative value over steps next to the measured drop of validation loss;
-* training and validation loss; curation results when ``inrun curate --retrain`` ran.
+* training and validation loss; curation results when ``inrun curate --retrain`` ran;
+* fidelity: the run's audit (exact Shapley values of sampled steps against the tracker's) over
+  training steps, with a table of the audited steps;
+* views (not the value): the step-normalized view's top and bottom examples, value per source
+  and stage as numbers, and the value of a window of steps (``--window``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..auditlog import AuditLog
 from ..ledger import atomic_write
 from ..rundir import REPORT_FILE, RunDir
 from ..storage import IntegrityError, read_json
@@ -33,12 +38,17 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PLOT_IDS", "build_report"]
 
-PLOT_IDS = ("distribution", "sources", "stages", "cumulative", "loss")  # + "curation-<drop>" per curation
+PLOT_IDS = ("distribution", "sources", "stages", "cumulative", "loss", "fidelity")  # + "curation-<drop>" per curation
 MAX_SOURCES_IN_STAGE_PLOT = 16
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 10, stages: int = 8) -> Path:
+def build_report(
+    run_dir: str | Path, out: str | Path | None = None, top: int = 10, stages: int = 8,
+    window: tuple[int, int | None] | None = None,
+) -> Path:
     """Write the HTML report of ``run_dir`` (default ``RUN_DIR/report.html``) and return its path.
+
+    ``window``: also list the examples' values over the steps ``[start, stop)`` (a view).
 
     Raises:
         RunDirError: not a run directory, or a run without values.
@@ -91,6 +101,11 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
         "Loss", plots.loss_curves(train_steps, train_loss, eval_steps, val_loss),
         "Training loss of each batch and validation loss at the evaluation steps.",
     )
+    audit = rd.audit()
+    if audit is not None:
+        figure = _fidelity_figure(audit)
+        if figure is not None:
+            figures["fidelity"] = figure
     curation = _curations(rd)
     for result in curation:
         curves = {k: (np.array(v["steps"]), np.array(v["val_loss"])) for k, v in result["curves"].items()}
@@ -100,7 +115,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, top: int = 
             f"subset of the same size (same seed and steps); the original run for reference.",
         )
     config_text = _config_text(meta)
-    page = _page(rd, meta, summary, figures, curation, config_text)
+    views_html = _views_html(rd, trace, total_steps if trace is not None and len(trace) else 0, top, window)
+    page = _page(rd, meta, summary, figures, curation, config_text, audit, views_html)
     path = Path(out) if out is not None else rd.file(REPORT_FILE)
     atomic_write(path, lambda p: Path(p).write_text(page, encoding="utf-8"))
     return path
@@ -213,7 +229,7 @@ details pre{max-height:none;background:#f6f6f6;padding:8px}
 
 def _page(
     rd: RunDir, meta: dict[str, Any], summary: dict[str, Any], figures: dict[str, tuple[str, bytes, str]],
-    curation: list[dict[str, Any]], config_text: str,
+    curation: list[dict[str, Any]], config_text: str, audit: AuditLog | None = None, views_html: str = "",
 ) -> str:
     e = html.escape
     cfg = meta.get("config", {})
@@ -241,6 +257,9 @@ def _page(
         (f"{summary['steps']:,}", f"steps ({summary['state']})"),
         (f"{len(summary['skipped_steps'])}", "skipped steps (NaN/Inf)"),
     ]
+    fidelity = audit.summary() if audit is not None else None
+    if fidelity is not None and fidelity["audited_steps"]:
+        cards.append((f"{fidelity['median_pearson']:.3f}", f"median Pearson with exact Shapley ({fidelity['audited_steps']} audited steps)"))
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -255,6 +274,7 @@ def _page(
     for warning in summary.get("warnings", []):
         parts.append(f'<p class="warn" id="warning-length"><b>Warning:</b> {e(warning)}</p>')
     parts += _figure_html("distribution", figures)
+    parts += _fidelity_html(audit, figures)
     parts.append('<h2>Most helpful and most harmful examples</h2><div class="cols">')
     parts.append("<div><h3>Most helpful</h3>" + _examples_table(summary["most_helpful"]) + "</div>")
     parts.append("<div><h3>Most harmful</h3>" + _examples_table(summary["most_harmful"]) + "</div></div>")
@@ -269,6 +289,8 @@ def _page(
     if "stages" not in figures:
         parts.append("<h2>Value by training stage</h2><p>This run kept no per-step trace (values.trace = false).</p>")
     parts += _figure_html("loss", figures)
+    if views_html:
+        parts.append(views_html)
     parts += _baseline_section(rd, summary)
     for result in curation:
         parts += _figure_html(_curation_key(result), figures)
@@ -325,7 +347,7 @@ def _figure_html(key: str, figures: dict[str, tuple[str, bytes, str]]) -> list[s
     title, png, caption = figures[key]
     data = base64.b64encode(png).decode()
     return [
-        f"<h2>{html.escape(title)}</h2>",
+        f'<h2 id="{key}">{html.escape(title)}</h2>',
         f'<figure><img id="plot-{key}" class="plot" alt="{html.escape(title)}" src="data:image/png;base64,{data}">',
         f"<figcaption>{html.escape(caption)}</figcaption></figure>",
     ]
@@ -370,3 +392,114 @@ def _curation_table(curation: list[dict[str, Any]]) -> str:
         "<table><tr><th>drop</th><th>run</th><th>training examples</th><th>final validation loss</th></tr>"
         + "".join(rows) + "</table>"
     )
+
+
+# -- fidelity and views ---------------------------------------------------------------------------
+def _fidelity_figure(audit: AuditLog) -> tuple[str, bytes, str] | None:
+    ok = [r for r in audit.steps if r["status"] == "ok"]
+    if not ok:
+        return None
+    steps = np.array([r["step"] for r in ok])
+    value_rows = [v for v in audit.values if np.isfinite(v["exact"])]
+    warn = audit.config.warn_below if audit.config is not None else 0.7
+    png = plots.fidelity_panel(
+        steps, np.array([r["pearson"] for r in ok], dtype=float), np.array([r["spearman"] for r in ok], dtype=float),
+        np.array([r["rel_rmse"] for r in ok], dtype=float), np.array([bool(r["flagged"]) for r in ok]),
+        np.array([v["exact"] for v in value_rows]), np.array([v["tracker"] for v in value_rows]),
+        np.array([v["step"] for v in value_rows]), warn,
+    )
+    first = ok[0]
+    return (
+        "Fidelity: the run's audit against exact Shapley values", png,
+        f"At each audited step, {first['players']} examples of the batch were drawn and the exact Shapley values of "
+        "that step's game computed (U(S) = L_val(θ_t) − L_val(θ_t + Δ(S)), Δ the real optimizer step on the players' "
+        "summed gradients; every subset enumerated, or Monte Carlo with a standard error), next to the tracker's "
+        f"value rule on the same game ({_rule_label(first)}). A value is faithful where the correlation is near 1 and "
+        "the relative RMSE small; see the table for each step.",
+    )
+
+
+def _rule_label(row: dict[str, Any]) -> str:
+    rule = {"sgd": "SGD", "adam": "Adam-aware", "sgd_proxy": "the SGD proxy"}.get(row["rule"], row["rule"])
+    variant = "first order" if row["order"] == 1 else f"order 2, {row['variant']}"
+    return f"{variant}, {rule}"
+
+
+def _fidelity_html(audit: AuditLog | None, figures: dict[str, tuple[str, bytes, str]]) -> list[str]:
+    e = html.escape
+    if audit is None:
+        return ["<h2 id=fidelity>Fidelity: the run's audit</h2><p>This run was not audited ([audit] enabled = false): "
+                "nothing says here how close its values are to the steps' exact Shapley values.</p>"]
+    parts = _figure_html("fidelity", figures) if "fidelity" in figures else ["<h2 id=fidelity>Fidelity: the run's audit</h2>"]
+    s = audit.summary()
+    if s["audited_steps"]:
+        flagged = ", ".join(map(str, s["flagged_steps"])) or "none"
+        parts.append(
+            f"<p>{s['audited_steps']} audited step(s): median Pearson {s['median_pearson']:.3f}, median Spearman "
+            f"{s['median_spearman']:.3f}, median relative RMSE {s['median_rel_rmse']:.3f}; worst Pearson "
+            f"{s['worst_pearson']:.3f} at step {s['worst_step']}. Unfaithful steps: {e(flagged)}. Cost: "
+            f"{s['evaluations']:,} utility evaluations, {s['seconds']:.1f} s.</p>"
+        )
+    else:
+        parts.append("<p>No step was audited successfully.</p>")
+    head = ("step", "players / batch", "method", "Pearson", "Spearman", "rel. RMSE", "efficiency gap",
+            "Σ exact φ", "evaluations", "seconds", "")
+    rows = []
+    for r in audit.steps:
+        if r["status"] != "ok":
+            rows.append(f"<tr><td class=num>{r['step']}</td><td colspan={len(head) - 1}>{e(r['status'])}: {e(r['reason'])}</td></tr>")
+            continue
+        cells = [
+            str(r["step"]), f"{r['players']} / {r['batch']}", e(r["method"]) + (f" (±{r['stderr']:.1e})" if r["stderr"] else ""),
+            f"{r['pearson']:.3f}", f"{r['spearman']:.3f}", f"{r['rel_rmse']:.3f}", f"{r['efficiency_gap']:+.3f}",
+            f"{r['utility']:+.3e}", f"{r['evaluations']:,}", f"{r['seconds_gradients'] + r['seconds_game']:.1f}",
+            "<span class=neg>unfaithful</span>" if r["flagged"] else "",
+        ]
+        rows.append("<tr>" + "".join(f"<td class=num>{c}</td>" for c in cells) + "</tr>")
+    parts.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
+    return parts
+
+
+def _views_html(rd: RunDir, trace: Any, total_steps: int, top: int, window: tuple[int, int | None] | None) -> str:
+    from .. import views
+
+    e = html.escape
+    if trace is None or not len(trace):
+        return ""
+    parts = [
+        "<h2 id=views>Views of the values (not the value)</h2>",
+        '<p class="sub">The same per-step values read another way. A value is the plain sum over the steps an '
+        "example was in; the <b>step-normalized view</b> divides each step's values by the magnitude of that "
+        "step's total first, so that every step weighs alike (early steps otherwise dominate).</p>",
+    ]
+    normalized = views.step_normalized(rd.path)
+    examples = rd.examples().set_index("id") if len(rd.examples()) else None
+
+    def table(frame: Any, key: str, label: str) -> str:
+        body = []
+        for _, r in frame.iterrows():
+            preview = "" if examples is None or r["id"] not in examples.index else str(examples.loc[r["id"], "preview"])
+            body.append(f"<tr><td class=num>{r[key]:+.3e}</td><td class=num>{r['value']:+.3e}</td>"
+                        f"<td>{e(str(r['source']))}</td><td><pre>{e(preview)}</pre></td></tr>")
+        return (f"<table><tr><th>{e(label)}</th><th>value</th><th>source</th><th>text</th></tr>"
+                + "".join(body) + "</table>")
+
+    parts.append('<div class="cols"><div><h3>Highest, step-normalized view</h3>'
+                 + table(normalized.head(min(top, 5)), "normalized", "view") + "</div>")
+    parts.append("<div><h3>Lowest, step-normalized view</h3>"
+                 + table(normalized.tail(min(top, 5)).iloc[::-1], "normalized", "view") + "</div></div>")
+    stages = views.source_stages(rd.path, stages=4, steps=total_steps)
+    head = "".join(f"<th>steps {e(c)}</th>" for c in stages.columns)
+    body = "".join(
+        f"<tr><td>{e(str(s))}</td>" + "".join(f"<td class=num>{v:+.3e}</td>" for v in row) + "</tr>"
+        for s, row in zip(stages.index, stages.to_numpy())
+    )
+    parts.append(f"<h3>Value per source and stage (sums)</h3><table><tr><th>source</th>{head}</tr>{body}</table>")
+    if window is not None:
+        start, stop = window
+        w = views.window_values(rd.path, start, stop)
+        label = f"steps {start}–{'end' if stop is None else stop - 1}"
+        parts.append(f'<h3>Values over {e(label)} only</h3><div class="cols"><div><h4>Highest</h4>'
+                     + table(w.head(min(top, 5)), "value", label) + "</div><div><h4>Lowest</h4>"
+                     + table(w.tail(min(top, 5)).iloc[::-1], "value", label) + "</div></div>")
+    return "\n".join(parts)

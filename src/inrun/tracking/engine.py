@@ -34,6 +34,7 @@ from ..integrations.ddp import DDPSync
 from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
 from .admission import WindowIds, admit_ids
+from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
 from .capture import Hooks, TrainRecorder
 from .check import ConsistencyCheck, column_sum
@@ -63,7 +64,7 @@ class StepEngine:
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, val_loss: Any, config: TrackerConfig,
-        ledger: ValueLedger,
+        ledger: ValueLedger, audit: AuditConfig | None = None,
     ) -> None:
         self.config = config
         self.module = unwrap_model(model)
@@ -95,9 +96,11 @@ class StepEngine:
             if config.bookkeeping != "off" else None
         )
         self.plan = Plan()
-        self.root_calls = RootCalls(self.module, wanted=self._verifying)
+        self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads)
         self.verifier = RowVerifier(self)
         self.hooks.install()
+        # The audit (exact Shapley values of sampled steps) only reads: see tracking/audit.py.
+        self.audit = StepAudit(audit, self, val_loss) if audit is not None else None
         self._optimizer_hooks = [
             self.optimizer.register_step_pre_hook(self.pre_step),
             self.optimizer.register_step_post_hook(self.post_step),
@@ -147,6 +150,8 @@ class StepEngine:
         self.root_calls.arm(len(ids))
         self.recorder = self.make_recorder(MicroBatch(ids=ids, size=len(ids)), self.rule.keeps_factors,
                                            lambda e: e.index in self.plan.shared_safe)
+        if self.audit is not None:
+            self.audit.open_microbatch(self.window, ids)  # audit: is this step audited?
         return self.recorder
 
     def make_recorder(self, mb: MicroBatch, keep_factors: bool, expand_shared: Any) -> TrainRecorder:
@@ -160,11 +165,17 @@ class StepEngine:
         mb = self.recorder.microbatch if self.recorder is not None else None
         return mb is not None and (mb.off_plan or bool(mb.unresolved) or self.config.verify == "every_step")
 
+    def _wants_output_grads(self) -> bool:
+        """The model's output gradients are kept for the row verification, and on audited steps."""
+        return self._verifying() or (self.audit is not None and self.audit.recording)
+
     def close_microbatch(self, recorder: TrainRecorder, error: BaseException | None) -> None:
         verify = self._verifying()
         recorder.open = False
         self.recorder = None
         calls = self.root_calls.disarm()
+        if self.audit is not None:
+            self.audit.close_microbatch(recorder.microbatch.ids, error, calls)  # audit: the players' gradients
         window = self.window
         if error is not None:
             if window is not None:
@@ -272,6 +283,8 @@ class StepEngine:
                 ratio = ratio / self.ddp.world_size
         first, second = self.rule.at_step(window, grads, ratio)
         self.check.finalize(window, first, second, lr=self.table.learning_rates(self.optimizer))
+        if self.audit is not None:
+            self.audit.at_step(window, ratio)  # audit: θ_t and the optimizer state before the step
 
     def post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.validation.parameters_changed()  # any cached validation gradient is stale
@@ -306,13 +319,18 @@ class StepEngine:
         if self.mid_step():
             raise StepOrderError("a checkpoint must be taken between optimizer steps, not inside one")
         self.flush()
-        return {"step_count": self.log.count, "config": asdict(self.config)}
+        state: dict[str, Any] = {"step_count": self.log.count, "config": asdict(self.config)}
+        if self.audit is not None:
+            state["audit"] = self.audit.state()
+        return state
 
     def restore(self, state: dict[str, Any], ledger: ValueLedger | None) -> None:
         saved = TrackerConfig.from_state(state["config"])
         if saved != self.config:
             raise InRunError(f"checkpoint was made with {saved}, this tracker has {self.config}")
         self.log.count = int(state["step_count"])
+        if self.audit is not None and state.get("audit") is not None:
+            self.audit.load_state(state["audit"])
         if ledger is not None:
             self.log.ledger = ledger
         self.validation.forget()
@@ -337,6 +355,8 @@ class StepEngine:
     def close(self) -> None:
         with contextlib.suppress(InRunError):
             self.flush()
+        if self.audit is not None:
+            self.audit.close()
         self.hooks.remove()
         self.root_calls.remove()
         for h in self._optimizer_hooks:
