@@ -320,14 +320,15 @@ class Tracked(Method):
 
 class PlainPlusValidation(Method):
     """Plain training plus one validation forward/backward per optimizer step, on the thread count
-    the tracker's validation pass picks: the part of a valued step every method pays."""
+    the tracker's validation pass uses by default: the part of a valued step every method pays."""
 
     name = "plain + validation pass"
 
     def setup(self) -> None:
+        from .tracking.config import TrackerConfig
         from .tracking.validation import ThreadChoice
 
-        self.threads = ThreadChoice("auto")
+        self.threads = ThreadChoice(TrackerConfig().val_threads)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def step(self, batch: tuple, ids: list[int]) -> None:
