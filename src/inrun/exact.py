@@ -141,7 +141,7 @@ def hessian_vector_products(
     """
     params = trainable_parameters(model)
     K = next(iter(vectors.values())).shape[0]
-    loss_module = _LossModule(model, val_loss)
+    loss_module = LossModule(model, val_loss)
 
     def loss_of(p: Mapping[str, Tensor]) -> Tensor:
         return functional_call(loss_module, {"model." + n: t for n, t in p.items()}, ())
@@ -499,7 +499,7 @@ class StepGame:
         """Number of players (examples in the batch)."""
         self._theta = params
         self._grads = {n: per_example[n].detach() for n in params}
-        self._loss_module = _LossModule(model, val_loss)
+        self._loss_module = LossModule(model, val_loss)
         with torch.no_grad(), evaluating(model, eval_mode):
             self.base_loss = float(self._loss_at(params))
             """``L_val(θ)``."""
@@ -698,7 +698,7 @@ def exact_step_values(
 
 
 # ----------------------------------------------------------------------------- helpers
-class _LossModule(nn.Module):
+class LossModule(nn.Module):
     """``forward() = val_loss(model).sum()``, so ``functional_call`` can swap the parameters."""
 
     def __init__(self, model: nn.Module, val_loss: ValLoss) -> None:

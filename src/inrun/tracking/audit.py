@@ -35,7 +35,6 @@ from .. import exact
 from ..modes import evaluating
 from .auditconfig import AuditConfig, AuditError, Precision
 from .auditgame import (
-    LossModule,
     Player,
     Refused,
     Sample,
@@ -327,7 +326,7 @@ class StepAudit:
         table, rule, upd = eng.table, eng.rule, eng.update
         names = table.names
         dtype = next(iter(theta.values())).dtype
-        loss_module = LossModule(model, self.val_loss)
+        loss_module = exact.LossModule(model, self.val_loss)
         summed = {n: g.sum(dim=0) for n, g in per_example.items()}  # Σ_{z∈P} g_z
         shift = upd.data_free_step(table.params)
         start = {n: theta[n] + (0 if shift is None else shift[i].to(dtype)) for i, n in enumerate(names)}

@@ -228,15 +228,3 @@ def hessian_vector(loss_module: nn.Module, params: Mapping[str, Tensor], vector:
     with sdpa_kernel([SDPBackend.MATH]):
         _, hv = jvp(grad(loss_of), (primal,), (tangent,))
     return {n: t.detach() for n, t in hv.items()}
-
-
-class LossModule(nn.Module):
-    """``forward() = val_loss(model).sum()``, so ``functional_call`` can swap the parameters."""
-
-    def __init__(self, model: nn.Module, val_loss: Any) -> None:
-        super().__init__()
-        self.model = model
-        self.val_loss = val_loss
-
-    def forward(self) -> Tensor:
-        return self.val_loss(self.model).sum()
