@@ -63,7 +63,7 @@ class Bookkeeping:
         mb = recorder.microbatch
         if not self.policy.use_bookkeeping(entry, x, mb.size, val.columns, val.gram.get(entry.index)):
             return None
-        cap = Capture(entry=entry, saved=None, microbatch=mb)
+        cap = Capture(entry=entry, saved=None)
         if recorder.keep_factors:
             mb.captures.append(cap)
         vectors = {n: val.grads[i] for n, i in zip(entry.param_names, entry.param_index)}

@@ -161,7 +161,7 @@ class TrainRecorder:
             # (a loop may refill one input buffer in place) and remember activations' versions.
             saved = handler.keep(entry.module, own_leaf_tensors(saved, activation_storages(args, kwargs)))
         reduce = None if handler.multi_output else (Rows("batched", mb.size) if rows[0].shared else rows[0])
-        cap = Capture(entry=entry, saved=saved, microbatch=mb, rows=reduce)
+        cap = Capture(entry=entry, saved=saved, rows=reduce)
         if self.keep_factors or handler.multi_output:
             cap.versions = versions(saved)
             mb.captures.append(cap)
@@ -205,7 +205,7 @@ class TrainRecorder:
                 raise StepOrderError(AFTER_BLOCK)
             if not cap.fired:
                 cap.fired = True
-                cap.microbatch.fired += 1
+                self.microbatch.fired += 1
             cap.grad[k] = grad.detach()
 
         return keep
@@ -217,7 +217,7 @@ class TrainRecorder:
         if not self.open:
             raise StepOrderError(AFTER_BLOCK)
         cap.fired = True
-        mb = cap.microbatch
+        mb = self.microbatch
         mb.fired += 1
         if grad.dtype in (torch.float16, torch.bfloat16):
             mb.low_precision = True

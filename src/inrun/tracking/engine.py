@@ -195,7 +195,7 @@ class StepEngine:
                 window.doomed = "the row verification refused the model"
                 raise
             if verified is not mb:
-                mb.captures.clear()  # the replay's micro-batch replaces it (and a cycle holds its factors)
+                mb.captures.clear()  # the replay's micro-batch replaces it: its factors go now
             mb = verified
             self.check.groups = self.joint_groups()
         val = self.validation.current

@@ -177,8 +177,6 @@ class RootCalls:
         self._handles.clear()
 
 
-
-
 def weighted_gradients(
     calls: Sequence[RootCall], params: Sequence[Tensor], weights: Tensor,
 ) -> list[Tensor]:

@@ -64,7 +64,6 @@ class Capture:
 
     entry: Entry
     saved: Any
-    microbatch: MicroBatch
     rows: Rows | None = None
     """How the rows of ``saved`` and ``grad`` map to examples (``None``: the handler knows)."""
     grad: Any = None
@@ -106,8 +105,8 @@ class Window:
         return torch.cat([mb.dots for mb in self.micro], dim=1)
 
     def release(self) -> None:
-        """Drop the micro-batches and what their calls kept. A capture and its micro-batch refer
-        to each other: without this, the kept factors would wait for Python's cycle collector."""
+        """Drop the micro-batches and what their calls kept (a settled window may live on in the
+        step log; its factors should not)."""
         for mb in self.micro:
             mb.captures.clear()
         self.micro.clear()
