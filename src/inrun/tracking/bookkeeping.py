@@ -57,7 +57,7 @@ class Bookkeeping:
 
     def _maybe_call(self, entry: Entry, x: Any) -> Tensor | None:
         active = self.active()
-        if active is None or not torch.is_grad_enabled() or torch.is_autocast_enabled():
+        if active is None or not torch.is_grad_enabled() or _autocasting(x):
             return None
         recorder, val = active
         mb = recorder.microbatch
@@ -89,3 +89,10 @@ class Bookkeeping:
             else:
                 module.forward = previous
         self.overrides.clear()
+
+
+def _autocasting(x: Any) -> bool:
+    """Whether autocast is on for the device of ``x`` (CPU autocast included: its bf16 op casts
+    the weight, which the book-keeping Function's backward does not)."""
+    device = x.device.type if isinstance(x, Tensor) else "cuda"
+    return torch.is_autocast_enabled(device)
