@@ -77,6 +77,10 @@ class DDPSync:
     group: Any
     world_size: int
     rank: int
+    sharded: bool = False
+    """Whether gradients are sharded over the ranks (FSDP2: :mod:`inrun.integrations.fsdp`)."""
+    check_hint: str = DDP_CHECK_HINT
+    """What a failed consistency check adds to its message."""
 
     @classmethod
     def of(cls, model: nn.Module) -> DDPSync:
@@ -105,6 +109,14 @@ class DDPSync:
         dist.all_reduce(both, group=self.group)
         both /= self.world_size
         return both[0], theirs, both[1].to(scale.device)
+
+    def any_rank(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` is true on any rank: DDP ranks decide alone (no collective)."""
+        return flag
+
+    def gathered(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Whole tensors from per-rank pieces: DDP's are whole already."""
+        return list(tensors)
 
     def sum_over_ranks(self, t: Tensor) -> Tensor:
         """``Σ_r t`` over the group (one all-reduce; ``t`` is not modified)."""

@@ -12,9 +12,13 @@ know which examples to credit. The subclass wraps each micro-batch's ``training_
   optimizer step; ``max_grad_norm`` clipping is detected from the gradient norms and scales the
   step's values; the loss normalization the Trainer chose (``num_items_in_batch`` or a division
   by the accumulation steps) is whatever reaches the gradients, so it is what is valued;
-* under ``torchrun`` the Trainer wraps the model in DDP; the tracker is built on that wrapped
-  model at the first training step, so each rank values its own examples and the saved ledger
-  is the global one (see :mod:`inrun.integrations.ddp`).
+* under ``torchrun`` the Trainer wraps the model in DDP, or shards it with FSDP2 (``fsdp_version=2``);
+  the tracker is built on that model at the first training step, so each rank values its own
+  examples and the saved ledger is the global one (see :mod:`inrun.integrations.ddp`,
+  :mod:`inrun.integrations.fsdp`). FSDP1 and DeepSpeed are refused;
+* ``bf16=True``: Accelerate returns float32 copies of the model's outputs; the gradient the
+  outputs received is read from the bf16 tensors they were cast from (see
+  :func:`inrun.tracking.replay.cast_source`).
 
 Example ids. The training dataset keeps a column of ids (``int`` or ``str``, default name
 ``"id"``). It survives ``remove_unused_columns=True`` (the Trainer's default): the column is
@@ -66,6 +70,7 @@ from ..library_run import Examples, RunWriter, examples_from, tracker_info
 from ..rundir import METRICS_FILE, Metrics, RunDir
 from ..storage import write_json
 from ..tracker import InRunShapley, TrackerConfig
+from .fsdp import FSDP2_HINT
 from .metrics import value_scalars
 
 logger = logging.getLogger(__name__)
@@ -286,10 +291,12 @@ class InRunTrainer(Trainer):
                 "the Trainer wrapped the model in DataParallel (several GPUs in one process); "
                 "per-example values need one replica per process: launch with torchrun (DDP)"
             )
-        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+        fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", None)
+        if getattr(self, "is_deepspeed_enabled", False) or fsdp_version == 1:
             raise InRunError(
-                "FSDP and DeepSpeed shard the parameters and are not supported yet (see "
-                "docs/scaling.md); use DDP, or LoRA with DDP for large models"
+                f"{'DeepSpeed' if fsdp_version is None else 'FSDP1'} partitions the parameters in a way the "
+                f"tracker cannot read per layer: {FSDP2_HINT} (TrainingArguments(fsdp='full_shard', "
+                "fsdp_config={'fsdp_version': 2})), or use DDP (docs/scaling.md)"
             )
         ledger = self._resume_ledger(tracker)
         tracker = InRunShapley(

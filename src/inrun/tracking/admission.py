@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import BatchMismatchError, UnsupportedModuleError
+from ..integrations.fsdp import refuse_other_sharding
 from ..layers.norm import batchnorm_message
 from ..ledger import check_ids
 
@@ -15,6 +16,7 @@ def admit_model(model: Any, val_loss: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     refuse_compiled(model)
+    refuse_other_sharding(model)
     if not callable(val_loss):
         raise TypeError("val_loss must be a callable taking the model and returning a loss")
 

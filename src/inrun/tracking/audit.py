@@ -63,8 +63,8 @@ class StepAudit:
     def __init__(self, config: AuditConfig, engine: Any, val_loss: Any) -> None:
         if engine.ddp is not None:
             raise AuditError(
-                "the audit does not run under DistributedDataParallel yet (its game would need every "
-                "rank's examples); audit a single-process run, or pass audit=None"
+                "the audit does not run under DistributedDataParallel or FSDP2 yet (its game would need "
+                "every rank's examples); audit a single-process run, or pass audit=None"
             )
         self.config = config
         self.engine = engine

@@ -206,6 +206,7 @@ class TrainRecorder:
             if not cap.fired:
                 cap.fired = True
                 self.microbatch.fired += 1
+            note_precision(self.microbatch, cap, grad)
             cap.grad[k] = grad.detach()
 
         return keep
@@ -219,9 +220,18 @@ class TrainRecorder:
         cap.fired = True
         mb = self.microbatch
         mb.fired += 1
-        if grad.dtype in (torch.float16, torch.bfloat16):
-            mb.low_precision = True
+        note_precision(mb, cap, grad)
         return mb
+
+
+def note_precision(mb: MicroBatch, cap: Capture, grad: Tensor) -> None:
+    """Record the lowest precision a call's output gradient came in for the parameters it values:
+    the consistency check's tolerance for those parameters follows it."""
+    if grad.is_floating_point():
+        eps = torch.finfo(grad.dtype).eps
+        for row in cap.entry.param_index:
+            if eps > mb.eps.get(row, 0.0):
+                mb.eps[row] = eps
 
 
 SECOND_BACKWARD = (

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConsistencyError, NonFiniteError
-from ..integrations.ddp import DDP_CHECK_HINT, DDPSync
+from ..integrations.ddp import DDPSync
 from .config import TrackerConfig
 from .params import ParamTable
 from .state import Window
@@ -33,6 +33,23 @@ zero in exact arithmetic, and could not move any value by more than that."""
 def column_sum(v: Tensor) -> Tensor:
     """``[K, *shape] -> [*shape]``: the summed validation gradient (a view when ``K = 1``)."""
     return v[0] if v.shape[0] == 1 else v.sum(dim=0)
+
+
+TF32_EPS = 2.0 ** -10
+
+
+def compute_eps(p: Tensor) -> float:
+    """The machine epsilon a parameter's products are computed in: its dtype's, or for float32 the
+    reduced-precision matmuls torch may be allowed to use (``torch.set_float32_matmul_precision``;
+    TF32 on CUDA, which cuDNN convolutions use by default)."""
+    eps = torch.finfo(p.dtype).eps
+    if p.dtype != torch.float32:
+        return eps
+    precision = torch.get_float32_matmul_precision()
+    if precision == "medium":
+        return torch.finfo(torch.bfloat16).eps
+    cuda_tf32 = p.device.type == "cuda" and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+    return TF32_EPS if precision == "high" or cuda_tf32 else eps
 
 
 class ConsistencyCheck:
@@ -52,6 +69,25 @@ class ConsistencyCheck:
             out.append(v)
         return tuple(out)
 
+    def row_eps(self, window: Window) -> np.ndarray:
+        """``[P]``: the machine epsilon of the lowest precision each parameter's step went through:
+        its own dtype, its gradient's, and the output gradients of the calls that valued it (bf16
+        under autocast while the parameter is float32). Joint groups take their lowest."""
+        eps = np.array([compute_eps(p) for p in self.table.params])
+        for i, g in enumerate(self.table.grads()):
+            if g is not None:
+                eps[i] = max(eps[i], torch.finfo(g.dtype).eps)
+        for mb in window.micro:
+            for row, e in mb.eps.items():
+                eps[row] = max(eps[row], e)
+        for g in self.groups:
+            eps[g] = eps[g].max()
+        return eps
+
+    def tolerances(self, window: Window) -> np.ndarray:
+        """``[P]`` relative tolerances of the check, each following its parameter's precision."""
+        return np.array([self.config.check_tolerance_for(e) for e in self.row_eps(window)])
+
     def terms(
         self, dots: Sequence[Tensor], grads: Sequence[Tensor | None], weights: Sequence[Tensor | None],
         ratio: Tensor | None = None, grad_norms: Tensor | None = None, sum_over_ranks: bool = False,
@@ -65,25 +101,39 @@ class ConsistencyCheck:
         """
         if not self.config.check:
             return None
+        shards = self.table.shards
+        if shards is not None and grad_norms is None and not sum_over_ranks:
+            grad_norms = self.table.norms(list(grads))
         ours = torch.stack([d.sum(dim=(1, 2)) for d in dots]).sum(dim=0)
         spread = torch.stack([d.sum(dim=2).abs().sum(dim=1) for d in dots]).sum(dim=0)
-        theirs, scale = torch.zeros_like(ours), torch.zeros_like(ours)
+        raw, squares, w_norm = torch.zeros_like(ours), torch.zeros_like(ours), torch.zeros_like(ours)
         present = [i for i, (g, w) in enumerate(zip(grads, weights)) if g is not None and w is not None]
+        index = torch.tensor(present, device=ours.device, dtype=torch.long)
         if present:
-            # In the parameter dtype: the check's tolerance is far above its rounding.
-            g_list = [grads[i].reshape(-1) for i in present]
-            w_list = [weights[i].reshape(-1).to(g_list[k].dtype) for k, i in enumerate(present)]
-            index = torch.tensor(present, device=ours.device)
-            g_norm = (torch.stack(torch._foreach_norm(g_list)).to(ours) if grad_norms is None
-                      else grad_norms.to(ours)[index])
-            inv = torch.ones_like(g_norm)
-            if ratio is not None:
-                r = ratio[present].to(ours)
-                inv = torch.where(r > 0, 1 / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(r))
-            theirs[index] = torch.stack([torch.dot(g, w) for g, w in zip(g_list, w_list)]).to(ours) * inv
-            scale[index] = g_norm * inv * torch.stack(torch._foreach_norm(w_list)).to(ours)
+            # In the parameter dtype: the check's tolerance is far above its rounding. Under FSDP2,
+            # on this rank's shard (the weights cut the same way); the sums over shards travel in
+            # the check's all-reduce.
+            local = shards.local if shards is not None else (lambda t: t)
+            g_list = [local(grads[i]).reshape(-1) for i in present]
+            w_norm[index] = torch.stack(torch._foreach_norm([weights[i].reshape(-1) for i in present])).to(ours)
+            w_list = [(weights[i] if shards is None else shards.shard(weights[i], i)).reshape(-1).to(g_list[k].dtype)
+                      for k, i in enumerate(present)]
+            raw[index] = torch.stack([torch.dot(g, w) for g, w in zip(g_list, w_list)]).to(ours)
+            if grad_norms is None:
+                squares[index] = torch.stack(torch._foreach_norm(g_list)).to(ours) ** 2
         if sum_over_ranks and self.ddp is not None:
-            ours, spread = self.ddp.sum_over_ranks(torch.stack([ours, spread]))
+            if shards is not None:
+                ours, spread, raw, squares = self.ddp.sum_over_ranks(torch.stack([ours, spread, raw, squares]))
+            else:
+                ours, spread = self.ddp.sum_over_ranks(torch.stack([ours, spread]))
+        g_norm = squares.sqrt() if grad_norms is None else grad_norms.to(ours)
+        inv = torch.ones_like(ours)
+        if ratio is not None:
+            r = ratio.to(ours)
+            inv = torch.where(r > 0, 1 / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(r))
+        theirs, scale = torch.zeros_like(ours), torch.zeros_like(ours)
+        theirs[index] = (raw * inv)[index]
+        scale[index] = (g_norm * inv * w_norm)[index]
         return ours, theirs, scale + spread
 
     def finalize(self, window: Window, first: Tensor, second: Tensor | None, lr: list[float]) -> None:
@@ -102,8 +152,7 @@ class ConsistencyCheck:
         norms_finite = bool(pieces.pop())
         if window.check_terms is not None:
             ours, theirs, scale = self.grouped(*pieces)
-            low = any(mb.low_precision for mb in window.micro)
-            rtol = self.config.check_tolerance(torch.bfloat16 if low else self.table.dtype)
+            rtol = self.tolerances(window)
             # A parameter whose gradient is zero in exact arithmetic (a key bias under softmax, a
             # one-element norm) compares two roundings of 0: judge it against the whole step.
             floor = STEP_FLOOR * float(scale.sum())
@@ -131,6 +180,6 @@ class ConsistencyCheck:
                 "up to the gradient autograd computed. A parameter is used outside the forward "
                 "of the module that owns it, examples interact inside the model, or the "
                 "gradients were modified (e.g. zero_grad(set_to_none=False) between micro-batches)."
-                + (DDP_CHECK_HINT if self.ddp is not None else "")
+                + (self.ddp.check_hint if self.ddp is not None else "")
             )
         window.value(host[0], host[1] if second is not None else None, lr)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InRunError, StepOrderError
-from ..integrations.ddp import DDPSync
+from ..integrations.fsdp import data_parallel_sync
 from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
 from .admission import WindowIds, admit_ids
@@ -74,8 +74,8 @@ class StepEngine:
         self.entries = build_entries(self.module, self.table)
         self.table.warn_missing_from(self.optimizer)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        # DDP (see inrun.integrations.ddp): its process group; None for a single process.
-        self.ddp = DDPSync.of(model) if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        # DDP or FSDP2 (inrun.integrations.ddp, .fsdp): the process group; None for a single process.
+        self.ddp = data_parallel_sync(model, self.table, config)
         self.policy = RoutePolicy(config)
         self.hooks = Hooks(self.entries)
         self.validation = ValidationPass(
@@ -96,7 +96,8 @@ class StepEngine:
             if config.bookkeeping != "off" else None
         )
         self.plan = Plan()
-        self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads)
+        self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads,
+                                    on_call=self._agree_on_verification if self.table.shards is not None else None)
         self.verifier = RowVerifier(self)
         self.hooks.install()
         # The audit (exact Shapley values of sampled steps) only reads: see tracking/audit.py.
@@ -163,7 +164,15 @@ class StepEngine:
         """Whether the micro-batch being recorded needs the row verification (it keeps the
         model's output gradients for the replay only then)."""
         mb = self.recorder.microbatch if self.recorder is not None else None
-        return mb is not None and (mb.off_plan or bool(mb.unresolved) or self.config.verify == "every_step")
+        return mb is not None and (mb.off_plan or bool(mb.unresolved) or mb.verify_everywhere
+                                   or self.config.verify == "every_step")
+
+    def _agree_on_verification(self) -> None:
+        """FSDP2: the verification replays the model, whose forward all-gathers, so when one rank
+        verifies a micro-batch every rank does (decided once the model's forward has ended)."""
+        if self.recorder is not None:
+            mb = self.recorder.microbatch
+            mb.verify_everywhere = self.ddp.any_rank(self._verifying(), self.table.device)
 
     def _wants_output_grads(self) -> bool:
         """The model's output gradients are kept for the row verification, and on audited steps."""
@@ -364,5 +373,7 @@ class StepEngine:
         self._optimizer_hooks.clear()
         if self.bookkeeping is not None:
             self.bookkeeping.remove()
+        if self.table.shards is not None:
+            self.table.shards.remove()
         self.enabled = False
 

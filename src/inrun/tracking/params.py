@@ -4,11 +4,15 @@ factor the loop applied to each gradient between backward and the step (clipping
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InRunError, StepOrderError, UnsupportedModuleError
+
+if TYPE_CHECKING:
+    from ..integrations.fsdp import ShardedParams
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,8 @@ class ParamTable:
             raise InRunError("the model has no trainable parameters (requires_grad=True)")
         self._module = module
         self._modules = {id(m): n for n, m in module.named_modules()}
+        self.shards: ShardedParams | None = None
+        """FSDP2's view of the sharded parameters (:mod:`inrun.integrations.fsdp`); ``None`` otherwise."""
 
     def require_unchanged(self) -> None:
         """Refuse a model whose trainable parameters or modules changed after the tracker was made:
@@ -69,8 +75,16 @@ class ParamTable:
     def grads(self) -> list[Tensor | None]:
         return [p.grad for p in self.params]
 
+    def compute_params(self) -> list[Tensor]:
+        """The tensors the modules computed with in the last forward, to differentiate with respect
+        to: the parameters themselves, or under FSDP2 the whole parameters it gathered."""
+        return self.params if self.shards is None else self.shards.compute_params()
+
     def norms(self, grads: list[Tensor | None]) -> Tensor:
-        """``[P]`` float64 gradient norms (0 for a missing gradient)."""
+        """``[P]`` float64 gradient norms (0 for a missing gradient); of the whole gradients under
+        FSDP2 (a collective)."""
+        if self.shards is not None:
+            return self.shards.norms(grads)
         device = self.device
         present = [g for g in grads if g is not None]
         values = iter(torch._foreach_norm(present)) if present else iter(())
@@ -85,10 +99,12 @@ class ParamTable:
         return torch.where(before > 0, now / safe, torch.ones_like(before))
 
     def all_grads_none(self) -> bool:
-        return all(p.grad is None for p in self.params)
+        held = self.shards is not None and self.shards.any_whole_grad()
+        return all(p.grad is None for p in self.params) and not held
 
     def require_zero_grads(self) -> None:
-        grads = [p.grad for p in self.params if p.grad is not None]
+        local = self.shards.local if self.shards is not None else (lambda g: g)
+        grads = [local(p.grad) for p in self.params if p.grad is not None]
         if not grads:
             return
         with torch.no_grad():

@@ -111,7 +111,6 @@ class RowVerifier:
         self, mb: MicroBatch, calls: list[RootCall], new: MicroBatch, recorder: Any, expanded: set[int],
     ) -> tuple[MicroBatch, dict[int, str]]:
         engine = self.engine
-        params = engine.table.params
         carries: dict[int, bool] = {}
         observers = [m.register_forward_hook(self._observer(carries, mb.size), with_kwargs=True)
                      for m in engine.module.modules()]
@@ -145,6 +144,7 @@ class RowVerifier:
             for h in observers:
                 h.remove()
             self._carries = carries
+        params = engine.table.compute_params()  # under FSDP2, the whole parameters the replay gathered
         with torch.enable_grad():
             grads = torch.autograd.grad(outputs, params, grad_outputs=grads_out, retain_graph=True, allow_unused=True)
         recorder.open = False
@@ -206,7 +206,7 @@ class RowVerifier:
             for v in (ours, theirs, scale):
                 v[g[0]] = v[g].sum()
                 v[g[1:]] = 0
-        rtol = engine.config.check_tolerance(engine.table.dtype)
+        rtol = torch.as_tensor(engine.check.tolerances(window), dtype=scale.dtype, device=scale.device)
         bad = (ours - theirs).abs() > rtol * (scale + STEP_FLOOR * scale.sum()) + 1e-300
         moves = {}
         called = {k[0] for k in new.signature}

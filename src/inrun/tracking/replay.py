@@ -112,9 +112,12 @@ class RootCalls:
     model's output gradient can be as large as its logits).
     """
 
-    def __init__(self, module: nn.Module, wanted: Callable[[], bool] = lambda: True) -> None:
+    def __init__(
+        self, module: nn.Module, wanted: Callable[[], bool] = lambda: True, on_call: Callable[[], None] | None = None,
+    ) -> None:
         self.module = module
         self.wanted = wanted
+        self.on_call = on_call  # told when an armed call's forward has ended
         self.batch: int | None = None
         self.calls: list[RootCall] = []
         self.storages: set[int] = set()
@@ -161,20 +164,54 @@ class RootCalls:
         call.outputs = [t.detach() for t in outputs]
         call.grads = [None] * len(outputs)
         for k, t in enumerate(outputs):
-            t.register_hook(self._keeper(call.grads, k))
+            source = cast_source(t)
+            if source is None:
+                t.register_hook(self._keeper(call.grads, k, t.dtype))
+            else:
+                node, index = source
+                node.register_prehook(self._node_keeper(call.grads, k, t.dtype, index))
         self.calls.append(call)
+        if self.on_call is not None:
+            self.on_call()
 
-    def _keeper(self, slots: list[Tensor | None], k: int) -> Any:
+    def _keeper(self, slots: list[Tensor | None], k: int, dtype: torch.dtype) -> Any:
         def keep(grad: Tensor) -> None:
             if self.wanted():
-                slots[k] = grad.detach()
+                slots[k] = grad.detach().to(dtype)
 
         return keep
+
+    def _node_keeper(self, slots: list[Tensor | None], k: int, dtype: torch.dtype, index: int) -> Any:
+        keep = self._keeper(slots, k, dtype)
+
+        def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            if grad_outputs[index] is not None:
+                keep(grad_outputs[index])
+
+        return hook
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def cast_source(t: Tensor) -> tuple[Any, int] | None:
+    """The autograd node (and its output index) of the tensor that ``t`` is a dtype cast of, when
+    the model's output is a cast copy: Accelerate's ``convert_outputs_to_fp32`` (``bf16=True``,
+    ``fp16=True``) and FSDP2's ``output_dtype`` return ``logits.float()`` while a loss computed
+    inside the model reads the 16-bit logits, so no gradient reaches the copy. The gradient of
+    the source (every use of it, the copy's included) is what the user's backward sent to the
+    model's output; cast to ``t``'s dtype it is exactly the gradient the copy would pass back.
+    ``None`` when ``t`` is not a cast."""
+    node, index = t.grad_fn, 0
+    found = None
+    while node is not None and type(node).__name__ == "ToCopyBackward0":
+        parent, index = node.next_functions[0]
+        if parent is None or type(parent).__name__ == "AccumulateGrad":
+            break
+        node = found = parent
+    return None if found is None else (found, index)
 
 
 def weighted_gradients(

@@ -95,6 +95,8 @@ class ValueRule:
         self, window: Window, grads: list[Tensor | None], ratio: Tensor, val: Validation,
     ) -> Tensor:
         slopes = self.update.slopes(self.table.params, grads)
+        if self.ddp is not None:
+            slopes = self.ddp.gathered(slopes)  # FSDP2: whole slopes from the shards' (one all-gather each)
         window.multipliers = [None if s is None else s * (-ratio[i]).to(s.dtype) for i, s in enumerate(slopes)]
         dots = contract_window(window, len(self.table), shapley.weighted(window.multipliers, val.grads),
                                record_route=True)

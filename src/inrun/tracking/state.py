@@ -49,10 +49,13 @@ class MicroBatch:
     captures: list[Capture] = field(default_factory=list)
     """Calls whose factors are kept for a contraction after backward (deferred rules)."""
     fired: int = 0
-    low_precision: bool = False
+    eps: dict[int, float] = field(default_factory=dict)
+    """Parameter row -> machine epsilon of the lowest-precision output gradient of a call valuing it."""
     signature: list[tuple] = field(default_factory=list)
     """``(entry index, row kinds)`` of every tracked call, in order."""
     off_plan: bool = False
+    verify_everywhere: bool = False
+    """FSDP2: another rank verifies this micro-batch, so this one replays it too."""
     """A call the row verification has not proven: the micro-batch is replayed and verified."""
     unresolved: dict[int, str] = field(default_factory=dict)
     """Entries with a call that could not be captured, and why."""

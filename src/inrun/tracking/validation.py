@@ -148,9 +148,9 @@ class ValidationPass:
         return self.current
 
     def _pass(self, shift: list[Tensor] | None, step: int) -> Validation:
-        params = self.table.params
         recorder = ValidationRecorder(self.entries) if self.captures_gram else None
         with self.threads.applied(self.table.device), self._evaluate(shift, recorder, step) as loss:
+            params = self.table.compute_params()
             if loss.dim() == 1 and recorder is not None:
                 recorder.discard()  # per-validation columns use the vector route
                 recorder = None
@@ -159,7 +159,8 @@ class ValidationPass:
                 grads = [(g if g is not None else torch.zeros_like(p)).unsqueeze(0) for g, p in zip(grads, params)]
             else:
                 grads = _per_validation_grads(loss, params)
-            grads = [g.detach() for g in grads]
+            # in the dtype of the parameters the optimizer holds (FSDP2 may compute in bf16)
+            grads = [g.detach().to(p.dtype) for g, p in zip(grads, self.table.params)]
         gram: dict[int, GramFactors] = {}
         if recorder is not None:
             for idx, calls in recorder.complete_calls().items():
