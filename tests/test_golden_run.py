@@ -22,7 +22,7 @@ starts or ends with ``seconds``, and the cost ``ratio`` made of them), where the
 directory is (written ``<root>`` where a file names it), and what is derived from those: the
 ``checksum`` of a JSON file that holds one, and the size and SHA-256 that a manifest lists for a
 file holding durations (``audit.parquet``). Each of those files is still compared by its values,
-and :meth:`inrun.rundir.RunDir.verify` must find every checksum intact.
+and :meth:`inrun.RunDir.verify` must find every checksum intact.
 
 It guards refactors of the product (moved modules, one writer for every loop): a change that
 moves code must not change a run directory. When a change means to change what a run directory
@@ -284,7 +284,7 @@ def environment() -> dict[str, str]:
 def runs(tmp_path_factory, one_thread) -> dict[str, Any]:
     """Both runs: killed in two processes at once, then resumed here."""
     from inrun.cli import main
-    from inrun.rundir import RunDir
+    from inrun import RunDir
 
     root = tmp_path_factory.mktemp("golden")
     (root / "cli.toml").write_text(CLI_CONFIG)
