@@ -283,8 +283,8 @@ def environment() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, one_thread) -> dict[str, Any]:
     """Both runs: killed in two processes at once, then resumed here."""
-    from inrun.cli import main
     from inrun import RunDir
+    from inrun.cli import main
 
     root = tmp_path_factory.mktemp("golden")
     (root / "cli.toml").write_text(CLI_CONFIG)
