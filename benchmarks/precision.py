@@ -67,11 +67,11 @@ def record_check_drift(drift: Drift) -> Callable[[], None]:
     return lambda: setattr(check_module.ConsistencyCheck, "finalize", original)
 
 
-def gpt2(seed: int = 0) -> nn.Module:
+def gpt2(layers: int, width: int, seed: int = 0) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0.0,
+    cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=2, vocab_size=64, n_positions=64, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     cfg._attn_implementation = "eager"
     return GPT2LMHeadModel(cfg)
@@ -82,12 +82,12 @@ def token_losses(logits: Tensor, x: Tensor) -> Tensor:
                            reduction="none").view(x.shape[0], -1)
 
 
-def run(precision: str, route: str, bookkeeping: str, steps: int = 3, batch: int = 8, seq: int = 16,
-        lr: float = 0.5) -> dict[str, float]:
+def run(precision: str, route: str, bookkeeping: str, layers: int = 2, width: int = 32, seq: int = 16,
+        steps: int = 3, batch: int = 8, lr: float = 0.5) -> dict[str, float]:
     g = torch.Generator().manual_seed(1)
     xs = [torch.randint(0, 64, (batch, seq), generator=g) for _ in range(steps)]
     val = torch.randint(0, 64, (4, seq), generator=g)
-    model = gpt2()
+    model = gpt2(layers, width)
     if precision == "bf16 model":
         model = model.to(torch.bfloat16)
     amp = {"bf16 autocast": torch.bfloat16, "fp16 autocast": torch.float16}.get(precision)
@@ -135,9 +135,13 @@ def run(precision: str, route: str, bookkeeping: str, steps: int = 3, batch: int
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--precisions", nargs="*", default=list(PRECISIONS))
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=16)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     routes = [("vector", "off"), ("gram", "off"), ("auto", "always")]
+    print(f"GPT-2 {args.layers}x{args.width}, {args.seq} tokens, batch 8, SGD lr 0.5, 3 steps")
     print("| precision | route | rel. L2 error | max err / (η‖g_z‖‖g_val‖) | Pearson | check drift, 16-bit "
           "layers | check drift, other parameters |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             drift = Drift()
             undo = record_check_drift(drift)
             try:
-                r = run(precision, route, bookkeeping)
+                r = run(precision, route, bookkeeping, args.layers, args.width, args.seq)
             finally:
                 undo()
             label = "book-keeping" if bookkeeping == "always" else route

@@ -60,10 +60,10 @@ class FSDPScenario(Scenario):
 
 
 SCENARIOS = [
-    FSDPScenario("f64", steps=3, keep_trace=True),
+    FSDPScenario("f64 gram", steps=3, keep_trace=True, route="gram"),
     FSDPScenario("f64 no-sync clip per-validation", micro=2, clip=0.3, val_vector=True),
-    FSDPScenario("f64 accumulate with sync gram", micro=2, no_sync=False, route="gram"),
-    FSDPScenario("f64 vector book-keeping", route="vector", bookkeeping="always"),
+    FSDPScenario("f64 accumulate with sync vector book-keeping", micro=2, no_sync=False, route="vector",
+                 bookkeeping="always"),
     FSDPScenario("f64 trapezoid no-sync", micro=2, order=2),
     FSDPScenario("f64 adamw clip", optimizer="adamw", clip=0.3),
     FSDPScenario("f32 output cast model loss", dtype="float32", output_dtype="float64", model_loss=True),
@@ -106,6 +106,22 @@ def accelerate_fsdp2(model: nn.Module) -> nn.Module:
     accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
                                   is_main_process=True, device=torch.device("cpu"), parallelism_config=None)
     return fsdp2_prepare_model(accelerator, model)
+
+
+def refusals() -> dict[str, Any]:
+    """What FSDP2 does not support is refused when the tracker is made: the error of each."""
+    from inrun import InRunShapley
+
+    model = shard(make_model(torch.float64), SCENARIOS[0])
+    out = {}
+    for name, options in (("hessian", {"order": 2, "second_order": "hessian"}), ("audit", {"audit": True})):
+        try:
+            InRunShapley(model, torch.optim.SGD(model.parameters(), lr=0.1), val_loss=make_val_loss(False),
+                         **options).close()
+            out[name] = {}
+        except Exception as exc:
+            out[name] = {"error": type(exc).__name__, "message": str(exc)}
+    return out
 
 
 def make_optimizer(s: FSDPScenario, params: Any) -> torch.optim.Optimizer:
@@ -171,6 +187,7 @@ def main(out: Path) -> None:
                 traceback.print_exc()
         results[s.name]["scenario"] = asdict(s)
         dist.barrier()
+    results["refused"] = refusals()
     (out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
