@@ -38,6 +38,7 @@ from .tracking.cost import StepCost
 from .tracking.coverage import Coverage
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
+from .tracking.tokens import TokenValues
 
 if TYPE_CHECKING:
     from .rundir import RunDir
@@ -152,14 +153,32 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
-    def step(self, ids: Any) -> Iterator[InRunShapley]:
+    def step(self, ids: Any, *, segments: Any = None, token_values: bool = False) -> Iterator[InRunShapley]:
         """Value the examples of one (micro-)batch: run its forward and backward inside.
 
         Args:
-            ids: one id (``int`` or ``str``) per row of the batch, in batch order.
+            ids: one id (``int`` or ``str``) per row of the batch, in batch order; with
+                ``segments``, one per document.
+            segments: packed rows: a ``[B, T]`` integer tensor, for every token the index into
+                ``ids`` of its document (``-1``: none, e.g. padding; its tokens must not be in the
+                loss). Each document gets its own value, exact when the model keeps documents
+                apart (``position_ids`` per document with ``use_cache=False``, a block mask), which
+                the tracker proves by replay on the first step and whenever the layout or the
+                model's kind of inputs changes; where documents attend to each other, the
+                parameters concerned are valued by a directional derivative at the first module
+                whose output positions are not mixed (exact, slower; :meth:`coverage` says).
+                A document continued in a later micro-batch of the same step is one player.
+                See ``docs/documents.md``.
+            token_values: keep each token's first-order value for this micro-batch (needs
+                ``segments``): :meth:`token_values`.
         """
-        with self._engine.microbatch(ids):
+        with self._engine.microbatch(ids, segments, token_values):
             yield self
+
+    def token_values(self) -> TokenValues:
+        """The token values of the micro-batches run with ``token_values=True`` (committed steps;
+        this process's only, under DDP): ``.of(id)``, ``.to_pandas()``, ``.save(path)``."""
+        return self._engine.log.tokens
 
     @property
     def enabled(self) -> bool:
