@@ -242,3 +242,18 @@ def test_segments_are_checked() -> None:
     with pytest.raises(BatchMismatchError, match="no output of the model has those positions"), \
             tracker.step(b["ids"], segments=b["segments"]):
         model(input_ids=b["input_ids"][:, :5]).logits.sum().backward()
+
+
+def test_the_documents_page_runs() -> None:
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "documents.md"
+    code = "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
+    scope: dict = {"__name__": "documents_page"}
+    exec(compile(code, str(page), "exec"), scope)
+    values = scope["tracker"].values()
+    assert sorted(values.ids()) == ["a", "b", "c"]
+    (step, rows, positions, token) = scope["tracker"].token_values().of("b")[0]
+    assert step == 0 and list(positions) == [3, 4, 5, 6, 7]
+    np.testing.assert_allclose(token.sum(), values["b"], rtol=1e-6)

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import BatchMismatchError, InRunError, StepOrderError
+from ..errors import InRunError, StepOrderError
 from ..integrations.ddp import DDPSync
 from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
+from . import segments as docs
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
@@ -47,18 +48,8 @@ from .plan import RowVerifier
 from .replay import RootCalls
 from .routes import RoutePolicy, contract_call, route_label
 from .rules import make_value_rule
-from .segments import Segments, admit_segments, documents_note, input_layout, token_values_of
 from .state import Capture, MicroBatch, Plan, StepLog, Window
 from .validation import Validation, ValidationPass
-
-
-def _position_sink(tokens: Tensor, entry: Entry) -> Any:
-    """Adds a call's per-position dots into its parameters' rows of the token values."""
-
-    def add(name: str, d: Tensor) -> None:
-        tokens[entry.row(name)] += d.to(torch.float64)
-
-    return add
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -128,12 +119,7 @@ class StepEngine:
         if self.recorder is not None:
             raise StepOrderError("tracker.step() blocks cannot be nested")
         id_list = admit_ids(ids, self.batchnorms)
-        seg = None if segments is None else admit_segments(segments, id_list, self.table.device)
-        if token_values and seg is None:
-            raise BatchMismatchError(
-                "token_values=True needs segments (which document each token belongs to); for one "
-                "document per row pass segments=torch.arange(B)[:, None].expand(B, T), -1 at padding"
-            )
+        seg = docs.admit_documents(segments, id_list, self.table.device, token_values)
         timed = self.log.count >= 1
         t0 = time.perf_counter()
         opening = self.window is None
@@ -151,7 +137,7 @@ class StepEngine:
         if timed:
             self.cost.add(opening, t1 - t0, t2 - t1)
 
-    def open_microbatch(self, ids: list, segments: Segments | None = None, token_values: bool = False) -> TrainRecorder:
+    def open_microbatch(self, ids: list, segments: docs.Segments | None = None, token_values: bool = False) -> TrainRecorder:
         window = self.window
         if window is not None and window.micro and self.table.all_grads_none():
             # The previous micro-batches were zeroed away without an optimizer step
@@ -170,11 +156,7 @@ class StepEngine:
             self.documents_seen = True
             self._require_layout(mb, segments.layout())
             if token_values:
-                columns = self.validation.current.columns
-                mb.tokens = torch.zeros(len(self.table), segments.positions, columns, dtype=torch.float64,
-                                        device=self.table.device)
-                mb.tokens_weighted = torch.zeros(segments.positions, columns, dtype=torch.float64,
-                                                 device=self.table.device)
+                docs.request_token_values(mb, len(self.table), self.validation.current.columns, self.table.device)
         self.root_calls.arm(mb.rows, segments)
         self.recorder = self.make_recorder(mb, self.rule.keeps_factors, lambda e: e.index in self.plan.shared_safe)
         if self.audit is not None:
@@ -192,7 +174,7 @@ class StepEngine:
         mask): a call with other kinds of inputs is verified again."""
         mb = self.recorder.microbatch if self.recorder is not None else None
         if mb is not None and mb.segments is not None and mb.segments.several:
-            self._require_layout(mb, input_layout(args, kwargs))
+            self._require_layout(mb, docs.input_layout(args, kwargs))
 
     def make_recorder(self, mb: MicroBatch, keep_factors: bool, expand_shared: Any) -> TrainRecorder:
         calls = self.bookkeeping.calls if self.bookkeeping is not None else set()
@@ -258,7 +240,7 @@ class StepEngine:
                 factors = val.gram.get(e.index)
                 e.route = route_label(e, factors is not None)
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
-                positions = None if mb.tokens is None else _position_sink(mb.tokens, e)
+                positions = None if mb.tokens is None else docs.position_sink(mb.tokens, e)
                 self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions))
         if self.rule.keeps_factors:
             cap.grad = grad.detach()
@@ -323,7 +305,7 @@ class StepEngine:
                 # DDP averages over ranks: each rank's example adds g_z / W to the update.
                 ratio = ratio / self.ddp.world_size
         first, second = self.rule.at_step(window, grads, ratio)
-        window.token_values = token_values_of(window)
+        window.token_values = docs.token_values_of(window)
         self.check.finalize(window, first, second, lr=self.table.learning_rates(self.optimizer))
         if self.audit is not None:
             self.audit.at_step(window, ratio)  # audit: θ_t and the optimizer state before the step
@@ -390,7 +372,7 @@ class StepEngine:
     def coverage(self) -> Coverage:
         cover = coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
         if self.documents_seen:
-            cover.documents = documents_note(self.entries, self.plan)
+            cover.documents = docs.documents_note(self.entries, self.plan)
         return cover
 
     def global_ledger(self) -> ValueLedger:

@@ -45,7 +45,7 @@ from .entries import Entry
 from .replay import ReplayMismatch, RootCall, batched_leaves, buffers_kept, replayed_targets
 from .routes import contract_window
 from .rows import declared_batch_dim
-from .segments import Segments
+from .segments import Segments, mixed_documents, refuse_undocumented_gradient
 from .state import MicroBatch, Window
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class RowVerifier:
         if not all(bool(torch.isfinite(t).all()) for t in kept):
             return mb  # not a step to prove anything on: its values are refused or skipped at the step
         if mb.segments is not None:
-            _refuse_undocumented_gradient(calls, mb.segments)
+            refuse_undocumented_gradient([g for c in calls for g in c.grads], mb.segments)
         if not engine.plan.interactions_tested and mb.rows > 1:
             engine.plan.interactions_tested = self._refuse_interactions(calls[0])
         history: list[str] = []
@@ -169,7 +169,7 @@ class RowVerifier:
             )
         moves = self._compare(new, weighted, w)
         if new.segments is not None:
-            moves.update(_mixed_documents(new, w, self._mixing_tolerance()))
+            moves.update(mixed_documents(new.captures, new.segments, w, self._mixing_tolerance()))
         if not moves:
             engine.plan.shared_safe.update(expanded)
         return new, moves
@@ -351,52 +351,6 @@ class RowVerifier:
                 return module
             module = self.parent.get(id(module))
         return None
-
-def _mixed_documents(new: MicroBatch, w: Tensor, rtol: float) -> dict[int, str]:
-    """Calls whose output gradient at a token carries other documents' losses: the weighted
-    backward (document ``d``'s loss times ``w_d``) must reach each position ``t`` of document ``d``
-    with ``w_d`` times the plain backward's gradient there, position by position. This compares
-    gradients, not dot products, so a small leak (a document attending to another a little) shows
-    even where it moves a layer's dot by less than the per-step check's tolerance."""
-    seg = new.segments
-    full = torch.cat([w, w.new_zeros(1)])
-    out: dict[int, str] = {}
-    for cap in new.captures:
-        if cap.grad is None or cap.weighted_grad is None:
-            continue
-        if cap.entry.handler.multi_output:
-            dims = [0 if r is None else r.dim for r in cap.saved.rows]
-            pairs = [(g, v, d) for g, v, d in zip(cap.grad, cap.weighted_grad, dims)]
-        else:
-            pairs = [(cap.grad, cap.weighted_grad, 0)]
-        for g, v, dim in pairs:
-            if g is None or v is None:
-                continue
-            g = g.movedim(dim, 0).reshape(seg.positions, -1)
-            v = v.movedim(dim, 0).reshape(seg.positions, -1)
-            weights = full.to(g)[seg.index.to(g.device)].unsqueeze(1)
-            if float((v - weights * g).norm()) > rtol * float(full.abs().max() * g.norm()) + 1e-300:
-                out[cap.entry.index] = (
-                    "its output gradient at a token carries other documents' losses (documents attend to "
-                    "each other), so its terms cannot be split by document"
-                )
-    return out
-
-
-def _refuse_undocumented_gradient(calls: list[RootCall], segments: Segments) -> None:
-    """Positions of no document (``-1``) get no value, so the loss must send them no gradient."""
-    for call in calls:
-        for g in call.grads:
-            if g is None or not segments.matches(g):
-                continue
-            nowhere = 1 - segments.position_weights(torch.ones(segments.count), g)  # 1 at no document
-            if bool((g.abs() * nowhere).sum() > 0):
-                raise UnsupportedModuleError(
-                    "the loss sends gradient to tokens of no document (segments = -1): nothing would "
-                    "credit their part of the update. Leave them out of the loss (labels -100, a "
-                    "mask), or give them a document in segments."
-                )
-
 
 def _same(a: Tensor, b: Tensor) -> bool:
     if a.device.type == "cpu":

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import BatchMismatchError
+from ..errors import BatchMismatchError, UnsupportedModuleError
 from ..layers import Rows
 
 
@@ -112,6 +112,16 @@ class Segments:
         """What the row verification proves about the documents' layout: whether a row holds
         several of them (one document per row needs no isolation)."""
         return ("segments", self.several)
+
+
+def admit_documents(segments: Any, ids: list, device: torch.device, token_values: bool) -> Segments | None:
+    """A micro-batch's ``segments`` (``None``: a player per row) and whether it may ask for token values."""
+    if token_values and segments is None:
+        raise BatchMismatchError(
+            "token_values=True needs segments (which document each token belongs to); for one "
+            "document per row pass segments=torch.arange(B)[:, None].expand(B, T), -1 at padding"
+        )
+    return None if segments is None else admit_segments(segments, ids, device)
 
 
 def admit_segments(segments: Any, ids: list, device: torch.device) -> Segments:
@@ -213,3 +223,63 @@ def documents_note(entries: list, plan: Any) -> str:
                  "are not positions, the directional derivative of each document's loss at an enclosing "
                  "module: " + ", ".join(sites))
     return text
+
+
+def mixed_documents(captures: list, seg: Segments, w: Tensor, rtol: float) -> dict[int, str]:
+    """Calls whose output gradient at a token carries other documents' losses: the weighted
+    backward (document ``d``'s loss times ``w_d``) must reach each position ``t`` of document ``d``
+    with ``w_d`` times the plain backward's gradient there, position by position. This compares
+    gradients, not dot products, so a small leak (a document attending to another a little) shows
+    even where it moves a layer's dot by less than the per-step check's tolerance."""
+    full = torch.cat([w, w.new_zeros(1)])
+    out: dict[int, str] = {}
+    for cap in captures:
+        if cap.grad is None or cap.weighted_grad is None:
+            continue
+        if cap.entry.handler.multi_output:
+            dims = [0 if r is None else r.dim for r in cap.saved.rows]
+            pairs = [(g, v, d) for g, v, d in zip(cap.grad, cap.weighted_grad, dims)]
+        else:
+            pairs = [(cap.grad, cap.weighted_grad, 0)]
+        for g, v, dim in pairs:
+            if g is None or v is None:
+                continue
+            g = g.movedim(dim, 0).reshape(seg.positions, -1)
+            v = v.movedim(dim, 0).reshape(seg.positions, -1)
+            weights = full.to(g)[seg.index.to(g.device)].unsqueeze(1)
+            if float((v - weights * g).norm()) > rtol * float(full.abs().max() * g.norm()) + 1e-300:
+                out[cap.entry.index] = (
+                    "its output gradient at a token carries other documents' losses (documents attend to "
+                    "each other), so its terms cannot be split by document"
+                )
+    return out
+
+
+def refuse_undocumented_gradient(grads: list[Tensor | None], segments: Segments) -> None:
+    """Positions of no document (``-1``) get no value, so the loss must send them no gradient
+    (``grads``: the model's output gradients)."""
+    for g in grads:
+        if g is not None and segments.matches(g):
+            nowhere = 1 - segments.position_weights(torch.ones(segments.count), g)  # 1 at no document
+            if bool((g.abs() * nowhere).sum() > 0):
+                raise UnsupportedModuleError(
+                    "the loss sends gradient to tokens of no document (segments = -1): nothing would "
+                    "credit their part of the update. Leave them out of the loss (labels -100, a "
+                    "mask), or give them a document in segments."
+                )
+
+
+def position_sink(tokens: Tensor, entry: Any) -> Any:
+    """Adds a call's per-position dots into its parameters' rows of the token values."""
+
+    def add(name: str, d: Tensor) -> None:
+        tokens[entry.row(name)] += d.to(torch.float64)
+
+    return add
+
+
+def request_token_values(mb: Any, params: int, columns: int, device: torch.device) -> None:
+    """The micro-batch keeps its per-position dots (:mod:`inrun.tracking.tokens`)."""
+    positions = mb.segments.positions
+    mb.tokens = torch.zeros(params, positions, columns, dtype=torch.float64, device=device)
+    mb.tokens_weighted = torch.zeros(positions, columns, dtype=torch.float64, device=device)
