@@ -44,7 +44,7 @@ DDP setups usually do).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,9 +110,10 @@ class DDPSync:
         both /= self.world_size
         return both[0], theirs, both[1].to(scale.device)
 
-    def any_rank(self, flag: bool, device: torch.device) -> bool:
-        """Whether ``flag`` is true on any rank: DDP ranks decide alone (no collective)."""
-        return flag
+    def agreement(self, engine: Any) -> Callable[[], None] | None:
+        """What the ranks must agree on after each model call: nothing under DDP (a replay of the
+        model inside DDP needs no collective)."""
+        return None
 
     def gathered(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Whole tensors from per-rank pieces: DDP's are whole already."""

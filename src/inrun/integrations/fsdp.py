@@ -37,7 +37,7 @@ backward through FSDP2's hooks), the audit, a 2-D device mesh (HSDP) and paramet
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -131,11 +131,18 @@ class FSDP2Sync(DDPSync):
         dist.all_reduce(both, group=self.group)
         return both[0] / self.world_size, both[2].to(theirs.device), (both[1] / self.world_size).to(scale.device)
 
-    def any_rank(self, flag: bool, device: torch.device) -> bool:
-        """Whether ``flag`` is true on any rank (one all-reduce)."""
-        t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
+    def agreement(self, engine: Any) -> Callable[[], None]:
+        """After each model call inside ``tracker.step``: the row verification replays the model,
+        whose forward all-gathers, so when one rank verifies the micro-batch every rank does (one
+        all-reduce of a flag, once the model's forward has ended)."""
+
+        def agree() -> None:
+            if engine.recorder is not None:
+                flag = torch.tensor([int(engine._verifying())], dtype=torch.int64, device=engine.table.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+                engine.recorder.microbatch.verify_everywhere = bool(flag.item())
+
+        return agree
 
     def gathered(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Whole tensors from sharded ones (one all-gather each): Adam's per-coordinate slopes."""
