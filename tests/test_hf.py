@@ -271,3 +271,19 @@ def test_trainer_bf16_with_accumulation_equals_fp32_within_the_bound(tmp_path: P
     assert 1e-6 < err <= 2 * eps, err
     assert np.corrcoef(bf16, fp32)[0, 1] >= 0.9995
     print(f"Trainer bf16 vs fp32: relative L2 {err:.1e}")
+
+
+@pytest.mark.parametrize(("plugin", "deepspeed", "what"), [(1, False, "FSDP1"), (None, True, "DeepSpeed")])
+def test_trainer_refuses_fsdp1_and_deepspeed_naming_fsdp2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          plugin: Any, deepspeed: bool, what: str) -> None:
+    """FSDP1 and DeepSpeed need an accelerator to run, so the Trainer's view of them is set by hand."""
+    from types import SimpleNamespace
+
+    from inrun import InRunError
+
+    trainer = make_trainer(tmp_path, list(range(N_TRAIN)), args={"max_steps": 1, "save_strategy": "no"})
+    monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin",
+                        None if plugin is None else SimpleNamespace(fsdp_version=plugin), raising=False)
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", deepspeed)
+    with pytest.raises(InRunError, match=f"{what} partitions.*fsdp_version': 2"):
+        trainer._tracker_for(trainer.model)
