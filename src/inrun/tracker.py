@@ -58,8 +58,7 @@ class InRunShapley:
     output gradients.
 
     Args:
-        model: the model being trained (may be wrapped in DistributedDataParallel, or sharded
-            with FSDP2's ``fully_shard``; see docs/scaling.md).
+        model: the model being trained (may be DDP-wrapped or FSDP2-sharded: docs/scaling.md).
         optimizer: its optimizer (see :mod:`inrun.optim` for what is supported).
         val_loss: ``val_loss(model) -> Tensor``: a scalar validation loss, or a vector of
             per-validation-example losses (their sum is the utility, and a per-(train,
@@ -73,8 +72,7 @@ class InRunShapley:
             weight gradients of Linear/Conv1D layers in place of the weight-gradient GEMM (no
             extra FLOPs; the update then equals the untracked one within float32 rounding).
         check: check every step that the per-example dots add up to ``<grad, g_val>``.
-        check_rtol: that check's relative tolerance (default: by the precision each parameter's
-            step went through, float64 1e-6, float32 1e-3, fp16 3.9e-3, bf16 3.1e-2).
+        check_rtol: that check's relative tolerance (default: by each parameter's precision, docs/precision.md).
         on_nonfinite: NaN/Inf at ``optimizer.step()``: ``"raise"`` before the update, or
             ``"skip"`` (values dropped and the skip recorded; the optimizer still steps).
         val_mode: module mode of the validation pass, ``"eval"`` or ``"train"``.
