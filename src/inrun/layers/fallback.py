@@ -203,7 +203,12 @@ def contract_outputs(
         part = reduce_rows(per_row.reshape(per_row.shape[0], -1).sum(dim=1, keepdim=True), r)[:, 0]
         total = part if total is None else total + part
     if total is None:
-        raise UnsupportedModuleError("no output of the module received a gradient with a batch dimension")
+        # No gradient reached the call's outputs (a pooler whose output the loss does not read):
+        # no example's loss depends on its parameters through this call.
+        batch = next((r.batch for r in rows if r is not None), None)
+        if batch is None:
+            raise UnsupportedModuleError("no output of the module has a batch dimension")
+        return torch.zeros(batch, dtype=like.dtype, device=like.device)
     return total
 
 
