@@ -42,6 +42,9 @@ class ZooCase:
     train: Callable[[nn.Module, Batch], Tensor] | None = None
     """The loss the loop back-propagates, as users write it (``model(**batch).loss``), when it is
     not ``losses(...).sum() / normalizer(...)`` spelled out; it must equal that."""
+    refused: str | None = None
+    """For a model the tracker cannot value: a pattern its one-line refusal (an ``InRunError``,
+    naming the module and the fix) must match."""
 
 
 def slice_batch(batch: Batch, rows: slice | list[int]) -> Batch:

@@ -156,18 +156,37 @@ def jvp_by_double_backward(
     """``J v = d/du [(Jᵀ u) · v]``: a VJP with a free cotangent ``u`` is linear in ``u``, and its
     dot with ``v`` has ``J v`` as its gradient in ``u``. A forward, a backward that keeps its
     graph, and a backward of that: about twice the cost of forward mode, for any op whose
-    backward autograd can differentiate."""
+    backward autograd can differentiate.
+
+    A backward autograd cannot differentiate (``once_differentiable``, a ``detach`` inside)
+    would drop its part silently; by linearity ``(J v) · u = (Jᵀ u) · v`` at the random ``u``
+    used here, and a dropped part breaks that identity: it raises instead (a part too small for
+    the identity's tolerance is left to the row verification and the per-step check)."""
     with torch.enable_grad():
         params = {n: t.detach().requires_grad_(True) for n, t in primal.items()}
         outputs = f(params)
-        cotangents = [torch.zeros_like(o, requires_grad=True) for o in outputs]
+        gen = torch.Generator(device=outputs[0].device).manual_seed(0)  # not the call's random stream
+        cotangents = [torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device).requires_grad_(True)
+                      for o in outputs]
         vjp = torch.autograd.grad(outputs, list(params.values()), grad_outputs=cotangents, create_graph=True,
                                   allow_unused=True)
-        terms = [(g * tangent[n]).sum() for n, g in zip(params, vjp) if g is not None and g.requires_grad]
+        used = [(g, tangent[n]) for n, g in zip(params, vjp) if g is not None]
+        terms = [(g * v).sum() for g, v in used]
         if not terms:
             return tuple(torch.zeros_like(o) for o in outputs)
-        grads = torch.autograd.grad(torch.stack(terms).sum(), cotangents, allow_unused=True)
-    return tuple(torch.zeros_like(o) if g is None else g.detach() for o, g in zip(outputs, grads))
+        value = torch.stack(terms).sum()
+        grads = (torch.autograd.grad(value, cotangents, allow_unused=True) if value.requires_grad
+                 else [None] * len(outputs))
+    jv = tuple(torch.zeros_like(o) if g is None else g.detach() for o, g in zip(outputs, grads))
+    with torch.no_grad():
+        back = sum((j * u).sum() for j, u in zip(jv, cotangents))
+        scale = sum((g.abs() * v.abs()).sum() for g, v in used) + sum((j * u).abs().sum() for j, u in zip(jv, cotangents))
+        # Loose enough for modules that compute in float32 inside a float64 model (RecurrentGemma's
+        # scan): a dropped part is a share of the whole, rounding is not.
+        rtol = {torch.float64: 1e-5, torch.float32: 1e-3}.get(value.dtype, 5e-2)
+        if (back - value).abs() > rtol * scale + 1e-30:
+            raise RuntimeError("the backward of an op inside cannot be differentiated (once_differentiable?)")
+    return jv
 
 
 def is_kv_cache(x: Any) -> bool:
