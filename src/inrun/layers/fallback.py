@@ -18,9 +18,15 @@ contiguous per example, broadcast tables whose consumer is not a broadcast, a we
 its module's forward): those are valued where the batch is visible again.
 
 Exact when each output row belongs to one example and examples do not interact inside the module
-(checked by the tracker's row verification). Ops without a forward-mode derivative fail with a
-clear error (attention runs on its math backend and RNNs without MKL-DNN here, since their fused
-kernels have none).
+(checked by the tracker's row verification). Attention runs on its math backend and RNNs without
+MKL-DNN here, since their fused kernels have no forward-mode derivative; where forward mode fails
+anyway (``weight_norm``, a custom autograd Function without ``jvp``, a packed RNN) the JVP is the
+derivative of a VJP (:func:`jvp_by_double_backward`); a module neither can differentiate is refused
+with a one-line error naming it.
+
+The call is replayed as it ran: buffers it changed in place (``spectral_norm``'s power iteration)
+from their values before it, a reentrant activation checkpoint inline, a key/value cache it wrote
+into left out (:func:`without_caches`).
 """
 
 from __future__ import annotations
