@@ -11,9 +11,9 @@ batch's loss is normalized (tokens, labelled tokens, examples).
 from __future__ import annotations
 
 import copy
-from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch

@@ -25,7 +25,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 from torch.utils.checkpoint import checkpoint
-from zoo import DEC, KV, Batch, ZooCase, causal_lm, classifier_losses, examples, hf, image_classifier, sequence_classifier
+from zoo import (
+    DEC,
+    KV,
+    Batch,
+    ZooCase,
+    causal_lm,
+    classifier_losses,
+    examples,
+    hf,
+    image_classifier,
+    sequence_classifier,
+)
 
 
 # ----------------------------------------------------------------------------- losses in forward
