@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
-from .ddp import DDPSync
+from .ddp import DDPSync, all_reduce_settled
 
 if TYPE_CHECKING:
     from ..tracking.config import TrackerConfig
@@ -128,7 +128,7 @@ class FSDP2Sync(DDPSync):
         """As :meth:`DDPSync.reduce_check_terms`, with ``<p.grad, g_val>`` summed over the shards."""
         ours, theirs, scale = terms
         both = torch.stack([ours, scale.to(ours.device), theirs.to(ours.device)])  # (3, P) float64
-        dist.all_reduce(both, group=self.group)
+        all_reduce_settled(both, self.group)
         return both[0] / self.world_size, both[2].to(theirs.device), (both[1] / self.world_size).to(scale.device)
 
     def agreement(self, engine: Any) -> Callable[[], None]:
@@ -139,8 +139,8 @@ class FSDP2Sync(DDPSync):
         def agree() -> None:
             if engine.recorder is not None:
                 flag = torch.tensor([int(engine._verifying())], dtype=torch.int64, device=engine.table.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-                engine.recorder.microbatch.verify_everywhere = bool(flag.item())
+                all_reduce_settled(flag, self.group)  # a sum: any rank's 1 makes it positive
+                engine.recorder.microbatch.verify_everywhere = bool(flag.item() > 0)
 
         return agree
 
@@ -220,7 +220,7 @@ class ShardedParams:
     def norms(self, grads: Sequence[Tensor | None]) -> Tensor:
         """``[P]`` float64 norms of the whole gradients (one all-reduce of the shards' squares)."""
         squares = self.squared_norms(grads)
-        dist.all_reduce(squares, group=self.group)
+        all_reduce_settled(squares, self.group)
         return squares.sqrt()
 
     def remove(self) -> None:
