@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from cli_helpers import digits_config, gpt2_config, run_in_process
 
-from inrun.baseline_run import compute_baselines, read_baselines
-from inrun.baselines import knn_shapley
+from inrun.analysis.baseline_run import compute_baselines, read_baselines
+from inrun.analysis.baselines import knn_shapley
 from inrun.cli import main
-from inrun.data import load_data
 from inrun.errors import InRunError
-from inrun.models import build_model
-from inrun.rundir import RunDir
+from inrun.run.data import load_data
+from inrun.run.models import build_model
+from inrun.store.rundir import RunDir
 
 
 def test_baselines_of_a_digits_run_equal_direct_computations(tmp_path) -> None:
@@ -57,7 +57,7 @@ def test_baselines_need_a_run_that_can_be_rebuilt(tmp_path) -> None:
 
 
 def test_the_report_shows_the_baselines(tmp_path) -> None:
-    from inrun.report import build_report
+    from inrun.analysis.report import build_report
 
     result = run_in_process(digits_config(tmp_path / "run", steps=12, every=6))
     before = build_report(result.run_dir.path).read_text()

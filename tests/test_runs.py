@@ -23,9 +23,9 @@ from cli_helpers import cli, digits_config, run_in_process, tabular_config, tabu
 
 from inrun import ValueLedger
 from inrun.cli import main
-from inrun.rundir import RunDir, RunDirError
-from inrun.runner import RunStopped
-from inrun.storage import read_json, write_json
+from inrun.run.runner import RunStopped
+from inrun.store.files import read_json, write_json
+from inrun.store.rundir import RunDir, RunDirError
 
 RESULT_FILES = ("values.parquet", "metrics.parquet", "examples.parquet", "manifest.json")
 
@@ -148,17 +148,17 @@ def poison(monkeypatch):
     """``poison(bad_id)``: the run's training row ``bad_id`` gets a NaN input after loading. A
     data file cannot hold one (that is a DataError naming the row); this is how a non-finite
     loss reaches the loop, e.g. from a data source of the user's own."""
-    import inrun.runner
+    import inrun.run.runner
 
     def apply(bad_id: str) -> None:
-        original = inrun.runner.load_data
+        original = inrun.run.runner.load_data
 
         def load(config):
             train, val = original(config)
             train.inputs[train.ids.index(bad_id), 1] = float("nan")
             return train, val
 
-        monkeypatch.setattr(inrun.runner, "load_data", load)
+        monkeypatch.setattr(inrun.run.runner, "load_data", load)
 
     return apply
 

@@ -15,9 +15,9 @@ from .errors import (
     UnsupportedOptimizerError,
     ValidationLossError,
 )
-from .ledger import PerValidation, ValueLedger, ValueTable
-from .library_run import RunWriter
-from .rundir import RunDir
+from .store.ledger import PerValidation, ValueLedger, ValueTable
+from .store.rundir import RunDir
+from .store.writer import RunWriter
 from .tracker import AuditConfig, Coverage, InRunShapley, StepCost, TrackerConfig
 
 __version__ = "0.1.0"

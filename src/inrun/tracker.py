@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .ledger import PerValidation, ValueLedger, ValueTable
 from .optim import UpdateRule
+from .store.ledger import PerValidation, ValueLedger, ValueTable
 from .tracking.admission import admit_model
 from .tracking.audit import AuditConfig, StepAudit
 from .tracking.config import (
@@ -40,7 +40,7 @@ from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
 
 if TYPE_CHECKING:
-    from .rundir import RunDir
+    from .store.rundir import RunDir
 
 __all__ = ["AuditConfig", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
@@ -201,7 +201,7 @@ class InRunShapley:
     def per_validation(self) -> PerValidation | None:
         """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``.
 
-        A labelled table (:class:`~inrun.ledger.PerValidation`): ``.to_pandas()`` has one row per
+        A labelled table (:class:`~inrun.store.ledger.PerValidation`): ``.to_pandas()`` has one row per
         training id and one column per validation example (``validation_ids``, default
         ``val_0``...). It still unpacks as the ``(ids, [N, V] array)`` pair it used to be.
         With a DDP model: global, and a collective call like :meth:`values`.
@@ -220,10 +220,10 @@ class InRunShapley:
         """Write the values so far as a complete run directory at a new ``path`` (the format of
         ``inrun train``: ``inrun report``, ``inspect`` and ``curate`` work on it). ``examples``:
         a table with an ``id`` column and optional ``source``, ``text``, ``location``, ``length``
-        (:func:`inrun.library_run.examples_from`); ``description``: the report's header line;
+        (:func:`inrun.store.writer.examples_from`); ``description``: the report's header line;
         ``metadata``: JSON facts kept in ``run.json``. To write as training goes, with
         checkpoints and resume: :class:`inrun.RunWriter`."""
-        from .library_run import RunWriter
+        from .store.writer import RunWriter
 
         return RunWriter(Path(path), self, examples=examples, state={}, rng=False,
                          description=description, metadata=metadata).finish()
@@ -261,7 +261,7 @@ class InRunShapley:
         """The run's audit (``None`` unless ``audit=`` was given): per audited step the exact
         Shapley values of a sampled sub-batch next to the tracker's, with Pearson, Spearman,
         relative RMSE, efficiency gap and cost (``audit.steps``, ``audit.values``,
-        ``audit.summary()``; as tables: :func:`inrun.views.audit_frames`)."""
+        ``audit.summary()``; as tables: :func:`inrun.analysis.views.audit_frames`)."""
         return self._engine.audit
 
     @property

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import BatchMismatchError, UnsupportedModuleError
 from ..layers.norm import batchnorm_message
-from ..ledger import check_ids
+from ..store.ledger import check_ids
 
 
 def admit_model(model: Any, val_loss: Any) -> None:

@@ -30,9 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InRunError, StepOrderError
-from ..integrations.ddp import DDPSync
-from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
+from ..store.ledger import ValueLedger
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
@@ -41,6 +40,7 @@ from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
 from .cost import StepCost
 from .coverage import Coverage, coverage_of
+from .ddp import DDPSync
 from .entries import Entry, build_entries
 from .params import ParamTable
 from .plan import RowVerifier
@@ -74,7 +74,7 @@ class StepEngine:
         self.entries = build_entries(self.module, self.table)
         self.table.warn_missing_from(self.optimizer)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        # DDP (see inrun.integrations.ddp): its process group; None for a single process.
+        # DDP (see inrun.tracking.ddp): its process group; None for a single process.
         self.ddp = DDPSync.of(model) if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self.policy = RoutePolicy(config)
         self.hooks = Hooks(self.entries)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..layers import Rows
-from ..ledger import ValueLedger
+from ..store.ledger import ValueLedger
 from .entries import Entry
 
 logger = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LedgerError
-from .ledger import ValueLedger
+from ..errors import LedgerError
+from ..store.ledger import ValueLedger
 
 NO_SOURCE = "(no source)"
 TINY = 1e-30
@@ -48,8 +48,8 @@ def trace_frame(source: Any) -> Any:
     import pandas as pd
 
     if isinstance(source, (str, os.PathLike)):
-        from .rundir import RunDir
-        from .summary import value_frame
+        from ..store.rundir import RunDir
+        from ..store.summary import value_frame
 
         rd = RunDir(source)
         tr = rd.ledger().trace()
@@ -128,10 +128,10 @@ def source_stages(source: Any, stages: int = 4, *, steps: int | None = None, sha
 
 
 def audit_frames(source: Any) -> tuple[Any, Any]:
-    """The audit's ``(steps, values)`` tables (see :mod:`inrun.tracking.auditgame` for the columns),
+    """The audit's ``(steps, values)`` tables (see :mod:`inrun.tracking.audit.game` for the columns),
     from a tracker made with ``audit=`` or a run directory. Raises :class:`LedgerError` if none."""
-    from .auditlog import AuditLog
-    from .rundir import RunDir
+    from ..store.auditlog import AuditLog
+    from ..store.rundir import RunDir
 
     if isinstance(source, (str, os.PathLike)):
         log = RunDir(Path(source)).audit()

@@ -12,7 +12,7 @@ Layout (every file written atomically: to a temporary name, flushed to disk, the
     ledger.json        ledger metadata (steps, skipped steps) and checksums of the ledger files
     metrics.parquet    step, train_loss, lr, val_loss, skipped
     audit.parquet      the audit: one row per audited step; audit_values.parquet: per audited
-                       example; audit.json: its settings (inrun.auditlog)
+                       example; audit.json: its settings (inrun.store.auditlog)
     manifest.json      SHA-256 and size of ledger.json, metrics.parquet, examples.parquet and the
                        audit's files
     summary.json       totals, top and bottom examples, per-source table (end of run)
@@ -49,9 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import LedgerError
-from .ledger import LEDGER_META_FILE, TRACE_DIR, VALUES_FILE, ValueLedger
-from .storage import (
+from ..errors import LedgerError
+from .files import (
     DirLock,
     IntegrityError,
     LockedError,
@@ -67,6 +66,7 @@ from .storage import (
     verify_file,
     write_json,
 )
+from .ledger import LEDGER_META_FILE, TRACE_DIR, VALUES_FILE, ValueLedger
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class RunDir:
     def saved_config(self) -> tuple[Any, str | None]:
         """``(RunConfig, problem)``: the config of ``config.toml``; or, when that file is
         missing or unreadable, the one ``run.json`` holds, with ``problem`` saying why."""
-        from .config import ConfigError, RunConfig, parse_config
+        from ..run.config import ConfigError, RunConfig, parse_config
 
         path = self.file(CONFIG_FILE)
         try:
@@ -320,7 +320,7 @@ class RunDir:
 
     def check_meta(self, expected: Mapping[str, Any]) -> None:
         """Refuse to resume unless the saved metadata matches what this run would produce."""
-        from .config import config_diff
+        from ..run.config import config_diff
 
         saved = self.meta()
         if saved.get("format") == 1:
@@ -402,7 +402,7 @@ class RunDir:
         self, ids: list, sources: list, locations: list, previews: list, lengths: list | None = None
     ) -> None:
         """``examples.parquet``; ``lengths`` (tokens per example, for the length check of
-        :func:`inrun.summary.summarize`) adds a ``length`` column."""
+        :func:`inrun.store.summary.summarize`) adds a ``length`` column."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -512,7 +512,7 @@ class RunDir:
                 raise IntegrityError(f"{exc}; {_resume_hint(self.path)}") from None
 
     def audit(self) -> Any:
-        """The run's audit (:class:`inrun.auditlog.AuditLog`), verified; ``None`` if it had none."""
+        """The run's audit (:class:`inrun.store.auditlog.AuditLog`), verified; ``None`` if it had none."""
         from .auditlog import AUDIT_FILE, AUDIT_FILES, load_audit
 
         with self.reading():
@@ -726,7 +726,7 @@ class RunDir:
         if meta is None:
             return problems
         if self.file(CONFIG_FILE).exists():
-            from .config import ConfigError, parse_config
+            from ..run.config import ConfigError, parse_config
 
             def config_matches() -> None:
                 try:

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LedgerError
-from .storage import (
+from ..errors import LedgerError
+from .files import (
     IntegrityError,
     atomic_write,
     file_digest,

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from ..auditlog import AuditLog
-from ..ledger import atomic_write
-from ..rundir import REPORT_FILE, RunDir
-from ..storage import IntegrityError, read_json
-from ..summary import NO_SOURCE, summarize, value_frame
+from ...store.auditlog import AuditLog
+from ...store.files import IntegrityError, read_json
+from ...store.ledger import atomic_write
+from ...store.rundir import REPORT_FILE, RunDir
+from ...store.summary import NO_SOURCE, summarize, value_frame
 from . import plots
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def build_report(
 def _config_text(meta: dict[str, Any]) -> str:
     """The run's config as TOML, from run.json (checked), not from the editable config.toml; for
     a run of another loop, the tracker's settings and the run's metadata."""
-    from ..config import ConfigError, RunConfig
+    from ...run.config import ConfigError, RunConfig
 
     if meta.get("kind", "cli") != "cli":
         return json.dumps({"tracker": meta.get("tracker_config"), "optimizer": meta.get("optimizer"),

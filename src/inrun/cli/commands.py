@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import InRunError
+from ..errors import InRunError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -104,7 +104,7 @@ def training_progress(console: Console, description: str, total: int) -> Iterato
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
-    from .config import demo_config, demo_config_text
+    from ..run.config import demo_config, demo_config_text
 
     if args.print_config:
         sys.stdout.write(demo_config_text())  # verbatim: no wrapping, so it can be saved as a file
@@ -115,7 +115,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
             overrides.append(f"{key}={flag}")
     config = demo_config(overrides)
     out = Path(args.out or config.output)
-    from .rundir import RunDir
+    from ..store.rundir import RunDir
 
     if RunDir(out).exists:
         RunDir(out).refuse_if_in_use("replace the demo run in")
@@ -132,8 +132,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
-    from .config import config_diff, load_config
-    from .rundir import RunDir
+    from ..run.config import config_diff, load_config
+    from ..store.rundir import RunDir
 
     if args.list_keys:
         _print_keys(console)
@@ -169,14 +169,14 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 
 def _train(config: Any, out: Path, resume: bool, console: Console) -> Any:
-    from .runner import train
+    from ..run.runner import train
 
     with training_progress(console, "train", config.training.steps) as progress:
         return train(config, out, resume=resume, progress=progress)
 
 
 def _finish_run(result: Any, console: Console, report: bool) -> int:
-    from .rundir import SUMMARY_FILE
+    from ..store.rundir import SUMMARY_FILE
 
     rd = result.run_dir
     if result.resumed_from:
@@ -184,12 +184,12 @@ def _finish_run(result: Any, console: Console, report: bool) -> int:
     if not rd.has_values():
         console.print(f"\nRun directory: [bold]{rd.path.resolve()}[/] (values.enabled = false: no values)")
         return 0
-    from .storage import read_json
+    from ..store.files import read_json
 
     summary = read_json(rd.file(SUMMARY_FILE), "the run's summary")
     print_summary(summary, console)
     if report:
-        from .report import build_report
+        from ..analysis.report import build_report
 
         with console.status("writing the report"):
             path = build_report(rd.path)
@@ -201,8 +201,8 @@ def _finish_run(result: Any, console: Console, report: bool) -> int:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from .report import build_report
-    from .runinspect import parse_window
+    from ..analysis.inspect.run_dir import parse_window
+    from ..analysis.report import build_report
 
     window = _window(args.window, parse_window)
     with console.status("writing the report"):
@@ -212,7 +212,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_baselines(args: argparse.Namespace, console: Console) -> int:
-    from .baseline_run import compute_baselines
+    from ..analysis.baseline_run import compute_baselines
 
     with console.status("final-checkpoint loss, gradient cosine and KNN-Shapley of every training example"):
         path = compute_baselines(args.run_dir)
@@ -221,7 +221,7 @@ def cmd_baselines(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_curate(args: argparse.Namespace, console: Console) -> int:
-    from .curate import curate, retrain
+    from ..analysis.curate import curate, retrain
 
     selection = curate(args.run_dir, args.drop)
     console.print(
@@ -272,8 +272,8 @@ def _window(text: str | None, parse: Callable[[str | None], Any]) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
-    from .inspect import inspect_run_dir, inspect_target
-    from .runinspect import inspect_run, is_run_dir, parse_window
+    from ..analysis.inspect.run_dir import inspect_run, is_run_dir, parse_window
+    from ..analysis.inspect.target import inspect_run_dir, inspect_target
 
     if is_run_dir(args.target):
         window = _window(args.window, parse_window)
@@ -329,7 +329,7 @@ def print_summary(summary: dict[str, Any], console: Console, rows: int = 5) -> N
             table.add_row(escape(source), str(s["examples"]), f"{s['total']:+.3e}", f"{s['mean']:+.2e}", f"{s['negative_share']:.0%}")
         console.print(table)
     if "audit" in summary:
-        from .runinspect import audit_line
+        from ..analysis.inspect.run_dir import audit_line
 
         console.print(escape(audit_line(summary["audit"], summary.get("seconds"))), soft_wrap=True)
 
@@ -343,7 +343,7 @@ def _print_keys(console: Console) -> None:
     import dataclasses
     import typing
 
-    from .config import RunConfig
+    from ..run.config import RunConfig
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("transformers").setLevel(logging.ERROR)
     console = Console()
-    from .runner import RunInterrupted, RunStopped
+    from ..run.runner import RunInterrupted, RunStopped
 
     try:
         return int(args.func(args, console) or 0)

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .auditconfig import AuditConfig
+from .config import AuditConfig
 
 logger = logging.getLogger(__name__)
 

@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .exact import per_example_gradients
-from .models import causal_lm
-from .tracker import InRunShapley
+from ..exact import per_example_gradients
+from ..run.models import causal_lm
+from ..tracker import InRunShapley
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -325,8 +325,8 @@ class PlainPlusValidation(Method):
     name = "plain + validation pass"
 
     def setup(self) -> None:
-        from .tracking.config import TrackerConfig
-        from .tracking.validation import ThreadChoice
+        from ..tracking.config import TrackerConfig
+        from ..tracking.validation import ThreadChoice
 
         self.threads = ThreadChoice(TrackerConfig().val_threads)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -523,7 +523,7 @@ def measure_memory(workload: str, names: list[str]) -> dict[str, float]:
         if (workload, n) in FAILURES:
             continue
         res = subprocess.run(
-            [sys.executable, "-m", "inrun.bench", "--memory-probe", workload, n],
+            [sys.executable, "-m", "inrun.cli.bench", "--memory-probe", workload, n],
             capture_output=True, text=True, check=True, env=env,
         )
         out[n] = json.loads(res.stdout.strip().splitlines()[-1])["bytes"]
@@ -531,7 +531,7 @@ def measure_memory(workload: str, names: list[str]) -> dict[str, float]:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from .cli import non_negative_int, positive_int
+    from .commands import non_negative_int, positive_int
 
     parser = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="R,S,M")

@@ -54,7 +54,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import InRunError
-from ..ledger import ValueLedger
+from ..store.ledger import ValueLedger
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..modes import evaluating
+from ..store.ledger import atomic_write
+from ..store.rundir import RunDir, RunDirError
 from .baselines import knn_shapley
-from .ledger import atomic_write
-from .modes import evaluating
-from .rundir import RunDir, RunDirError
 
 BASELINES_FILE = "baselines.parquet"
 SCORES = {
@@ -44,14 +44,14 @@ def compute_baselines(run_dir: str | Path, k: int = 5) -> Path:
     Raises:
         RunDirError: the run cannot be rebuilt (not made by ``inrun train``) or has no checkpoint.
     """
-    from .data import load_data
-    from .models import build_model, loss_function
+    from ..run.data import load_data
+    from ..run.models import build_model, loss_function
 
     rd = RunDir(run_dir)
     if not rd.rerunnable:
         raise RunDirError(
             f"{rd.path} is a run of your own loop (kind {rd.kind!r}): baselines need the run's config and "
-            "data, which only `inrun train` runs record; compute them in your code with inrun.baselines"
+            "data, which only `inrun train` runs record; compute them in your code with inrun.analysis.baselines"
         )
     config, _ = rd.saved_config()
     restored = rd.restore(torch.device("cpu"), values=False)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .rundir import RunDir
+from ...store.rundir import RunDir
 
 
 def is_run_dir(target: str | Path) -> bool:
@@ -43,8 +43,8 @@ def inspect_run(
     target: str | Path, console: Console, top: int = 5, stages: int = 4, window: tuple[int, int | None] | None = None,
 ) -> None:
     """Print a run's values, audit and views."""
-    from . import views
-    from .summary import summarize
+    from ...store.summary import summarize
+    from .. import views
 
     rd = RunDir(target)
     meta = rd.meta()

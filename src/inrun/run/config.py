@@ -16,7 +16,7 @@ Example:
     >>> RunConfig.from_dict({**cfg.to_dict(), "optimizer": {"lr": -1}})
     Traceback (most recent call last):
     ...
-    inrun.config.ConfigError: config key 'optimizer.lr': must be > 0, got -1.0
+    inrun.run.config.ConfigError: config key 'optimizer.lr': must be > 0, got -1.0
 
 Relative paths inside a config file (``data.path``, ``data.subset``, ``validation.path``) are
 resolved against the file's directory when it is loaded; ``output`` is relative to the current
@@ -40,8 +40,8 @@ from typing import Any
 
 import tomllib
 
-from .errors import InRunError
-from .storage import utf8_text
+from ..errors import InRunError
+from ..store.files import utf8_text
 
 try:
     import tomllib
@@ -334,7 +334,7 @@ class AuditSection:
     budget: float = _help("at most this share of the run's wall time goes to the audit (a due step over it is skipped)", 0.2)
 
     def __post_init__(self) -> None:
-        from .tracking.auditconfig import AuditError
+        from ..tracking.audit.config import AuditError
 
         try:
             self.audit_config(seed=0)
@@ -344,7 +344,7 @@ class AuditSection:
 
     def audit_config(self, seed: int) -> Any:
         """The :class:`inrun.AuditConfig` of this section (``None`` when disabled), seeded with the run's seed."""
-        from .tracking.auditconfig import AuditConfig
+        from ..tracking.audit.config import AuditConfig
 
         if not self.enabled:
             return None

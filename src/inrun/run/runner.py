@@ -7,7 +7,7 @@ The loop is an ordinary PyTorch loop with the tracker's one extra line. What mak
   is not used). Nothing about the order needs to be replayed on resume.
 * **Checkpoints** (every ``checkpoint.every`` steps and at the end) hold the model, optimizer,
   schedule, torch RNG state, tracker counters and the value ledger, written atomically and
-  checksummed (:mod:`inrun.rundir`). ``resume`` restores the newest *intact* one (damaged ones
+  checksummed (:mod:`inrun.store.rundir`). ``resume`` restores the newest *intact* one (damaged ones
   are set aside and named) and continues; if none is intact the resume is refused, since the
   values could not be restored exactly. A checkpoint is only written after the validation loss
   at its parameters was found finite.
@@ -53,13 +53,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InRunError, NonFiniteError, ValidationLossError
+from ..modes import evaluating
+from ..store.ledger import ValueLedger
+from ..store.rundir import (
+    CHECKPOINTS,
+    RUN_FORMAT,
+    TRACE_DIR,
+    Metrics,
+    Restored,
+    RunDir,
+    RunDirError,
+)
 from .config import ConfigError, RunConfig, check_model_config
 from .data import ExampleSet, load_data
-from .errors import InRunError, NonFiniteError, ValidationLossError
-from .ledger import ValueLedger
 from .models import build_model, build_optimizer, build_schedule, loss_function, model_fingerprint
-from .modes import evaluating
-from .rundir import CHECKPOINTS, RUN_FORMAT, TRACE_DIR, Metrics, Restored, RunDir, RunDirError
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +138,7 @@ def pick_device(name: str) -> torch.device:
 
 def run_metadata(config: RunConfig, model: nn.Module, train_set: ExampleSet, val_set: ExampleSet) -> dict[str, Any]:
     """What ``run.json`` records (and a resume checks)."""
-    from . import __version__
+    from .. import __version__
 
     return {
         "format": RUN_FORMAT,
@@ -404,14 +412,14 @@ class _Runner:
         if self.tracker is not None:
             self.tracker.flush()
             self.tracker.close()
-            from .library_run import TRACKER_FILE, tracker_info
-            from .storage import write_json
+            from ..store.files import write_json
+            from ..store.writer import TRACKER_FILE, tracker_info
 
             write_json(rd.file(TRACKER_FILE), tracker_info(self.tracker), fsync=False)  # for `inrun inspect RUN_DIR`
         self._save()  # the final checkpoint saved them too, unless the last step was skipped
         rd.write_status("complete", tc.steps, tc.steps, seconds=time.perf_counter() - began)  # this session's
         if self.tracker is not None:
-            from .summary import write_summary
+            from ..store.summary import write_summary
 
             write_summary(rd)
         return RunResult(rd, tc.steps, start, 0.0, self.metrics.final_val_loss(), restored.skipped)
@@ -419,7 +427,7 @@ class _Runner:
     def _make_tracker(self, ledger: ValueLedger | None) -> Any:
         if ledger is None:
             return None
-        from .tracker import InRunShapley
+        from ..tracker import InRunShapley
 
         v = self.config.values
         return InRunShapley(

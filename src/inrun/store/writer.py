@@ -3,7 +3,7 @@ the Hugging Face ``Trainer`` (:mod:`inrun.integrations.hf`) and Lightning
 (:mod:`inrun.integrations.lightning`), so that ``inrun report``, ``inrun inspect`` and
 ``inrun curate`` work on every run.
 
-:class:`RunWriter` writes the same files as the CLI (:mod:`inrun.rundir`): ``values.parquet``,
+:class:`RunWriter` writes the same files as the CLI (:mod:`inrun.store.rundir`): ``values.parquet``,
 the trace parts under ``trace/``, ``ledger.json``, ``metrics.parquet``, ``examples.parquet``,
 ``manifest.json``, ``run.json``, ``status.json``, ``summary.json`` and
 ``checkpoints/step-N/`` (the tracker's state and ledger, and the state of the objects you
@@ -40,13 +40,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..modes import evaluating
+from .files import read_json, write_json
 from .ledger import ValueLedger, check_ids
-from .modes import evaluating
 from .rundir import RUN_FORMAT, Metrics, RunDir, RunDirError
-from .storage import read_json, write_json
 
 if TYPE_CHECKING:
-    from .tracker import InRunShapley
+    from ..tracker import InRunShapley
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def examples_from(
             Columns used when present: the id (required), ``source`` (grouping in the report
             and in ``summary.json``), ``preview`` or else ``text`` (cut to 240 characters),
             ``location`` (where the example comes from), ``length`` (tokens; checked against
-            the values, see :func:`inrun.summary.summarize`).
+            the values, see :func:`inrun.store.summary.summarize`).
 
     Raises:
         TypeError: ids that are not ``int``/``str``, or a table without the id column.
@@ -308,8 +308,8 @@ class RunWriter:
 
     # -- opening ------------------------------------------------------------------------------------
     def _meta(self, description: str, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-        from . import __version__
-        from .models import model_fingerprint
+        from .. import __version__
+        from ..run.models import model_fingerprint
 
         t = self.tracker
         unique = {id(p): p for p in t.module.parameters()}

@@ -1,8 +1,8 @@
-"""Training and validation data for a run, from a :class:`~inrun.config.RunConfig`.
+"""Training and validation data for a run, from a :class:`~inrun.run.config.RunConfig`.
 
 Three kinds, all without a download: Python's standard-library sources (:mod:`.stdlib`),
 scikit-learn's bundled datasets (:mod:`.sklearn`), and your own files (:mod:`.files`). Each
-becomes an :class:`~inrun.data.base.ExampleSet` per split.
+becomes an :class:`~inrun.run.data.base.ExampleSet` per split.
 """
 
 from __future__ import annotations

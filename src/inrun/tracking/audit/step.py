@@ -16,7 +16,7 @@ copy of the model by default, or functionally); the replay restores buffers and 
 of the random-number state; every random number of the audit comes from a forked generator; the
 user's gradients and the optimizer's state are not touched (autograd.grad and a scratch optimizer).
 
-The game and its numbers: :mod:`inrun.tracking.auditgame`; settings: :mod:`.auditconfig`.
+The game and its numbers: :mod:`inrun.tracking.audit.game`; settings: :mod:`.config`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import exact
-from ..modes import evaluating
-from .auditconfig import AuditConfig, AuditError, Precision
-from .auditgame import (
+from ... import exact
+from ...modes import evaluating
+from ..replay import RootCall, weighted_gradients
+from ..state import StepState, Window
+from .config import AuditConfig, AuditError, Precision
+from .game import (
     Player,
     Refused,
     Sample,
@@ -45,8 +47,6 @@ from .auditgame import (
     gradient,
     hessian_vector,
 )
-from .replay import RootCall, weighted_gradients
-from .state import StepState, Window
 
 logger = logging.getLogger(__name__)
 

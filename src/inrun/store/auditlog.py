@@ -1,8 +1,8 @@
 """The audit's rows on disk: ``audit.parquet`` (one row per audited step), ``audit_values.parquet``
 (one row per audited example) and ``audit.json`` (its settings, with the checksum of its own
 content), next to the values of a run. Numbers and ids only, written atomically; what the
-columns mean is in :mod:`inrun.tracking.auditgame`. In a run directory the Parquet files are listed
-with their SHA-256 in the manifest and verified on read (:meth:`inrun.rundir.RunDir.audit`).
+columns mean is in :mod:`inrun.tracking.audit.game`. In a run directory the Parquet files are listed
+with their SHA-256 in the manifest and verified on read (:meth:`inrun.store.rundir.RunDir.audit`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import LedgerError
-from .storage import atomic_write, read_json, write_json
-from .tracking.audit import StepAudit
-from .tracking.auditconfig import STEP_COLUMNS, VALUE_COLUMNS, AuditConfig
-from .tracking.auditgame import audit_summary
+from ..errors import LedgerError
+from ..tracking.audit.config import STEP_COLUMNS, VALUE_COLUMNS, AuditConfig
+from ..tracking.audit.game import audit_summary
+from ..tracking.audit.step import StepAudit
+from .files import atomic_write, read_json, write_json
 
 AUDIT_FILE = "audit.parquet"
 AUDIT_VALUES_FILE = "audit_values.parquet"
@@ -34,7 +34,7 @@ class AuditLog:
     config: AuditConfig | None
 
     def summary(self) -> dict[str, Any]:
-        """Headline numbers (see :func:`inrun.tracking.auditgame.audit_summary`)."""
+        """Headline numbers (see :func:`inrun.tracking.audit.game.audit_summary`)."""
         return audit_summary(self.steps, self.config)
 
     def frames(self) -> tuple[Any, Any]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InRunError
+from ...errors import InRunError
 
 Id = int | str
 

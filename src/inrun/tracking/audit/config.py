@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from .. import exact
-from ..errors import InRunError
+from ... import exact
+from ...errors import InRunError
 
 Precision = Literal["float64", "model"]
 PRECISIONS = ("float64", "model")

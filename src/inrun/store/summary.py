@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .files import write_json
 from .rundir import SUMMARY_FILE, RunDir
-from .storage import write_json
 
 NO_SOURCE = "(no source)"
 LENGTH_WARNING = 0.3  # |Spearman ρ| between length and value from which the summary warns

@@ -6,7 +6,7 @@
 * ``.txt``: one example per non-empty line; the id is the line number (1-based) and the source
   is the file's name.
 
-Text is tokenized as bytes (see :mod:`inrun.data.base`). Tabular features are standardized with
+Text is tokenized as bytes (see :mod:`inrun.run.data.base`). Tabular features are standardized with
 the training rows' mean and deviation. Files must be UTF-8; every feature must be a finite
 number with ``|x| <= 1e15`` (:data:`FEATURE_LIMIT`): a NaN, an infinity or a sentinel such as
 ``1e300`` is an error that names its row and field, since one such value would otherwise change
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..storage import utf8_text
+from ...store.files import utf8_text
 from .base import DataError, ExampleSet, check_unique_ids, encode_texts, preview_text
 
 # Beyond this a value is a sentinel or corruption, not a measurement: float64 no longer holds

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import LedgerError
+from ..errors import LedgerError
 
 CHUNK = 1 << 20
 CHECKSUM_KEY = "checksum"
