@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from inrun import bench
+from inrun.cli import bench
 
 
 class PlainPlusValidation(bench.Method):

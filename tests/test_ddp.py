@@ -33,7 +33,7 @@ from ddp_worker import (
 )
 
 from inrun import InRunShapley, ValueLedger, exact
-from inrun.tracking.ddp import merge_states
+from inrun.store.ledger import merge_states
 
 WORLD = 2
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4}  # relative to η·‖g_z‖·‖g_val‖

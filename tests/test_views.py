@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from cli_helpers import digits_config, run_in_process
 from torch import nn
 
-from inrun import InRunShapley, LedgerError, views
+from inrun import InRunShapley, LedgerError
+from inrun.analysis import views
 from inrun.cli import main
 from inrun.run.config import parse_config
 from inrun.run.runner import RunInterrupted, train

@@ -19,8 +19,7 @@ from .store.ledger import PerValidation, ValueLedger, ValueTable
 from .store.rundir import RunDir
 from .store.writer import RunWriter
 from .tracker import AuditConfig, Coverage, InRunShapley, StepCost, TrackerConfig
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AuditConfig",

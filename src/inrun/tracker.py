@@ -12,13 +12,15 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .optim import UpdateRule
 from .store.ledger import PerValidation, ValueLedger, ValueTable
+from .store.rundir import RunDir
+from .store.writer import RunWriter
 from .tracking.admission import admit_model
 from .tracking.audit import AuditConfig, StepAudit
 from .tracking.config import (
@@ -35,12 +37,9 @@ from .tracking.config import (
     Verify,
 )
 from .tracking.cost import StepCost
-from .tracking.coverage import Coverage
+from .tracking.coverage import Coverage, describe
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
-
-if TYPE_CHECKING:
-    from .store.rundir import RunDir
 
 __all__ = ["AuditConfig", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
@@ -96,10 +95,8 @@ class InRunShapley:
     Every id of one optimizer step must be distinct (micro-batches included): a step values its
     rows, and two rows under one id would be added up without a word, so a repeated id raises
     :class:`~inrun.BatchMismatchError`. Padding: see ``docs/guide-pytorch.md`` (positions whose
-    label is ignored add nothing to the loss, so nothing of them is valued).
-
-    ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the uncompiled
-    module.
+    label is ignored add nothing to the loss, so nothing of them is valued). ``torch.compile`` is
+    refused (:class:`~inrun.UnsupportedModuleError`): pass the uncompiled module.
 
     Example:
         >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP
@@ -201,10 +198,9 @@ class InRunShapley:
     def per_validation(self) -> PerValidation | None:
         """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``.
 
-        A labelled table (:class:`~inrun.store.ledger.PerValidation`): ``.to_pandas()`` has one row per
-        training id and one column per validation example (``validation_ids``, default
-        ``val_0``...). It still unpacks as the ``(ids, [N, V] array)`` pair it used to be.
-        With a DDP model: global, and a collective call like :meth:`values`.
+        A labelled table (:class:`~inrun.PerValidation`): ``.to_pandas()`` has one row per training
+        id and one column per validation example (``validation_ids``, default ``val_0``...); it
+        unpacks as ``(ids, [N, V] array)``. With a DDP model: global, a collective like :meth:`values`.
         """
         return self.global_ledger().per_validation()
 
@@ -217,14 +213,9 @@ class InRunShapley:
         self, path: str | os.PathLike, *, examples: Any = None, description: str = "",
         metadata: Mapping[str, Any] | None = None,
     ) -> RunDir:
-        """Write the values so far as a complete run directory at a new ``path`` (the format of
-        ``inrun train``: ``inrun report``, ``inspect`` and ``curate`` work on it). ``examples``:
-        a table with an ``id`` column and optional ``source``, ``text``, ``location``, ``length``
-        (:func:`inrun.store.writer.examples_from`); ``description``: the report's header line;
-        ``metadata``: JSON facts kept in ``run.json``. To write as training goes, with
-        checkpoints and resume: :class:`inrun.RunWriter`."""
-        from .store.writer import RunWriter
-
+        """A complete run directory of the values so far at a new ``path``, as ``inrun train`` writes
+        (``report``, ``inspect``, ``curate`` work on it); ``examples``, ``description``, ``metadata``
+        as for :class:`inrun.RunWriter`, which writes as training goes, with checkpoints."""
         return RunWriter(Path(path), self, examples=examples, state={}, rng=False,
                          description=description, metadata=metadata).finish()
 
@@ -245,6 +236,15 @@ class InRunShapley:
         parameter. A parameter shared by several modules (a tied embedding and LM head) is listed
         under the routes of all its uses joined by ``+``."""
         return self._engine.coverage()
+
+    def describe(self) -> dict[str, Any]:
+        """Settings, the route of every parameter and the valued modules (``tracker.json``)."""
+        return describe(self._engine)
+
+    @property
+    def in_step(self) -> bool:
+        """Inside a step: from its first ``tracker.step`` block until ``optimizer.step()``."""
+        return self._engine.mid_step()
 
     @property
     def rule(self) -> UpdateRule:

@@ -26,6 +26,9 @@ import numpy as np
 import torch
 
 from ..modes import evaluating
+from ..run.config import saved_config
+from ..run.data import load_data
+from ..run.models import build_model, loss_function
 from ..store.ledger import atomic_write
 from ..store.rundir import RunDir, RunDirError
 from .baselines import knn_shapley
@@ -44,16 +47,13 @@ def compute_baselines(run_dir: str | Path, k: int = 5) -> Path:
     Raises:
         RunDirError: the run cannot be rebuilt (not made by ``inrun train``) or has no checkpoint.
     """
-    from ..run.data import load_data
-    from ..run.models import build_model, loss_function
-
     rd = RunDir(run_dir)
     if not rd.rerunnable:
         raise RunDirError(
             f"{rd.path} is a run of your own loop (kind {rd.kind!r}): baselines need the run's config and "
             "data, which only `inrun train` runs record; compute them in your code with inrun.analysis.baselines"
         )
-    config, _ = rd.saved_config()
+    config, _ = saved_config(rd)
     restored = rd.restore(torch.device("cpu"), values=False)
     if restored.state is None:
         raise RunDirError(f"{rd.path} has no checkpoint: train it first (inrun train --resume {rd.path})")

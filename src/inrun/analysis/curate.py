@@ -34,11 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from ..run.config import ConfigError, RunConfig, dumps_toml
+from ..run.config import ConfigError, RunConfig, dumps_toml, load_config
+from ..run.data.base import is_held_out
+from ..run.runner import train
 from ..store.files import write_json
 from ..store.ledger import atomic_write
 from ..store.rundir import RunDir, RunDirError
 from ..store.summary import value_frame
+from .report import build_report
+from .report.plots import curation_curves
 
 CURATE_DIR = "curate"
 KEPT, RANDOM, ORIGINAL = "kept (curated)", "random subset", "original (all data)"
@@ -163,11 +167,6 @@ def retrain(
     Raises:
         RunDirError: the run was not made by ``inrun train`` (inrun cannot train it again).
     """
-    from ..run.config import load_config
-    from ..run.runner import train
-    from .report import build_report
-    from .report.plots import curation_curves
-
     rd = selection.run_dir
     if selection.config is None:
         raise RunDirError(
@@ -281,7 +280,6 @@ def _filter_file(config: RunConfig, kept_ids: set[Any], out: Path) -> Path | Non
         return None
     target = out / f"kept{src.suffix}"
     id_field = config.data.id_field
-    from ..run.data.base import is_held_out
 
     def keep(example_id: Any) -> bool:
         held = config.validation.path is None and is_held_out(example_id, config.validation.fraction)

@@ -33,7 +33,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import LedgerError
+from ..store.auditlog import AuditLog
 from ..store.ledger import ValueLedger
+from ..store.rundir import RunDir
+from ..store.summary import value_frame
 
 NO_SOURCE = "(no source)"
 TINY = 1e-30
@@ -48,9 +51,6 @@ def trace_frame(source: Any) -> Any:
     import pandas as pd
 
     if isinstance(source, (str, os.PathLike)):
-        from ..store.rundir import RunDir
-        from ..store.summary import value_frame
-
         rd = RunDir(source)
         tr = rd.ledger().trace()
         if tr is None:
@@ -130,9 +130,6 @@ def source_stages(source: Any, stages: int = 4, *, steps: int | None = None, sha
 def audit_frames(source: Any) -> tuple[Any, Any]:
     """The audit's ``(steps, values)`` tables (see :mod:`inrun.tracking.audit.game` for the columns),
     from a tracker made with ``audit=`` or a run directory. Raises :class:`LedgerError` if none."""
-    from ..store.auditlog import AuditLog
-    from ..store.rundir import RunDir
-
     if isinstance(source, (str, os.PathLike)):
         log = RunDir(Path(source)).audit()
         if log is None:

@@ -52,6 +52,9 @@ from torch import nn
 from ..exact import per_example_gradients
 from ..run.models import causal_lm
 from ..tracker import InRunShapley
+from ..tracking.config import TrackerConfig
+from ..tracking.validation import ThreadChoice
+from .args import non_negative_int, positive_int
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -325,9 +328,6 @@ class PlainPlusValidation(Method):
     name = "plain + validation pass"
 
     def setup(self) -> None:
-        from ..tracking.config import TrackerConfig
-        from ..tracking.validation import ThreadChoice
-
         self.threads = ThreadChoice(TrackerConfig().val_threads)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -531,7 +531,6 @@ def measure_memory(workload: str, names: list[str]) -> dict[str, float]:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from .commands import non_negative_int, positive_int
 
     parser = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="R,S,M")

@@ -23,57 +23,32 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..analysis.baseline_run import compute_baselines
+from ..analysis.curate import curate, retrain
+from ..analysis.inspect.run_dir import audit_line, inspect_run, is_run_dir, parse_window
+from ..analysis.inspect.target import inspect_run_dir, inspect_target
+from ..analysis.report import build_report
 from ..errors import InRunError
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_STOPPED = 3
-MAX_LINE = 400  # characters of an error line: a message quoting a long input is cut, not dumped
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {_bounded(repr(text), 60)}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-    if value > 2**31:
-        raise argparse.ArgumentTypeError(f"{value} is too large")
-    return value
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: the message, then a hint naming ``--help``."""
-
-    def error(self, message: str) -> Any:
-        _print_error(message, f"see `{self.prog} --help`")
-        raise SystemExit(EXIT_USAGE)
-
-
-def _bounded(text: str, limit: int = MAX_LINE) -> str:
-    flat = " ".join(str(text).split())
-    if len(flat) <= limit:
-        return flat
-    return flat[: limit - 1] + f"… ({len(flat) - limit + 1} more characters)"
-
-
-def _print_error(message: str, hint: str | None = None, label: str = "error") -> None:
-    """One line on stderr (plus an optional hint line), plain text: nothing is wrapped."""
-    sys.stderr.write(f"{label}: {_bounded(message)}\n")
-    if hint:
-        sys.stderr.write(f"hint: {_bounded(hint)}\n")
-    sys.stderr.flush()
+from ..run.config import (
+    RunConfig,
+    demo_config,
+    demo_config_text,
+    load_config,
+    saved_config,
+)
+from ..run.runner import RunInterrupted, RunStopped, train
+from ..store.files import read_json
+from ..store.rundir import SUMMARY_FILE, RunDir, config_diff
+from .args import (
+    EXIT_ERROR,
+    EXIT_STOPPED,
+    Parser,
+    non_negative_int,
+    positive_int,
+    print_error,
+)
+from .bench import build_parser as bench_arguments
+from .bench import run
 
 
 def _progress_bar(console: Console) -> Progress:
@@ -104,8 +79,6 @@ def training_progress(console: Console, description: str, total: int) -> Iterato
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
-    from ..run.config import demo_config, demo_config_text
-
     if args.print_config:
         sys.stdout.write(demo_config_text())  # verbatim: no wrapping, so it can be saved as a file
         return 0
@@ -115,7 +88,6 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
             overrides.append(f"{key}={flag}")
     config = demo_config(overrides)
     out = Path(args.out or config.output)
-    from ..store.rundir import RunDir
 
     if RunDir(out).exists:
         RunDir(out).refuse_if_in_use("replace the demo run in")
@@ -132,9 +104,6 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
-    from ..run.config import config_diff, load_config
-    from ..store.rundir import RunDir
-
     if args.list_keys:
         _print_keys(console)
         return 0
@@ -148,7 +117,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
                 "it: open it again there with resume=True (inrun.RunWriter), or resume the Trainer or "
                 "Lightning from their checkpoint"
             )
-        saved = rd.saved_config()[0] if rd.exists else None
+        saved = saved_config(rd)[0] if rd.exists else None
         if args.config is not None:
             config = load_config(args.config, args.set)
             if saved is not None and config.to_dict() != saved.to_dict():
@@ -169,28 +138,21 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 
 def _train(config: Any, out: Path, resume: bool, console: Console) -> Any:
-    from ..run.runner import train
-
     with training_progress(console, "train", config.training.steps) as progress:
         return train(config, out, resume=resume, progress=progress)
 
 
 def _finish_run(result: Any, console: Console, report: bool) -> int:
-    from ..store.rundir import SUMMARY_FILE
-
     rd = result.run_dir
     if result.resumed_from:
         console.print(f"Resumed from step {result.resumed_from}.")
     if not rd.has_values():
         console.print(f"\nRun directory: [bold]{rd.path.resolve()}[/] (values.enabled = false: no values)")
         return 0
-    from ..store.files import read_json
 
     summary = read_json(rd.file(SUMMARY_FILE), "the run's summary")
     print_summary(summary, console)
     if report:
-        from ..analysis.report import build_report
-
         with console.status("writing the report"):
             path = build_report(rd.path)
         console.print(f"\nReport: [bold]{path.resolve()}[/]")
@@ -201,9 +163,6 @@ def _finish_run(result: Any, console: Console, report: bool) -> int:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from ..analysis.inspect.run_dir import parse_window
-    from ..analysis.report import build_report
-
     window = _window(args.window, parse_window)
     with console.status("writing the report"):
         path = build_report(args.run_dir, out=args.out, top=args.top, stages=args.stages, window=window)
@@ -212,8 +171,6 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_baselines(args: argparse.Namespace, console: Console) -> int:
-    from ..analysis.baseline_run import compute_baselines
-
     with console.status("final-checkpoint loss, gradient cosine and KNN-Shapley of every training example"):
         path = compute_baselines(args.run_dir)
     console.print(f"Baselines: [bold]{path.resolve()}[/] (shown by `inrun report`)")
@@ -221,8 +178,6 @@ def cmd_baselines(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_curate(args: argparse.Namespace, console: Console) -> int:
-    from ..analysis.curate import curate, retrain
-
     selection = curate(args.run_dir, args.drop)
     console.print(
         f"drop {selection.drop}: keeping {selection.kept:,} of {selection.total:,} training examples "
@@ -272,9 +227,6 @@ def _window(text: str | None, parse: Callable[[str | None], Any]) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
-    from ..analysis.inspect.run_dir import inspect_run, is_run_dir, parse_window
-    from ..analysis.inspect.target import inspect_run_dir, inspect_target
-
     if is_run_dir(args.target):
         window = _window(args.window, parse_window)
         inspect_run(args.target, console, top=args.top, stages=args.stages, window=window)
@@ -290,8 +242,6 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    from .bench import run
-
     return run(args)
 
 
@@ -329,8 +279,6 @@ def print_summary(summary: dict[str, Any], console: Console, rows: int = 5) -> N
             table.add_row(escape(source), str(s["examples"]), f"{s['total']:+.3e}", f"{s['mean']:+.2e}", f"{s['negative_share']:.0%}")
         console.print(table)
     if "audit" in summary:
-        from ..analysis.inspect.run_dir import audit_line
-
         console.print(escape(audit_line(summary["audit"], summary.get("seconds"))), soft_wrap=True)
 
 
@@ -342,8 +290,6 @@ def _one_line(text: str, width: int = 56) -> str:
 def _print_keys(console: Console) -> None:
     import dataclasses
     import typing
-
-    from ..run.config import RunConfig
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
@@ -361,9 +307,9 @@ def _print_keys(console: Console) -> None:
 
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="inrun", description="In-Run Data Shapley from the command line.")
+    parser = Parser(prog="inrun", description="In-Run Data Shapley from the command line.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     set_help = "override a config key, e.g. --set training.steps=100 (repeatable; value in TOML syntax)"
 
     demo = sub.add_parser("demo", help="value a small GPT-2 trained on Python's standard library, then report")
@@ -420,8 +366,6 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--window", metavar="START:STOP", help="run directory: also the values over steps START..STOP-1")
     inspect.set_defaults(func=cmd_inspect)
 
-    from .bench import build_parser as bench_arguments
-
     bench = sub.add_parser(
         "bench", help="time plain training vs each method side by side (ratios, FLOP floors, memory)"
     )
@@ -437,25 +381,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("transformers").setLevel(logging.ERROR)
     console = Console()
-    from ..run.runner import RunInterrupted, RunStopped
 
     try:
         return int(args.func(args, console) or 0)
     except RunStopped as exc:
-        _print_error(str(exc), label="run stopped")
+        print_error(str(exc), label="run stopped")
         return EXIT_STOPPED
     except RunInterrupted as exc:
-        _print_error(str(exc), label="interrupted")
+        print_error(str(exc), label="interrupted")
         return 128 + int(exc.signum)
     except InRunError as exc:
-        _print_error(str(exc), getattr(exc, "hint", None))
+        print_error(str(exc), getattr(exc, "hint", None))
         return EXIT_ERROR
     except OSError as exc:  # the system's: a full disk, a read-only or missing directory
         what = f"{exc.filename}: " if exc.filename else ""
-        _print_error(f"{what}{exc.strerror or exc}", _os_hint(exc, args))
+        print_error(f"{what}{exc.strerror or exc}", _os_hint(exc, args))
         return EXIT_ERROR
     except KeyboardInterrupt:
-        _print_error("stopped by Ctrl-C", label="interrupted")
+        print_error("stopped by Ctrl-C", label="interrupted")
         return 130
 
 

@@ -181,7 +181,7 @@ class InRunCallback(pl.Callback):
         ids = self._ids_of(batch)
         if isinstance(ids, Tensor):
             ids = ids.tolist()
-        if not self.tracker._engine.mid_step():
+        if not self.tracker.in_step:
             # Lightning zeroes the gradients between training_step's forward and its backward,
             # so the previous step's are still there: zeroed now, at the step's first batch, as
             # Lightning is about to (nothing before the backward reads them).
@@ -227,7 +227,7 @@ class InRunCallback(pl.Callback):
         if isinstance(loss, Tensor):
             self._losses.append(float(loss.detach()))
         step = trainer.global_step
-        if step == self.tracker.step_count and self._losses and not self.tracker._engine.mid_step():
+        if step == self.tracker.step_count and self._losses and not self.tracker.in_step:
             if self.run is not None and step not in self.run._rows:
                 self.run.log(sum(self._losses) / len(self._losses), step=step)
                 self._losses = []
@@ -264,7 +264,7 @@ class InRunCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.tracker is None or self.run is None:
             return {}
-        if self.tracker._engine.mid_step():
+        if self.tracker.in_step:
             raise StepOrderError(
                 "Lightning saves a checkpoint in the middle of an accumulated step; the values can "
                 "only be checkpointed between optimizer steps (checkpoint every N optimizer steps)"

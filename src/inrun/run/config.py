@@ -41,7 +41,9 @@ from typing import Any
 import tomllib
 
 from ..errors import InRunError
-from ..store.files import utf8_text
+from ..store.files import atomic_write, utf8_text
+from ..store.rundir import CONFIG_FILE, META_FILE, RunDir, RunDirError
+from ..tracking.audit.config import AuditConfig, AuditError
 
 try:
     import tomllib
@@ -334,8 +336,6 @@ class AuditSection:
     budget: float = _help("at most this share of the run's wall time goes to the audit (a due step over it is skipped)", 0.2)
 
     def __post_init__(self) -> None:
-        from ..tracking.audit.config import AuditError
-
         try:
             self.audit_config(seed=0)
         except AuditError as exc:
@@ -344,8 +344,6 @@ class AuditSection:
 
     def audit_config(self, seed: int) -> Any:
         """The :class:`inrun.AuditConfig` of this section (``None`` when disabled), seeded with the run's seed."""
-        from ..tracking.audit.config import AuditConfig
-
         if not self.enabled:
             return None
         return AuditConfig(
@@ -602,17 +600,25 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     return out
 
 
-def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain config dicts."""
-    out = []
-    for key in sorted(set(a) | set(b), key=str):
-        va, vb = a.get(key), b.get(key)
-        dotted = _join(prefix, key)
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out.extend(config_diff(va, vb, dotted))
-        elif va != vb:
-            out.append(dotted)
-    return out
+# -- a run directory's config ----------------------------------------------------------------
+def saved_config(rd: RunDir) -> tuple[RunConfig, str | None]:
+    """``(RunConfig, problem)``: the config of a run directory's ``config.toml``; or, when that file is
+    missing or unreadable, the one ``run.json`` holds, with ``problem`` saying why."""
+    path = rd.file(CONFIG_FILE)
+    try:
+        return parse_config(path.read_bytes().decode("utf-8"), source=str(path)), None
+    except (OSError, UnicodeDecodeError, ConfigError) as exc:
+        problem = f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc})"
+    meta = rd.meta()
+    try:
+        return RunConfig.from_dict(meta.get("config", {})), problem
+    except ConfigError as exc:
+        raise RunDirError(f"{problem}, and the config in {META_FILE} is not valid ({exc})") from None
+
+
+def heal_config(rd: RunDir, config: RunConfig) -> None:
+    """Rewrite ``config.toml`` (missing or damaged) from the config the run uses."""
+    atomic_write(rd.file(CONFIG_FILE), lambda p: Path(p).write_text(config.to_toml(), encoding="utf-8"))
 
 
 # -- model.hf_config against transformers' own fields ---------------------------------------

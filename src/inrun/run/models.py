@@ -11,9 +11,7 @@ Losses are batch means, so an example's value is that of its share of the loss (
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import math
 import warnings
@@ -24,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig, OptimizerConfig, ScheduleConfig
+from .config import ConfigError, ModelConfig, OptimizerConfig, ScheduleConfig
 from .data.base import ExampleSet
 from .data.stdlib import VOCAB_SIZE
 
@@ -66,14 +64,10 @@ def _hf_model(cfg: ModelConfig, data: ExampleSet) -> nn.Module:
     try:
         hf_config = AutoConfig.for_model(cfg.hf_type, **fields)
     except (KeyError, ValueError) as exc:
-        from .config import ConfigError
-
         raise ConfigError("model.hf_type", f"transformers does not know {cfg.hf_type!r} ({exc})") from None
     if getattr(hf_config, "max_position_embeddings", length) < length:
         hf_config.max_position_embeddings = length
     if hf_config.vocab_size < VOCAB_SIZE:
-        from .config import ConfigError
-
         raise ConfigError("model.hf_config.vocab_size", f"must be at least {VOCAB_SIZE} (byte tokens)")
     model = causal_lm(hf_config)
     if cfg.lora is not None:
@@ -158,11 +152,3 @@ def build_schedule(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, steps:
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the architecture: class, and every parameter's name, shape, dtype, trainability."""
-    desc = [type(model).__module__ + "." + type(model).__qualname__]
-    for name, p in model.named_parameters():
-        desc.append([name, list(p.shape), str(p.dtype), p.requires_grad])
-    return hashlib.sha256(json.dumps(desc).encode()).hexdigest()

@@ -55,6 +55,7 @@ from torch import nn
 
 from ..errors import InRunError, NonFiniteError, ValidationLossError
 from ..modes import evaluating
+from ..store.files import write_json
 from ..store.ledger import ValueLedger
 from ..store.rundir import (
     CHECKPOINTS,
@@ -64,10 +65,15 @@ from ..store.rundir import (
     Restored,
     RunDir,
     RunDirError,
+    model_fingerprint,
 )
-from .config import ConfigError, RunConfig, check_model_config
+from ..store.summary import write_summary
+from ..store.writer import TRACKER_FILE, tracker_info
+from ..tracker import InRunShapley
+from ..version import __version__
+from .config import ConfigError, RunConfig, check_model_config, heal_config, saved_config
 from .data import ExampleSet, load_data
-from .models import build_model, build_optimizer, build_schedule, loss_function, model_fingerprint
+from .models import build_model, build_optimizer, build_schedule, loss_function
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +144,6 @@ def pick_device(name: str) -> torch.device:
 
 def run_metadata(config: RunConfig, model: nn.Module, train_set: ExampleSet, val_set: ExampleSet) -> dict[str, Any]:
     """What ``run.json`` records (and a resume checks)."""
-    from .. import __version__
-
     return {
         "format": RUN_FORMAT,
         "inrun_version": __version__,
@@ -201,10 +205,10 @@ def train(
             rd.check_meta(meta)
             rd.clean_temporary()
             rd.heal_examples(*examples)
-            problem = rd.saved_config()[1]
+            problem = saved_config(rd)[1]
             if problem is not None:  # run.json holds the config: write the file again
                 logger.warning("%s; rewriting it from the config saved in run.json", problem)
-                rd.heal_config(config)
+                heal_config(rd, config)
         else:
             lock = rd.lock()
             rd.create(meta, config.to_toml(), examples)
@@ -412,22 +416,17 @@ class _Runner:
         if self.tracker is not None:
             self.tracker.flush()
             self.tracker.close()
-            from ..store.files import write_json
-            from ..store.writer import TRACKER_FILE, tracker_info
 
             write_json(rd.file(TRACKER_FILE), tracker_info(self.tracker), fsync=False)  # for `inrun inspect RUN_DIR`
         self._save()  # the final checkpoint saved them too, unless the last step was skipped
         rd.write_status("complete", tc.steps, tc.steps, seconds=time.perf_counter() - began)  # this session's
         if self.tracker is not None:
-            from ..store.summary import write_summary
-
             write_summary(rd)
         return RunResult(rd, tc.steps, start, 0.0, self.metrics.final_val_loss(), restored.skipped)
 
     def _make_tracker(self, ledger: ValueLedger | None) -> Any:
         if ledger is None:
             return None
-        from ..tracker import InRunShapley
 
         v = self.config.values
         return InRunShapley(

@@ -27,7 +27,7 @@ memory is bounded and a checkpoint writes only the rows since the previous one. 
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LedgerError
+from ..tracking.admission import Id
 from .files import (
     IntegrityError,
     atomic_write,
@@ -46,36 +47,12 @@ from .files import (
     write_json,
 )
 
-Id = int | str
-
 VALUES_FILE = "values.parquet"
 PER_VALIDATION_FILE = "per_validation.parquet"
 TRACE_FILE = "trace.parquet"  # format 1 (one file, rewritten at every save)
 TRACE_DIR = "trace"
 LEDGER_FORMAT = 2
 LEDGER_META_FILE = "ledger.json"
-
-
-def check_ids(ids: Any) -> list[Id]:
-    """Normalize ids (list, tuple, 1-D int tensor or array) to a list of ``int``/``str``."""
-    if hasattr(ids, "tolist") and not isinstance(ids, (list, tuple)):
-        if getattr(ids, "ndim", 1) != 1:
-            raise TypeError(f"ids must be one-dimensional, got shape {tuple(ids.shape)}")
-        ids = ids.tolist()
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise TypeError(
-            f"ids must be a sequence with one id per example, got {type(ids).__name__}"
-        )
-    out: list[Id] = []
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, (int, str, np.integer)):
-            hint = "" if isinstance(i, Hashable) else " (it is not even hashable)"
-            raise TypeError(
-                f"example ids must be int or str, got {type(i).__name__} {i!r}{hint}. "
-                "Use a stable index or key of the example in your dataset."
-            )
-        out.append(int(i) if isinstance(i, np.integer) else i)
-    return out
 
 
 class ValueTable(Mapping):
@@ -531,6 +508,11 @@ class ValueLedger:
         }
 
     @classmethod
+    def from_states(cls, states: Sequence[Mapping[str, Any]]) -> ValueLedger:
+        """One ledger from several :meth:`state` dicts (a DDP run's ranks): :func:`merge_states`."""
+        return merge_states(states)
+
+    @classmethod
     def from_state(cls, state: Mapping[str, Any], trace_dir: str | os.PathLike | None = None) -> ValueLedger:
         ledger = cls(keep_trace=bool(state.get("keep_trace", False)), trace_dir=trace_dir)
         ledger._set_values(state)
@@ -798,3 +780,85 @@ def _id_array(ids: list[Id]) -> Any:
     if all(isinstance(i, str) for i in ids):
         return pa.array(ids, type=pa.string())
     raise LedgerError("ids mix int and str; use one type so they can be stored in one column")
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> ValueLedger:
+    """One ledger from several :meth:`ValueLedger.state` dicts, summing values and counts by id.
+
+    Sources: the first rank's non-empty label wins. Per-validation tables must have the same
+    columns on every rank. Traces are concatenated and ordered by step (stable, rank order
+    within a step); skipped steps are listed once.
+    """
+    if not states:
+        raise LedgerError("no ledger states to merge")
+    index: dict[Any, int] = {}
+    ids: list[Any] = []
+    for st in states:
+        for i in st["ids"]:
+            if i not in index:
+                index[i] = len(ids)
+                ids.append(i)
+    n = len(ids)
+    first = np.zeros(n, dtype=np.float64)
+    second = np.zeros(n, dtype=np.float64)
+    count = np.zeros(n, dtype=np.int64)
+    sources: list[str | None] = [None] * n
+    widths = {st["per_validation"].shape[1] for st in states if st["per_validation"] is not None}
+    if len(widths) > 1:
+        raise LedgerError(f"ranks disagree on the number of validation columns: {sorted(widths)}")
+    per_val = np.zeros((n, widths.pop()), dtype=np.float64) if widths else None
+    for st in states:
+        rows = np.fromiter((index[i] for i in st["ids"]), dtype=np.int64, count=len(st["ids"]))
+        np.add.at(first, rows, np.asarray(st["first_order"], dtype=np.float64))
+        np.add.at(second, rows, np.asarray(st["second_order"], dtype=np.float64))
+        np.add.at(count, rows, np.asarray(st["count"], dtype=np.int64))
+        if per_val is not None and st["per_validation"] is not None:
+            np.add.at(per_val, rows, np.asarray(st["per_validation"], dtype=np.float64))
+        for r, s in zip(rows, st["sources"]):
+            if sources[r] is None and s is not None:
+                sources[r] = s
+    keep_trace = any(st.get("keep_trace", False) for st in states)
+    return ValueLedger.from_state(
+        {
+            "ids": ids,
+            "sources": sources,
+            "first_order": first,
+            "second_order": second,
+            "count": count,
+            "per_validation": per_val,
+            "validation_names": next(
+                (st["validation_names"] for st in states if st.get("validation_names")), None
+            ),
+            "trace": _merge_traces([st.get("trace") for st in states]) if keep_trace else None,
+            "skipped": _merge_skipped([st.get("skipped", []) for st in states]),
+            "steps": max(int(st.get("steps", 0)) for st in states),
+            "keep_trace": keep_trace,
+            "group_lrs": {k: v for st in states for k, v in (st.get("group_lrs") or {}).items()},
+        }
+    )
+
+
+def _merge_traces(traces: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    present = [t for t in traces if t is not None and len(t["step"])]
+    if not present:
+        return None
+    cols = ("step", "lr", "first_order", "second_order")
+    out: dict[str, Any] = {c: np.concatenate([np.asarray(t[c]) for t in present]) for c in cols}
+    out["id"] = [i for t in present for i in t["id"]]
+    order = np.argsort(out["step"], kind="stable")
+    for c in cols:
+        out[c] = out[c][order]
+    out["id"] = [out["id"][k] for k in order]
+    return out
+
+
+def _merge_skipped(lists: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    seen: set[tuple[int, str]] = set()
+    out = []
+    for entries in lists:
+        for e in entries:
+            key = (int(e["step"]), str(e["reason"]))
+            if key not in seen:
+                seen.add(key)
+                out.append({"step": key[0], "reason": key[1]})
+    return sorted(out, key=lambda e: e["step"])

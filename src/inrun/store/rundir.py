@@ -37,6 +37,8 @@ second, short lock (``.results.lock``) while the top-level results are being rep
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -49,7 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 from ..errors import LedgerError
+from .auditlog import AUDIT_FILE, AUDIT_FILES, load_audit, save_audit
 from .files import (
     DirLock,
     IntegrityError,
@@ -298,29 +306,8 @@ class RunDir:
         """Written by an inrun before checksums (format 1): readable, not verified."""
         return self.meta().get("format") == 1
 
-    def saved_config(self) -> tuple[Any, str | None]:
-        """``(RunConfig, problem)``: the config of ``config.toml``; or, when that file is
-        missing or unreadable, the one ``run.json`` holds, with ``problem`` saying why."""
-        from ..run.config import ConfigError, RunConfig, parse_config
-
-        path = self.file(CONFIG_FILE)
-        try:
-            return parse_config(path.read_bytes().decode("utf-8"), source=str(path)), None
-        except (OSError, UnicodeDecodeError, ConfigError) as exc:
-            problem = f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc})"
-        meta = self.meta()
-        try:
-            return RunConfig.from_dict(meta.get("config", {})), problem
-        except ConfigError as exc:
-            raise RunDirError(f"{problem}, and the config in {META_FILE} is not valid ({exc})") from None
-
-    def heal_config(self, config: Any) -> None:
-        """Rewrite ``config.toml`` (missing or damaged) from the config the run uses."""
-        atomic_write(self.file(CONFIG_FILE), lambda p: Path(p).write_text(config.to_toml(), encoding="utf-8"))
-
     def check_meta(self, expected: Mapping[str, Any]) -> None:
         """Refuse to resume unless the saved metadata matches what this run would produce."""
-        from ..run.config import config_diff
 
         saved = self.meta()
         if saved.get("format") == 1:
@@ -447,8 +434,6 @@ class RunDir:
             if self._examples_digest is not None:
                 files[EXAMPLES_FILE] = self._examples_digest
             if audit is not None:
-                from .auditlog import AUDIT_FILES, save_audit
-
                 save_audit(self.path, audit, fsync=False)
                 files.update({name: file_digest(self.file(name)) for name in AUDIT_FILES})
             steps = metrics.step[-1] if metrics.step else 0
@@ -513,8 +498,6 @@ class RunDir:
 
     def audit(self) -> Any:
         """The run's audit (:class:`inrun.store.auditlog.AuditLog`), verified; ``None`` if it had none."""
-        from .auditlog import AUDIT_FILE, AUDIT_FILES, load_audit
-
         with self.reading():
             if self.legacy:
                 return load_audit(self.path)
@@ -726,15 +709,13 @@ class RunDir:
         if meta is None:
             return problems
         if self.file(CONFIG_FILE).exists():
-            from ..run.config import ConfigError, parse_config
 
-            def config_matches() -> None:
+            def config_matches() -> None:  # config.toml is the config's TOML form (RunConfig.to_toml)
                 try:
-                    text = self.file(CONFIG_FILE).read_bytes().decode("utf-8")
-                    cfg = parse_config(text, source=str(self.file(CONFIG_FILE)))
-                except (ConfigError, UnicodeDecodeError) as exc:
+                    data = tomllib.loads(self.file(CONFIG_FILE).read_bytes().decode("utf-8"))
+                except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                     raise IntegrityError(f"{self.file(CONFIG_FILE)} cannot be read ({exc})") from None
-                if cfg.to_dict() != meta.get("config"):
+                if data != meta.get("config"):
                     raise IntegrityError(f"{self.file(CONFIG_FILE)} differs from the config in {META_FILE}")
 
             check(CONFIG_FILE, config_matches)
@@ -754,6 +735,27 @@ class RunDir:
         for _, path in self.checkpoints():
             check(f"{CHECKPOINTS}/{path.name}", lambda p=path: self.load_checkpoint(p, torch.device("cpu")))
         return problems
+
+
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        va, vb = a.get(key), b.get(key)
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out.extend(config_diff(va, vb, dotted))
+        elif va != vb:
+            out.append(dotted)
+    return out
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the architecture: class, and every parameter's name, shape, dtype, trainability."""
+    desc = [type(model).__module__ + "." + type(model).__qualname__]
+    for name, p in model.named_parameters():
+        desc.append([name, list(p.shape), str(p.dtype), p.requires_grad])
+    return hashlib.sha256(json.dumps(desc).encode()).hexdigest()
 
 
 def _discard(path: Path) -> None:

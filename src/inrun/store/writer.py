@@ -36,17 +36,18 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from ..modes import evaluating
+from ..tracking.admission import check_ids
+from ..version import __version__
 from .files import read_json, write_json
-from .ledger import ValueLedger, check_ids
-from .rundir import RUN_FORMAT, Metrics, RunDir, RunDirError
-
-if TYPE_CHECKING:
-    from ..tracker import InRunShapley
+from .ledger import ValueLedger
+from .rundir import RUN_FORMAT, Metrics, RunDir, RunDirError, model_fingerprint
+from .summary import write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,33 @@ TRACKER_FILE = "tracker.json"
 PREVIEW_CHARS = 240
 # What must match for a run of your own loop to be resumed: anything else mixes runs.
 RESUME_KEYS = ("format", "kind", "inrun_version", "tracker_config", "model_fingerprint")
+
+
+class Tracked(Protocol):
+    """What the writer uses of a tracker (:class:`inrun.InRunShapley`): public names only."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    val_loss: Any
+    ledger: ValueLedger
+    config: Any
+
+    @property
+    def step_count(self) -> int: ...
+
+    @property
+    def audit(self) -> Any: ...
+
+    @property
+    def in_step(self) -> bool: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any], ledger: ValueLedger | None = None) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -168,41 +196,10 @@ def _examples(ids: list, cols: Mapping[str, list | None], id_column: str) -> Exa
     )
 
 
-def tracker_info(tracker: InRunShapley) -> dict[str, Any]:
-    """What ``tracker.json`` holds: settings, the route of every parameter, the valued modules."""
-    engine = tracker._engine
-    coverage = tracker.coverage()
-    route_of = {p: r for r, names in coverage.routes.items() for p in names}
-    modules = []
-    for e in engine.entries:
-        names = [f"{e.name}.{n}" if e.name else n for n in e.param_names]
-        try:
-            d_in, d_out = e.handler.feature_sizes(e.module)
-        except Exception:  # a handler without fixed feature sizes (the fallback)
-            d_in, d_out = 0, 0
-        modules.append({
-            "name": e.name or type(e.module).__name__, "type": type(e.module).__name__,
-            "route": "+".join(sorted({route_of.get(n, "not reached yet") for n in names})),
-            "params": list(e.param_names), "numel": int(sum(engine.table.params[i].numel() for i in e.param_index)),
-            "d_in": int(d_in), "d_out": int(d_out),
-        })
-    unique = {id(p): p for p in tracker.module.parameters()}
-    total = sum(p.numel() for p in unique.values())
-    trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
-    element = next((p.element_size() for p in unique.values() if p.requires_grad), 4)
-    return {
-        "step_count": tracker.step_count,
-        "config": asdict(tracker.config),
-        "optimizer": type(tracker.optimizer).__name__,
-        "rule": type(tracker.rule).__name__,
-        "keeps_factors": bool(tracker.value_rule.keeps_factors),
-        "world_size": tracker.world_size,
-        "coverage": {"routes": coverage.routes, "numel": coverage.numel},
-        "modules": modules,
-        "parameters": {"total": int(total), "trainable": int(trainable), "frozen": int(total - trainable),
-                       "element_size": int(element), "tensors": sum(1 for p in unique.values() if p.requires_grad)},
-        "cost": tracker.cost().as_dict(),
-    }
+def tracker_info(tracker: Tracked) -> dict[str, Any]:
+    """What ``tracker.json`` holds: settings, the route of every parameter, the valued modules
+    (:meth:`inrun.InRunShapley.describe`)."""
+    return tracker.describe()
 
 
 class RunWriter:
@@ -252,7 +249,7 @@ class RunWriter:
     def __init__(
         self,
         path: str | Path,
-        tracker: InRunShapley,
+        tracker: Tracked,
         *,
         examples: Any = None,
         resume: bool | str = False,
@@ -308,9 +305,6 @@ class RunWriter:
 
     # -- opening ------------------------------------------------------------------------------------
     def _meta(self, description: str, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-        from .. import __version__
-        from ..run.models import model_fingerprint
-
         t = self.tracker
         unique = {id(p): p for p in t.module.parameters()}
         return {
@@ -527,8 +521,6 @@ class RunWriter:
     def finish(self, checkpoint: bool = True, ledger: ValueLedger | None = None) -> RunDir:
         """Complete the run: final values and curves, ``summary.json``, status ``complete``, and
         (with ``checkpoint``) a last checkpoint, so that a longer run can resume from it."""
-        from .summary import write_summary
-
         if self._finished:
             return self.rd
         try:
@@ -556,7 +548,7 @@ class RunWriter:
         cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         try:
             ledger = ledger if ledger is not None else self.tracker.ledger
-            if not self.tracker._engine.mid_step():
+            if not self.tracker.in_step:
                 self.tracker.flush()
             ledger.commit()
             self.rd.save_results(ledger, self._metrics(ledger), audit=self.tracker.audit)

@@ -44,7 +44,6 @@ DDP setups usually do).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +53,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import InRunError
-from ..store.ledger import ValueLedger
+from .state import Ledger
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +111,12 @@ class DDPSync:
         dist.all_reduce(out, group=self.group)
         return out
 
-    def gather_ledger(self, ledger: ValueLedger) -> ValueLedger:
+    def gather_ledger(self, ledger: Ledger) -> Ledger:
         """Merge the ledgers of every rank by example id; every rank gets the result."""
         return gather_ledger(ledger, group=self.group)
 
 
-def gather_ledger(ledger: ValueLedger, group: Any = None) -> ValueLedger:
+def gather_ledger(ledger: Ledger, group: Any = None) -> Ledger:
     """The ledgers of all ranks of ``group`` merged by example id (a collective call).
 
     Every rank must call it; every rank returns the merged ledger. Only ids and numbers travel.
@@ -125,94 +124,12 @@ def gather_ledger(ledger: ValueLedger, group: Any = None) -> ValueLedger:
     world = dist.get_world_size(group)
     states: list[Any] = [None] * world
     dist.all_gather_object(states, _portable_state(ledger), group=group)
-    return merge_states(states)
+    return type(ledger).from_states(states)
 
 
-def _portable_state(ledger: ValueLedger) -> dict[str, Any]:
+def _portable_state(ledger: Ledger) -> dict[str, Any]:
     state = ledger.state()
     trace = state["trace"]
     if trace is not None:
         state["trace"] = {k: (list(v) if k == "id" else np.asarray(v)) for k, v in trace.items()}
     return state
-
-
-def merge_states(states: Sequence[dict[str, Any]]) -> ValueLedger:
-    """One ledger from several :meth:`ValueLedger.state` dicts, summing values and counts by id.
-
-    Sources: the first rank's non-empty label wins. Per-validation tables must have the same
-    columns on every rank. Traces are concatenated and ordered by step (stable, rank order
-    within a step); skipped steps are listed once.
-    """
-    if not states:
-        raise InRunError("no ledger states to merge")
-    index: dict[Any, int] = {}
-    ids: list[Any] = []
-    for st in states:
-        for i in st["ids"]:
-            if i not in index:
-                index[i] = len(ids)
-                ids.append(i)
-    n = len(ids)
-    first = np.zeros(n, dtype=np.float64)
-    second = np.zeros(n, dtype=np.float64)
-    count = np.zeros(n, dtype=np.int64)
-    sources: list[str | None] = [None] * n
-    widths = {st["per_validation"].shape[1] for st in states if st["per_validation"] is not None}
-    if len(widths) > 1:
-        raise InRunError(f"ranks disagree on the number of validation columns: {sorted(widths)}")
-    per_val = np.zeros((n, widths.pop()), dtype=np.float64) if widths else None
-    for st in states:
-        rows = np.fromiter((index[i] for i in st["ids"]), dtype=np.int64, count=len(st["ids"]))
-        np.add.at(first, rows, np.asarray(st["first_order"], dtype=np.float64))
-        np.add.at(second, rows, np.asarray(st["second_order"], dtype=np.float64))
-        np.add.at(count, rows, np.asarray(st["count"], dtype=np.int64))
-        if per_val is not None and st["per_validation"] is not None:
-            np.add.at(per_val, rows, np.asarray(st["per_validation"], dtype=np.float64))
-        for r, s in zip(rows, st["sources"]):
-            if sources[r] is None and s is not None:
-                sources[r] = s
-    keep_trace = any(st.get("keep_trace", False) for st in states)
-    return ValueLedger.from_state(
-        {
-            "ids": ids,
-            "sources": sources,
-            "first_order": first,
-            "second_order": second,
-            "count": count,
-            "per_validation": per_val,
-            "validation_names": next(
-                (st["validation_names"] for st in states if st.get("validation_names")), None
-            ),
-            "trace": _merge_traces([st.get("trace") for st in states]) if keep_trace else None,
-            "skipped": _merge_skipped([st.get("skipped", []) for st in states]),
-            "steps": max(int(st.get("steps", 0)) for st in states),
-            "keep_trace": keep_trace,
-            "group_lrs": {k: v for st in states for k, v in (st.get("group_lrs") or {}).items()},
-        }
-    )
-
-
-def _merge_traces(traces: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
-    present = [t for t in traces if t is not None and len(t["step"])]
-    if not present:
-        return None
-    cols = ("step", "lr", "first_order", "second_order")
-    out: dict[str, Any] = {c: np.concatenate([np.asarray(t[c]) for t in present]) for c in cols}
-    out["id"] = [i for t in present for i in t["id"]]
-    order = np.argsort(out["step"], kind="stable")
-    for c in cols:
-        out[c] = out[c][order]
-    out["id"] = [out["id"][k] for k in order]
-    return out
-
-
-def _merge_skipped(lists: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
-    seen: set[tuple[int, str]] = set()
-    out = []
-    for entries in lists:
-        for e in entries:
-            key = (int(e["step"]), str(e["reason"]))
-            if key not in seen:
-                seen.add(key)
-                out.append({"step": key[0], "reason": key[1]})
-    return sorted(out, key=lambda e: e["step"])

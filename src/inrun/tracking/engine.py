@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from ..errors import InRunError, StepOrderError
 from ..optim import rule_for, unwrap_optimizer
-from ..store.ledger import ValueLedger
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
@@ -47,7 +46,7 @@ from .plan import RowVerifier
 from .replay import RootCalls
 from .routes import RoutePolicy, contract_call, route_label
 from .rules import make_value_rule
-from .state import Capture, MicroBatch, Plan, StepLog, Window
+from .state import Capture, Ledger, MicroBatch, Plan, StepLog, Window
 from .validation import Validation, ValidationPass
 
 
@@ -64,7 +63,7 @@ class StepEngine:
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, val_loss: Any, config: TrackerConfig,
-        ledger: ValueLedger, audit: AuditConfig | None = None,
+        ledger: Ledger, audit: AuditConfig | None = None,
     ) -> None:
         self.config = config
         self.module = unwrap_model(model)
@@ -324,7 +323,7 @@ class StepEngine:
             state["audit"] = self.audit.state()
         return state
 
-    def restore(self, state: dict[str, Any], ledger: ValueLedger | None) -> None:
+    def restore(self, state: dict[str, Any], ledger: Ledger | None) -> None:
         saved = TrackerConfig.from_state(state["config"])
         if saved != self.config:
             raise InRunError(f"checkpoint was made with {saved}, this tracker has {self.config}")
@@ -348,7 +347,7 @@ class StepEngine:
     def coverage(self) -> Coverage:
         return coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
 
-    def global_ledger(self) -> ValueLedger:
+    def global_ledger(self) -> Ledger:
         self.flush()
         return self.log.ledger if self.ddp is None else self.ddp.gather_ledger(self.log.ledger)
 

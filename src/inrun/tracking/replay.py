@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ..errors import BatchMismatchError
+from .rows import outputs_cut
 
 
 @dataclass
@@ -80,8 +81,6 @@ def replayed_targets(call: RootCall) -> tuple[list[tuple[Tensor, Tensor]], list[
     """The call replayed: ``(output, the user's gradient of it)`` for the outputs the gradient of
     the loss reaches the parameters through (see :func:`inrun.tracking.rows.outputs_cut`), and
     every batched output of the replay."""
-    from .rows import outputs_cut
-
     outputs = call.replay()
     if len(outputs) != len(call.outputs):
         raise ReplayMismatch("the replay returned other outputs")

@@ -12,6 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ...store.rundir import RunDir
+from ...store.summary import summarize
+from .. import views
 
 
 def is_run_dir(target: str | Path) -> bool:
@@ -43,9 +45,6 @@ def inspect_run(
     target: str | Path, console: Console, top: int = 5, stages: int = 4, window: tuple[int, int | None] | None = None,
 ) -> None:
     """Print a run's values, audit and views."""
-    from ...store.summary import summarize
-    from .. import views
-
     rd = RunDir(target)
     meta = rd.meta()
     summary = summarize(rd, top=top)

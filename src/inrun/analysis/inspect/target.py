@@ -36,6 +36,18 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
+from ...run.config import ConfigError, check_model_config, load_config, saved_config
+from ...run.data import load_data
+from ...run.models import build_model, build_optimizer, loss_function
+from ...store.rundir import RunDir, RunDirError
+from ...store.writer import read_tracker_info
+from ...tracker import InRunShapley
+from ...tracking.config import TrackerConfig
+from ...tracking.coverage import coverage_of
+from ...tracking.entries import build_entries
+from ...tracking.params import ParamTable
+from ...tracking.routes import RoutePolicy
+
 
 @dataclass
 class ModuleInfo:
@@ -123,17 +135,11 @@ def inspect_target(
     """Inspect a run config (path ending in ``.toml``), a run directory, or a Hugging Face model type."""
     if Path(target).is_dir():
         if overrides:
-            from ...run.config import ConfigError
-
             raise ConfigError("--set", "overrides apply to a config file, not to a run directory")
         return inspect_run_dir(target)
     if target.endswith(".toml") or Path(target).is_file():
-        from ...run.config import load_config
-
         return inspect_config(load_config(target, overrides), batch_size=batch_size, order=order)
     if overrides:
-        from ...run.config import ConfigError
-
         raise ConfigError("--set", "overrides apply to a config file, not to a model type")
     return inspect_model_type(target, batch_size=batch_size or 16, length=length or 128,
                               val_tokens=val_tokens or 1024, order=order or 1)
@@ -142,11 +148,6 @@ def inspect_target(
 def inspect_config(config: Any, batch_size: int | None = None, order: int | None = None) -> InspectReport:
     """Build the run's model, value one tiny step, and report coverage and memory."""
     import dataclasses
-
-    from ...run.config import check_model_config
-    from ...run.data import load_data
-    from ...run.models import build_model, build_optimizer, loss_function
-    from ...tracker import InRunShapley
 
     if order is not None:
         config = config.replace(values=dataclasses.replace(config.values, order=order))
@@ -227,13 +228,6 @@ def inspect_model_type(model_type: str, batch_size: int, length: int, val_tokens
     """Predict routes and memory for a Hugging Face model type at its default sizes."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ...run.config import ConfigError
-    from ...tracking.config import TrackerConfig
-    from ...tracking.coverage import coverage_of
-    from ...tracking.entries import build_entries
-    from ...tracking.params import ParamTable
-    from ...tracking.routes import RoutePolicy
-
     try:
         hf_config = AutoConfig.for_model(model_type)
     except (KeyError, ValueError):
@@ -271,16 +265,12 @@ def _kept_because(order: int, keeps_factors: bool) -> str | None:
 def inspect_run_dir(path: str | Path) -> InspectReport:
     """What a run directory recorded: the route of every parameter, the valued modules and the
     settings (``tracker.json``); a run of ``inrun train`` without it is inspected from its config."""
-    from ...store.rundir import RunDir
-    from ...store.writer import read_tracker_info
-
     rd = RunDir(path)
     meta = rd.meta()
     info = read_tracker_info(rd)
     if info is None:
         if rd.rerunnable:
-            return inspect_config(rd.saved_config()[0])
-        from ...store.rundir import RunDirError
+            return inspect_config(saved_config(rd)[0])
 
         raise RunDirError(f"{rd.path} has no tracker.json (it is written at the first checkpoint and at the end)")
     cfg = info["config"]

@@ -27,11 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from ...run.config import ConfigError, RunConfig
 from ...store.auditlog import AuditLog
 from ...store.files import IntegrityError, read_json
 from ...store.ledger import atomic_write
 from ...store.rundir import REPORT_FILE, RunDir
 from ...store.summary import NO_SOURCE, summarize, value_frame
+from .. import views
+from ..baseline_run import SCORES, read_baselines
 from . import plots
 
 logger = logging.getLogger(__name__)
@@ -126,8 +129,6 @@ def build_report(
 def _config_text(meta: dict[str, Any]) -> str:
     """The run's config as TOML, from run.json (checked), not from the editable config.toml; for
     a run of another loop, the tracker's settings and the run's metadata."""
-    from ...run.config import ConfigError, RunConfig
-
     if meta.get("kind", "cli") != "cli":
         return json.dumps({"tracker": meta.get("tracker_config"), "optimizer": meta.get("optimizer"),
                            "model": meta.get("model"), "metadata": meta.get("metadata")}, indent=2, default=str)
@@ -313,8 +314,6 @@ def _page(
 def _baseline_section(rd: RunDir, summary: dict[str, Any]) -> list[str]:
     """Baselines beside the values (``inrun baselines`` wrote them): how each ranks the examples
     against the values, and the ids each flags first."""
-    from ..baseline_run import SCORES, read_baselines
-
     baselines = read_baselines(rd)
     if baselines is None:
         return ['<h2>Baselines</h2><p class="sub">Not computed: <code>inrun baselines RUN_DIR</code> adds the '
@@ -461,8 +460,6 @@ def _fidelity_html(audit: AuditLog | None, figures: dict[str, tuple[str, bytes, 
 
 
 def _views_html(rd: RunDir, trace: Any, total_steps: int, top: int, window: tuple[int, int | None] | None) -> str:
-    from .. import views
-
     e = html.escape
     if trace is None or not len(trace):
         return ""

@@ -10,6 +10,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import DataError, ExampleSet, cap_per_source, is_held_out, preview_text, spread
+from .files import (
+    label_classes,
+    read_id_list,
+    read_records,
+    standardize,
+    tabular_examples,
+    text_examples,
+)
+from .sklearn import load_sklearn_dataset
+from .stdlib import DEFAULT_PACKAGES, CodeCorpus, load_stdlib_corpus
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -27,8 +37,6 @@ def load_data(config: RunConfig) -> tuple[ExampleSet, ExampleSet]:
     if d.kind == "stdlib":
         train, val = _stdlib(config)
     elif d.kind == "sklearn":
-        from .sklearn import load_sklearn_dataset
-
         train, val = load_sklearn_dataset(d.dataset, v.fraction, v.max_examples, d.max_per_source)
     else:
         train, val = _files(config)
@@ -47,8 +55,6 @@ def load_data(config: RunConfig) -> tuple[ExampleSet, ExampleSet]:
 
 
 def _stdlib(config: RunConfig) -> tuple[ExampleSet, ExampleSet]:
-    from .stdlib import DEFAULT_PACKAGES, CodeCorpus, load_stdlib_corpus
-
     d, v = config.data, config.validation
     try:
         corpus_train, corpus_val = load_stdlib_corpus(
@@ -77,8 +83,6 @@ def _stdlib(config: RunConfig) -> tuple[ExampleSet, ExampleSet]:
 
 
 def _files(config: RunConfig) -> tuple[ExampleSet, ExampleSet]:
-    from .files import label_classes, read_records, standardize, tabular_examples, text_examples
-
     d, v = config.data, config.validation
     records = read_records(d.path, d.id_field)
     if v.path is not None:
@@ -101,8 +105,6 @@ def _files(config: RunConfig) -> tuple[ExampleSet, ExampleSet]:
 
 
 def _keep_subset(train: ExampleSet, path: str) -> ExampleSet:
-    from .files import read_id_list
-
     wanted = read_id_list(path)
     index = {i: r for r, i in enumerate(train.ids)}
     by_text = {str(i): r for r, i in enumerate(train.ids)}

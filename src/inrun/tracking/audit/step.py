@@ -1,23 +1,4 @@
-"""The run's own audit: exact Shapley values of sampled steps, next to the tracker's values.
-
-The values are a Taylor approximation of each step's Shapley value; how good it is depends on the
-learning rate, the optimizer and the moment of training (docs/fidelity.md). The audit measures it
-inside the run, on the run's own steps, without changing them.
-
-**Which steps.** Every ``every`` optimizer steps (steps ``every, 2·every, ...``; step 0 only if
-named) and at the steps named in ``at``.
-
-**The players.** ``m = min(players, B)`` examples of the step's ``B``, drawn uniformly (reservoir
-sampling over the step's micro-batches, seeded by ``(seed, step)``: the same players whenever the
-run is repeated or resumed).
-
-**It never changes training.** Parameters are read, never written (the game runs on a float64
-copy of the model by default, or functionally); the replay restores buffers and uses its own copy
-of the random-number state; every random number of the audit comes from a forked generator; the
-user's gradients and the optimizer's state are not touched (autograd.grad and a scratch optimizer).
-
-The game and its numbers: :mod:`inrun.tracking.audit.game`; settings: :mod:`.config`.
-"""
+"""``StepAudit``: the audit inside the engine (see :mod:`inrun.tracking.audit` for what it does)."""
 
 from __future__ import annotations
 
@@ -25,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -50,6 +31,19 @@ from .game import (
 
 logger = logging.getLogger(__name__)
 
+class AuditedEngine(Protocol):
+    """What the audit reads of the engine (it writes nothing; its hooks are paused in a replay)."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    table: Any  # the parameter table
+    rule: Any  # the value rule; update: the optimizer's rule
+    update: Any
+    config: Any
+    ddp: Any
+    hooks: Any
+
+
 class StepAudit:
     """The audit inside a :class:`~inrun.tracking.engine.StepEngine` (see the module docstring).
 
@@ -60,7 +54,7 @@ class StepAudit:
     valued (parameters and optimizer state still those before the step).
     """
 
-    def __init__(self, config: AuditConfig, engine: Any, val_loss: Any) -> None:
+    def __init__(self, config: AuditConfig, engine: AuditedEngine, val_loss: Any) -> None:
         if engine.ddp is not None:
             raise AuditError(
                 "the audit does not run under DistributedDataParallel yet (its game would need every "
