@@ -22,7 +22,7 @@ from inrun.tracking.audit.game import fidelity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-AUDIT_LOGGER = "inrun.tracking.audit"
+AUDIT_LOGGER = "inrun.tracking.audit.step"
 
 
 def digits(n_train: int = 400, n_val: int = 100, dtype: torch.dtype = torch.float64):

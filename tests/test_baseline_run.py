@@ -15,6 +15,7 @@ from inrun.analysis.baseline_run import compute_baselines, read_baselines
 from inrun.analysis.baselines import knn_shapley
 from inrun.cli import main
 from inrun.errors import InRunError
+from inrun.run.config import saved_config
 from inrun.run.data import load_data
 from inrun.run.models import build_model
 from inrun.store.rundir import RunDir
@@ -25,7 +26,7 @@ def test_baselines_of_a_digits_run_equal_direct_computations(tmp_path) -> None:
     assert main(["baselines", str(result.run_dir.path)]) == 0
     frame = read_baselines(RunDir(result.run_dir.path))
     rd = RunDir(result.run_dir.path)
-    config, _ = rd.saved_config()
+    config, _ = saved_config(rd)
     train_set, val_set = load_data(config)
     model = build_model(config.model, train_set)
     model.load_state_dict(rd.restore(torch.device("cpu"), values=False).state["model"])
