@@ -338,7 +338,7 @@ def test_settings_are_validated_with_the_field_named() -> None:
     assert AuditConfig.of(None) is None and AuditConfig.of(True) == AuditConfig()
     cfg = AuditConfig(every=10, at=(3, 0, 3))
     assert cfg.at == (0, 3) and [s for s in range(25) if cfg.due(s)] == [0, 3, 10, 20]
-    assert cfg.evaluations(16) == 2**8 and AuditConfig(players=16).evaluations(16) == 256 * 16 + 1
+    assert cfg.evaluations(16) == 2**6 and AuditConfig(players=16).evaluations(16) == 256 * 16 + 1
 
 
 def test_fidelity_numbers_against_hand_computations() -> None:

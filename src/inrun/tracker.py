@@ -87,7 +87,7 @@ class InRunShapley:
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
         audit: check the values during the run against exact Shapley values of sampled steps
             (an :class:`~inrun.AuditConfig`, a dict of its settings, or ``True`` for the defaults:
-            every 100 steps, 8 examples; see :mod:`inrun.tracking.audit`). Off by default. It
+            every 100 steps, 6 examples; see :mod:`inrun.tracking.audit`). Off by default. It
             never changes training; its cost is measured (:attr:`audit`).
         validation_ids: one label per validation example when ``val_loss`` returns a vector:
             the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).

@@ -39,6 +39,7 @@ from ..run.config import (
 from ..run.runner import RunInterrupted, RunStopped, train
 from ..store.files import read_json
 from ..store.rundir import SUMMARY_FILE, RunDir, config_diff
+from ..tracking.config import TrackerConfig, option
 from .args import (
     EXIT_ERROR,
     EXIT_STOPPED,
@@ -49,6 +50,8 @@ from .args import (
 )
 from .bench import build_parser as bench_arguments
 from .bench import run
+
+ORDER = option(TrackerConfig, "order")  # the library's default and choices
 
 
 def _progress_bar(console: Console) -> Progress:
@@ -315,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="value a small GPT-2 trained on Python's standard library, then report")
     demo.add_argument("--out", default=None, help="run directory (default: runs/demo; a previous demo there is replaced)")
     demo.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: 400)")
-    demo.add_argument("--order", type=int, choices=(1, 2), default=None, help="value order (default: 1)")
+    demo.add_argument("--order", type=int, choices=ORDER.choices, default=None, help=f"value order (default: {ORDER.default})")
     demo.add_argument("--seed", type=non_negative_int, default=None)
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
@@ -359,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--batch-size", type=positive_int, default=None, help="examples per step (default: the config's, or 16)")
     inspect.add_argument("--length", type=positive_int, default=None, help="tokens per example for a model type (default 128)")
     inspect.add_argument("--val-tokens", type=positive_int, default=None, help="validation tokens for a model type (default 1024)")
-    inspect.add_argument("--order", type=int, choices=(1, 2), default=None, help="value order (default: the config's, or 1)")
+    inspect.add_argument("--order", type=int, choices=ORDER.choices, default=None,
+                         help=f"value order (default: the config's, or {ORDER.default})")
     inspect.add_argument("--modules", action="store_true", help="list every valued module")
     inspect.add_argument("--top", type=positive_int, default=5, help="run directory: examples in each view's table")
     inspect.add_argument("--stages", type=positive_int, default=4, help="run directory: training stages in the per-source view")

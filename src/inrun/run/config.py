@@ -44,6 +44,7 @@ from ..errors import InRunError
 from ..store.files import atomic_write, utf8_text
 from ..store.rundir import CONFIG_FILE, META_FILE, RunDir, RunDirError
 from ..tracking.audit.config import AuditConfig, AuditError
+from ..tracking.config import TrackerConfig, option
 
 try:
     import tomllib
@@ -59,8 +60,6 @@ SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
 ON_NONFINITE = ("stop", "skip")
-ROUTES = ("auto", "vector", "gram")
-SECOND_ORDER = ("trapezoid", "hessian")
 PATH_KEYS = (("data", "path"), ("data", "subset"), ("validation", "path"))
 INT64_MAX = 2**63 - 1  # TOML integers are 64-bit; so are Parquet's, numpy's seeds take any >= 0
 
@@ -86,6 +85,13 @@ class ConfigError(InRunError, ValueError):
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     """A dataclass field with a help string (listed by ``inrun train --list-keys``)."""
     return field(default=default, metadata={"help": text}, **kw)
+
+
+def _library(cls: type, name: str) -> Any:
+    """A field whose default and help are the library's (:func:`inrun.tracking.config.option`):
+    one table of defaults for ``InRunShapley`` and ``inrun train``."""
+    shared = option(cls, name)
+    return field(default=shared.default, metadata={"help": shared.help})
 
 
 def _choice(obj: Any, name: str, allowed: Sequence[Any]) -> None:
@@ -302,21 +308,23 @@ class ValuesConfig:
     """How values are computed (see :class:`inrun.TrackerConfig`)."""
 
     enabled: bool = _help("compute values (false: plain training, e.g. curation retraining)", True)
-    order: int = _help("1: first order; 2: with the interaction inside the batch", 1)
-    second_order: str = _help("order 2: 'trapezoid' (no Hessian) or 'hessian'", "trapezoid")
-    route: str = _help("per-layer route: 'auto', 'vector' or 'gram'", "auto")
-    check: bool = _help("check every step that per-example values add up to the batch gradient", True)
+    order: int = _library(TrackerConfig, "order")
+    second_order: str = _library(TrackerConfig, "second_order")
+    route: str = _library(TrackerConfig, "route")
+    check: bool = _library(TrackerConfig, "check")
     on_nonfinite: str = _help(
         "NaN/Inf loss or gradient: 'stop' the run (default) or 'skip' the step; either way it is "
         "recorded as a skipped step and never reaches the values",
         "stop",
     )
-    trace: bool = _help("keep the per-step trace (needed for the report's training-stage plots)", True)
+    trace: bool = _help(
+        "keep the per-step trace (the report's training-stage plots need it; the library's keep_trace "
+        "is off by default, to save memory)", True,
+    )
 
     def __post_init__(self) -> None:
-        _choice(self, "order", (1, 2))
-        _choice(self, "second_order", SECOND_ORDER)
-        _choice(self, "route", ROUTES)
+        for name in ("order", "second_order", "route"):
+            _choice(self, name, option(TrackerConfig, name).choices or ())
         _choice(self, "on_nonfinite", ON_NONFINITE)
 
 
@@ -324,16 +332,17 @@ class ValuesConfig:
 class AuditSection:
     """The run checks its own values: exact Shapley values of sampled steps beside the tracker's."""
 
-    enabled: bool = _help("audit the values during the run (its cost is measured and printed)", True)
-    every: int = _help("audit steps every, 2*every, ... (0: only the steps in 'at')", 100)
-    at: tuple[int, ...] = _help("further steps to audit (0-based; step 0 only if named)", ())
-    players: int = _help("examples drawn from the step's batch (all of them if the batch is smaller): 2^players validation losses per audit", 6)
-    max_exact: int = _help("enumerate every subset up to this many players; Monte Carlo beyond", 12)
-    permutations: int = _help("Monte-Carlo permutations beyond max_exact players", 256)
-    warn_below: float = _help("a step is unfaithful when Pearson is below this and relative RMSE above warn_rmse", 0.7)
-    warn_rmse: float = _help("see warn_below", 0.3)
-    precision: str = _help("'float64' (the game on a float64 copy of the model) or 'model' (its dtype)", "float64")
-    budget: float = _help("at most this share of the run's wall time goes to the audit (a due step over it is skipped)", 0.2)
+    enabled: bool = _help("audit the values during the run (its cost is measured and printed; the "
+                          "library's audit= is off by default)", True)
+    every: int = _library(AuditConfig, "every")
+    at: tuple[int, ...] = _library(AuditConfig, "at")
+    players: int = _library(AuditConfig, "players")
+    max_exact: int = _library(AuditConfig, "max_exact")
+    permutations: int = _library(AuditConfig, "permutations")
+    warn_below: float = _library(AuditConfig, "warn_below")
+    warn_rmse: float = _library(AuditConfig, "warn_rmse")
+    precision: str = _library(AuditConfig, "precision")
+    budget: float | None = _library(AuditConfig, "budget")
 
     def __post_init__(self) -> None:
         try:

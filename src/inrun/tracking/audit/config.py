@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from ... import exact
 from ...errors import InRunError
+from ..config import setting
 
 Precision = Literal["float64", "model"]
 PRECISIONS = ("float64", "model")
@@ -32,26 +33,26 @@ class AuditError(InRunError, ValueError):
 class AuditConfig:
     """When and how the run checks its own values against exact Shapley values."""
 
-    every: int = 100
+    every: int = setting(100, "audit steps every, 2*every, ... (0: only the steps in 'at')")
     """Audit steps ``every, 2·every, ...`` (0: only the steps in ``at``)."""
-    at: tuple[int, ...] = ()
+    at: tuple[int, ...] = setting((), "further steps to audit (0-based; step 0 only if named)")
     """Further steps to audit (0-based optimizer steps; step 0 is audited only if named here)."""
-    players: int = 8
+    players: int = setting(6, "examples drawn from the step's batch (all of them if the batch is smaller): 2^players validation losses per audit")
     """Examples drawn from the step's batch (all of them if the batch is smaller)."""
-    max_exact: int = 12
+    max_exact: int = setting(12, "enumerate every subset up to this many players; Monte Carlo beyond")
     """Enumerate every subset up to this many players; Monte Carlo beyond."""
-    permutations: int = 256
+    permutations: int = setting(256, "Monte-Carlo permutations beyond max_exact players")
     """Monte-Carlo permutations when the players are more than ``max_exact``."""
-    seed: int = 0
+    seed: int = setting(0, "seed of the players' draw and of the permutations (with the step)")
     """Seed of the players' draw and of the permutations (with the step number)."""
-    warn_below: float = 0.7
+    warn_below: float = setting(0.7, "a step is unfaithful when Pearson is below this and relative RMSE above warn_rmse")
     """A step is unfaithful when Pearson is below this and relative RMSE above ``warn_rmse``."""
-    warn_rmse: float = 0.3
+    warn_rmse: float = setting(0.3, "see warn_below")
     """See ``warn_below``."""
-    precision: Precision = "float64"
+    precision: Precision = setting("float64", "'float64' (the game on a float64 copy of the model) or 'model' (its dtype)")
     """``"float64"``: the game on a float64 copy of the model (a utility is a difference of two
     nearby losses: float32 rounding would blur small steps); ``"model"``: in the model's dtype."""
-    budget: float | None = None
+    budget: float | None = setting(None, "at most this share of the run's wall time goes to the audit (a due step over it is skipped); none: no limit")
     """At most this share of the wall time since the tracker was made goes to the audit: a due
     step is skipped (and recorded as such) while the audit has spent more. ``None``: no limit."""
 
