@@ -79,7 +79,7 @@ def snapshot(path: Path) -> dict[str, Any]:
         state, cl, metrics = rd.load_checkpoint(ck, torch.device("cpu"))
         cv = cl.values() if cl is not None else None
         out["checkpoints"][step] = {
-            "model": state["model"], "rng": state["rng"]["torch"], "step": state["step"],
+            "model": state["objects"]["model"], "rng": state["rng"]["torch"], "step": state["step"],
             "tracker": state["tracker"], "values": None if cv is None else (list(cv), cv.value, cv.counts),
             "trace": None if cl is None else cl.trace(), "metrics": metrics,
         }

@@ -29,7 +29,7 @@ def test_baselines_of_a_digits_run_equal_direct_computations(tmp_path) -> None:
     config, _ = saved_config(rd)
     train_set, val_set = load_data(config)
     model = build_model(config.model, train_set)
-    model.load_state_dict(rd.restore(torch.device("cpu"), values=False).state["model"])
+    model.load_state_dict(rd.restore(torch.device("cpu"), values=False).state["objects"]["model"])
     model.eval()
     x, y = train_set.inputs.float(), train_set.targets
     i = 7  # one example, directly

@@ -60,7 +60,7 @@ def compute_baselines(run_dir: str | Path, k: int = 5) -> Path:
     train_set, val_set = load_data(config)
     torch.manual_seed(config.seed)
     model = build_model(config.model, train_set)
-    model.load_state_dict(restored.state["model"])
+    model.load_state_dict(restored.state["objects"]["model"])
     loss_fn = loss_function(train_set)
     dtype = next(model.parameters()).dtype
 

@@ -28,7 +28,7 @@ from ..analysis.curate import curate, retrain
 from ..analysis.inspect.run_dir import audit_line, inspect_run, is_run_dir, parse_window
 from ..analysis.inspect.target import inspect_run_dir, inspect_target
 from ..analysis.report import build_report
-from ..errors import InRunError
+from ..errors import InRunError, one_line
 from ..run.config import (
     RunConfig,
     demo_config,
@@ -272,7 +272,7 @@ def print_summary(summary: dict[str, Any], console: Console, rows: int = 5) -> N
         # value + source + where + borders take about 56 columns; the text gets the rest.
         table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=max(16, console.width - 56))
         for r in summary[key][:rows]:
-            table.add_row(f"{r['value']:+.2e}", escape(str(r["source"])), escape(str(r["location"])), escape(_one_line(r["preview"])))
+            table.add_row(f"{r['value']:+.2e}", escape(str(r["source"])), escape(str(r["location"])), escape(one_line(r["preview"], 56)))
         console.print(table)
     if summary["per_source"]:
         table = Table(title="Value per source", title_justify="left")
@@ -283,11 +283,6 @@ def print_summary(summary: dict[str, Any], console: Console, rows: int = 5) -> N
         console.print(table)
     if "audit" in summary:
         console.print(escape(audit_line(summary["audit"], summary.get("seconds"))), soft_wrap=True)
-
-
-def _one_line(text: str, width: int = 56) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def _print_keys(console: Console) -> None:

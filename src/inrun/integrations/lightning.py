@@ -228,7 +228,7 @@ class InRunCallback(pl.Callback):
             self._losses.append(float(loss.detach()))
         step = trainer.global_step
         if step == self.tracker.step_count and self._losses and not self.tracker.in_step:
-            if self.run is not None and step not in self.run._rows:
+            if self.run is not None and not self.run.logged(step):
                 self.run.log(sum(self._losses) / len(self._losses), step=step)
                 self._losses = []
             if step % self.log_every == 0:

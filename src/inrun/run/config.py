@@ -40,7 +40,7 @@ from typing import Any
 
 import tomllib
 
-from ..errors import InRunError
+from ..errors import InRunError, one_line
 from ..store.files import atomic_write, utf8_text
 from ..store.rundir import CONFIG_FILE, META_FILE, RunDir, RunDirError
 from ..tracking.audit.config import AuditConfig, AuditError
@@ -704,7 +704,7 @@ def check_model_config(config: RunConfig) -> None:
 
         built = AutoConfig.for_model(m.hf_type, **fields)
     except Exception as exc:  # transformers' own validation: the value is the user's
-        raise ConfigError("model.hf_config", f"transformers refuses it: {_first_line(exc)}") from None
+        raise ConfigError("model.hf_config", f"transformers refuses it: {(one_line(exc) or type(exc).__name__)}") from None
     context = getattr(built, "max_position_embeddings", None)
     given = [k for k in fields if aliases.get(k, k) == aliases.get("max_position_embeddings", "max_position_embeddings")]
     if given and isinstance(context, int) and context < config.data.length:
@@ -713,11 +713,6 @@ def check_model_config(config: RunConfig) -> None:
             f"{context} positions cannot hold an example of data.length = {config.data.length} tokens; "
             "raise it or leave it out",
         )
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # -- a small TOML writer for configs -----------------------------------------------------------

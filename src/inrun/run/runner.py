@@ -53,22 +53,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InRunError, NonFiniteError, ValidationLossError
+from ..errors import InRunError, NonFiniteError, ValidationLossError, cause
 from ..modes import evaluating
-from ..store.files import write_json
+from ..store.examples import Examples
 from ..store.ledger import ValueLedger
 from ..store.rundir import (
     CHECKPOINTS,
     RUN_FORMAT,
     TRACE_DIR,
-    Metrics,
-    Restored,
     RunDir,
     RunDirError,
     model_fingerprint,
 )
-from ..store.summary import write_summary
-from ..store.writer import TRACKER_FILE, tracker_info
+from ..store.writer import RunWriter
 from ..tracker import InRunShapley
 from ..version import __version__
 from .config import ConfigError, RunConfig, check_model_config, heal_config, saved_config
@@ -183,6 +180,7 @@ def train(
     """
     t0 = time.perf_counter()
     rd = RunDir(run_dir if run_dir is not None else config.output)
+    writer: RunWriter | None = None
     tc = config.training
     device = pick_device(tc.device)
     if resume:
@@ -200,19 +198,22 @@ def train(
         torch.manual_seed(config.seed)
         model = _build_model(config, train_set, device)
         meta = run_metadata(config, model, train_set, val_set)
-        examples = (train_set.ids, train_set.sources, train_set.locations, train_set.previews, _lengths(train_set))
+        examples = Examples(train_set.ids, train_set.sources, train_set.locations, train_set.previews, _lengths(train_set))
         if resume:
             rd.check_meta(meta)
             rd.clean_temporary()
-            rd.heal_examples(*examples)
+            rd.heal_examples(*examples.columns())
             problem = saved_config(rd)[1]
             if problem is not None:  # run.json holds the config: write the file again
                 logger.warning("%s; rewriting it from the config saved in run.json", problem)
                 heal_config(rd, config)
         else:
             lock = rd.lock()
-            rd.create(meta, config.to_toml(), examples)
-        runner = _Runner(config, rd, train_set, val_set, device, progress)
+        writer = RunWriter.for_config(rd, lock, examples=examples, keep=config.checkpoint.keep, total_steps=tc.steps)
+        lock = None  # the writer holds it now, and releases it when the run ends
+        if not resume:
+            writer.create(meta, config.to_toml())
+        runner = _Runner(config, writer, train_set, val_set, device, progress)
         forced: dict[int, str] = {}
         restore, max_step = resume, None
         while True:
@@ -234,6 +235,8 @@ def train(
     finally:
         if lock is not None:
             lock.release()
+        if writer is not None:
+            writer.close()
 
 
 def _check_new_output(rd: RunDir) -> None:
@@ -289,7 +292,6 @@ class _Update:
     step: int
     loss: float
     lr: float
-    metrics_rows: int  # len(metrics) before its row
 
 
 class _Signals:
@@ -330,28 +332,23 @@ def _params_finite(params: list[nn.Parameter]) -> bool:
         return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    if isinstance(exc, OSError) and exc.strerror:
-        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    text = f"{type(exc).__name__}: {text}" if not isinstance(exc, InRunError) else text
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 class _Runner:
-    """The training loop of one run; :meth:`session` runs it from a restore point."""
+    """The training loop of one run; :meth:`session` runs it from a restore point. What it writes
+    goes through the run's one writer (:class:`~inrun.store.writer.RunWriter`): checkpoints,
+    restores, curves and endings; the loop keeps the data order, the schedule, forced skips and
+    rewinds."""
 
     def __init__(
-        self, config: RunConfig, rd: RunDir, train_set: ExampleSet, val_set: ExampleSet,
+        self, config: RunConfig, writer: RunWriter, train_set: ExampleSet, val_set: ExampleSet,
         device: torch.device, progress: ProgressFn | None,
     ) -> None:
-        self.config, self.rd, self.train_set, self.val_set = config, rd, train_set, val_set
+        self.config, self.writer, self.rd = config, writer, writer.rd
+        self.train_set, self.val_set = train_set, val_set
         self.device, self.progress = device, progress
 
     # -- one session ------------------------------------------------------------------------------
     def session(self, model: nn.Module | None, forced: dict[int, str], restore: bool, max_step: int | None) -> RunResult:
-        config, rd, tc = self.config, self.rd, self.config.training
-        began = time.perf_counter()
+        config, rd, writer, tc = self.config, self.rd, self.writer, self.config.training
         if model is None:  # a restart: the same initial model, from the seed
             torch.manual_seed(config.seed)
             model = _build_model(config, self.train_set, self.device)
@@ -366,39 +363,16 @@ class _Runner:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.forced = forced
         self.update: _Update | None = None
-
-        restored = (
-            rd.restore(torch.device("cpu"), max_step=max_step, values=config.values.enabled)
-            if restore else Restored(0, None, None, None, Metrics())
-        )
-        for name, why in restored.skipped:
-            logger.warning("skipped damaged checkpoint %s (%s); it was moved aside as damaged-%s", name, why, name)
-        ledger = restored.ledger
-        if ledger is None and config.values.enabled:
-            ledger = ValueLedger(keep_trace=config.values.trace, trace_dir=rd.trace_store)
-            ledger.set_sources({i: s for i, s in zip(self.train_set.ids, self.train_set.sources) if s is not None})
-        self.ledger = ledger
-        self.tracker = self._make_tracker(ledger)
-        self.metrics = restored.metrics
-        start = 0
+        self.last_val = (-1, float("nan"))  # (step, validation loss) last measured and logged
+        self.tracker = self._make_tracker() if config.values.enabled else None
+        objects = {"model": model, "optimizer": self.optimizer, "schedule": self.schedule}
+        restored = writer.begin(self.tracker, objects, restore=restore, max_step=max_step)
+        self.ledger = writer.ledger
+        start = writer.start_step
         if restored.state is not None:
-            state = restored.state
-            if state["data"] != self.order.state():
-                raise RunDirError(f"{restored.path}: its data order {state['data']} does not match this run's {self.order.state()}")
-            model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.schedule.load_state_dict(state["schedule"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if self.device.type == "cuda" and state["rng"]["cuda"]:
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            if self.tracker is not None:
-                self.tracker.load_state_dict(state["tracker"], ledger)
-            start = int(state["step"])
-            forced.update({int(k): v for k, v in (state.get("forced_skips") or {}).items()})
-            logger.info("resuming %s from step %d", rd.path, start)
-        if restore:  # heal the top-level results: they are those of the restored checkpoint again
-            rd.save_results(ledger, self.metrics, prune_trace=True, audit=self._audit())
-        rd.write_status("running", start, tc.steps)
+            if writer.extra.get("data") != self.order.state():
+                raise RunDirError(f"{restored.path}: its data order {writer.extra.get('data')} does not match this run's {self.order.state()}")
+            forced.update({int(k): v for k, v in (writer.extra.get("forced_skips") or {}).items()})
         self.step = start
         with _Signals().installed() as signals:
             try:
@@ -407,28 +381,21 @@ class _Runner:
                 raise
             except KeyboardInterrupt:  # a second signal: stop now, mid-step; values stay at the last checkpoint
                 message = (f"interrupted at step {self.step}; values are those of the last checkpoint; "
-                           f"continue with `inrun train --resume {rd.path}`")
-                self._status("interrupted", self.step, message)
+                           f"continue with {writer.resume_hint()}")
+                writer.stop("interrupted", self.step, message)
                 raise RunInterrupted(message, rd.path, self.step, signal.SIGINT) from None
             except BaseException as exc:
                 self._fail(exc)
                 raise
+        # the final checkpoint saved them too, unless the last step was skipped
+        writer.finish(checkpoint=False, step=tc.steps)
         if self.tracker is not None:
-            self.tracker.flush()
             self.tracker.close()
+        return RunResult(rd, tc.steps, start, 0.0, writer.metrics().final_val_loss(), restored.skipped)
 
-            write_json(rd.file(TRACKER_FILE), tracker_info(self.tracker), fsync=False)  # for `inrun inspect RUN_DIR`
-        self._save()  # the final checkpoint saved them too, unless the last step was skipped
-        rd.write_status("complete", tc.steps, tc.steps, seconds=time.perf_counter() - began)  # this session's
-        if self.tracker is not None:
-            write_summary(rd)
-        return RunResult(rd, tc.steps, start, 0.0, self.metrics.final_val_loss(), restored.skipped)
-
-    def _make_tracker(self, ledger: ValueLedger | None) -> Any:
-        if ledger is None:
-            return None
-
+    def _make_tracker(self) -> InRunShapley:
         v = self.config.values
+        ledger = ValueLedger(keep_trace=v.trace, trace_dir=self.rd.trace_store)
         return InRunShapley(
             self.model, self.optimizer, val_loss=lambda m: self.loss_fn(m, self.val_x, self.val_y),
             order=v.order, second_order=v.second_order, route=v.route, check=v.check,
@@ -446,14 +413,20 @@ class _Runner:
         with evaluating(self.model), torch.no_grad():
             return float(self.loss_fn(self.model, self.val_x, self.val_y))
 
+    def _log(self, step: int, train_loss: float, lr: float, val_loss: float, skipped: bool) -> None:
+        """One row of the curves: after ``step`` steps."""
+        self.writer.log(train_loss, val_loss=val_loss, step=step, lr=lr, skipped=skipped)
+        if math.isfinite(val_loss):
+            self.last_val = (step, val_loss)
+
     # -- the loop ---------------------------------------------------------------------------------
     def _loop(self, start: int, signals: _Signals) -> None:
-        tc, tracker, metrics = self.config.training, self.tracker, self.metrics
+        tc, tracker = self.config.training, self.tracker
         if start == 0:
             val = self.evaluate()
             if not math.isfinite(val):
                 self._stop(0, f"the validation loss of the initial model is not finite ({val})", blame_update=False)
-            metrics.append(0, float("nan"), self.optimizer.param_groups[0]["lr"], val, False)
+            self._log(0, float("nan"), self.optimizer.param_groups[0]["lr"], val, False)
         every = self.config.checkpoint.every
         due = False  # a checkpoint waits while a skipped step leaves the tracker mid-window
         session_start, done_here = time.perf_counter(), 0
@@ -465,7 +438,7 @@ class _Runner:
                 self._interrupt(step, signals.received)
             lr = float(self.optimizer.param_groups[0]["lr"])
             if step in self.forced:  # an update found to blow up: skipped, then a checkpoint
-                metrics.append(step + 1, float("nan"), lr, float("nan"), True)
+                self._log(step + 1, float("nan"), lr, float("nan"), True)
                 if tracker is not None:
                     tracker.skip_step(self.forced[step])
                 self.optimizer.zero_grad(set_to_none=True)
@@ -485,7 +458,7 @@ class _Runner:
             except InRunError as exc:
                 if not _is_nonfinite(exc):
                     raise
-                self._nonfinite_now(step, f"the validation pass failed ({_one_line(exc, 160)})")
+                self._nonfinite_now(step, f"the validation pass failed ({cause(exc, 160)})")
             loss_value = float(loss.detach())
             norm = _grad_norm(self.params, tc.clip_grad_norm)
             skip_reason = None
@@ -495,16 +468,16 @@ class _Runner:
             else:
                 if self.ledger is not None:
                     self.ledger.mark()  # so that a later check can take this step out again
-                self.update = _Update(step, loss_value, lr, len(metrics.step))
+                self.update = _Update(step, loss_value, lr)
                 try:
                     self.optimizer.step()
                 except NonFiniteError as exc:
                     if not self._parameters_finite(step):  # raised after the update was applied
-                        self._blame_update(f"the update of step {step} made the parameters non-finite ({_one_line(exc, 120)})")
+                        self._blame_update(f"the update of step {step} made the parameters non-finite ({cause(exc, 120)})")
                     skip_reason = f"non-finite values at step {step} ({exc})"
                     self.update = None
             if skip_reason is not None:
-                metrics.append(step + 1, loss_value, lr, float("nan"), True)
+                self._log(step + 1, loss_value, lr, float("nan"), True)
                 if tracker is not None:
                     tracker.skip_step(skip_reason)
                 if self.config.values.on_nonfinite == "stop":
@@ -523,7 +496,7 @@ class _Runner:
             val = self.evaluate() if evaluated else float("nan")
             if evaluated and not math.isfinite(val):
                 self._blame_update(f"the update of step {step} made the validation loss non-finite ({val})")
-            metrics.append(step + 1, loss_value, lr, val, False)
+            self._log(step + 1, loss_value, lr, val, False)
             done_here += 1
             if self.progress is not None:
                 rate = done_here * tc.batch_size / max(time.perf_counter() - session_start, 1e-9)
@@ -546,7 +519,7 @@ class _Runner:
             self._blame_update(f"the update of step {self.update.step} made the validation loss non-finite ({val})")
         if self.config.values.on_nonfinite == "skip":
             raise _Rewind(step, f"{reason} at step {step}")
-        self.metrics.append(step + 1, float("nan"), float(self.optimizer.param_groups[0]["lr"]), float("nan"), True)
+        self._log(step + 1, float("nan"), float(self.optimizer.param_groups[0]["lr"]), float("nan"), True)
         self._stop(step, f"{reason} at step {step}", blame_update=False)
 
     def _blame_update(self, reason: str) -> None:
@@ -559,7 +532,7 @@ class _Runner:
 
     def _stop(self, step: int, reason: str, blame_update: bool, recorded: bool = False) -> None:
         """End the run as ``stopped`` at ``step`` with the values of every step before it."""
-        rd, tracker, ledger = self.rd, self.tracker, self.ledger
+        rd, tracker, ledger, writer = self.rd, self.tracker, self.ledger, self.writer
         if tracker is not None:
             tracker.close()  # (finishing a pending step may add it: the rollback takes it out)
         if blame_update:
@@ -567,11 +540,11 @@ class _Runner:
             assert update is not None
             if ledger is not None and ledger.marked:
                 ledger.rollback()
-            self.metrics.truncate(update.metrics_rows)
-            self.metrics.append(step + 1, update.loss, update.lr, float("nan"), True)
+            writer.forget_after(update.step)
+            self._log(step + 1, update.loss, update.lr, float("nan"), True)
         if ledger is not None and not recorded:
             ledger.record_skip(step, reason)
-        self._save()
+        writer.save()
         done = f"values of steps 0-{step - 1} are saved in {rd.path}" if step > 0 else f"no step was valued ({rd.path})"
         what = "its update and values were discarded" if blame_update else "it did not change the model"
         message = (
@@ -579,7 +552,7 @@ class _Runner:
             "training.clip_grad_norm or clean the data in a new run; or set "
             "values.on_nonfinite = \"skip\" to drop such steps and continue."
         )
-        self._status("stopped", step, message)
+        writer.stop("stopped", step, message)
         raise RunStopped(message, rd.path, step)
 
     # -- other endings ----------------------------------------------------------------------------
@@ -587,74 +560,34 @@ class _Runner:
         """A signal arrived: stop cleanly between steps, values of the steps done saved."""
         if self.tracker is not None:
             self.tracker.close()
-        self._save()
+        self.writer.save()
         name = signal.Signals(signum).name
         message = (f"interrupted by {name} before step {step}; values of steps 0-{step - 1} are saved; "
-                   f"continue with `inrun train --resume {self.rd.path}`")
-        self._status("interrupted", step, message)
+                   f"continue with {self.writer.resume_hint()}")
+        self.writer.stop("interrupted", step, message)
         raise RunInterrupted(message, self.rd.path, step, signum)
 
     def _fail(self, exc: BaseException) -> None:
-        """Anything else went wrong at ``self.step``: say so in status.json, and save the values
-        of the steps done if the disk allows (the error that ended the run is what is raised)."""
-        cause = _one_line(exc)
-        saved = ""
-        try:
-            if self.tracker is not None:
+        """Anything else went wrong at ``self.step``: the writer says so in status.json and saves
+        the values of the steps done if the disk allows (the error that ended the run is raised)."""
+        if self.tracker is not None:
+            try:
                 self.tracker.close()
-            self._save()
-            if self.ledger is not None:
-                saved = f" Values of steps 0-{self.ledger.steps - 1} are saved."
-        except Exception as again:
-            logger.warning("could not save the values after the failure: %s", _one_line(again))
-        message = f"failed at step {self.step}: {cause}.{saved} Fix the cause, then `inrun train --resume {self.rd.path}`."
-        self._status("failed", self.step, message)
-
-    def _status(self, state: str, step: int, message: str) -> None:
-        try:
-            self.rd.write_status(state, step, self.config.training.steps, message)
-        except OSError as exc:
-            logger.warning("could not write %s: %s", self.rd.file("status.json"), _one_line(exc))
-
-    def _audit(self) -> Any:
-        """The tracker's audit, whose rows are saved beside the values (``None``: no audit)."""
-        return None if self.tracker is None else self.tracker.audit
-
-    def _save(self) -> None:
-        if self.ledger is not None:
-            self.ledger.commit()
-        self.rd.save_results(self.ledger, self.metrics, audit=self._audit())
+            except Exception as again:
+                logger.warning("could not finish the tracker after the failure: %s", cause(again))
+        self.writer.fail(exc, step=self.step)
 
     def _checkpoint(self, step: int) -> None:
         """Checkpoint after ``step`` steps; the parameters' validation loss is known finite."""
-        metrics = self.metrics
-        if not (metrics.step and metrics.step[-1] == step and math.isfinite(metrics.val_loss[-1])):
+        if not (self.last_val[0] == step and math.isfinite(self.last_val[1])):
             val = self.evaluate()
             if not math.isfinite(val):  # (after a forced skip: the parameters of a checkpoint)
                 if self.update is not None:
                     self._blame_update(f"the update of step {self.update.step} made the validation loss non-finite ({val})")
                 self._stop(step, f"the validation loss at step {step} is not finite ({val})", blame_update=False)
-        state = {
-            "format": RUN_FORMAT,
-            "step": step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-            },
-            "tracker": self.tracker.state_dict() if self.tracker is not None else None,
-            "data": self.order.state(),
-            "forced_skips": {str(k): v for k, v in sorted(self.forced.items()) if k < step},
-        }
-        if self.ledger is not None:
-            self.ledger.commit()  # a checkpointed step is good for good
         self.update = None
-        tc = self.config.training
-        self.rd.write_checkpoint(step, state, self.ledger, metrics, self.config.checkpoint.keep)
-        self.rd.save_results(self.ledger, metrics, audit=self._audit())
-        self.rd.write_status("running" if step < tc.steps else "complete", step, tc.steps)
+        extra = {"data": self.order.state(), "forced_skips": {str(k): v for k, v in sorted(self.forced.items()) if k < step}}
+        self.writer.checkpoint(extra=extra, step=step)
 
 
 def _lengths(data: ExampleSet) -> list[int] | None:

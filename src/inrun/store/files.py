@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import LedgerError
+from ..errors import LedgerError, one_line
 
 CHUNK = 1 << 20
 CHECKSUM_KEY = "checksum"
@@ -191,7 +191,7 @@ def read_json(path: str | os.PathLike, what: str, require_checksum: bool = True)
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{path} is damaged: not valid JSON ({_short(exc)}) ({what})") from None
+        raise IntegrityError(f"{path} is damaged: not valid JSON ({one_line(exc, 120)}) ({what})") from None
     if not isinstance(data, dict):
         raise IntegrityError(f"{path} is damaged: not a JSON object ({what})")
     stored = data.pop(CHECKSUM_KEY, None)
@@ -202,11 +202,6 @@ def read_json(path: str | os.PathLike, what: str, require_checksum: bool = True)
     if hashlib.sha256(_canonical(data)).hexdigest() != stored:
         raise IntegrityError(f"{path} is damaged: its content does not match its checksum ({what})")
     return data
-
-
-def _short(exc: BaseException, limit: int = 120) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # -- locks ---------------------------------------------------------------------------------------

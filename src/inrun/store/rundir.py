@@ -56,7 +56,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from ..errors import LedgerError
+from ..errors import LedgerError, one_line
 from .auditlog import AUDIT_FILE, AUDIT_FILES, load_audit, save_audit
 from .files import (
     DirLock,
@@ -79,6 +79,7 @@ from .ledger import LEDGER_META_FILE, TRACE_DIR, VALUES_FILE, ValueLedger
 logger = logging.getLogger(__name__)
 
 RUN_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # state.pt: step, tracker, objects, rng, extra (format 2: inrun train's own keys)
 READABLE_FORMATS = (1, 2)  # format 1: before checksums (read unverified, never resumed)
 META_FILE = "run.json"
 CONFIG_FILE = "config.toml"
@@ -251,19 +252,17 @@ class RunDir:
             yield
 
     # -- metadata ------------------------------------------------------------------------------
-    def create(
-        self, meta: Mapping[str, Any], config_toml: str, examples: tuple[list, list, list, list]
-    ) -> None:
-        """Start a new run here (the caller holds :meth:`lock`); refuses a directory that
-        already holds one. ``run.json`` is written last: until it is there, a failure leaves a
-        directory that a new run may use again."""
+    def create(self, meta: Mapping[str, Any], examples: tuple[list, list, list, list, Any] | None = None,
+               config_toml: str | None = None) -> None:
+        """Start a new run here (the caller holds :meth:`lock`): ``config.toml`` (a run of
+        ``inrun train``) and ``examples.parquet`` when given, then ``run.json``, last: until it is
+        there, a failure leaves a directory that a new run may use again."""
         if self.exists:
-            raise RunDirError(
-                f"{self.path} already holds a run. Continue it with `inrun train --resume "
-                f"{self.path}`, or choose another output directory (config key 'output')."
-            )
-        atomic_write(self.file(CONFIG_FILE), lambda p: Path(p).write_text(config_toml, encoding="utf-8"))
-        self.write_examples(*examples)
+            raise RunDirError(f"{self.path} already holds a run")
+        if config_toml is not None:
+            atomic_write(self.file(CONFIG_FILE), lambda p: Path(p).write_text(config_toml, encoding="utf-8"))
+        if examples is not None:
+            self.write_examples(*examples)
         write_json(self.file(META_FILE), meta)
 
     def meta(self) -> dict[str, Any]:
@@ -292,23 +291,16 @@ class RunDir:
         """Whether inrun can run this run again (``inrun train --resume``, ``curate --retrain``)."""
         return self.kind == "cli"
 
-    def create_run(self, meta: Mapping[str, Any], examples: tuple[list, list, list, list, Any] | None) -> None:
-        """Start a run of another loop than ``inrun train`` (the caller holds :meth:`lock`):
-        ``examples.parquet`` when the examples are described, then ``run.json``, last."""
-        if self.exists:
-            raise RunDirError(f"{self.path} already holds a run")
-        if examples is not None:
-            self.write_examples(*examples)
-        write_json(self.file(META_FILE), meta)
-
     @property
     def legacy(self) -> bool:
         """Written by an inrun before checksums (format 1): readable, not verified."""
         return self.meta().get("format") == 1
 
-    def check_meta(self, expected: Mapping[str, Any]) -> None:
-        """Refuse to resume unless the saved metadata matches what this run would produce."""
-
+    def check_meta(self, expected: Mapping[str, Any], keys: tuple[str, ...] = CHECKED_KEYS,
+                   same: str = "config, data and inrun version") -> None:
+        """Refuse to resume unless the saved metadata matches what this run would produce in
+        ``keys`` (``inrun train``'s by default; a library run checks its tracker, model and
+        examples); ``same`` says what a resume must keep."""
         saved = self.meta()
         if saved.get("format") == 1:
             raise RunDirError(
@@ -316,22 +308,23 @@ class RunDir:
                 f"(format 1); resume it with that version, or start a new run"
             )
         problems = []
-        for key in CHECKED_KEYS:
+        for key in keys:
             if saved.get(key) == expected.get(key):
                 continue
             if key == "config":
-                keys = config_diff(saved.get("config", {}), expected.get("config", {}))
-                problems.append(f"config differs in {', '.join(keys)}")
+                differ = config_diff(saved.get("config", {}), expected.get("config", {}))
+                problems.append(f"config differs in {', '.join(differ)}")
             elif key in ("train_hash", "validation_hash"):
                 which = "training" if key == "train_hash" else "validation"
                 problems.append(f"the {which} data changed ({key} {str(saved.get(key, ''))[:12]} -> {str(expected.get(key, ''))[:12]})")
             else:
-                problems.append(f"{key} was {saved.get(key)!r}, now {expected.get(key)!r}")
+                problems.append(f"{key} was {_short(saved.get(key))}, now {_short(expected.get(key))}")
+        if saved.get("examples_hash") and expected.get("examples_hash") and saved["examples_hash"] != expected["examples_hash"]:
+            problems.append("the examples (ids or sources) changed")
         if problems:
             raise RunDirError(
                 f"cannot resume {self.path}: " + "; ".join(problems) + ". Resuming would mix values "
-                "of different runs. Resume with the same config, data and inrun version, or start "
-                "a new run in another directory."
+                f"of different runs: resume with the same {same}, or start a new run in another directory."
             )
         if saved.get("torch_version") != expected.get("torch_version"):
             logger.warning(
@@ -612,6 +605,7 @@ class RunDir:
         if not isinstance(state, dict) or state.get("step") != manifest["step"]:
             raise IntegrityError(f"{path / CHECKPOINT_STATE} does not hold step {manifest['step']}")
         ledger = None
+        state = _one_schema(state)
         if f"ledger/{LEDGER_META_FILE}" in manifest["files"]:
             ledger = ValueLedger.load(path / "ledger", trace_dir=trace_dir)
         elif state.get("tracker") is not None:
@@ -735,6 +729,23 @@ class RunDir:
         for _, path in self.checkpoints():
             check(f"{CHECKPOINTS}/{path.name}", lambda p=path: self.load_checkpoint(p, torch.device("cpu")))
         return problems
+
+
+def _one_schema(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's state in the one schema every loop writes (format 3): ``step``, ``tracker``,
+    ``objects`` (state dicts by name), ``rng``, ``extra``. Format 2 checkpoints of ``inrun train``
+    kept ``model``, ``optimizer`` and ``schedule`` at the top and ``data``, ``forced_skips`` beside."""
+    if "objects" in state:
+        return state
+    objects = {k: state[k] for k in ("model", "optimizer", "schedule") if k in state}
+    extra = {k: state[k] for k in ("data", "forced_skips") if k in state}
+    return {"format": state.get("format"), "step": state.get("step"), "tracker": state.get("tracker"),
+            "objects": objects, "rng": state.get("rng"), "extra": extra}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str, sort_keys=True) if not isinstance(value, str) else repr(value)
+    return one_line(text, 120)
 
 
 def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:

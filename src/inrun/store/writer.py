@@ -28,25 +28,32 @@ Choosing the same batches is your loop's part: make the data order a function of
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from ..errors import one_line
 from ..modes import evaluating
-from ..tracking.admission import check_ids
 from ..version import __version__
-from .files import read_json, write_json
+from .examples import Examples, examples_from
+from .files import DirLock, read_json, write_json
 from .ledger import ValueLedger
-from .rundir import RUN_FORMAT, Metrics, RunDir, RunDirError, model_fingerprint
+from .rundir import (
+    CHECKPOINT_FORMAT,
+    RUN_FORMAT,
+    Metrics,
+    Restored,
+    RunDir,
+    RunDirError,
+    model_fingerprint,
+)
 from .summary import write_summary
 
 logger = logging.getLogger(__name__)
@@ -55,7 +62,6 @@ __all__ = ["KINDS", "TRACKER_FILE", "Examples", "RunWriter", "examples_from", "r
 
 KINDS = ("cli", "library", "trainer", "lightning")
 TRACKER_FILE = "tracker.json"
-PREVIEW_CHARS = 240
 # What must match for a run of your own loop to be resumed: anything else mixes runs.
 RESUME_KEYS = ("format", "kind", "inrun_version", "tracker_config", "model_fingerprint")
 
@@ -87,115 +93,6 @@ class Tracked(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-@dataclass
-class Examples:
-    """What the report shows of each training example (``examples.parquet``)."""
-
-    ids: list
-    sources: list[str | None]
-    locations: list[str]
-    previews: list[str]
-    lengths: list[int | None] | None = None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def fingerprint(self) -> str:
-        """SHA-256 of ids and sources: a resumed run must describe the same examples."""
-        return hashlib.sha256(json.dumps([[i, s] for i, s in zip(self.ids, self.sources)]).encode()).hexdigest()
-
-    def columns(self) -> tuple[list, list, list, list, list | None]:
-        return self.ids, self.sources, self.locations, self.previews, self.lengths
-
-
-def examples_from(
-    data: Any,
-    *,
-    id_column: str = "id",
-    source_column: str = "source",
-    text_columns: Sequence[str] = ("preview", "text"),
-    location_column: str = "location",
-    length_column: str = "length",
-) -> Examples | None:
-    """Describe the training examples for the report, from a table with an id column.
-
-    Args:
-        data: ``None``; a ``pandas.DataFrame``, a ``datasets.Dataset`` or a mapping of columns
-            (``{"id": [...], "source": [...], "text": [...]}``); or a plain sequence of ids.
-            Columns used when present: the id (required), ``source`` (grouping in the report
-            and in ``summary.json``), ``preview`` or else ``text`` (cut to 240 characters),
-            ``location`` (where the example comes from), ``length`` (tokens; checked against
-            the values, see :func:`inrun.store.summary.summarize`).
-
-    Raises:
-        TypeError: ids that are not ``int``/``str``, or a table without the id column.
-        ValueError: an id that appears twice.
-    """
-    if data is None:
-        return None
-    if isinstance(data, (list, tuple)) or (hasattr(data, "tolist") and not hasattr(data, "columns")):
-        ids = check_ids(data)
-        return _examples(ids, {}, id_column)
-    names = _column_names(data)
-    if id_column not in names:
-        raise TypeError(
-            f"the examples table has no {id_column!r} column (it has {sorted(names)[:12]}); give "
-            "every training example an id column, or name it with id_column="
-        )
-
-    def column(name: str) -> list | None:
-        return list(data[name]) if name in names else None
-
-    cols = {
-        "source": column(source_column),
-        "preview": next((column(c) for c in text_columns if c in names), None),
-        "location": column(location_column),
-        "length": column(length_column),
-    }
-    return _examples(check_ids(column(id_column)), cols, id_column)
-
-
-def _column_names(data: Any) -> set[str]:
-    if hasattr(data, "column_names"):  # datasets.Dataset
-        return set(data.column_names)
-    if hasattr(data, "columns"):  # pandas.DataFrame
-        return {str(c) for c in data.columns}
-    if isinstance(data, Mapping):
-        return set(data)
-    raise TypeError(
-        f"examples must be a table (pandas.DataFrame, datasets.Dataset, a mapping of columns) or a "
-        f"sequence of ids, got {type(data).__name__}"
-    )
-
-
-def _examples(ids: list, cols: Mapping[str, list | None], id_column: str) -> Examples:
-    seen: set = set()
-    for i in ids:
-        if i in seen:
-            raise ValueError(f"example id {i!r} appears more than once in the examples table; ids must be unique")
-        seen.add(i)
-    n = len(ids)
-
-    def text(values: list | None, default: str = "") -> list[str]:
-        if values is None:
-            return [default] * n
-        out = []
-        for v in values:
-            s = "" if v is None else str(v)
-            out.append(s if len(s) <= PREVIEW_CHARS else s[: PREVIEW_CHARS - 1] + "…")
-        return out
-
-    sources = cols.get("source")
-    lengths = cols.get("length")
-    return Examples(
-        ids=ids,
-        sources=[None if s is None else str(s) for s in sources] if sources is not None else [None] * n,
-        locations=text(cols.get("location")),
-        previews=text(cols.get("preview")),
-        lengths=[None if x is None else int(x) for x in lengths] if lengths is not None else None,
-    )
-
-
 def tracker_info(tracker: Tracked) -> dict[str, Any]:
     """What ``tracker.json`` holds: settings, the route of every parameter, the valued modules
     (:meth:`inrun.InRunShapley.describe`)."""
@@ -203,7 +100,8 @@ def tracker_info(tracker: Tracked) -> dict[str, Any]:
 
 
 class RunWriter:
-    """A run directory written from your own training loop (see the module docstring).
+    """A run directory written from a training loop (see the module docstring): the one writer of
+    every run, ``inrun train``'s included (:meth:`for_config`).
 
     Args:
         path: the run directory (created; a new run refuses a directory that holds one).
@@ -270,11 +168,38 @@ class RunWriter:
             raise ValueError(f"resume={resume!r} must be True, False or 'auto'")
         if keep is not None and keep < 1:
             raise ValueError(f"keep={keep!r} must be at least 1, or None to keep every checkpoint")
-        self.rd = RunDir(path)
-        self.tracker = tracker
+        examples = examples if isinstance(examples, Examples) or examples is None else examples_from(examples)
+        self._setup(RunDir(path), kind, examples, keep, total_steps, evaluate, rng)
+        self._attach(tracker, state)
+        resuming = resume is True or (resume == "auto" and self.rd.exists)
+        if resume is True and not self.rd.exists:
+            raise RunDirError(f"cannot resume {self.rd.path}: it holds no run (no run.json); start a new one with resume=False")
+        self._lock = self.rd.lock()
+        try:
+            if resuming:
+                self._resume(metadata, restored, at_step)
+            else:
+                self._create(description, metadata, restored)
+        except BaseException:
+            self._release()
+            raise
+
+    @classmethod
+    def for_config(cls, rd: RunDir, lock: DirLock, *, examples: Examples, keep: int, total_steps: int) -> RunWriter:
+        """The writer of an ``inrun train`` run (:mod:`inrun.run.runner`), whose loop evaluates
+        the validation loss itself and holds ``rd``'s lock already: it then :meth:`create`s the
+        run or checks it, and :meth:`begin`s each session of its loop."""
+        self = cls.__new__(cls)
+        self._setup(rd, "cli", examples, keep, total_steps, evaluate=False, rng=True)
+        self._attach(None, {})
+        self._lock = lock
+        return self
+
+    def _setup(self, rd: RunDir, kind: str, examples: Examples | None, keep: int | None, total_steps: int | None,
+               evaluate: bool, rng: bool) -> None:
+        self.rd = rd
         self.kind = kind
-        self.examples = examples if isinstance(examples, Examples) or examples is None else examples_from(examples)
-        self.state_objects = dict(state) if state is not None else {"model": tracker.module, "optimizer": tracker.optimizer}
+        self.examples = examples
         self.keep = keep
         self.total_steps = total_steps
         self.evaluate = evaluate
@@ -282,30 +207,29 @@ class RunWriter:
         self.extra: dict[str, Any] = {}
         self.info: dict[str, Any] = {}  # more facts for tracker.json (the integrations' settings)
         self.start_step = 0
-        self._external = restored
-        self._at_step = at_step
         self.resumed = False
-        self._rows: dict[int, list[float]] = {}  # step -> [train_loss, lr, val_loss]
+        self._rows: dict[int, list[Any]] = {}  # step -> [train_loss, lr, val_loss, skipped or None]
         self._t0 = time.perf_counter()
         self._finished = False
-        self._lock = None
-        resuming = resume is True or (resume == "auto" and self.rd.exists)
-        if resume is True and not self.rd.exists:
-            raise RunDirError(f"cannot resume {self.rd.path}: it holds no run (no run.json); start a new one with resume=False")
-        self._lock = self.rd.lock()
-        try:
-            if resuming:
-                self._resume(metadata)
-            else:
-                self._create(description, metadata)
-        except BaseException:
-            self._lock.release()
-            self._lock = None
-            raise
+        self._lock: DirLock | None = None
+
+    def _attach(self, tracker: Tracked | None, state: Mapping[str, Any] | None) -> None:
+        self.tracker = tracker
+        if state is not None:
+            self.state_objects = dict(state)
+        else:
+            assert tracker is not None
+            self.state_objects = {"model": tracker.module, "optimizer": tracker.optimizer}
+
+    @property
+    def ledger(self) -> ValueLedger | None:
+        """The tracker's ledger (``None`` for a run without values)."""
+        return None if self.tracker is None else self.tracker.ledger
 
     # -- opening ------------------------------------------------------------------------------------
     def _meta(self, description: str, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         t = self.tracker
+        assert t is not None
         unique = {id(p): p for p in t.module.parameters()}
         return {
             "format": RUN_FORMAT,
@@ -327,94 +251,104 @@ class RunWriter:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
-    def _create(self, description: str, metadata: Mapping[str, Any] | None) -> None:
-        rd = self.rd
-        if rd.exists:
-            raise RunDirError(
-                f"{rd.path} already holds a run. Continue it with RunWriter(..., resume=True), or "
-                "choose another directory"
-            )
-        if rd.checkpoints() or rd.trace_store.exists():
-            raise RunDirError(f"{rd.path} holds checkpoints or a trace but no run.json; choose another directory, or delete it")
-        meta = self._meta(description, metadata)
-        ledger = self.tracker.ledger
-        if ledger.keep_trace and ledger.trace_dir is None and not ledger.trace_part_names():
-            ledger.trace_dir = rd.trace_store  # trace parts are written once, then linked
-            rd.trace_store.mkdir(parents=True, exist_ok=True)
-        self._describe_sources(ledger)
-        rd.create_run(meta, self.examples.columns() if self.examples is not None else None)
+    def create(self, meta: Mapping[str, Any], config_toml: str | None = None) -> None:
+        """Start a new run: ``config.toml`` (a run of ``inrun train``), the examples, then
+        ``run.json``, last (until it is there, a failure leaves a directory a new run may use)."""
+        if self.rd.exists:
+            how = (f"`inrun train --resume {self.rd.path}`, or choose another output directory (config key 'output')"
+                   if self.kind == "cli" else "RunWriter(..., resume=True), or choose another directory")
+            raise RunDirError(f"{self.rd.path} already holds a run. Continue it with {how}.")
+        if self.rd.checkpoints() or self.rd.trace_store.exists():
+            raise RunDirError(f"{self.rd.path} holds checkpoints or a trace but no run.json; choose another directory, or delete it")
+        self.rd.create(meta, self.examples.columns() if self.examples is not None else None, config_toml)
+
+    def _create(self, description: str, metadata: Mapping[str, Any] | None, external: Metrics | None) -> None:
+        self.create(self._meta(description, metadata))
+        self._prepare(self.tracker)
+        assert self.tracker is not None
         self.start_step = self.tracker.step_count
-        if self._external is not None:
-            self._rows = _rows_of(self._external)
+        if external is not None:
+            self._rows = _rows_of(external)
         if self.evaluate and self.start_step == 0:
             self.log(val_loss=self._validation_loss(), step=0)
-        rd.write_status("running", self.start_step, self.total_steps or 0)
+        self._status("running", self.start_step)
 
-    def _describe_sources(self, ledger: ValueLedger) -> None:
+    def _prepare(self, tracker: Tracked | None) -> None:
+        """A new ledger's trace parts go to the run's trace store (written once, then linked);
+        its sources are the examples'."""
+        if tracker is None:
+            return
+        ledger = tracker.ledger
+        if ledger.keep_trace and ledger.trace_dir is None and not ledger.trace_part_names():
+            ledger.trace_dir = self.rd.trace_store
+            self.rd.trace_store.mkdir(parents=True, exist_ok=True)
         if self.examples is not None:
             sources = {i: s for i, s in zip(self.examples.ids, self.examples.sources) if s is not None}
             if sources:
                 ledger.set_sources(sources)
 
-    def _resume(self, metadata: Mapping[str, Any] | None) -> None:
+    def _resume(self, metadata: Mapping[str, Any] | None, external: Metrics | None, at_step: int | None) -> None:
         rd = self.rd
-        saved = rd.meta()
-        if saved.get("kind", "cli") == "cli":
+        if rd.kind == "cli":
             raise RunDirError(f"{rd.path} is a run of `inrun train`; continue it with `inrun train --resume {rd.path}`")
-        expected = self._meta("", metadata)
-        problems = [
-            f"{key} was {_short(saved.get(key))}, now {_short(expected.get(key))}"
-            for key in RESUME_KEYS if saved.get(key) != expected.get(key)
-        ]
-        if saved.get("examples_hash") and expected["examples_hash"] and saved["examples_hash"] != expected["examples_hash"]:
-            problems.append("the examples (ids or sources) changed")
-        if problems:
-            raise RunDirError(
-                f"cannot resume {rd.path}: " + "; ".join(problems) + ". Resuming would mix values of "
-                "different runs: resume with the same tracker settings, model and examples, or start "
-                "a new run in another directory."
-            )
+        rd.check_meta(self._meta("", metadata), RESUME_KEYS, "tracker settings, model and examples")
         rd.clean_temporary()
-        if self._external is not None:  # the loop restored the tracker from its own checkpoint
+        if external is not None:  # the loop restored the tracker from its own checkpoint
+            assert self.tracker is not None
             self.resumed = True
-            self._rows = {s: r for s, r in _rows_of(self._external).items() if s <= self.tracker.step_count}
+            self._rows = {s: r for s, r in _rows_of(external).items() if s <= self.tracker.step_count}
             self.start_step = self.tracker.step_count
             self.rd.save_results(self.tracker.ledger, self._metrics(), prune_trace=True, audit=self.tracker.audit)
-            rd.write_status("running", self.start_step, self.total_steps or 0)
+            self._status("running", self.start_step)
             return
-        restored = rd.restore(torch.device("cpu"), max_step=self._at_step, values=True)
-        if self._at_step is not None and restored.step != self._at_step:
-            raise RunDirError(
-                f"cannot resume {rd.path} at step {self._at_step}: it has no intact checkpoint of that step "
-                f"(the newest before it is step {restored.step}), so its values cannot be restored exactly. "
-                "Resume from the checkpoint of a step it has, or start a new run in another directory"
-            )
-        if self._at_step is not None:
-            rd.discard_checkpoints_after(self._at_step)
-        for name, why in restored.skipped:
-            logger.warning("skipped damaged checkpoint %s (%s); it was moved aside as damaged-%s", name, why, name)
-        self.resumed = True
-        if restored.state is None:  # killed before the first checkpoint: the run starts again
-            self._rows = {}
-            self._describe_sources(self.tracker.ledger)
-            if self.tracker.ledger.keep_trace and self.tracker.ledger.trace_dir is None:
-                self.tracker.ledger.trace_dir = rd.trace_store
-            rd.save_results(None, Metrics(), prune_trace=True, audit=self.tracker.audit)
-            self.start_step = 0
-            if self.evaluate:
-                self.log(val_loss=self._validation_loss(), step=0)
-        else:
-            self._restore(restored)
-        rd.write_status("running", self.start_step, self.total_steps or 0)
+        self.begin(self.tracker, None, restore=True, at_step=at_step)
+        if self.start_step == 0 and self.evaluate:
+            self.log(val_loss=self._validation_loss(), step=0)
 
-    def _restore(self, restored: Any) -> None:
+    def begin(self, tracker: Tracked | None, state: Mapping[str, Any] | None, *, restore: bool,
+              max_step: int | None = None, at_step: int | None = None) -> Restored:
+        """Start a session of the loop with this ``tracker`` (``None``: no values) and these
+        objects: with ``restore``, from the newest intact checkpoint (at most ``max_step``, or
+        exactly ``at_step``), its objects, tracker, random-number state and :attr:`extra` loaded
+        back and the top-level results rewritten from it; otherwise from step 0."""
+        self._attach(tracker, state if state is not None else self.state_objects)
+        self._prepare(tracker)
+        rd = self.rd
+        restored = Restored(0, None, None, None, Metrics())
+        if restore:
+            restored = rd.restore(torch.device("cpu"), max_step=at_step if at_step is not None else max_step,
+                                  values=tracker is not None)
+            if at_step is not None and restored.step != at_step:
+                raise RunDirError(
+                    f"cannot resume {rd.path} at step {at_step}: it has no intact checkpoint of that step "
+                    f"(the newest before it is step {restored.step}), so its values cannot be restored exactly. "
+                    "Resume from the checkpoint of a step it has, or start a new run in another directory"
+                )
+            if at_step is not None:
+                rd.discard_checkpoints_after(at_step)
+            for name, why in restored.skipped:
+                logger.warning("skipped damaged checkpoint %s (%s); it was moved aside as damaged-%s", name, why, name)
+            self.resumed = True
+        self.extra = {}
+        self._rows = {}
+        self.start_step = 0
+        if restored.state is not None:
+            self._load(restored)
+        if restore:  # the top-level results are those of the restored checkpoint again
+            rd.save_results(self.ledger, self._metrics(), prune_trace=True, audit=self._audit())
+        self._status("running", self.start_step)
+        return restored
+
+    def _load(self, restored: Restored) -> None:
         state = restored.state
+        assert state is not None
         missing = sorted(set(self.state_objects) - set(state.get("objects", {})))
         if missing:
             raise RunDirError(f"{restored.path} has no saved state for {missing}; checkpoint them with state={{...}}")
         for name, obj in self.state_objects.items():
             obj.load_state_dict(state["objects"][name])
-        self.tracker.load_state_dict(state["tracker"], restored.ledger)
+        if self.tracker is not None:
+            self.tracker.load_state_dict(state["tracker"], restored.ledger)
         rng = state.get("rng")
         if self.rng and rng:
             torch.set_rng_state(rng["torch"])
@@ -423,12 +357,11 @@ class RunWriter:
         self.extra = dict(state.get("extra") or {})
         self._rows = _rows_of(restored.metrics)
         self.start_step = int(state["step"])
-        self.rd.save_results(restored.ledger, self._metrics(), prune_trace=True, audit=self.tracker.audit)
         logger.info("resuming %s from step %d", self.rd.path, self.start_step)
 
     # -- while training -------------------------------------------------------------------------------
     def log(self, train_loss: float | None = None, *, val_loss: float | None = None, step: int | None = None,
-            lr: float | None = None) -> None:
+            lr: float | None = None, skipped: bool | None = None) -> None:
         """Record the loss of a step for the report's curves (call it after ``optimizer.step()``).
 
         Args:
@@ -436,18 +369,35 @@ class RunWriter:
             val_loss: a validation loss measured at the parameters after ``step`` steps.
             step: steps done (default: the tracker's step count, i.e. after the last optimizer step).
             lr: the step's learning rate (default: the first parameter group's, now).
+            skipped: whether the step was skipped (default: as the ledger recorded it).
         """
-        step = self.tracker.step_count if step is None else int(step)
+        if step is None:
+            assert self.tracker is not None, "log(step=...) in a run without values"
+            step = self.tracker.step_count
+        step = int(step)
         row = self._rows.get(step)
         if row is None:
-            rate = lr if lr is not None else float(self.tracker.optimizer.param_groups[0]["lr"])
-            row = self._rows[step] = [math.nan, float(rate), math.nan]
+            if lr is None:
+                assert self.tracker is not None, "log(lr=...) in a run without values"
+                lr = float(self.tracker.optimizer.param_groups[0]["lr"])
+            row = self._rows[step] = [math.nan, float(lr), math.nan, None]
         if train_loss is not None:
             row[0] = float(train_loss)
         if val_loss is not None:
             row[2] = float(val_loss)
+        if skipped is not None:
+            row[3] = bool(skipped)
 
-    def checkpoint(self, extra: Mapping[str, Any] | None = None, ledger: ValueLedger | None = None) -> Path:
+    def logged(self, step: int) -> bool:
+        """Whether the curves have a row for ``step``."""
+        return int(step) in self._rows
+
+    def forget_after(self, step: int) -> None:
+        """Drop the curves' rows after ``step`` (a step whose update is taken out again)."""
+        self._rows = {s: r for s, r in self._rows.items() if s <= step}
+
+    def checkpoint(self, extra: Mapping[str, Any] | None = None, ledger: ValueLedger | None = None,
+                   step: int | None = None) -> Path:
         """Everything needed to continue after the steps done so far, written atomically.
 
         Args:
@@ -455,12 +405,14 @@ class RunWriter:
                 :attr:`extra` on resume: an epoch counter, a sampler's position.
             ledger: the ledger to save (default ``tracker.ledger``; under DDP the integrations
                 pass the merged one).
+            step: steps done (default: the tracker's step count).
         """
         t = self.tracker
+        step = t.step_count if step is None and t is not None else int(step)  # type: ignore[arg-type]
         state = {
-            "format": RUN_FORMAT,
-            "step": t.step_count,
-            "tracker": t.state_dict(),  # completes a pending order-2 step first
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "tracker": t.state_dict() if t is not None else None,  # completes a pending order-2 step first
             "objects": {name: obj.state_dict() for name, obj in self.state_objects.items()},
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -468,26 +420,30 @@ class RunWriter:
             } if self.rng else None,
             "extra": dict(extra or {}),
         }
-        ledger = ledger if ledger is not None else t.ledger
-        step = t.step_count
+        ledger = ledger if ledger is not None else self.ledger
         self._evaluate_at(step)
-        ledger.commit()
+        if ledger is not None:
+            ledger.commit()  # a checkpointed step is good for good
         keep = self.keep if self.keep is not None else 1 << 30
         path = self.rd.write_checkpoint(step, state, ledger, self._metrics(ledger), keep)
-        self.rd.save_results(ledger, self._metrics(ledger), audit=self.tracker.audit)
+        self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
         self._write_tracker()
-        self.rd.write_status("running", step, self.total_steps or 0)
+        self._status("running", step)
         return path
 
-    def save(self, ledger: ValueLedger | None = None) -> None:
+    def save(self, ledger: ValueLedger | None = None, step: int | None = None) -> None:
         """The values and curves so far at the top of the run directory (no checkpoint): what
         ``inrun report`` reads. Between optimizer steps only."""
-        ledger = ledger if ledger is not None else self.tracker.ledger
-        self._evaluate_at(self.tracker.step_count)
-        ledger.commit()
-        self.rd.save_results(ledger, self._metrics(ledger), audit=self.tracker.audit)
+        ledger = ledger if ledger is not None else self.ledger
+        step = self.tracker.step_count if step is None and self.tracker is not None else step
+        if step is not None:
+            self._evaluate_at(step)
+        if ledger is not None:
+            ledger.commit()
+        self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
         self._write_tracker()
-        self.rd.write_status("running", self.tracker.step_count, self.total_steps or 0)
+        if step is not None:
+            self._status("running", step)
 
     def metrics(self) -> Metrics:
         """The curves recorded so far (as ``metrics.parquet`` holds them)."""
@@ -500,63 +456,92 @@ class RunWriter:
     def _validation_loss(self) -> float:
         """``tracker.val_loss`` at the current parameters: no gradient, validation mode, own RNG."""
         t = self.tracker
+        assert t is not None
         devices = sorted({p.device.index or 0 for p in t.module.parameters() if p.device.type == "cuda"})
         with evaluating(t.module, t.config.val_mode == "eval"), torch.no_grad(), torch.random.fork_rng(devices=devices):
             loss = t.val_loss(t.module)
         return float(loss.detach().double().sum()) if isinstance(loss, torch.Tensor) else float(loss)
 
     def _metrics(self, ledger: ValueLedger | None = None) -> Metrics:
-        ledger = ledger if ledger is not None else self.tracker.ledger
-        skipped = {int(s["step"]) + 1 for s in ledger.skipped}
+        ledger = ledger if ledger is not None else self.ledger
+        skipped = {int(s["step"]) + 1 for s in ledger.skipped} if ledger is not None else set()
         m = Metrics()
         for step in sorted(self._rows):
-            train_loss, lr, val_loss = self._rows[step]
-            m.append(step, train_loss, lr, val_loss, step in skipped)
+            train_loss, lr, val_loss, flag = self._rows[step]
+            m.append(step, train_loss, lr, val_loss, step in skipped if flag is None else flag)
         return m
 
+    def _audit(self) -> Any:
+        return None if self.tracker is None else self.tracker.audit
+
     def _write_tracker(self) -> None:
-        write_json(self.rd.file(TRACKER_FILE), {**tracker_info(self.tracker), **self.info}, fsync=False)
+        if self.tracker is not None:
+            write_json(self.rd.file(TRACKER_FILE), {**tracker_info(self.tracker), **self.info}, fsync=False)
+
+    def _status(self, state: str, step: int, message: str = "", **extra: Any) -> None:
+        self.rd.write_status(state, step, self.total_steps or 0, message, **extra)
+
+    def resume_hint(self) -> str:
+        """How this run continues after it ended early."""
+        if self.kind == "cli":
+            return f"`inrun train --resume {self.rd.path}`"
+        return "your loop, opening it with RunWriter(..., resume=True)"
 
     # -- the end --------------------------------------------------------------------------------------
-    def finish(self, checkpoint: bool = True, ledger: ValueLedger | None = None) -> RunDir:
+    def finish(self, checkpoint: bool = True, ledger: ValueLedger | None = None, step: int | None = None) -> RunDir:
         """Complete the run: final values and curves, ``summary.json``, status ``complete``, and
         (with ``checkpoint``) a last checkpoint, so that a longer run can resume from it."""
         if self._finished:
             return self.rd
         try:
             t = self.tracker
-            t.flush()
+            if t is not None:
+                t.flush()
+                step = t.step_count if step is None else step
+            assert step is not None
             if checkpoint:
-                self.checkpoint(ledger=ledger)
-            ledger = ledger if ledger is not None else t.ledger
-            self._evaluate_at(t.step_count)
-            ledger.commit()
-            self.rd.save_results(ledger, self._metrics(ledger), audit=self.tracker.audit)
+                self.checkpoint(ledger=ledger, step=step)
+            ledger = ledger if ledger is not None else self.ledger
+            self._evaluate_at(step)
+            if ledger is not None:
+                ledger.commit()
+            self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
             self._write_tracker()
-            self.rd.write_status("complete", t.step_count, self.total_steps or t.step_count,
-                                 seconds=time.perf_counter() - self._t0)
-            write_summary(self.rd)
+            self.rd.write_status("complete", step, self.total_steps or step, seconds=time.perf_counter() - self._t0)
+            if ledger is not None:
+                write_summary(self.rd)
         finally:
             self._finished = True
             self._release()
         return self.rd
 
-    def fail(self, exc: BaseException, ledger: ValueLedger | None = None) -> None:
-        """End the run as ``failed`` (or ``interrupted`` for Ctrl-C), values of the steps done saved."""
+    def fail(self, exc: BaseException, ledger: ValueLedger | None = None, step: int | None = None) -> None:
+        """End the run as ``failed`` (or ``interrupted`` for Ctrl-C), the values of the steps
+        done saved when the disk allows; the status says whether they were."""
         state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        step = self.tracker.step_count
-        cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        step = self.tracker.step_count if step is None and self.tracker is not None else (step or 0)
+        saved = ""
         try:
-            ledger = ledger if ledger is not None else self.tracker.ledger
-            if not self.tracker.in_step:
+            ledger = ledger if ledger is not None else self.ledger
+            if self.tracker is not None and not self.tracker.in_step:
                 self.tracker.flush()
-            ledger.commit()
-            self.rd.save_results(ledger, self._metrics(ledger), audit=self.tracker.audit)
+            if ledger is not None:
+                ledger.commit()
+            self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
+            if ledger is not None and ledger.steps > 0:
+                saved = f" Values of steps 0-{ledger.steps - 1} are saved."
         except Exception as again:  # the error that ended the run is what the caller sees
-            logger.warning("could not save the values after the failure: %s", again)
+            logger.warning("could not save the values after the failure: %s", one_line(again))
+        self.stop(state, step, f"{state} at step {step}: {one_line(exc, 300)}.{saved} Fix the cause, then continue "
+                               f"with {self.resume_hint()}.")
+
+    def stop(self, state: str, step: int, message: str) -> None:
+        """End the run early as ``state`` (``stopped``, ``interrupted``, ``failed``) with
+        ``message`` in ``status.json``, and let another process in."""
         try:
-            self.rd.write_status(state, step, self.total_steps or 0,
-                                 f"{state} at step {step}: {cause}. Resume from your loop with RunWriter(..., resume=True).")
+            self._status(state, step, message)
+        except OSError as exc:
+            logger.warning("could not write %s: %s", self.rd.file("status.json"), one_line(exc))
         finally:
             self._finished = True
             self._release()
@@ -595,11 +580,6 @@ def read_tracker_info(rd: RunDir) -> dict[str, Any] | None:
     return read_json(path, "the tracker's settings and routes")
 
 
-def _rows_of(metrics: Metrics) -> dict[int, list[float]]:
-    return {int(s): [float(a), float(lr), float(v)] for s, a, lr, v in
-            zip(metrics.step, metrics.train_loss, metrics.lr, metrics.val_loss)}
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, default=str, sort_keys=True) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 120 else text[:119] + "…"
+def _rows_of(metrics: Metrics) -> dict[int, list[Any]]:
+    return {int(s): [float(a), float(lr), float(v), bool(k)] for s, a, lr, v, k in
+            zip(metrics.step, metrics.train_loss, metrics.lr, metrics.val_loss, metrics.skipped)}
