@@ -49,6 +49,9 @@ class EmbeddingHandler(LayerHandler):
         rows = U[:, ids]  # (K, B|1, T, dim)
         return {"weight": (rows * D.unsqueeze(0)).sum(dim=(2, 3)).T}
 
+    def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
+        return x.dim() >= 2
+
     def gradient_rows(self, module: nn.Module, saved: Tensor) -> Tensor:
         """The looked-up ids (the padding row gets no gradient)."""
         ids = saved.reshape(-1)

@@ -120,7 +120,8 @@ class JVPHandler(LayerHandler):
 def contract_outputs(
     tangents: Sequence[Any], grads: Sequence[Tensor | None], rows: Sequence[Rows | None], like: Tensor,
 ) -> Tensor:
-    """``[B]``: ``Σ_outputs Σ_{rows of z} grad ⊙ tangent`` per example."""
+    """``[B]``: ``Σ_outputs Σ_{rows of z} grad ⊙ tangent`` per example; with ``segmented`` rows
+    ``[B·T]`` per position (the caller sums them by document, or keeps them as token values)."""
     total: Tensor | None = None
     for t, g, r in zip(tangents, grads, rows):
         if g is None or r is None or not isinstance(t, Tensor):
@@ -128,7 +129,10 @@ def contract_outputs(
         per_row = (t.to(like.dtype) * g.to(like.dtype))
         if r.dim:
             per_row = per_row.movedim(r.dim, 0)
-        part = reduce_rows(per_row.reshape(per_row.shape[0], -1).sum(dim=1, keepdim=True), r)[:, 0]
+        if r.kind == "segmented":
+            part = per_row.reshape(r.index.numel(), -1).sum(dim=1)  # (B·T,)
+        else:
+            part = reduce_rows(per_row.reshape(per_row.shape[0], -1).sum(dim=1, keepdim=True), r)[:, 0]
         total = part if total is None else total + part
     if total is None:
         raise UnsupportedModuleError("no output of the module received a gradient with a batch dimension")

@@ -100,6 +100,9 @@ class LinearHandler(LayerHandler):
             out["bias"] = D.sum(dim=1) @ ub.T
         return out
 
+    def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
+        return x.dim() >= 3
+
     def vector_cost(self, module: nn.Module) -> float:
         d, p = self.in_out_features(module)
         return float(d * p)

@@ -68,12 +68,18 @@ class _AffineNormHandler(LayerHandler):
 class LayerNormHandler(_AffineNormHandler):
     name = "layernorm"
 
+    def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
+        return x.dim() - len(module.normalized_shape) >= 2
+
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
 
 class RMSNormHandler(_AffineNormHandler):
     name = "rmsnorm"
+
+    def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
+        return x.dim() - len(module.normalized_shape) >= 2
 
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
@@ -121,6 +127,11 @@ class ElementwiseAffineHandler(_AffineNormHandler):
     """Norm modules from other libraries (e.g. ``LlamaRMSNorm``): ``x̂ = f(w=1) − f(w=0)``."""
 
     name = "affine_norm"
+
+    def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
+        """A per-feature weight normalizing the last dimensions; proven by the row verification
+        (a module that normalizes over the sequence too gives other dots, and is moved)."""
+        return x.dim() - module.weight.dim() >= 2
 
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         w = module.weight

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ..errors import BatchMismatchError
+from ..errors import BatchMismatchError, UnsupportedModuleError
 from .rows import outputs_cut
+from .segments import Segments
 
 
 @dataclass
@@ -47,6 +48,22 @@ class RootCall:
     """The batched output tensors (leading dimension = the micro-batch), detached."""
     grads: list[Tensor | None] = field(default_factory=list)
     """The user's backward's gradient of each batched output (``None`` if none arrived)."""
+    segments: Segments | None = None
+    """The micro-batch's documents: players are documents, and an output's positions carry them."""
+
+    def player_weights(self, w: Tensor, like: Tensor) -> Tensor:
+        """``[players]`` weights shaped to multiply an output gradient ``like`` (row by row, or
+        position by position with documents)."""
+        if self.segments is None:
+            return _rows(w, like)
+        if not self.segments.matches(like):
+            raise UnsupportedModuleError(
+                f"an output of the model, {tuple(like.shape)}, does not have the [rows, tokens] = "
+                f"{list(self.segments.shape)} positions of segments, so its gradient cannot be split by "
+                "document: with segments, every output of the model with a batch dimension must have "
+                "one position per token (the logits), and the loss must be a sum of per-token terms"
+            )
+        return self.segments.position_weights(w, like)
 
     def replay(self) -> list[Tensor]:
         """The batched outputs of the call run again (with a graph), in the same order. Run it
@@ -111,10 +128,14 @@ class RootCalls:
     model's output gradient can be as large as its logits).
     """
 
-    def __init__(self, module: nn.Module, wanted: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, module: nn.Module, wanted: Callable[[], bool] = lambda: True,
+                 on_call: Callable[[tuple, dict], None] | None = None) -> None:
         self.module = module
         self.wanted = wanted
+        self.on_call = on_call
+        """Told each armed call's inputs as it starts (before its backward)."""
         self.batch: int | None = None
+        self.segments: Segments | None = None
         self.calls: list[RootCall] = []
         self.storages: set[int] = set()
         """Storages of the current micro-batch's model inputs (what depends on the batch)."""
@@ -124,12 +145,12 @@ class RootCalls:
             module.register_forward_hook(self._post, with_kwargs=True),
         ]
 
-    def arm(self, batch: int) -> None:
-        self.batch, self.calls, self._starting = batch, [], []
+    def arm(self, batch: int, segments: Segments | None = None) -> None:
+        self.batch, self.segments, self.calls, self._starting = batch, segments, [], []
         self.storages.clear()
 
     def disarm(self) -> list[RootCall]:
-        calls, self.batch, self.calls, self._starting = self.calls, None, [], []
+        calls, self.batch, self.segments, self.calls, self._starting = self.calls, None, None, [], []
         return calls
 
     @property
@@ -141,7 +162,10 @@ class RootCalls:
             return
         cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
         autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-        self._starting.append(RootCall(module, args, dict(kwargs), (torch.get_rng_state(), cuda), autocast))
+        self._starting.append(RootCall(module, args, dict(kwargs), (torch.get_rng_state(), cuda), autocast,
+                                       segments=self.segments))
+        if self.on_call is not None:
+            self.on_call(args, kwargs)
         leaves, _ = tree_flatten((args, kwargs))
         self.storages.update(x.untyped_storage().data_ptr() for x in leaves if isinstance(x, Tensor))
 
@@ -156,6 +180,12 @@ class RootCalls:
                 f"the model's outputs have {rows or 'no'} row(s) but the step has {self.batch} ids: pass "
                 "exactly one id per row of the batch (per-example values need the model's outputs to "
                 "have one row per example, batch first)"
+            )
+        if self.segments is not None and not any(self.segments.matches(t) for t in outputs):
+            raise BatchMismatchError(
+                f"segments is {list(self.segments.shape)} (rows, tokens) but no output of the model has "
+                f"those positions ({[list(t.shape) for t in outputs]}): give segments one entry per token "
+                "of the model's output (the logits' first two dimensions)"
             )
         call.outputs = [t.detach() for t in outputs]
         call.grads = [None] * len(outputs)
@@ -190,7 +220,8 @@ def weighted_gradients(
             targets, _ = replayed_targets(call)
             for r in range(R):
                 grads = torch.autograd.grad(
-                    [t for t, _ in targets], list(params), grad_outputs=[g * _rows(weights[r], g) for _, g in targets],
+                    [t for t, _ in targets], list(params),
+                    grad_outputs=[g * call.player_weights(weights[r], g) for _, g in targets],
                     retain_graph=r + 1 < R, allow_unused=True,
                 )
                 for i, g in enumerate(grads):
