@@ -28,8 +28,8 @@ from fault_injection import files_of, make_run, same, snapshot, sweep
 
 from inrun import ValueLedger
 from inrun.cli import main
+from inrun.files import IntegrityError
 from inrun.run.runner import RunStopped
-from inrun.store.files import IntegrityError
 from inrun.store.rundir import RunDir, RunDirError, RunInUseError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,7 +168,7 @@ def test_ledger_load_refuses_damage_and_missing_files(tmp_path) -> None:
 
 
 # -- the lock --------------------------------------------------------------------------------------
-# Another process holding the lock as inrun.store.files.DirLock does (flock, then who it is), without
+# Another process holding the lock as inrun.files.DirLock does (flock, then who it is), without
 # importing inrun (torch): a quick start. The kill -9 test has two real `inrun train --resume`.
 HOLDER = """
 import fcntl, json, os, socket, sys, time

@@ -23,8 +23,8 @@ from cli_helpers import cli, digits_config, run_in_process, tabular_config, tabu
 
 from inrun import ValueLedger
 from inrun.cli import main
+from inrun.files import read_json, write_json
 from inrun.run.runner import RunStopped
-from inrun.store.files import read_json, write_json
 from inrun.store.rundir import RunDir, RunDirError
 
 RESULT_FILES = ("values.parquet", "metrics.parquet", "examples.parquet", "manifest.json")

@@ -4,7 +4,7 @@
 >>> tracker = InRunShapley(model, optimizer, val_loss=lambda m: m(**val).loss)  # doctest: +SKIP
 
 The package is built on floors, each importing only from those below it: the ground floor
-(``errors``, ``modes``, ``shapley``, ``optim``, ``layers``, ``exact``), :mod:`inrun.tracking` (the
+(``errors``, ``modes``, ``files``, ``shapley``, ``optim``, ``layers``, ``exact``), :mod:`inrun.tracking` (the
 life of a step and the audit), :mod:`inrun.store` (the ledger, run directories and their one
 writer), :mod:`inrun.tracker` (the facade), :mod:`inrun.run` (``inrun train``),
 :mod:`inrun.analysis` (reports, views, inspect, curate), :mod:`inrun.integrations` and

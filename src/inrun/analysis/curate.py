@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from ..files import write_json
 from ..run.config import ConfigError, RunConfig, dumps_toml, load_config
 from ..run.data.base import is_held_out
 from ..run.runner import train
-from ..store.files import write_json
 from ..store.ledger import atomic_write
 from ..store.rundir import RunDir, RunDirError
 from ..store.summary import value_frame

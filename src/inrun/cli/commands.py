@@ -29,6 +29,7 @@ from ..analysis.inspect.run_dir import audit_line, inspect_run, is_run_dir, pars
 from ..analysis.inspect.target import inspect_run_dir, inspect_target
 from ..analysis.report import build_report
 from ..errors import InRunError, one_line
+from ..files import read_json
 from ..run.config import (
     RunConfig,
     demo_config,
@@ -37,7 +38,6 @@ from ..run.config import (
     saved_config,
 )
 from ..run.runner import RunInterrupted, RunStopped, train
-from ..store.files import read_json
 from ..store.rundir import SUMMARY_FILE, RunDir, config_diff
 from ..tracking.config import TrackerConfig, option
 from .args import (

@@ -61,8 +61,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import BatchMismatchError, InRunError, ValidationLossError
+from ..files import write_json
 from ..store.examples import Examples, examples_from
-from ..store.files import write_json
 from ..store.ledger import ValueLedger, ValueTable
 from ..store.rundir import METRICS_FILE, Metrics, RunDir
 from ..store.writer import RunWriter, tracker_info

@@ -41,7 +41,7 @@ from typing import Any
 import tomllib
 
 from ..errors import InRunError, one_line
-from ..store.files import atomic_write, utf8_text
+from ..files import atomic_write, utf8_text
 from ..store.rundir import CONFIG_FILE, META_FILE, RunDir, RunDirError
 from ..tracking.audit.config import AuditConfig, AuditError
 from ..tracking.config import TrackerConfig, option

@@ -1,19 +1,19 @@
 """The store: what a run keeps, in memory and on disk.
 
 =================  =========================================================================
-``files``          durable files: atomic writes, self-checking JSON, checksums, the run lock
 ``ledger``         the values: ``ValueLedger`` (added by id, rolled back, merged), its Parquet
                    files, the trace parts; ``ValueTable`` and ``PerValidation`` to read them
 ``rundir``         a run directory (``RunDir``): layout, metadata, status, checkpoints,
                    verification, the curves (``Metrics``)
 ``auditlog``       the audit's rows on disk (``audit.parquet``, ``audit.json``)
 ``summary``        the headline numbers of a run (``summary.json``)
+``examples``       what the report shows of each training example (``examples.parquet``)
 ``writer``         ``RunWriter``: the one writer of run directories, for every training loop
 =================  =========================================================================
 
 To add a storage format, start from ``ledger`` (the values) or ``rundir`` (the directory). It
-imports the ground floor and :mod:`inrun.tracking` (the audit's settings and columns), never the
-tracker facade, the runner or the CLI.
+imports the ground floor (durable files: :mod:`inrun.files`) and :mod:`inrun.tracking` (the
+audit's settings and columns), never the tracker facade, the runner or the CLI.
 """
 
 from .ledger import PerValidation, ValueLedger, ValueTable

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LedgerError
+from ..files import atomic_write, read_json, write_json
 from ..tracking.audit.config import STEP_COLUMNS, VALUE_COLUMNS, AuditConfig
 from ..tracking.audit.game import audit_summary
 from ..tracking.audit.step import StepAudit
-from .files import atomic_write, read_json, write_json
 
 AUDIT_FILE = "audit.parquet"
 AUDIT_VALUES_FILE = "audit_values.parquet"

@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LedgerError
-from ..tracking.admission import Id
-from .files import (
+from ..files import (
     IntegrityError,
     atomic_write,
     file_digest,
@@ -46,6 +45,7 @@ from .files import (
     verify_file,
     write_json,
 )
+from ..tracking.admission import Id
 
 VALUES_FILE = "values.parquet"
 PER_VALIDATION_FILE = "per_validation.parquet"

@@ -57,8 +57,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from ..errors import LedgerError, one_line
-from .auditlog import AUDIT_FILE, AUDIT_FILES, load_audit, save_audit
-from .files import (
+from ..files import (
     DirLock,
     IntegrityError,
     LockedError,
@@ -74,6 +73,7 @@ from .files import (
     verify_file,
     write_json,
 )
+from .auditlog import AUDIT_FILE, AUDIT_FILES, load_audit, save_audit
 from .ledger import LEDGER_META_FILE, TRACE_DIR, VALUES_FILE, ValueLedger
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import write_json
+from ..files import write_json
 from .rundir import SUMMARY_FILE, RunDir
 
 NO_SOURCE = "(no source)"

@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 from ..errors import one_line
+from ..files import DirLock, read_json, write_json
 from ..modes import evaluating
 from ..version import __version__
 from .examples import Examples, examples_from
-from .files import DirLock, read_json, write_json
 from .ledger import ValueLedger
 from .rundir import (
     CHECKPOINT_FORMAT,

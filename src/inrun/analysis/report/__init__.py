@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from ...files import IntegrityError, read_json
 from ...run.config import ConfigError, RunConfig
 from ...store.auditlog import AuditLog
-from ...store.files import IntegrityError, read_json
 from ...store.ledger import atomic_write
 from ...store.rundir import REPORT_FILE, RunDir
 from ...store.summary import NO_SOURCE, summarize, value_frame

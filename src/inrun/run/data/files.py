@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...store.files import utf8_text
+from ...files import utf8_text
 from .base import DataError, ExampleSet, check_unique_ids, encode_texts, preview_text
 
 # Beyond this a value is a sentinel or corruption, not a measurement: float64 no longer holds

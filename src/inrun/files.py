@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import LedgerError, one_line
+from .errors import LedgerError, one_line
 
 CHUNK = 1 << 20
 CHECKSUM_KEY = "checksum"
