@@ -14,8 +14,8 @@ know which examples to credit. The subclass wraps each micro-batch's ``training_
   by the accumulation steps) is whatever reaches the gradients, so it is what is valued;
 * under ``torchrun`` the Trainer wraps the model in DDP, or shards it with FSDP2 (``fsdp_version=2``);
   the tracker is built on that model at the first training step, so each rank values its own
-  examples and the saved ledger is the global one (see :mod:`inrun.integrations.ddp`,
-  :mod:`inrun.integrations.fsdp`). FSDP1 and DeepSpeed are refused;
+  examples and the saved ledger is the global one (see :mod:`inrun.tracking.ddp`,
+  :mod:`inrun.tracking.fsdp`). FSDP1 and DeepSpeed are refused;
 * ``bf16=True``: Accelerate returns float32 copies of the model's outputs; the gradient the
   outputs received is read from the bf16 tensors they were cast from (see
   :func:`inrun.tracking.replay.cast_source`).
@@ -27,7 +27,7 @@ runs (so any collator works), put back into the batch as a plain list, and remov
 inputs before the model's forward. Evaluation batches may carry the column too.
 
 Output. ``<output_dir>/inrun/`` is a run directory in the format ``inrun train`` writes
-(:mod:`inrun.library_run`): values, trace, examples (ids, ``source`` and ``text`` columns when the
+(:mod:`inrun.store.writer`): values, trace, examples (ids, ``source`` and ``text`` columns when the
 dataset has them, else the decoded ``input_ids`` when the Trainer has a tokenizer), curves,
 ``tracker.json`` (settings, the route of every parameter), ``summary.json`` and ``status.json``, so
 ``inrun report``, ``inrun inspect`` and ``inrun curate`` work on it. It is updated at every
@@ -65,12 +65,13 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import BatchMismatchError, InRunError, ValidationLossError
-from ..ledger import ValueLedger, ValueTable
-from ..library_run import Examples, RunWriter, examples_from, tracker_info
-from ..rundir import METRICS_FILE, Metrics, RunDir
-from ..storage import write_json
+from ..files import write_json
+from ..store.examples import Examples, examples_from
+from ..store.ledger import ValueLedger, ValueTable
+from ..store.rundir import METRICS_FILE, Metrics, RunDir
+from ..store.writer import RunWriter, tracker_info
 from ..tracker import InRunShapley, TrackerConfig
-from .fsdp import FSDP2_HINT
+from ..tracking.fsdp import FSDP2_HINT
 from .metrics import value_scalars
 
 logger = logging.getLogger(__name__)

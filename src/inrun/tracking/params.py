@@ -4,15 +4,12 @@ factor the loop applied to each gradient between backward and the step (clipping
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InRunError, StepOrderError, UnsupportedModuleError
-
-if TYPE_CHECKING:
-    from ..integrations.fsdp import ShardedParams
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +30,9 @@ class ParamTable:
             raise InRunError("the model has no trainable parameters (requires_grad=True)")
         self._module = module
         self._modules = {id(m): n for n, m in module.named_modules()}
-        self.shards: ShardedParams | None = None
-        """FSDP2's view of the sharded parameters (:mod:`inrun.integrations.fsdp`); ``None`` otherwise."""
+        self.shards: Any = None
+        """FSDP2's view of the sharded parameters (:class:`inrun.tracking.fsdp.ShardedParams`, which
+        imports this module); ``None`` otherwise."""
 
     def require_unchanged(self) -> None:
         """Refuse a model whose trainable parameters or modules changed after the tracker was made:
