@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -28,7 +29,7 @@ from ..analysis.curate import curate, retrain
 from ..analysis.inspect.run_dir import audit_line, inspect_run, is_run_dir, parse_window
 from ..analysis.inspect.target import inspect_run_dir, inspect_target
 from ..analysis.report import build_report
-from ..errors import InRunError, one_line
+from ..errors import InRunError, cause, one_line
 from ..files import read_json
 from ..run.config import (
     RunConfig,
@@ -399,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_error("stopped by Ctrl-C", label="interrupted")
         return 130
+    except (MemoryError, torch.OutOfMemoryError) as exc:  # the machine's: said in one line, like a full disk
+        print_error(f"out of memory: {cause(exc)}", "lower training.batch_size, data.length or the model's size; "
+                    "`inrun inspect CONFIG` predicts the memory the values add")
+        return EXIT_ERROR
 
 
 def _os_hint(exc: OSError, args: argparse.Namespace) -> str | None:

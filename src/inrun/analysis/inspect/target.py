@@ -281,7 +281,9 @@ def inspect_run_dir(path: str | Path) -> InspectReport:
     memory = [("validation gradient g_val", int(params["trainable"]) * element)]
     notes = [f"Recorded by {meta.get('kind', 'cli')} at step {info['step_count']}: the routes that valued each parameter."]
     reason = _kept_because(int(cfg["order"]), bool(info["keeps_factors"]))
-    if reason is not None:
+    if rd.rerunnable:  # a run of inrun train: its config predicts what `inspect config.toml` predicts
+        memory = inspect_config(saved_config(rd)[0]).memory
+    elif reason is not None:
         notes.append(f"Each tracked layer's per-example inputs and output gradients are kept until the step's "
                      f"values are final ({reason}); their size depends on the batch: inspect the model's config "
                      "or type for an estimate.")
