@@ -68,8 +68,9 @@ from ..store.rundir import (
 from ..store.writer import RunWriter
 from ..tracker import InRunShapley
 from ..version import __version__
-from .config import ConfigError, RunConfig, check_model_config, heal_config, saved_config
+from .config import ConfigError, RunConfig, heal_config, saved_config
 from .data import ExampleSet, load_data
+from .hf_config import check_model_config
 from .models import build_model, build_optimizer, build_schedule, loss_function
 
 logger = logging.getLogger(__name__)

@@ -36,8 +36,9 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
-from ...run.config import ConfigError, check_model_config, load_config, saved_config
+from ...run.config import ConfigError, load_config, saved_config
 from ...run.data import load_data
+from ...run.hf_config import check_model_config
 from ...run.models import build_model, build_optimizer, loss_function
 from ...store.rundir import RunDir, RunDirError
 from ...store.writer import read_tracker_info
