@@ -58,25 +58,7 @@ def check_model_config(config: RunConfig) -> None:
             near = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise ConfigError(dotted, f"{cls.__name__} has no field {key!r}{hint}")
-        default = defaults.get(aliases.get(key, key))
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(dotted, f"expected true or false, got {short_repr(value)}")
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(dotted, f"expected an integer, got {short_repr(value)}")
-        elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(dotted, f"expected a finite number, got {short_repr(value)}")
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise ConfigError(dotted, f"expected a string, got {short_repr(value)}")
-        name = aliases.get(key, key)
-        if isinstance(value, int) and not isinstance(value, bool) and isinstance(default, int) and default > 0 \
-                and _SIZE_NAME.search(name) and value < 1:
-            raise ConfigError(dotted, f"must be at least 1, got {value}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and _PROB_NAME.search(name) \
-                and not 0 <= value <= 1:
-            raise ConfigError(dotted, f"is a probability: must be in [0, 1], got {value}")
+        _check_value(dotted, value, defaults.get(aliases.get(key, key)), aliases.get(key, key))
     try:
         from transformers import AutoConfig
 
@@ -91,3 +73,25 @@ def check_model_config(config: RunConfig) -> None:
             f"{context} positions cannot hold an example of data.length = {config.data.length} tokens; "
             "raise it or leave it out",
         )
+
+
+def _check_value(dotted: str, value: object, default: object, name: str) -> None:
+    """One ``hf_config`` value against its field's default: the type, sizes at least 1,
+    probabilities in [0, 1]."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(dotted, f"expected true or false, got {short_repr(value)}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(dotted, f"expected an integer, got {short_repr(value)}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(dotted, f"expected a finite number, got {short_repr(value)}")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(dotted, f"expected a string, got {short_repr(value)}")
+    if isinstance(value, int) and not isinstance(value, bool) and isinstance(default, int) and default > 0 \
+            and _SIZE_NAME.search(name) and value < 1:
+        raise ConfigError(dotted, f"must be at least 1, got {value}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and _PROB_NAME.search(name) \
+            and not 0 <= value <= 1:
+        raise ConfigError(dotted, f"is a probability: must be in [0, 1], got {value}")
