@@ -330,6 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--list-keys", action="store_true", help="list every config key with its default and help")
     train.set_defaults(func=cmd_train)
 
+    _add_reading_commands(sub, set_help)
+
+    bench = sub.add_parser(
+        "bench", help="time plain training vs each method side by side (ratios, FLOP floors, memory)"
+    )
+    bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _add_reading_commands(sub: Any, set_help: str) -> None:
+    """The commands that read a run: report, baselines, curate, inspect."""
     report = sub.add_parser("report", help="write the self-contained HTML report of a run")
     report.add_argument("run_dir")
     report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
@@ -365,13 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--stages", type=positive_int, default=4, help="run directory: training stages in the per-source view")
     inspect.add_argument("--window", metavar="START:STOP", help="run directory: also the values over steps START..STOP-1")
     inspect.set_defaults(func=cmd_inspect)
-
-    bench = sub.add_parser(
-        "bench", help="time plain training vs each method side by side (ratios, FLOP floors, memory)"
-    )
-    bench_arguments(bench)
-    bench.set_defaults(func=cmd_bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
