@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ...layers.fallback import inline_checkpoints
 from .config import AuditConfig
 
 logger = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def cast_floats(value: Any) -> Any:
 def gradient(loss_module: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``∇ L_val`` at ``params`` (by name), functionally: the model's own parameters untouched."""
     leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
-    with torch.enable_grad():
+    with torch.enable_grad(), inline_checkpoints():  # a reentrant checkpoint refuses autograd.grad
         loss = functional_call(loss_module, {"model." + n: t for n, t in leaves.items()}, ())
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     return {n: (g if g is not None else torch.zeros_like(leaves[n])).detach() for n, g in zip(leaves, grads)}
@@ -225,6 +226,6 @@ def hessian_vector(loss_module: nn.Module, params: Mapping[str, Tensor], vector:
 
     primal = {n: t.detach() for n, t in params.items()}
     tangent = {n: vector[n].to(t.dtype) for n, t in primal.items()}
-    with sdpa_kernel([SDPBackend.MATH]):
+    with sdpa_kernel([SDPBackend.MATH]), inline_checkpoints():
         _, hv = jvp(grad(loss_of), (primal,), (tangent,))
     return {n: t.detach() for n, t in hv.items()}
