@@ -74,10 +74,9 @@ class StepEngine:
         self.entries = build_entries(self.module, self.table)
         self.table.warn_missing_from(self.optimizer)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        # DDP or FSDP2 (inrun.tracking.ddp, .fsdp): the process group; None for a single process.
-        self.ddp = data_parallel_sync(model, self.table, config)
         self.policy = RoutePolicy(config)
         self.hooks = Hooks(self.entries)
+        self.ddp = data_parallel_sync(model, self.table, config, self.hooks.handles)  # DDP, FSDP2 or None
         self.validation = ValidationPass(
             self.module, self.table, self.entries, self.hooks, val_loss, config, self.update, self.policy,
         )
@@ -91,6 +90,7 @@ class StepEngine:
         self.recorder: TrainRecorder | None = None
         self.cost = StepCost()
         self.window_ids = WindowIds()
+        self.window_ids.kind = ledger.id_kind()
         self.bookkeeping = (
             Bookkeeping(self.entries, self.policy, self._bookkeeping_target, self._add_dots)
             if config.bookkeeping != "off" else None
@@ -119,6 +119,7 @@ class StepEngine:
         if self.recorder is not None:
             raise StepOrderError("tracker.step() blocks cannot be nested")
         id_list = admit_ids(ids, self.batchnorms)
+        self.window_ids.admit_kind(id_list, self.log.count)
         seg = docs.admit_documents(segments, id_list, self.table.device, token_values)
         timed = self.log.count >= 1
         t0 = time.perf_counter()
@@ -147,7 +148,8 @@ class StepEngine:
         if window is None:
             self.table.require_unchanged()
             self.flush()
-            self.validation.at_step_start(self.log.count)
+            if not (val := self.validation.at_step_start(self.log.count)).shifted:
+                self.log.measured(self.log.count, val.loss)
             self.table.require_zero_grads()
             self.window = self.log.open()
         mb = MicroBatch(ids=ids, size=len(ids), rows=len(ids) if segments is None else segments.shape[0],
@@ -185,8 +187,7 @@ class StepEngine:
         """Whether the micro-batch being recorded needs the row verification (it keeps the
         model's output gradients for the replay only then)."""
         mb = self.recorder.microbatch if self.recorder is not None else None
-        return mb is not None and (mb.off_plan or bool(mb.unresolved) or mb.verify_everywhere
-                                   or self.config.verify == "every_step")
+        return mb is not None and (mb.off_plan or bool(mb.unresolved) or self.config.verify == "every_step")
 
     def _wants_output_grads(self) -> bool:
         """The model's output gradients are kept for the row verification, and on audited steps."""
@@ -297,6 +298,7 @@ class StepEngine:
         if window.doomed:
             window.skip(window.doomed)
             return
+        self.table.learning_rates(self.optimizer)  # a NaN one is refused before the update
         grads = self.table.grads()
         with torch.no_grad():
             # Clipping or unscaling between backward and the step multiplies each gradient by a
@@ -358,6 +360,7 @@ class StepEngine:
             self.audit.load_state(state["audit"])
         if ledger is not None:
             self.log.ledger = ledger
+            self.window_ids.kind = ledger.id_kind()
         self.validation.forget()
 
     def set_enabled(self, value: bool) -> None:
@@ -392,7 +395,5 @@ class StepEngine:
         self._optimizer_hooks.clear()
         if self.bookkeeping is not None:
             self.bookkeeping.remove()
-        if self.table.shards is not None:
-            self.table.shards.remove()
         self.enabled = False
 

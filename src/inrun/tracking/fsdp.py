@@ -140,7 +140,8 @@ class FSDP2Sync(DDPSync):
             if engine.recorder is not None:
                 flag = torch.tensor([int(engine._verifying())], dtype=torch.int64, device=engine.table.device)
                 all_reduce_settled(flag, self.group)  # a sum: any rank's 1 makes it positive
-                engine.recorder.microbatch.verify_everywhere = bool(flag.item() > 0)
+                if flag.item() > 0:  # replayed and verified here too, as if off the plan
+                    engine.recorder.microbatch.off_plan = True
 
         return agree
 
@@ -223,15 +224,14 @@ class ShardedParams:
         all_reduce_settled(squares, self.group)
         return squares.sqrt()
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
 
 
-def data_parallel_sync(model: nn.Module, table: ParamTable, config: TrackerConfig) -> DDPSync | None:
+def data_parallel_sync(
+    model: nn.Module, table: ParamTable, config: TrackerConfig, handles: list[Any],
+) -> DDPSync | None:
     """The sync of a DDP or FSDP2 model (``None`` for a single process); for FSDP2 the table gets
-    its view of the shards, and what FSDP2 does not support is refused here."""
+    its view of the shards (whose hooks join ``handles``, removed with the tracker's), and what
+    FSDP2 does not support is refused here."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return DDPSync.of(model)
     if not is_fsdp2(model):
@@ -243,4 +243,5 @@ def data_parallel_sync(model: nn.Module, table: ParamTable, config: TrackerConfi
         )
     sync = FSDP2Sync.of(model)
     table.shards = ShardedParams(model, table.params, sync.group)
+    handles.extend(table.shards.handles)
     return sync
