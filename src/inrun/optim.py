@@ -81,6 +81,11 @@ class UpdateRule:
         """``f(0)`` per parameter, or ``None`` when the step without data is zero or negligible."""
         return None
 
+    def nonlinear_step(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> str | None:
+        """Why no linearization follows this step's update (``None``: one does), from the state
+        before the step."""
+        return None
+
     @staticmethod
     def _lr(group: dict) -> float:
         lr = group["lr"]
@@ -244,6 +249,13 @@ class AdamRule(UpdateRule):
                 slope = torch.where(nonzero, (f_x - f_0) / torch.where(nonzero, x, torch.ones_like(x)), -q["s"] * q["b"] / den0)
             out.append(slope.to(p.dtype))
         return out
+
+    def nonlinear_step(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> str | None:
+        for p, g, group in zip(params, grads, self._groups(params)):
+            if g is not None and group is not None and "exp_avg_sq" not in self.optimizer.state.get(p, {}):
+                return ("Adam's first step: its second moment comes from this batch alone, so the update "
+                        "is about -lr sign(gradient), which no linearization follows")
+        return None
 
     def data_free_step(self, params: Sequence[Tensor]) -> list[Tensor] | None:
         steps, any_shift = [], False

@@ -202,11 +202,16 @@ class InRunShapley:
         """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``.
 
         A labelled table (:class:`~inrun.ledger.PerValidation`): ``.to_pandas()`` has one row per
-        training id and one column per validation example (``validation_ids``, default
-        ``val_0``...). It still unpacks as the ``(ids, [N, V] array)`` pair it used to be.
-        With a DDP model: global, and a collective call like :meth:`values`.
+        training id, one column per validation example (``validation_ids``, default ``val_0``...);
+        it unpacks as an ``(ids, [N, V] array)`` pair. Under DDP: global, a collective call.
         """
         return self.global_ledger().per_validation()
+
+    def drops(self) -> list[dict[str, Any]]:
+        """Per optimizer step: its measured drop as data-free part + its game's utility, Σ values
+        and Taylor remainder (:mod:`inrun.tracking.drop`; totals: :func:`inrun.tracking.drop.decompose`)."""
+        self._engine.flush()
+        return self._engine.drops.rows
 
     def cost(self) -> StepCost:
         """How long the validation passes took next to your forward and backward (see
@@ -232,12 +237,11 @@ class InRunShapley:
         """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, the
         ledgers of every rank merged by example id (``self.ledger`` holds only this rank's
         examples). Under DDP this is a collective: call it on every rank (each gets the merged
-        ledger), e.g. ``ledger = tracker.global_ledger()`` then save it on rank 0.
-        """
+        ledger), e.g. ``ledger = tracker.global_ledger()`` then save it on rank 0."""
         return self._engine.global_ledger()
 
     def flush(self) -> None:
-        """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
+        """Finish a step waiting for ``g_val(θ_t+1)`` (trapezoid) or ``L(θ_t+1)`` (:meth:`drops`)."""
         self._engine.flush()
 
     def coverage(self) -> Coverage:
@@ -258,10 +262,9 @@ class InRunShapley:
 
     @property
     def audit(self) -> StepAudit | None:
-        """The run's audit (``None`` unless ``audit=`` was given): per audited step the exact
-        Shapley values of a sampled sub-batch next to the tracker's, with Pearson, Spearman,
-        relative RMSE, efficiency gap and cost (``audit.steps``, ``audit.values``,
-        ``audit.summary()``; as tables: :func:`inrun.views.audit_frames`)."""
+        """The run's audit (``None`` unless ``audit=`` was given): per audited step the exact Shapley
+        values of the step's game next to the tracker's, with their agreement and cost
+        (``audit.steps``, ``audit.values``, ``audit.summary()``; :func:`inrun.views.audit_frames`)."""
         return self._engine.audit
 
     @property

@@ -41,6 +41,7 @@ from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
 from .cost import StepCost
 from .coverage import Coverage, coverage_of
+from .drop import DropLog
 from .entries import Entry, build_entries
 from .params import ParamTable
 from .plan import RowVerifier
@@ -85,6 +86,7 @@ class StepEngine:
         self.check.groups = self.joint_groups()
         self.rule = make_value_rule(config, self.update, self.table, self.validation, self.check, self.ddp)
         self.log = StepLog(ledger)
+        self.drops = DropLog(self.validation.loss_here, self.table.params)
         self.enabled = True
         self.window: Window | None = None
         self.pending: Window | None = None
@@ -139,14 +141,18 @@ class StepEngine:
         if window is not None and window.micro and self.table.all_grads_none():
             # The previous micro-batches were zeroed away without an optimizer step
             # (e.g. GradScaler skipped it): nothing they computed was applied.
+            self.drops.end(window, stepped=False)
             self.log.skip(window, "gradients were zeroed without an optimizer step", warn=True)
             window = self.window = None
         if window is None:
             self.table.require_unchanged()
-            self.flush()
-            self.validation.at_step_start(self.log.count)
+            self._settle_pending()
+            moved = self.drops.moved()  # before a pass shifts the parameters (and back)
+            val = self.validation.at_step_start(self.log.count)
             self.table.require_zero_grads()
             self.window = self.log.open()
+            self.drops.start(self.window, val.loss if val.shifted else None,
+                             float(self.optimizer.param_groups[0]["lr"]), moved)
         self.root_calls.arm(len(ids))
         self.recorder = self.make_recorder(MicroBatch(ids=ids, size=len(ids)), self.rule.keeps_factors,
                                            lambda e: e.index in self.plan.shared_safe)
@@ -282,6 +288,7 @@ class StepEngine:
                 # DDP averages over ranks: each rank's example adds g_z / W to the update.
                 ratio = ratio / self.ddp.world_size
         first, second = self.rule.at_step(window, grads, ratio)
+        self.drops.nonlinear(window, self.update.nonlinear_step(self.table.params, grads))
         self.check.finalize(window, first, second, lr=self.table.learning_rates(self.optimizer))
         if self.audit is not None:
             self.audit.at_step(window, ratio)  # audit: θ_t and the optimizer state before the step
@@ -292,11 +299,17 @@ class StepEngine:
         if not self.enabled or window is None:
             return
         self.window = None
+        self.drops.end(window, stepped=True)
         self.pending = self.log.end(window, pending=self.rule.pending)
 
     # ------------------------------------------------------------------ the rest
     def flush(self) -> None:
-        """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
+        """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) or ``L(θ_t+1)`` (its drop
+        row) at the current parameters."""
+        self._settle_pending()
+        self.drops.finish()
+
+    def _settle_pending(self) -> None:
         if self.pending is None:
             return
         window, self.pending = self.pending, None
@@ -312,6 +325,8 @@ class StepEngine:
         if by_user and self.recorder is not None:
             raise StepOrderError("skip_step() must be called after the tracker.step() block, not inside it")
         window, self.window = self.window, None
+        if window is not None:
+            self.drops.end(window, stepped=False)
         self.log.skip(window, reason)
 
     def checkpoint(self) -> dict[str, Any]:
@@ -322,6 +337,7 @@ class StepEngine:
         state: dict[str, Any] = {"step_count": self.log.count, "config": asdict(self.config)}
         if self.audit is not None:
             state["audit"] = self.audit.state()
+        state["drops"] = self.drops.state()
         return state
 
     def restore(self, state: dict[str, Any], ledger: ValueLedger | None) -> None:
@@ -331,6 +347,8 @@ class StepEngine:
         self.log.count = int(state["step_count"])
         if self.audit is not None and state.get("audit") is not None:
             self.audit.load_state(state["audit"])
+        if state.get("drops") is not None:
+            self.drops.load_state(state["drops"])
         if ledger is not None:
             self.log.ledger = ledger
         self.validation.forget()
