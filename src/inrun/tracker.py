@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .errors import InRunError
 from .ledger import PerValidation, ValueLedger, ValueTable
 from .optim import UpdateRule
 from .tracking.admission import admit_model
@@ -88,18 +89,17 @@ class InRunShapley:
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
         audit: check the values during the run against exact Shapley values of sampled steps
             (an :class:`~inrun.AuditConfig`, a dict of its settings, or ``True`` for the defaults:
-            every 100 steps, 8 examples; see :mod:`inrun.tracking.audit`). Off by default. It
-            never changes training; its cost is measured (:attr:`audit`).
+            every 100 steps, the step's whole game up to 32 examples; :mod:`inrun.tracking.audit`).
+            Off by default. It never changes training; its cost is measured (:attr:`audit`).
         validation_ids: one label per validation example when ``val_loss`` returns a vector:
             the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
+        **options: the other fields of :class:`~inrun.TrackerConfig` (e.g. ``carry="momentum"``).
 
     Every id of one optimizer step must be distinct (micro-batches included): a step values its
     rows, and two rows under one id would be added up without a word, so a repeated id raises
     :class:`~inrun.BatchMismatchError`. Padding: see ``docs/guide-pytorch.md`` (positions whose
-    label is ignored add nothing to the loss, so nothing of them is valued).
-
-    ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the uncompiled
-    module.
+    label is ignored add nothing to the loss, so nothing of them is valued). ``torch.compile`` is
+    refused (:class:`~inrun.UnsupportedModuleError`): pass the uncompiled module.
 
     Example:
         >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP
@@ -132,13 +132,13 @@ class InRunShapley:
         ledger: ValueLedger | None = None,
         audit: AuditConfig | Mapping[str, Any] | bool | None = None,
         validation_ids: Sequence[Any] | None = None,
-        **unknown: Any,
+        **options: Any,
     ) -> None:
         admit_model(model, val_loss)
         self.config = TrackerConfig.from_options(dict(
             order=order, second_order=second_order, route=route, bookkeeping=bookkeeping, check=check,
             check_rtol=check_rtol, on_nonfinite=on_nonfinite, val_mode=val_mode, keep_trace=keep_trace,
-            adam=adam, proxy=proxy, verify=verify, val_threads=val_threads, **unknown,
+            adam=adam, proxy=proxy, verify=verify, val_threads=val_threads, **options,
         ))
         self.model = model
         self.val_loss = val_loss
@@ -153,11 +153,8 @@ class InRunShapley:
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
     def step(self, ids: Any) -> Iterator[InRunShapley]:
-        """Value the examples of one (micro-)batch: run its forward and backward inside.
-
-        Args:
-            ids: one id (``int`` or ``str``) per row of the batch, in batch order.
-        """
+        """Value the examples of one (micro-)batch: run its forward and backward inside. ``ids``: one
+        id (``int`` or ``str``) per row of the batch, in batch order."""
         with self._engine.microbatch(ids):
             yield self
 
@@ -172,12 +169,9 @@ class InRunShapley:
         self._engine.set_enabled(value)
 
     def skip_step(self, reason: str) -> None:
-        """Drop the current step without valuing it, recorded with ``reason`` in the ledger.
-
-        Call it between the ``tracker.step`` block(s) and where ``optimizer.step()`` would be,
-        when your loop decides not to apply this step (NaN loss, a ``GradScaler`` overflow),
-        then zero the gradients yourself. The step number is consumed, as the step was.
-        """
+        """Drop the current step without valuing it, recorded with ``reason`` in the ledger: call it
+        after the ``tracker.step`` block(s), in place of ``optimizer.step()``, when your loop does not
+        apply this step (NaN loss, a ``GradScaler`` overflow); zero the gradients yourself."""
         self._engine.skip(reason, by_user=True)
 
     @property
@@ -191,20 +185,14 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ results
     def values(self) -> ValueTable:
-        """id -> accumulated value (float64). Completes a pending order-2 step first.
-
-        With a DDP model this is the global table, merged over ranks by example id, and a
-        collective call: every rank must call it (see :meth:`global_ledger`).
-        """
+        """id -> accumulated value (float64). Completes a pending order-2 step first. With a DDP
+        model: the global table merged over ranks, a collective call (see :meth:`global_ledger`)."""
         return self.global_ledger().values()
 
     def per_validation(self) -> PerValidation | None:
-        """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``.
-
-        A labelled table (:class:`~inrun.ledger.PerValidation`): ``.to_pandas()`` has one row per
-        training id, one column per validation example (``validation_ids``, default ``val_0``...);
-        it unpacks as an ``(ids, [N, V] array)`` pair. Under DDP: global, a collective call.
-        """
+        """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``: a
+        :class:`~inrun.ledger.PerValidation` (``.to_pandas()``: one row per training id, one column per
+        ``validation_ids``; unpacks as ``(ids, [N, V])``). Under DDP: global, a collective call."""
         return self.global_ledger().per_validation()
 
     def drops(self) -> list[dict[str, Any]]:
@@ -212,6 +200,15 @@ class InRunShapley:
         and Taylor remainder (:mod:`inrun.tracking.drop`; totals: :func:`inrun.tracking.drop.decompose`)."""
         self._engine.flush()
         return self._engine.drops.rows
+
+    def carried(self) -> ValueTable:
+        """``carry="momentum"``: id -> credit for its gradient's later effect through momentum
+        (:mod:`inrun.tracking.carry`); ends the windows still open, so call it after training."""
+        if self._engine.carry is None:
+            raise InRunError("carried() needs InRunShapley(..., carry='momentum')")
+        self._engine.flush()
+        self._engine.carry.close_all()
+        return self._engine.carry.ledger.values()
 
     def cost(self) -> StepCost:
         """How long the validation passes took next to your forward and backward (see

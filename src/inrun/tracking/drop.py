@@ -46,7 +46,7 @@ EFFICIENCY_BAND = (0.8, 1.25)
 
 DROP_COLUMNS = (
     "step", "status", "lr", "loss_before", "loss_shifted", "loss_after", "data_free", "utility",
-    "values", "first_order", "second_order", "remainder", "efficiency", "carried", "nonlinear", "flag",
+    "values", "first_order", "second_order", "remainder", "efficiency", "carried", "carry_cut", "nonlinear", "flag",
 )
 """One row per optimizer step the tracker saw (:attr:`DropLog.rows`)."""
 
@@ -61,7 +61,6 @@ class _Record:
     stepped: bool = True
     after: Tensor | float = math.nan
     versions: tuple[int, ...] | None = None  # parameter versions right after the step
-    carried: float = 0.0
 
 
 @dataclass
@@ -84,6 +83,8 @@ class DropLog:
     _open: _Record | None = None
     _waiting: _Record | None = None
     _last: tuple[tuple[int, ...] | None, float] | None = None  # (versions, L) at the last finish
+    _index: dict[int, int] = field(default_factory=dict)  # step -> row
+    _carried: dict[int, tuple[float, str]] = field(default_factory=dict)  # for rows not made yet
 
     # ------------------------------------------------------------------ the engine's calls
     def moved(self) -> bool:
@@ -125,9 +126,14 @@ class DropLog:
             moved = self.moved()
             self._finish(None if moved else self.loss_here(self._waiting.window.step + 1))
 
-    def abandon(self) -> None:
-        """Drop the open step (its window was replaced without an optimizer step of its own)."""
-        self._open = None
+    def carried(self, step: int, value: float, cut: str = "") -> None:
+        """The carry credited to step ``step``'s batch for its later effect (:mod:`.carry`)."""
+        self._read()
+        k = self._index.get(step)
+        if k is None:
+            self._carried[step] = (value, cut)
+        else:
+            self._rows[k].update(carried=value, carry_cut=cut)
 
     def _finish(self, after: Tensor | None) -> None:
         record, self._waiting = self._waiting, None
@@ -159,8 +165,11 @@ class DropLog:
             valued = w.state is StepState.COMMITTED and w.first is not None
             first = float(np.asarray(w.first).sum()) if valued else math.nan
             second = float(np.asarray(w.second).sum()) if valued and w.second is not None else 0.0
+            self._index[w.step] = len(self._rows)
             self._rows.append(self._row(w.step, "valued" if valued else "skipped", r.lr, before, shifted, after,
-                                       first, second if valued else math.nan, r.nonlinear))
+                                        first, second if valued else math.nan, r.nonlinear))
+            if w.step in self._carried:
+                self.carried(w.step, *self._carried.pop(w.step))
         if self._last is not None and isinstance(self._last[1], Tensor):
             self._last = (self._last[0], float(self._last[1]))
 
@@ -180,7 +189,7 @@ class DropLog:
             "step": int(step), "status": status, "lr": float(lr), "loss_before": before,
             "loss_shifted": shifted, "loss_after": after, "data_free": before - shifted, "utility": utility,
             "values": values, "first_order": first, "second_order": second, "remainder": utility - values,
-            "efficiency": efficiency, "carried": 0.0, "nonlinear": nonlinear, "flag": flag,
+            "efficiency": efficiency, "carried": 0.0, "carry_cut": "", "nonlinear": nonlinear, "flag": flag,
         }
 
     def _versions(self) -> tuple[int, ...]:
@@ -196,7 +205,8 @@ class DropLog:
         """Restore :meth:`state`; the first step after it starts from the saved ``L(θ_t)`` (the
         parameters are the checkpoint's), so a resumed run's rows equal an uninterrupted one's."""
         self._rows = [dict(r) for r in state.get("rows", [])]
-        self._done, self._open, self._waiting = [], None, None
+        self._index = {int(r["step"]): k for k, r in enumerate(self._rows)}
+        self._done, self._open, self._waiting, self._carried = [], None, None, {}
         last = state.get("last")
         self._last = None if last is None else (None, float(last))
 

@@ -36,6 +36,7 @@ from ..optim import rule_for, unwrap_optimizer
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
+from .carry import Carry
 from .capture import Hooks, TrainRecorder
 from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
@@ -87,6 +88,8 @@ class StepEngine:
         self.rule = make_value_rule(config, self.update, self.table, self.validation, self.check, self.ddp)
         self.log = StepLog(ledger)
         self.drops = DropLog(self.validation.loss_here, self.table.params)
+        self.carry = None if config.carry == "off" else Carry(
+            self.update, self.table, ValueLedger(keep_trace=config.keep_trace), self.drops, config.carry_window, self.ddp)
         self.enabled = True
         self.window: Window | None = None
         self.pending: Window | None = None
@@ -289,6 +292,8 @@ class StepEngine:
                 ratio = ratio / self.ddp.world_size
         first, second = self.rule.at_step(window, grads, ratio)
         self.drops.nonlinear(window, self.update.nonlinear_step(self.table.params, grads))
+        if self.carry is not None:
+            self.carry.at_step(window, ratio, self.validation.current.grads)
         self.check.finalize(window, first, second, lr=self.table.learning_rates(self.optimizer))
         if self.audit is not None:
             self.audit.at_step(window, ratio)  # audit: θ_t and the optimizer state before the step
@@ -338,6 +343,8 @@ class StepEngine:
         if self.audit is not None:
             state["audit"] = self.audit.state()
         state["drops"] = self.drops.state()
+        if self.carry is not None:
+            state["carry"] = self.carry.state()
         return state
 
     def restore(self, state: dict[str, Any], ledger: ValueLedger | None) -> None:
@@ -349,6 +356,8 @@ class StepEngine:
             self.audit.load_state(state["audit"])
         if state.get("drops") is not None:
             self.drops.load_state(state["drops"])
+        if self.carry is not None and state.get("carry") is not None:
+            self.carry.load_state(state["carry"])
         if ledger is not None:
             self.log.ledger = ledger
         self.validation.forget()
@@ -375,6 +384,8 @@ class StepEngine:
             self.flush()
         if self.audit is not None:
             self.audit.close()
+        if self.carry is not None:
+            self.carry.close_all()
         self.hooks.remove()
         self.root_calls.remove()
         for h in self._optimizer_hooks:

@@ -96,6 +96,8 @@ class Window:
     second: np.ndarray | None = None
     lr: list[float] | None = None
     """The learning rate of each parameter group at the step."""
+    carrying: bool = False
+    """Its factors are kept after it settles: a carry window is open (:mod:`.carry`)."""
 
     @property
     def ids(self) -> list:
@@ -146,7 +148,8 @@ class StepLog:
         else:
             self.ledger.add(window.step, window.ids, window.first, window.second, lr=window.lr)
             window.state = StepState.COMMITTED
-        window.release()
+        if not window.carrying:
+            window.release()
 
     def skip(self, window: Window | None, reason: str, warn: bool = False) -> None:
         """End a window that no optimizer step will value (or the step with no window at all)."""
