@@ -36,8 +36,8 @@ from ..optim import rule_for, unwrap_optimizer
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
-from .carry import Carry
 from .capture import Hooks, TrainRecorder
+from .carry import Carry
 from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
 from .cost import StepCost
