@@ -197,9 +197,10 @@ class InRunShapley:
 
     def drops(self) -> list[dict[str, Any]]:
         """Per optimizer step: its measured drop as data-free part + its game's utility, Σ values
-        and Taylor remainder (:mod:`inrun.tracking.drop`; totals: :func:`inrun.tracking.drop.decompose`)."""
+        and Taylor remainder (:mod:`inrun.tracking.drop`; totals: :func:`inrun.tracking.drop.decompose`).
+        Under DDP: Σ values over every rank's examples, a collective call."""
         self._engine.flush()
-        return self._engine.drops.rows
+        return self._engine.drops.global_rows(self._engine.ddp)
 
     def carried(self) -> ValueTable:
         """``carry="momentum"``: id -> credit for its gradient's later effect through momentum

@@ -192,6 +192,24 @@ class DropLog:
             "efficiency": efficiency, "carried": 0.0, "carry_cut": "", "nonlinear": nonlinear, "flag": flag,
         }
 
+    def global_rows(self, ddp: Any = None) -> list[dict[str, Any]]:
+        """:attr:`rows`, with ``values`` summed over the ranks of a DDP group (each rank values its
+        own examples; the losses are the same on every rank). A collective under DDP."""
+        rows = self.rows
+        if ddp is None:
+            return rows
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * ddp.world_size
+        dist.all_gather_object(parts, [(r["first_order"], r["second_order"], r["carried"]) for r in rows], group=ddp.group)
+        merged = []
+        for k, r in enumerate(rows):
+            first, second, carried = (sum(p[k][i] for p in parts) for i in range(3))
+            row = self._row(r["step"], r["status"], r["lr"], r["loss_before"], r["loss_shifted"], r["loss_after"],
+                            first, second, r["nonlinear"])
+            merged.append({**row, "carried": carried, "carry_cut": r["carry_cut"]})
+        return merged
+
     def _versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.params)
 
