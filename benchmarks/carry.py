@@ -97,6 +97,13 @@ def main() -> None:
             run["times"].append(time.perf_counter() - t0)
             if name == "carry":
                 run["kept"] = max(run["kept"], kept_bytes(run["tracker"]))
+    validation = runs["immediate"]["tracker"]._engine.validation
+    forward = []
+    for _ in range(9):  # the drop row's one extra forward (L(θ_t+1) where f(0) ≠ 0), as it runs
+        validation._plain_loss = None
+        t0 = time.perf_counter()
+        validation.loss_here(args.steps)
+        forward.append(time.perf_counter() - t0)
     load = os.getloadavg()[0]
     immediate, carried_run = runs["immediate"]["tracker"], runs["carry"]["tracker"]
     rows = carried_run.drops()
@@ -112,6 +119,8 @@ def main() -> None:
           f"lr {config.optimizer.lr}; load average {load:.1f}")
     print(f"| | immediate | with carry | ratio |\n|---|---:|---:|---:|\n| median step (s) | "
           f"{median['immediate']:.3f} | {median['carry']:.3f} | {median['carry'] / median['immediate']:.2f} |")
+    print(f"the drop rows' extra forward L(θ_t+1): {statistics.median(forward) * 1e3:.1f} ms = "
+          f"{statistics.median(forward) / median['immediate']:.1%} of a step")
     print(f"memory kept by the open windows (factors and accumulators): {runs['carry']['kept'] / 2**20:.0f} MiB "
           f"(window {len(window.open)} steps open at the end)")
     print(f"Σ values {v.sum():+.4f}; Σ carried {c.sum():+.4f}; Σ data-free parts {total.data_free:+.4f} "

@@ -348,7 +348,7 @@ def test_settings_are_validated_with_the_field_named() -> None:
     assert AuditConfig.of(None) is None and AuditConfig.of(True) == AuditConfig()
     cfg = AuditConfig(every=10, at=(3, 0, 3))
     assert cfg.at == (0, 3) and [s for s in range(25) if cfg.due(s)] == [0, 3, 10, 20]
-    assert cfg.evaluations(8) == 2**8 and cfg.evaluations(16) == 32 * 16 + 1
+    assert cfg.evaluations(8) == 2**8 and cfg.evaluations(16) == 16 * 16 + 1
     assert AuditConfig(players=6).evaluations(16) == 2**6
 
 
