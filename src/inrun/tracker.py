@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .errors import InRunError
 from .ledger import PerValidation, ValueLedger, ValueTable
 from .optim import UpdateRule
 from .tracking.admission import admit_model
 from .tracking.audit import AuditConfig, StepAudit
+from .tracking.carry import carried_values
 from .tracking.config import (
     AdamLinearization,
     Bookkeeping,
@@ -42,6 +42,7 @@ from .tracking.rules import ValueRule
 
 if TYPE_CHECKING:
     from .rundir import RunDir
+    from .tracking.tokens import TokenValues
 
 __all__ = ["AuditConfig", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
@@ -95,11 +96,10 @@ class InRunShapley:
             the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
         **options: the other fields of :class:`~inrun.TrackerConfig` (e.g. ``carry="momentum"``).
 
-    Every id of one optimizer step must be distinct (micro-batches included): a step values its
-    rows, and two rows under one id would be added up without a word, so a repeated id raises
-    :class:`~inrun.BatchMismatchError`. Padding: see ``docs/guide-pytorch.md`` (positions whose
-    label is ignored add nothing to the loss, so nothing of them is valued). ``torch.compile`` is
-    refused (:class:`~inrun.UnsupportedModuleError`): pass the uncompiled module.
+    A repeated row id within one optimizer step raises :class:`~inrun.BatchMismatchError` (a
+    document continued in a later micro-batch is one player). Padding: ``docs/guide-pytorch.md``.
+
+    ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the module.
 
     Example:
         >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP
@@ -146,17 +146,29 @@ class InRunShapley:
         if validation_ids is not None:
             self.ledger.validation_names = [str(v) for v in validation_ids]
         self.audit_config = AuditConfig.of(audit)
-        self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger, audit=self.audit_config)
+        carry_ledger = ValueLedger(keep_trace=self.config.keep_trace) if self.config.carry != "off" else None
+        self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger, audit=self.audit_config,
+                                  carry_ledger=carry_ledger)
         self.module = self._engine.module
         self.optimizer = self._engine.optimizer
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
-    def step(self, ids: Any) -> Iterator[InRunShapley]:
-        """Value the examples of one (micro-)batch: run its forward and backward inside. ``ids``: one
-        id (``int`` or ``str``) per row of the batch, in batch order."""
-        with self._engine.microbatch(ids):
+    def step(self, ids: Any, *, segments: Any = None, token_values: bool = False) -> Iterator[InRunShapley]:
+        """Value the examples of one (micro-)batch: run its forward and backward inside.
+
+        Args:
+            ids: one id (``int`` or ``str``) per row of the batch (per document with ``segments``).
+            segments: packed rows (``docs/documents.md``): ``[B, T]`` integers, each token's index
+                into ``ids`` (``-1``: no document); one value per document, proven exact by replay.
+            token_values: keep each token's first-order value (:meth:`token_values`).
+        """
+        with self._engine.microbatch(ids, segments, token_values):
             yield self
+
+    def token_values(self) -> TokenValues:
+        """Token values of the ``token_values=True`` micro-batches (this process's, under DDP)."""
+        return self._engine.log.tokens
 
     @property
     def enabled(self) -> bool:
@@ -169,9 +181,9 @@ class InRunShapley:
         self._engine.set_enabled(value)
 
     def skip_step(self, reason: str) -> None:
-        """Drop the current step without valuing it, recorded with ``reason`` in the ledger: call it
-        after the ``tracker.step`` block(s), in place of ``optimizer.step()``, when your loop does not
-        apply this step (NaN loss, a ``GradScaler`` overflow); zero the gradients yourself."""
+        """Drop the current step unvalued, recorded with ``reason``: call it after the ``tracker.step``
+        block(s), instead of ``optimizer.step()`` (NaN loss, a ``GradScaler`` overflow), then zero the
+        gradients; the step number is consumed."""
         self._engine.skip(reason, by_user=True)
 
     @property
@@ -196,24 +208,19 @@ class InRunShapley:
         return self.global_ledger().per_validation()
 
     def drops(self) -> list[dict[str, Any]]:
-        """Per optimizer step: its measured drop as data-free part + its game's utility, Σ values
-        and Taylor remainder (:mod:`inrun.tracking.drop`; totals: :func:`inrun.tracking.drop.decompose`).
-        Under DDP: Σ values over every rank's examples, a collective call."""
+        """Per optimizer step: its drop as data-free part + its game's utility, Σ values and Taylor
+        remainder (:mod:`inrun.tracking.drop`). Under DDP: values of every rank, a collective call."""
         self._engine.flush()
         return self._engine.drops.global_rows(self._engine.ddp)
 
     def carried(self) -> ValueTable:
         """``carry="momentum"``: id -> credit for its gradient's later effect through momentum
         (:mod:`inrun.tracking.carry`); ends the windows still open, so call it after training."""
-        if self._engine.carry is None:
-            raise InRunError("carried() needs InRunShapley(..., carry='momentum')")
         self._engine.flush()
-        self._engine.carry.close_all()
-        return self._engine.carry.ledger.values()
+        return carried_values(self._engine.carry)
 
     def cost(self) -> StepCost:
-        """How long the validation passes took next to your forward and backward (see
-        :class:`StepCost`); what the integrations log once as the validation set's cost."""
+        """How long the validation passes took next to your forward and backward (:class:`StepCost`)."""
         return self._engine.cost.copy()
 
     def save_run(
@@ -221,11 +228,9 @@ class InRunShapley:
         metadata: Mapping[str, Any] | None = None,
     ) -> RunDir:
         """Write the values so far as a complete run directory at a new ``path`` (the format of
-        ``inrun train``: ``inrun report``, ``inspect`` and ``curate`` work on it). ``examples``:
-        a table with an ``id`` column and optional ``source``, ``text``, ``location``, ``length``
-        (:func:`inrun.library_run.examples_from`); ``description``: the report's header line;
-        ``metadata``: JSON facts kept in ``run.json``. To write as training goes, with
-        checkpoints and resume: :class:`inrun.RunWriter`."""
+        ``inrun train``). ``examples``: a table with an ``id`` column and optional ``source``, ``text``,
+        ``location``, ``length`` (:func:`inrun.library_run.examples_from`); ``description``: the
+        report's header; ``metadata``: JSON kept in ``run.json``. As training goes: :class:`inrun.RunWriter`."""
         from .library_run import RunWriter
 
         return RunWriter(Path(path), self, examples=examples, state={}, rng=False,
@@ -243,9 +248,8 @@ class InRunShapley:
         self._engine.flush()
 
     def coverage(self) -> Coverage:
-        """Which route (Gram, vector by layer family, book-keeping, fallback) valued each trainable
-        parameter. A parameter shared by several modules (a tied embedding and LM head) is listed
-        under the routes of all its uses joined by ``+``."""
+        """Which route valued each trainable parameter (a tied one: its uses' routes joined by
+        ``+``), and how documents were valued."""
         return self._engine.coverage()
 
     @property
@@ -272,11 +276,8 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Counters and settings to checkpoint beside ``self.ledger`` (saved as Parquet).
-
-        Only valid between optimizer steps; a pending order-2 step is completed first (at the
-        current parameters, which the resumed run would use anyway, so values are unchanged).
-        """
+        """Counters and settings to checkpoint beside ``self.ledger``, between optimizer steps (a
+        pending order-2 step is completed at the current parameters, as the resumed run would)."""
         return self._engine.checkpoint()
 
     def load_state_dict(self, state: dict[str, Any], ledger: ValueLedger | None = None) -> None:

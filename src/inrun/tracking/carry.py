@@ -42,11 +42,11 @@ from torch import Tensor
 
 from .. import shapley
 from ..errors import InRunError
-from ..ledger import ValueLedger
 from ..optim import UpdateRule
 from .drop import DropLog
 from .params import ParamTable
 from .routes import contract_window
+from .segments import merge_by_id
 from .state import Window
 
 TOLERANCE = 0.01
@@ -67,7 +67,7 @@ class _Open:
 class Carry:
     """The open windows of a tracker with ``carry="momentum"`` (see the module docstring)."""
 
-    def __init__(self, update: UpdateRule, table: ParamTable, ledger: ValueLedger, drops: DropLog,
+    def __init__(self, update: UpdateRule, table: ParamTable, ledger: Any, drops: DropLog,
                  window: int | None = None, ddp: Any = None) -> None:
         if ddp is not None:
             raise InRunError("carry does not run under DistributedDataParallel yet: use carry='off'")
@@ -125,6 +125,7 @@ class Carry:
     def add(self, step: int, ids: list, values: np.ndarray, cut: str = "") -> None:
         if not np.isfinite(values).all():
             return
+        ids, values, _ = merge_by_id(ids, values, None)  # a document across micro-batches: one player
         self.ledger.add(step, ids, values)
         self.drops.carried(step, float(values.sum()), cut)
 
@@ -143,7 +144,7 @@ class Carry:
                                             "values": self._values(w).tolist()} for w in self.open]}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
-        self.ledger = ValueLedger.from_state(state["ledger"])
+        self.ledger = type(self.ledger).from_state(state["ledger"])
         for w in list(self.open):
             w.window.carrying = False
             w.window.release()
@@ -151,3 +152,11 @@ class Carry:
         for item in state.get("open", []):
             self.add(int(item["step"]), list(item["ids"]), np.asarray(item["values"], dtype=np.float64),
                      "its carry window was cut at a resume")
+
+
+def carried_values(carry: Carry | None) -> Any:
+    """The carried table (:meth:`inrun.InRunShapley.carried`): every open window ended first."""
+    if carry is None:
+        raise InRunError("carried() needs InRunShapley(..., carry='momentum')")
+    carry.close_all()
+    return carry.ledger.values()

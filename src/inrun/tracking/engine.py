@@ -33,17 +33,17 @@ from ..errors import InRunError, StepOrderError
 from ..integrations.ddp import DDPSync
 from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
+from . import segments as docs
+from .accounts import StepAccounts
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
 from .capture import Hooks, TrainRecorder
-from .carry import Carry
 from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
 from .cost import StepCost
 from .coverage import Coverage, coverage_of
-from .drop import DropLog
-from .entries import Entry, build_entries
+from .entries import Entry, build_entries, joint_groups
 from .params import ParamTable
 from .plan import RowVerifier
 from .replay import RootCalls
@@ -66,7 +66,7 @@ class StepEngine:
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, val_loss: Any, config: TrackerConfig,
-        ledger: ValueLedger, audit: AuditConfig | None = None,
+        ledger: ValueLedger, audit: AuditConfig | None = None, carry_ledger: Any = None,
     ) -> None:
         self.config = config
         self.module = unwrap_model(model)
@@ -84,12 +84,10 @@ class StepEngine:
             self.module, self.table, self.entries, self.hooks, val_loss, config, self.update, self.policy,
         )
         self.check = ConsistencyCheck(config, self.table, self.ddp)
-        self.check.groups = self.joint_groups()
+        self.check.groups = joint_groups(self.entries)
         self.rule = make_value_rule(config, self.update, self.table, self.validation, self.check, self.ddp)
         self.log = StepLog(ledger)
-        self.drops = DropLog(self.validation.loss_here, self.table.params)
-        self.carry = None if config.carry == "off" else Carry(
-            self.update, self.table, ValueLedger(keep_trace=config.keep_trace), self.drops, config.carry_window, self.ddp)
+        self.accounts = StepAccounts(self.update, self.table, self.validation, carry_ledger, config.carry_window, self.ddp)
         self.enabled = True
         self.window: Window | None = None
         self.pending: Window | None = None
@@ -101,7 +99,8 @@ class StepEngine:
             if config.bookkeeping != "off" else None
         )
         self.plan = Plan()
-        self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads)
+        self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads, on_call=self._on_root_call)
+        self.documents_seen = False  # a micro-batch had segments (coverage says how documents were valued)
         self.verifier = RowVerifier(self)
         self.hooks.install()
         # The audit (exact Shapley values of sampled steps) only reads: see tracking/audit.py.
@@ -113,7 +112,7 @@ class StepEngine:
 
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
-    def microbatch(self, ids: Any) -> Iterator[None]:
+    def microbatch(self, ids: Any, segments: Any = None, token_values: bool = False) -> Iterator[None]:
         """One ``tracker.step(ids)`` block: admitted, recorded, closed, and timed (from the
         second optimizer step on: the first also proves the rows by a replay)."""
         if not self.enabled:
@@ -122,13 +121,14 @@ class StepEngine:
         if self.recorder is not None:
             raise StepOrderError("tracker.step() blocks cannot be nested")
         id_list = admit_ids(ids, self.batchnorms)
+        seg = docs.admit_documents(segments, id_list, self.table.device, token_values)
         timed = self.log.count >= 1
         t0 = time.perf_counter()
         opening = self.window is None
-        recorder = self.open_microbatch(id_list)
+        recorder = self.open_microbatch(id_list, seg, token_values)
         t1 = time.perf_counter()
         try:
-            self.window_ids.add(self.window, id_list)
+            self.window_ids.add(self.window, id_list, documents=seg is not None)
             with self.hooks.recording(recorder):
                 yield
         except BaseException as exc:
@@ -139,29 +139,47 @@ class StepEngine:
         if timed:
             self.cost.add(opening, t1 - t0, t2 - t1)
 
-    def open_microbatch(self, ids: list) -> TrainRecorder:
+    def open_microbatch(self, ids: list, segments: docs.Segments | None = None, token_values: bool = False) -> TrainRecorder:
         window = self.window
         if window is not None and window.micro and self.table.all_grads_none():
             # The previous micro-batches were zeroed away without an optimizer step
             # (e.g. GradScaler skipped it): nothing they computed was applied.
-            self.drops.end(window, stepped=False)
+            self.accounts.drops.end(window, stepped=False)
             self.log.skip(window, "gradients were zeroed without an optimizer step", warn=True)
             window = self.window = None
         if window is None:
             self.table.require_unchanged()
             self._settle_pending()
-            moved = self.drops.moved()  # before a pass shifts the parameters (and back)
+            moved = self.accounts.drops.moved()  # before a pass shifts the parameters (and back)
             val = self.validation.at_step_start(self.log.count)
             self.table.require_zero_grads()
             self.window = self.log.open()
-            self.drops.start(self.window, val.loss if val.shifted else None,
-                             float(self.optimizer.param_groups[0]["lr"]), moved)
-        self.root_calls.arm(len(ids))
-        self.recorder = self.make_recorder(MicroBatch(ids=ids, size=len(ids)), self.rule.keeps_factors,
-                                           lambda e: e.index in self.plan.shared_safe)
+            self.accounts.open(self.window, val, moved)
+        mb = MicroBatch(ids=ids, size=len(ids), rows=len(ids) if segments is None else segments.shape[0],
+                        segments=segments)
+        if segments is not None:
+            self.documents_seen = True
+            self._require_layout(mb, segments.layout())
+            if token_values:
+                docs.request_token_values(mb, len(self.table), self.validation.current.columns, self.table.device)
+        self.root_calls.arm(mb.rows, segments)
+        self.recorder = self.make_recorder(mb, self.rule.keeps_factors, lambda e: e.index in self.plan.shared_safe)
         if self.audit is not None:
             self.audit.open_microbatch(self.window, ids)  # audit: is this step audited?
         return self.recorder
+
+    def _require_layout(self, mb: MicroBatch, key: tuple) -> None:
+        """``key`` is part of what this micro-batch's values rely on: verified unless proven."""
+        mb.layout.append(key)
+        if key not in self.plan.verified:
+            mb.off_plan = True
+
+    def _on_root_call(self, args: tuple, kwargs: dict) -> None:
+        """Documents packed into rows are kept apart by what the model is given (positions, a
+        mask): a call with other kinds of inputs is verified again."""
+        mb = self.recorder.microbatch if self.recorder is not None else None
+        if mb is not None and mb.segments is not None and mb.segments.several:
+            self._require_layout(mb, docs.input_layout(args, kwargs))
 
     def make_recorder(self, mb: MicroBatch, keep_factors: bool, expand_shared: Any) -> TrainRecorder:
         calls = self.bookkeeping.calls if self.bookkeeping is not None else set()
@@ -206,7 +224,7 @@ class StepEngine:
             if verified is not mb:
                 mb.captures.clear()  # the replay's micro-batch replaces it: its factors go now
             mb = verified
-            self.check.groups = self.joint_groups()
+            self.check.groups = joint_groups(self.entries)
         val = self.validation.current
         if mb.dots is None:
             mb.dots = self.zero_dots(mb, self.table.device)
@@ -227,25 +245,12 @@ class StepEngine:
                 factors = val.gram.get(e.index)
                 e.route = route_label(e, factors is not None)
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
-                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows))
+                positions = None if mb.tokens is None else docs.position_sink(mb.tokens, e)
+                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions))
         if self.rule.keeps_factors:
             cap.grad = grad.detach()
         else:
             cap.saved = None
-
-    def joint_groups(self) -> list[list[int]]:
-        """Parameter rows valued together (the fallback values a module's parameters jointly):
-        the per-step check and the row verification judge each group as one. Groups that share
-        a row (a tied parameter) are merged."""
-        groups: list[set[int]] = []
-        for e in self.entries:
-            if e.active and e.handler.multi_output and len(e.param_index) > 1:
-                rows = set(e.param_index)
-                for g in [g for g in groups if g & rows]:
-                    rows |= g
-                    groups.remove(g)
-                groups.append(rows)
-        return [sorted(g) for g in groups]
 
     def zero_dots(self, mb: MicroBatch, device: torch.device) -> Tensor:
         columns = self.validation.current.columns
@@ -291,9 +296,8 @@ class StepEngine:
                 # DDP averages over ranks: each rank's example adds g_z / W to the update.
                 ratio = ratio / self.ddp.world_size
         first, second = self.rule.at_step(window, grads, ratio)
-        self.drops.nonlinear(window, self.update.nonlinear_step(self.table.params, grads))
-        if self.carry is not None:
-            self.carry.at_step(window, ratio, self.validation.current.grads)
+        window.token_values = docs.token_values_of(window)
+        self.accounts.at_step(window, grads, ratio, self.validation.current.grads)
         self.check.finalize(window, first, second, lr=self.table.learning_rates(self.optimizer))
         if self.audit is not None:
             self.audit.at_step(window, ratio)  # audit: θ_t and the optimizer state before the step
@@ -304,7 +308,7 @@ class StepEngine:
         if not self.enabled or window is None:
             return
         self.window = None
-        self.drops.end(window, stepped=True)
+        self.accounts.drops.end(window, stepped=True)
         self.pending = self.log.end(window, pending=self.rule.pending)
 
     # ------------------------------------------------------------------ the rest
@@ -312,7 +316,7 @@ class StepEngine:
         """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) or ``L(θ_t+1)`` (its drop
         row) at the current parameters."""
         self._settle_pending()
-        self.drops.finish()
+        self.accounts.drops.finish()
 
     def _settle_pending(self) -> None:
         if self.pending is None:
@@ -331,7 +335,7 @@ class StepEngine:
             raise StepOrderError("skip_step() must be called after the tracker.step() block, not inside it")
         window, self.window = self.window, None
         if window is not None:
-            self.drops.end(window, stepped=False)
+            self.accounts.drops.end(window, stepped=False)
         self.log.skip(window, reason)
 
     def checkpoint(self) -> dict[str, Any]:
@@ -342,9 +346,7 @@ class StepEngine:
         state: dict[str, Any] = {"step_count": self.log.count, "config": asdict(self.config)}
         if self.audit is not None:
             state["audit"] = self.audit.state()
-        state["drops"] = self.drops.state()
-        if self.carry is not None:
-            state["carry"] = self.carry.state()
+        state.update(self.accounts.state())
         return state
 
     def restore(self, state: dict[str, Any], ledger: ValueLedger | None) -> None:
@@ -354,10 +356,7 @@ class StepEngine:
         self.log.count = int(state["step_count"])
         if self.audit is not None and state.get("audit") is not None:
             self.audit.load_state(state["audit"])
-        if state.get("drops") is not None:
-            self.drops.load_state(state["drops"])
-        if self.carry is not None and state.get("carry") is not None:
-            self.carry.load_state(state["carry"])
+        self.accounts.load_state(state)
         if ledger is not None:
             self.log.ledger = ledger
         self.validation.forget()
@@ -373,7 +372,10 @@ class StepEngine:
         return self.recorder is not None or (self.window is not None and bool(self.window.micro))
 
     def coverage(self) -> Coverage:
-        return coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
+        cover = coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
+        if self.documents_seen:
+            cover.documents = docs.documents_note(self.entries, self.plan)
+        return cover
 
     def global_ledger(self) -> ValueLedger:
         self.flush()
@@ -384,8 +386,7 @@ class StepEngine:
             self.flush()
         if self.audit is not None:
             self.audit.close()
-        if self.carry is not None:
-            self.carry.close_all()
+        self.accounts.close()
         self.hooks.remove()
         self.root_calls.remove()
         for h in self._optimizer_hooks:
