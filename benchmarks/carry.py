@@ -31,7 +31,7 @@ from inrun.tracking.drop import decompose
 
 def kept_bytes(tracker: InRunShapley) -> int:
     """Bytes the open carry windows hold: kept factors of their micro-batches and accumulators."""
-    carry = tracker._engine.carry
+    carry = tracker._engine.accounts.carry
     seen: set[int] = set()
     total = 0
 
@@ -114,7 +114,7 @@ def main() -> None:
     c = np.array([carried.get(i, 0.0) for i in ids])
     median = {n: statistics.median(r["times"][2:]) for n, r in runs.items()}
     total = decompose(rows)
-    window = carried_run._engine.carry
+    window = carried_run._engine.accounts.carry
     print(f"demo recipe, {args.steps} steps of {bs}, order {config.values.order}, {config.optimizer.name} "
           f"lr {config.optimizer.lr}; load average {load:.1f}")
     print(f"| | immediate | with carry | ratio |\n|---|---:|---:|---:|\n| median step (s) | "

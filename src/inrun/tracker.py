@@ -211,13 +211,13 @@ class InRunShapley:
         """Per optimizer step: its drop as data-free part + its game's utility, Σ values and Taylor
         remainder (:mod:`inrun.tracking.drop`). Under DDP: values of every rank, a collective call."""
         self._engine.flush()
-        return self._engine.drops.global_rows(self._engine.ddp)
+        return self._engine.accounts.drops.global_rows(self._engine.ddp)
 
     def carried(self) -> ValueTable:
         """``carry="momentum"``: id -> credit for its gradient's later effect through momentum
         (:mod:`inrun.tracking.carry`); ends the windows still open, so call it after training."""
         self._engine.flush()
-        return carried_values(self._engine.carry)
+        return carried_values(self._engine.accounts.carry)
 
     def cost(self) -> StepCost:
         """How long the validation passes took next to your forward and backward (:class:`StepCost`)."""

@@ -247,7 +247,7 @@ class StepAudit:
         the step's data-free part, its whole batch's utility ``U_t(B)`` and Σ values (its drop row)."""
         missing = {r["step"] for r in self.steps if r["status"] == "ok" and math.isnan(r["step_utility"])}
         if missing:
-            drops = {d["step"]: d for d in self.engine.drops.rows if d["step"] in missing}
+            drops = {d["step"]: d for d in self.engine.accounts.drops.rows if d["step"] in missing}
             for r in self.steps:
                 if r["step"] in drops and r["status"] == "ok":
                     d = drops[r["step"]]
