@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from inrun import InRunShapley
-from inrun.config import load_config
-from inrun.data import load_data
-from inrun.models import build_model, build_optimizer, build_schedule, loss_function
+from inrun.run.config import load_config
+from inrun.run.data import load_data
+from inrun.run.models import build_model, build_optimizer, build_schedule, loss_function
 from inrun.tracking.drop import decompose
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(config.seed)
     bs, clip = config.training.batch_size, config.training.clip_grad_norm
     for step in range(args.steps):
-        rows = torch.randint(0, len(train_set.ids), (bs,), generator=gen)
+        rows = torch.randperm(len(train_set.ids), generator=gen)[:bs]
         ids = [train_set.ids[int(r)] for r in rows]
         x, y = train_set.inputs[rows], train_set.targets[rows]
         for name in (("immediate", "carry") if step % 2 == 0 else ("carry", "immediate")):

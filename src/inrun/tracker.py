@@ -12,13 +12,15 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .ledger import PerValidation, ValueLedger, ValueTable
 from .optim import UpdateRule
+from .store.ledger import PerValidation, ValueLedger, ValueTable
+from .store.rundir import RunDir
+from .store.writer import RunWriter
 from .tracking.admission import admit_model
 from .tracking.audit import AuditConfig, StepAudit
 from .tracking.carry import carried_values
@@ -36,13 +38,10 @@ from .tracking.config import (
     Verify,
 )
 from .tracking.cost import StepCost
-from .tracking.coverage import Coverage
+from .tracking.coverage import Coverage, describe
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
-
-if TYPE_CHECKING:
-    from .rundir import RunDir
-    from .tracking.tokens import TokenValues
+from .tracking.tokens import TokenValues
 
 __all__ = ["AuditConfig", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
@@ -98,7 +97,6 @@ class InRunShapley:
 
     A repeated row id within one optimizer step raises :class:`~inrun.BatchMismatchError` (a
     document continued in a later micro-batch is one player). Padding: ``docs/guide-pytorch.md``.
-
     ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the module.
 
     Example:
@@ -172,8 +170,7 @@ class InRunShapley:
 
     @property
     def enabled(self) -> bool:
-        """While ``False``, steps are not valued (``tracker.step`` does nothing) and
-        ``optimizer.step()`` needs no ``tracker.step`` block: e.g. warm-up steps left out."""
+        """While ``False`` steps are not valued and need no ``tracker.step`` block (warm-up steps)."""
         return self._engine.enabled
 
     @enabled.setter
@@ -203,7 +200,7 @@ class InRunShapley:
 
     def per_validation(self) -> PerValidation | None:
         """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``: a
-        :class:`~inrun.ledger.PerValidation` (``.to_pandas()``: one row per training id, one column per
+        :class:`~inrun.PerValidation` (``.to_pandas()``: one row per training id, one column per
         ``validation_ids``; unpacks as ``(ids, [N, V])``). Under DDP: global, a collective call."""
         return self.global_ledger().per_validation()
 
@@ -227,20 +224,15 @@ class InRunShapley:
         self, path: str | os.PathLike, *, examples: Any = None, description: str = "",
         metadata: Mapping[str, Any] | None = None,
     ) -> RunDir:
-        """Write the values so far as a complete run directory at a new ``path`` (the format of
-        ``inrun train``). ``examples``: a table with an ``id`` column and optional ``source``, ``text``,
-        ``location``, ``length`` (:func:`inrun.library_run.examples_from`); ``description``: the
-        report's header; ``metadata``: JSON kept in ``run.json``. As training goes: :class:`inrun.RunWriter`."""
-        from .library_run import RunWriter
-
+        """A complete run directory of the values so far at a new ``path``, as ``inrun train`` writes
+        (``report``, ``inspect``, ``curate`` work on it); ``examples``, ``description``, ``metadata``
+        as for :class:`inrun.RunWriter`, which writes as training goes, with checkpoints."""
         return RunWriter(Path(path), self, examples=examples, state={}, rng=False,
                          description=description, metadata=metadata).finish()
 
     def global_ledger(self) -> ValueLedger:
-        """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, the
-        ledgers of every rank merged by example id (``self.ledger`` holds only this rank's
-        examples). Under DDP this is a collective: call it on every rank (each gets the merged
-        ledger), e.g. ``ledger = tracker.global_ledger()`` then save it on rank 0."""
+        """The ledger of the whole run: ``self.ledger`` in one process; under DDP the ledgers of every
+        rank merged by id, a collective (call it on every rank, then save it on rank 0)."""
         return self._engine.global_ledger()
 
     def flush(self) -> None:
@@ -251,6 +243,15 @@ class InRunShapley:
         """Which route valued each trainable parameter (a tied one: its uses' routes joined by
         ``+``), and how documents were valued."""
         return self._engine.coverage()
+
+    def describe(self) -> dict[str, Any]:
+        """Settings, the route of every parameter and the valued modules (``tracker.json``)."""
+        return describe(self._engine)
+
+    @property
+    def in_step(self) -> bool:
+        """Inside a step: from its first ``tracker.step`` block until ``optimizer.step()``."""
+        return self._engine.mid_step()
 
     @property
     def rule(self) -> UpdateRule:
@@ -266,7 +267,7 @@ class InRunShapley:
     def audit(self) -> StepAudit | None:
         """The run's audit (``None`` unless ``audit=`` was given): per audited step the exact Shapley
         values of the step's game next to the tracker's, with their agreement and cost
-        (``audit.steps``, ``audit.values``, ``audit.summary()``; :func:`inrun.views.audit_frames`)."""
+        (``audit.steps``, ``audit.values``, ``audit.summary()``; :func:`inrun.analysis.views.audit_frames`)."""
         return self._engine.audit
 
     @property
