@@ -210,11 +210,11 @@ class InRunShapley:
         self._engine.flush()
         return self._engine.accounts.drops.global_rows(self._engine.ddp)
 
-    def carried(self) -> ValueTable:
+    def carried(self, final: bool = True) -> ValueTable:
         """``carry="momentum"``: id -> credit for its gradient's later effect through momentum
-        (:mod:`inrun.tracking.carry`); ends the windows still open, so call it after training."""
+        (:mod:`inrun.tracking.carry`); ``final`` ends the windows still open (after training)."""
         self._engine.flush()
-        return carried_values(self._engine.accounts.carry)
+        return carried_values(self._engine.accounts.carry, final)
 
     def cost(self) -> StepCost:
         """How long the validation passes took next to your forward and backward (:class:`StepCost`)."""

@@ -154,9 +154,11 @@ class Carry:
                      "its carry window was cut at a resume")
 
 
-def carried_values(carry: Carry | None) -> Any:
-    """The carried table (:meth:`inrun.InRunShapley.carried`): every open window ended first."""
+def carried_values(carry: Carry | None, final: bool = True) -> Any:
+    """The carried table (:meth:`inrun.InRunShapley.carried`): of the windows closed so far, or
+    (``final``) of every window, the open ones ended at the current step."""
     if carry is None:
         raise InRunError("carried() needs InRunShapley(..., carry='momentum')")
-    carry.close_all()
+    if final:
+        carry.close_all()
     return carry.ledger.values()

@@ -110,11 +110,11 @@ class TrackerConfig:
     rounding of a reduction: under ``"auto"`` the values depend on the machine's load in their
     last bits, so two runs, or a run and its resumed copy, are no longer bit for bit equal.
     Without effect on GPU."""
-    carry: CarryMode = "off"
+    carry: CarryMode = setting("off", "'momentum': also credit each batch for its gradient's later effect through momentum")
     """``"momentum"``: also credit each batch for its gradient's later effect through momentum
     (first order, over a window set by β1 or μ; :mod:`inrun.tracking.carry`), in a table of its own
     (:meth:`~inrun.InRunShapley.carried`). Costs memory: the window's steps of per-layer factors."""
-    carry_window: int | None = None
+    carry_window: int | None = setting(None, "at most this many later steps per carry window (none: until beta1^n < 1%)")
     """At most this many later steps per carry window (``None``: until β1^n < 1%, 44 at β1 = 0.9)."""
 
     def __post_init__(self) -> None:

@@ -267,6 +267,13 @@ class Decomposition:
     left_out_utility: float
     reason: str = ""
 
+    def to_dict(self) -> dict[str, Any]:
+        """The totals, the share explained and the headline, as plain data (``summary.json``)."""
+        from dataclasses import asdict
+
+        return {**asdict(self), "left_out": list(self.left_out), "explained": self.explained,
+                "headline": self.headline()}
+
     @property
     def explained(self) -> float:
         """Σ values / Σ U_t over the counted steps: the share of their games' drop the values claim."""
@@ -293,6 +300,15 @@ class Decomposition:
         if self.flagged:
             parts.append(f"{self.flagged} step(s) outside the efficiency band")
         return "; ".join(parts) + "."
+
+
+def by_stage(rows: Sequence[Mapping[str, Any]], stages: int = 4) -> list[tuple[str, Decomposition]]:
+    """The decomposition of ``stages`` equal spans of steps (``"A-B"`` labels), in order."""
+    rows = sorted(rows, key=lambda r: r["step"])
+    if not rows:
+        return []
+    bounds = np.linspace(0, len(rows), min(stages, len(rows)) + 1).round().astype(int)
+    return [(f"{rows[a]['step']}-{rows[b - 1]['step']}", decompose(rows[a:b])) for a, b in itertools.pairwise(bounds)]
 
 
 def decompose(rows: Sequence[Mapping[str, Any]], leave_out_nonlinear: bool = True) -> Decomposition:

@@ -179,6 +179,9 @@ def audit_summary(steps: Sequence[Mapping[str, Any]], config: AuditConfig | None
         "worst_step": min(ok, key=lambda r: r["pearson"] if np.isfinite(r["pearson"]) else math.inf)["step"] if ok else None,
         "evaluations": int(sum(r["evaluations"] for r in steps)),
         "seconds": float(sum(r["seconds_gradients"] + r["seconds_game"] for r in steps)),
+        "full_games": sum(1 for r in ok if r.get("game") == "full"),
+        "players": max((int(r["players"]) for r in ok), default=0),
+        "batch": max((int(r["batch"]) for r in ok), default=0),
         "config": None if config is None else config.to_dict(),
     }
 
