@@ -39,6 +39,7 @@ from .tracking.config import (
 )
 from .tracking.cost import StepCost
 from .tracking.coverage import Coverage, describe
+from .tracking.drop import loss_curve
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
 from .tracking.tokens import TokenValues
@@ -144,9 +145,8 @@ class InRunShapley:
         if validation_ids is not None:
             self.ledger.validation_names = [str(v) for v in validation_ids]
         self.audit_config = AuditConfig.of(audit)
-        carry_ledger = ValueLedger(keep_trace=self.config.keep_trace) if self.config.carry != "off" else None
-        self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger, audit=self.audit_config,
-                                  carry_ledger=carry_ledger)
+        carry = ValueLedger(keep_trace=self.config.keep_trace) if self.config.carry != "off" else None
+        self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger, self.audit_config, carry)
         self.module = self._engine.module
         self.optimizer = self._engine.optimizer
 
@@ -178,9 +178,8 @@ class InRunShapley:
         self._engine.set_enabled(value)
 
     def skip_step(self, reason: str) -> None:
-        """Drop the current step unvalued, recorded with ``reason``: call it after the ``tracker.step``
-        block(s), instead of ``optimizer.step()`` (NaN loss, a ``GradScaler`` overflow), then zero the
-        gradients; the step number is consumed."""
+        """Drop the current step unvalued, recorded with ``reason``: call it instead of ``optimizer.step()``
+        (NaN loss, a ``GradScaler`` overflow), then zero the gradients; the step number is consumed."""
         self._engine.skip(reason, by_user=True)
 
     @property
@@ -194,8 +193,7 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ results
     def values(self) -> ValueTable:
-        """id -> accumulated value (float64). Completes a pending order-2 step first. With a DDP
-        model: the global table merged over ranks, a collective call (see :meth:`global_ledger`)."""
+        """id -> accumulated value (float64); under DDP the global table, a collective (:meth:`global_ledger`)."""
         return self.global_ledger().values()
 
     def per_validation(self) -> PerValidation | None:
@@ -205,20 +203,23 @@ class InRunShapley:
         return self.global_ledger().per_validation()
 
     def drops(self) -> list[dict[str, Any]]:
-        """Per optimizer step: its drop as data-free part + its game's utility, Σ values and Taylor
-        remainder (:mod:`inrun.tracking.drop`). Under DDP: values of every rank, a collective call."""
+        """Each optimizer step's drop, decomposed (:mod:`inrun.tracking.drop`); a collective under DDP."""
         self._engine.flush()
         return self._engine.accounts.drops.global_rows(self._engine.ddp)
 
     def carried(self, final: bool = True) -> ValueTable:
-        """``carry="momentum"``: id -> credit for its gradient's later effect through momentum
-        (:mod:`inrun.tracking.carry`); ``final`` ends the windows still open (after training)."""
+        """id -> credit for its gradient's later effect through momentum (:mod:`inrun.tracking.carry`)."""
         self._engine.flush()
         return carried_values(self._engine.accounts.carry, final)
 
     def cost(self) -> StepCost:
         """How long the validation passes took next to your forward and backward (:class:`StepCost`)."""
         return self._engine.cost.copy()
+
+    def validation_losses(self) -> dict[int, float]:
+        """Step -> validation loss at θ_step: every step's L(θ_t) and L after the last (:meth:`drops`)."""
+        self._engine.flush()
+        return loss_curve(self._engine.accounts.drops.rows)
 
     def save_run(
         self, path: str | os.PathLike, *, examples: Any = None, description: str = "",
@@ -231,8 +232,8 @@ class InRunShapley:
                          description=description, metadata=metadata).finish()
 
     def global_ledger(self) -> ValueLedger:
-        """The ledger of the whole run: ``self.ledger`` in one process; under DDP the ledgers of every
-        rank merged by id, a collective (call it on every rank, then save it on rank 0)."""
+        """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, every
+        rank's merged by example id, a collective: call it on every rank, then save on rank 0."""
         return self._engine.global_ledger()
 
     def flush(self) -> None:
@@ -240,8 +241,7 @@ class InRunShapley:
         self._engine.flush()
 
     def coverage(self) -> Coverage:
-        """Which route valued each trainable parameter (a tied one: its uses' routes joined by
-        ``+``), and how documents were valued."""
+        """Which route valued each trainable parameter (a tied one: ``+``-joined), and documents."""
         return self._engine.coverage()
 
     def describe(self) -> dict[str, Any]:

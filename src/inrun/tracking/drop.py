@@ -108,10 +108,10 @@ class DropLog:
         if self._open is not None and self._open.window is window and reason:
             self._open.nonlinear = reason
 
-    def end(self, window: Window, stepped: bool) -> None:
+    def end(self, window: Window | None, stepped: bool) -> None:
         """``window``'s step is over (``stepped``: the optimizer applied it)."""
         record = self._open
-        if record is None or record.window is not window:
+        if record is None or window is None or record.window is not window:
             return
         self._open = None
         record.stepped = stepped
@@ -300,6 +300,15 @@ class Decomposition:
         if self.flagged:
             parts.append(f"{self.flagged} step(s) outside the efficiency band")
         return "; ".join(parts) + "."
+
+
+def loss_curve(rows: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    """Step -> the validation loss at θ_step the drop rows measured: each step's ``L(θ_t)`` and,
+    after the last, its ``L(θ_t+1)``."""
+    curve = {int(r["step"]): float(r["loss_before"]) for r in rows}
+    if rows and math.isfinite(rows[-1]["loss_after"]):
+        curve[int(rows[-1]["step"]) + 1] = float(rows[-1]["loss_after"])
+    return curve
 
 
 def by_stage(rows: Sequence[Mapping[str, Any]], stages: int = 4) -> list[tuple[str, Decomposition]]:

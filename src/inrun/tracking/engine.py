@@ -93,6 +93,7 @@ class StepEngine:
         self.recorder: TrainRecorder | None = None
         self.cost = StepCost()
         self.window_ids = WindowIds()
+        self.window_ids.kind = ledger.id_kind()
         self.bookkeeping = (
             Bookkeeping(self.entries, self.policy, self._bookkeeping_target, self._add_dots)
             if config.bookkeeping != "off" else None
@@ -120,6 +121,7 @@ class StepEngine:
         if self.recorder is not None:
             raise StepOrderError("tracker.step() blocks cannot be nested")
         id_list = admit_ids(ids, self.batchnorms)
+        self.window_ids.admit_kind(id_list, self.log.count)
         seg = docs.admit_documents(segments, id_list, self.table.device, token_values)
         timed = self.log.count >= 1
         t0 = time.perf_counter()
@@ -286,6 +288,7 @@ class StepEngine:
         if window.doomed:
             window.skip(window.doomed)
             return
+        self.table.learning_rates(self.optimizer)  # a NaN one is refused before the update
         grads = self.table.grads()
         with torch.no_grad():
             # Clipping or unscaling between backward and the step multiplies each gradient by a
@@ -312,8 +315,7 @@ class StepEngine:
 
     # ------------------------------------------------------------------ the rest
     def flush(self) -> None:
-        """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) or ``L(θ_t+1)`` (its drop
-        row) at the current parameters."""
+        """Finish a step waiting for ``g_val(θ_t+1)`` (trapezoid) or ``L(θ_t+1)`` (its drop row), here."""
         self._settle_pending()
         self.accounts.drops.finish()
 
@@ -333,8 +335,7 @@ class StepEngine:
         if by_user and self.recorder is not None:
             raise StepOrderError("skip_step() must be called after the tracker.step() block, not inside it")
         window, self.window = self.window, None
-        if window is not None:
-            self.accounts.drops.end(window, stepped=False)
+        self.accounts.drops.end(window, stepped=False)
         self.log.skip(window, reason)
 
     def checkpoint(self) -> dict[str, Any]:
@@ -358,6 +359,7 @@ class StepEngine:
         self.accounts.load_state(state)
         if ledger is not None:
             self.log.ledger = ledger
+            self.window_ids.kind = ledger.id_kind()
         self.validation.forget()
 
     def set_enabled(self, value: bool) -> None:
