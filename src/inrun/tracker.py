@@ -27,6 +27,7 @@ from .tracking.carry import carried_values
 from .tracking.config import (
     AdamLinearization,
     Bookkeeping,
+    CarryMode,
     NonFinitePolicy,
     Order,
     Proxy,
@@ -69,9 +70,8 @@ class InRunShapley:
             ``"hessian"`` (one Hessian-vector product per step; SGD-type optimizers only).
         route: ``"auto"`` (the cheaper of the vector and Gram routes per layer), or force
             ``"vector"`` or ``"gram"`` wherever a layer has it. Values are the same.
-        bookkeeping: ``"off"``, ``"auto"`` (where cheapest) or ``"always"``: form per-example
-            weight gradients of Linear/Conv1D layers in place of the weight-gradient GEMM (no
-            extra FLOPs; the update then equals the untracked one within float32 rounding).
+        bookkeeping: ``"off"``, ``"auto"`` or ``"always"``: Linear/Conv1D weight gradients formed per
+            example in place of the GEMM (no extra FLOPs; the update equal within float32 rounding).
         check: check every step that the per-example dots add up to ``<grad, g_val>``.
         check_rtol: that check's relative tolerance (default by dtype: 1e-6, 1e-3, 5e-2).
         on_nonfinite: NaN/Inf at ``optimizer.step()``: ``"raise"`` before the update, or
@@ -82,11 +82,13 @@ class InRunShapley:
             ``"fixed_state"``.
         proxy: ``"sgd"`` values every step with ``η g_val·g_z`` whatever the optimizer (the
             paper's proxy for AdamW runs).
-        verify: when the tracker proves that each layer's rows belong to their examples (a replay
-            of the model's call against exact per-example gradients): ``"on_change"`` (the first
-            step and whenever a layer's row layout is new) or ``"every_step"``.
+        verify: when a replay against exact per-example gradients proves each layer's rows: ``"on_change"``
+            (the first step and whenever a layer's row layout is new) or ``"every_step"``.
         val_threads: CPU threads of the validation pass: ``"all"`` (torch's), ``"one"``, or
             ``"auto"`` (the faster by measured time; last bits then depend on the load).
+        carry: ``"momentum"``: also credit each batch for its gradient's later effect through
+            momentum (:meth:`carried`, :mod:`inrun.tracking.carry`); ``"off"``.
+        carry_window: at most this many later steps per carry window (``None``: until β1^n < 1%).
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
         audit: check the values during the run against exact Shapley values of sampled steps
             (an :class:`~inrun.AuditConfig`, a dict of its settings, or ``True`` for the defaults:
@@ -94,7 +96,7 @@ class InRunShapley:
             Off by default. It never changes training; its cost is measured (:attr:`audit`).
         validation_ids: one label per validation example when ``val_loss`` returns a vector:
             the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
-        **options: the other fields of :class:`~inrun.TrackerConfig` (e.g. ``carry="momentum"``).
+        **options: none today; an unknown name is refused with the nearest field's name.
 
     A repeated row id within one optimizer step raises :class:`~inrun.BatchMismatchError` (a
     document continued in a later micro-batch is one player). Padding: ``docs/guide-pytorch.md``.
@@ -128,6 +130,7 @@ class InRunShapley:
         proxy: Proxy | None = None,
         verify: Verify = "on_change",
         val_threads: ValThreads = "all",
+        carry: CarryMode = "off", carry_window: int | None = None,
         ledger: ValueLedger | None = None,
         audit: AuditConfig | Mapping[str, Any] | bool | None = None,
         validation_ids: Sequence[Any] | None = None,
@@ -137,7 +140,8 @@ class InRunShapley:
         self.config = TrackerConfig.from_options(dict(
             order=order, second_order=second_order, route=route, bookkeeping=bookkeeping, check=check,
             check_rtol=check_rtol, on_nonfinite=on_nonfinite, val_mode=val_mode, keep_trace=keep_trace,
-            adam=adam, proxy=proxy, verify=verify, val_threads=val_threads, **options,
+            adam=adam, proxy=proxy, verify=verify, val_threads=val_threads, carry=carry,
+            carry_window=carry_window, **options,
         ))
         self.model = model
         self.val_loss = val_loss
@@ -197,9 +201,8 @@ class InRunShapley:
         return self.global_ledger().values()
 
     def per_validation(self) -> PerValidation | None:
-        """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``: a
-        :class:`~inrun.PerValidation` (``.to_pandas()``: one row per training id, one column per
-        ``validation_ids``; unpacks as ``(ids, [N, V])``). Under DDP: global, a collective call."""
+        """Per-(train, validation) values when ``val_loss`` returns a vector, else ``None``: a :class:`~inrun.PerValidation`
+        (``.to_pandas()``: a row per id, a column per validation id). Under DDP global, a collective."""
         return self.global_ledger().per_validation()
 
     def drops(self) -> list[dict[str, Any]]:
@@ -225,15 +228,13 @@ class InRunShapley:
         self, path: str | os.PathLike, *, examples: Any = None, description: str = "",
         metadata: Mapping[str, Any] | None = None,
     ) -> RunDir:
-        """A complete run directory of the values so far at a new ``path``, as ``inrun train`` writes
-        (``report``, ``inspect``, ``curate`` work on it); ``examples``, ``description``, ``metadata``
-        as for :class:`inrun.RunWriter`, which writes as training goes, with checkpoints."""
+        """A run directory of the values so far at a new ``path``, as ``inrun train`` writes (``report``,
+        ``inspect``, ``curate`` read it); the arguments as for :class:`inrun.RunWriter`."""
         return RunWriter(Path(path), self, examples=examples, state={}, rng=False,
                          description=description, metadata=metadata).finish()
 
     def global_ledger(self) -> ValueLedger:
-        """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, every
-        rank's merged by example id, a collective: call it on every rank, then save on rank 0."""
+        """The whole run's ledger: ``self.ledger``; under DDP every rank's merged by id (a collective)."""
         return self._engine.global_ledger()
 
     def flush(self) -> None:
@@ -265,9 +266,8 @@ class InRunShapley:
 
     @property
     def audit(self) -> StepAudit | None:
-        """The run's audit (``None`` unless ``audit=`` was given): per audited step the exact Shapley
-        values of the step's game next to the tracker's, with their agreement and cost
-        (``audit.steps``, ``audit.values``, ``audit.summary()``; :func:`inrun.analysis.views.audit_frames`)."""
+        """The run's audit (``None`` without ``audit=``): per audited step its game's exact Shapley values
+        beside the tracker's, their agreement and cost (``audit.steps``, ``.values``, ``.summary()``)."""
         return self._engine.audit
 
     @property

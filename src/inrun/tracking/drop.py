@@ -329,7 +329,10 @@ def decompose(rows: Sequence[Mapping[str, Any]], leave_out_nonlinear: bool = Tru
     """
     rows = sorted(rows, key=lambda r: r["step"])
     if not rows:
-        return Decomposition(0, *([math.nan] * 3), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, (), 0.0, 0.0)
+        nothing = dict.fromkeys(("data_free", "utility", "untracked", "values", "utility_valued", "remainder",
+                                 "carried", "left_out_values", "left_out_utility"), 0.0)
+        return Decomposition(steps=0, loss_first=math.nan, loss_last=math.nan, measured=math.nan, not_valued=0,
+                             flagged=0, left_out=(), **nothing)
 
     def total(key: str, chosen: Sequence[Mapping[str, Any]]) -> float:
         return float(sum(r[key] for r in chosen if math.isfinite(r[key])))

@@ -152,11 +152,13 @@ class ValidationPass:
 
     def loss_here(self, step: int) -> Tensor:
         """``L_val`` summed over its columns at the current parameters (a 0-d tensor on the device):
-        from a pass already run at them, else one forward without gradient (cached by version)."""
+        from a pass already run at them, else one forward without gradient (cached by version).
+        A non-finite loss is a measurement here (the drop row of an update that blew up), not an
+        error: the step's own validation pass refuses it."""
         if self._plain_loss is not None and self._plain_loss[0] == self.version:
             return self._plain_loss[1]
         with self.threads.applied(self.table.device, timed=False), torch.no_grad(), \
-                self._evaluate(None, None, step, need_grad=False) as loss:
+                self._evaluate(None, None, step, measuring=True) as loss:
             total = loss.detach().sum()
         self._plain_loss = (self.version, total)
         return total
@@ -222,7 +224,7 @@ class ValidationPass:
 
     @contextlib.contextmanager
     def _evaluate(
-        self, shift: list[Tensor] | None, recorder: ValidationRecorder | None, step: int, need_grad: bool = True,
+        self, shift: list[Tensor] | None, recorder: ValidationRecorder | None, step: int, measuring: bool = False,
     ) -> Iterator[Tensor]:
         """``val_loss`` of the model at ``θ + shift``, checked, in the validation mode and RNG."""
         params = self.table.params
@@ -230,10 +232,11 @@ class ValidationPass:
                 _fork_rng(params):
             with self.hooks.recording(recorder), inline_checkpoints():
                 loss = self.val_loss(self.module)
-            yield _check_val_loss(loss, step, need_grad)
+            yield _check_val_loss(loss, step, measuring)
 
 
-def _check_val_loss(loss: Any, step: int, need_grad: bool = True) -> Tensor:
+def _check_val_loss(loss: Any, step: int, measuring: bool = False) -> Tensor:
+    """``measuring``: a loss read without gradient for the drop rows, which record NaN as it is."""
     if not isinstance(loss, Tensor):
         raise ValidationLossError(
             f"val_loss(model) must return a tensor (a scalar, or a vector of per-validation-"
@@ -246,12 +249,12 @@ def _check_val_loss(loss: Any, step: int, need_grad: bool = True) -> Tensor:
         )
     if loss.dim() == 1 and loss.numel() == 0:
         raise ValidationLossError("val_loss(model) returned an empty vector")
-    if need_grad and not loss.requires_grad:
+    if not measuring and not loss.requires_grad:
         raise ValidationLossError(
             "val_loss(model) returned a tensor without a gradient: compute it from the model's "
             "output without torch.no_grad() (the tracker needs its gradient)"
         )
-    if not bool(torch.isfinite(loss.detach()).all()):
+    if not measuring and not bool(torch.isfinite(loss.detach()).all()):
         raise NonFiniteValidationLossError(
             f"step {step}: val_loss(model) is not finite: {loss.detach()}. The parameters or the "
             "validation data hold NaN/Inf (a learning rate too large diverges)."
