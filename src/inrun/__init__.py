@@ -7,6 +7,7 @@
 from .errors import (
     BatchMismatchError,
     ConsistencyError,
+    GradientChangeError,
     InRunError,
     LedgerError,
     NonFiniteError,
@@ -26,6 +27,7 @@ __all__ = [
     "BatchMismatchError",
     "ConsistencyError",
     "Coverage",
+    "GradientChangeError",
     "InRunError",
     "InRunShapley",
     "LedgerError",

@@ -58,7 +58,9 @@ class InRunShapley:
 
     Args:
         model: the model being trained (may be wrapped in DistributedDataParallel).
-        optimizer: its optimizer (see :mod:`inrun.optim` for what is supported).
+        optimizer: its optimizer, or a list of them (each parameter in one; the step is valued at
+            the first ``step()`` and ends when all that got gradients stepped; see
+            :mod:`inrun.optim` for what is supported).
         val_loss: ``val_loss(model) -> Tensor``: a scalar validation loss, or a vector of
             per-validation-example losses (their sum is the utility, and a per-(train,
             validation) table is kept). Called in ``eval`` mode at the current parameters.
@@ -113,7 +115,7 @@ class InRunShapley:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         val_loss: Callable[[nn.Module], Tensor],
         *,
         order: Order = 1,
@@ -160,6 +162,13 @@ class InRunShapley:
         """
         with self._engine.microbatch(ids):
             yield self
+
+    def unattributed(self) -> contextlib.AbstractContextManager[None]:
+        """Changes to the gradients made inside are nobody's: a loss no example caused (a penalty on
+        the parameters, a regularizer back-propagated outside the ``tracker.step`` block), noise.
+        Use it outside the blocks, before ``optimizer.step()``; what it adds moves the step like
+        weight decay and is credited to nobody (``docs/optimizers.md``)."""
+        return self._engine.unattributed()
 
     @property
     def enabled(self) -> bool:

@@ -10,10 +10,11 @@ The life of one step (see :mod:`inrun.tracking.state` for its states)::
     close_microbatch      a call not yet proven: RowVerifier.verify replays the micro-batch and
                           proves its rows (or moves a layer to a site); gradient norms (clip
                           detection); ConsistencyCheck.terms (immediate)
-    pre_step              clip ratio; ValueRule.at_step; ConsistencyCheck.finalize: the one host
-                          transfer, the window VALUED or SKIPPED
-    post_step             StepLog.end: COMMITTED into the ledger, or PENDING (trapezoid), or the
-                          skip recorded; the step counted
+    StepOptimizers.pre    the first optimizer's pre-step hook: GradientReference.classify (what the
+                          loop did to the gradients); ValueRule.at_step; ConsistencyCheck.finalize:
+                          the one host transfer, the window VALUED or SKIPPED
+    StepOptimizers.post   the last optimizer's post-step hook: StepLog.end: COMMITTED into the
+                          ledger, or PENDING (trapezoid), or the skip recorded; the step counted
     next open / flush     ValueRule.finish with g_val(θ_t+1); StepLog.settle: COMMITTED
 """
 
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from ..errors import InRunError, StepOrderError
 from ..integrations.ddp import DDPSync
 from ..ledger import ValueLedger
-from ..optim import rule_for, unwrap_optimizer
+from ..optim import rule_for
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
@@ -42,6 +43,8 @@ from .config import TrackerConfig
 from .cost import StepCost
 from .coverage import Coverage, coverage_of
 from .entries import Entry, build_entries
+from .gradmap import GradientReference
+from .optimizers import RuleSet, StepOptimizers, optimizer_list
 from .params import ParamTable
 from .plan import RowVerifier
 from .replay import RootCalls
@@ -68,11 +71,14 @@ class StepEngine:
     ) -> None:
         self.config = config
         self.module = unwrap_model(model)
-        self.optimizer = unwrap_optimizer(optimizer)
-        self.update = rule_for(self.optimizer, proxy=config.proxy, adam=config.adam)
+        self.optimizers = optimizer_list(optimizer)
+        self.optimizer = self.optimizers[0]
+        options = {"proxy": config.proxy, "adam": config.adam}
+        self.update = (rule_for(self.optimizer, **options) if len(self.optimizers) == 1
+                       else RuleSet(self.optimizers, **options))
         self.table = ParamTable(self.module)
         self.entries = build_entries(self.module, self.table)
-        self.table.warn_missing_from(self.optimizer)
+        self.table.warn_missing_from(self.optimizers)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # DDP (see inrun.integrations.ddp): its process group; None for a single process.
         self.ddp = DDPSync.of(model) if isinstance(model, nn.parallel.DistributedDataParallel) else None
@@ -101,10 +107,8 @@ class StepEngine:
         self.hooks.install()
         # The audit (exact Shapley values of sampled steps) only reads: see tracking/audit.py.
         self.audit = StepAudit(audit, self, val_loss) if audit is not None else None
-        self._optimizer_hooks = [
-            self.optimizer.register_step_pre_hook(self.pre_step),
-            self.optimizer.register_step_post_hook(self.post_step),
-        ]
+        self.gradients = GradientReference(self.table.params, self.table.names)
+        self.steps = StepOptimizers(self)  # the optimizers' step hooks: the step valued at the first
 
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
@@ -136,23 +140,51 @@ class StepEngine:
 
     def open_microbatch(self, ids: list) -> TrainRecorder:
         window = self.window
+        if window is not None and self.steps.valued:
+            self.steps.require_complete()  # an optimizer valued in the last step did not step
         if window is not None and window.micro and self.table.all_grads_none():
             # The previous micro-batches were zeroed away without an optimizer step
             # (e.g. GradScaler skipped it): nothing they computed was applied.
             self.log.skip(window, "gradients were zeroed without an optimizer step", warn=True)
             window = self.window = None
         if window is None:
-            self.table.require_unchanged()
-            self.flush()
-            self.validation.at_step_start(self.log.count)
-            self.table.require_zero_grads()
-            self.window = self.log.open()
+            self.open_window()
+        else:
+            self.gradients.require_unchanged("between two tracker.step() blocks of one optimizer step")
         self.root_calls.arm(len(ids))
-        self.recorder = self.make_recorder(MicroBatch(ids=ids, size=len(ids)), self.rule.keeps_factors,
-                                           lambda e: e.index in self.plan.shared_safe)
+        mb = MicroBatch(ids=ids, size=len(ids), factors=self.rule.keeps_factors)
+        self.recorder = self.make_recorder(mb, self.rule.keeps_factors, lambda e: e.index in self.plan.shared_safe)
         if self.audit is not None:
             self.audit.open_microbatch(self.window, ids)  # audit: is this step audited?
         return self.recorder
+
+    def open_window(self) -> None:
+        """A new optimizer step: the model as it was made, a pending step finished, the validation
+        gradient at the step's start, zero gradients."""
+        self.table.require_unchanged()
+        self.flush()
+        self.validation.at_step_start(self.log.count)
+        self.table.require_zero_grads()
+        self.window = self.log.open()
+        self.gradients.start()
+        self.steps.start()
+
+    @contextlib.contextmanager
+    def unattributed(self) -> Iterator[None]:
+        """Every change made to the gradients inside is nobody's (see :mod:`.gradmap`)."""
+        if not self.enabled:
+            yield
+            return
+        if self.recorder is not None:
+            raise StepOrderError("tracker.unattributed() goes outside the tracker.step() blocks, not inside one")
+        if self.window is not None and self.steps.valued:
+            self.steps.require_complete()
+        if self.window is None:
+            self.open_window()
+        else:
+            self.gradients.require_unchanged("before a tracker.unattributed() block, after the last block")
+        yield
+        self.gradients.add_unattributed()
 
     def make_recorder(self, mb: MicroBatch, keep_factors: bool, expand_shared: Any) -> TrainRecorder:
         calls = self.bookkeeping.calls if self.bookkeeping is not None else set()
@@ -202,7 +234,8 @@ class StepEngine:
         if mb.dots is None:
             mb.dots = self.zero_dots(mb, self.table.device)
         window.micro.append(mb)
-        grads = self.table.grads()
+        self.gradients.sync()
+        grads = self.gradients.batch_grads()  # the examples' gradient: without unattributed parts
         with torch.no_grad():
             window.exit_norms = self.table.norms(grads)
             if self.rule.immediate:
@@ -219,7 +252,7 @@ class StepEngine:
                 e.route = route_label(e, factors is not None)
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
                 self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows))
-        if self.rule.keeps_factors:
+        if mb.factors:
             cap.grad = grad.detach()
         else:
             cap.saved = None
@@ -254,46 +287,6 @@ class StepEngine:
             return None
         return recorder, self.validation.current
 
-    # ------------------------------------------------------------------ optimizer hooks
-    def pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self.enabled:
-            return
-        window = self.window
-        if self.recorder is not None:
-            raise StepOrderError("optimizer.step() was called inside a tracker.step() block")
-        if window is None or not window.micro:
-            if window is not None and window.doomed:
-                window.skip(window.doomed)
-                return
-            raise StepOrderError(
-                "optimizer.step() was called with no `with tracker.step(ids):` block since the "
-                "last step, so the update has no examples to credit. Wrap the forward/backward "
-                "in tracker.step(ids), or set tracker.enabled = False to train untracked."
-            )
-        if window.doomed:
-            window.skip(window.doomed)
-            return
-        grads = self.table.grads()
-        with torch.no_grad():
-            # Clipping or unscaling between backward and the step multiplies each gradient by a
-            # factor: the optimizer sees x_S = ratio · Σ_S g_z.
-            ratio = ParamTable.ratios(self.table.norms(grads), window.exit_norms)
-            if self.ddp is not None:
-                # DDP averages over ranks: each rank's example adds g_z / W to the update.
-                ratio = ratio / self.ddp.world_size
-        first, second = self.rule.at_step(window, grads, ratio)
-        self.check.finalize(window, first, second, lr=self.table.learning_rates(self.optimizer))
-        if self.audit is not None:
-            self.audit.at_step(window, ratio)  # audit: θ_t and the optimizer state before the step
-
-    def post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self.validation.parameters_changed()  # any cached validation gradient is stale
-        window = self.window
-        if not self.enabled or window is None:
-            return
-        self.window = None
-        self.pending = self.log.end(window, pending=self.rule.pending)
-
     # ------------------------------------------------------------------ the rest
     def flush(self) -> None:
         """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
@@ -312,6 +305,7 @@ class StepEngine:
         if by_user and self.recorder is not None:
             raise StepOrderError("skip_step() must be called after the tracker.step() block, not inside it")
         window, self.window = self.window, None
+        self.steps.start()
         self.log.skip(window, reason)
 
     def checkpoint(self) -> dict[str, Any]:
@@ -359,9 +353,7 @@ class StepEngine:
             self.audit.close()
         self.hooks.remove()
         self.root_calls.remove()
-        for h in self._optimizer_hooks:
-            h.remove()
-        self._optimizer_hooks.clear()
+        self.steps.remove()
         if self.bookkeeping is not None:
             self.bookkeeping.remove()
         self.enabled = False

@@ -1,5 +1,5 @@
-"""The parameter table: the trainable parameters in one order, their gradients, norms and the
-factor the loop applied to each gradient between backward and the step (clipping, unscaling)."""
+"""The parameter table: the trainable parameters in one order, their gradients and norms (what the
+loop did to the gradients before the step: :mod:`inrun.tracking.gradmap`)."""
 
 from __future__ import annotations
 
@@ -77,13 +77,6 @@ class ParamTable:
         zero = torch.zeros((), dtype=torch.float64, device=device)
         return torch.stack([next(values).double().to(device) if g is not None else zero for g in grads])
 
-    @staticmethod
-    def ratios(now: Tensor, before: Tensor) -> Tensor:
-        """Per-parameter factor applied to the gradient between backward and the step (clipping,
-        unscaling): ``‖grad now‖ / ‖grad after backward‖``, 1 where the gradient was zero."""
-        safe = torch.where(before > 0, before, torch.ones_like(before))
-        return torch.where(before > 0, now / safe, torch.ones_like(before))
-
     def all_grads_none(self) -> bool:
         return all(p.grad is None for p in self.params)
 
@@ -100,8 +93,8 @@ class ParamTable:
                 "gradients"
             )
 
-    def warn_missing_from(self, optimizer: torch.optim.Optimizer) -> None:
-        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    def warn_missing_from(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        in_opt = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
         missing = [n for n, p in zip(self.names, self.params) if id(p) not in in_opt]
         if missing:
             logger.warning(
@@ -109,8 +102,3 @@ class ParamTable:
                 len(missing),
                 ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
             )
-
-    @staticmethod
-    def learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
-        """The learning rate of every parameter group, in the optimizer's order."""
-        return [float(g["lr"]) for g in optimizer.param_groups]

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import UnsupportedModuleError
 from ..layers import FALLBACK
 from ..modes import evaluating
-from .check import STEP_FLOOR, column_sum
+from .check import STEP_FLOOR, column_sum, refuse_hooks
 from .entries import Entry
 from .replay import ReplayMismatch, RootCall, batched_leaves, buffers_kept, replayed_targets
 from .routes import contract_window
@@ -85,16 +85,14 @@ class RowVerifier:
             replayed, moves = self._round(mb, calls)
             if not moves:
                 engine.plan.verified.update(k for k in replayed.signature if k[1] is not None)
-                if not engine.rule.keeps_factors:  # the replay kept every layer's factors to verify
-                    replayed.captures = [c for c in replayed.captures if c.entry.handler.multi_output]
-                return replayed
+                return replayed  # with every layer's factors, kept until the step
             history += [f"{engine.entries[i].name}: {why}" for i, why in moves.items()]
             self._move(moves)
         raise UnsupportedModuleError("rows could not be verified after moving: " + "; ".join(history[-5:]))
 
     def _round(self, mb: MicroBatch, calls: list[RootCall]) -> tuple[MicroBatch, dict[int, str]]:
         engine = self.engine
-        new = MicroBatch(ids=mb.ids, size=mb.size)
+        new = MicroBatch(ids=mb.ids, size=mb.size, factors=True)
         expanded: set[int] = set()
 
         def may_expand(e: Entry) -> bool:
@@ -208,6 +206,7 @@ class RowVerifier:
                 v[g[1:]] = 0
         rtol = engine.config.check_tolerance(engine.table.dtype)
         bad = (ours - theirs).abs() > rtol * (scale + STEP_FLOOR * scale.sum()) + 1e-300
+        refuse_hooks(engine.table, torch.nonzero(bad).flatten().tolist())
         moves = {}
         called = {k[0] for k in new.signature}
         for i in torch.nonzero(bad).flatten().tolist():

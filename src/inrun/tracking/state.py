@@ -56,6 +56,8 @@ class MicroBatch:
     """A call the row verification has not proven: the micro-batch is replayed and verified."""
     unresolved: dict[int, str] = field(default_factory=dict)
     """Entries with a call that could not be captured, and why."""
+    factors: bool = False
+    """Its captures hold every tracked call's factors (a contraction at the step can use them)."""
 
 
 @dataclass
