@@ -30,7 +30,14 @@ from loop_oracle import (
 )
 from torch import Tensor, nn
 
-from inrun import ConsistencyError, GradientChangeError, InRunError, InRunShapley, StepOrderError
+from inrun import (
+    ConsistencyError,
+    GradientChangeError,
+    InRunError,
+    InRunShapley,
+    StepOrderError,
+    UnsupportedModuleError,
+)
 
 XV = torch.randn(5, 4, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
 YV = torch.tensor([0, 1, 2, 1, 0])
@@ -58,6 +65,48 @@ class MLP(nn.Module):
             gate = 0.5 + h.detach() ** 2
             h.register_hook(lambda g: g * gate)
         return self.head(h)
+
+
+class Sorted(nn.Module):
+    """Sorts its batch by a per-row key, runs a layer, unsorts: per example, but the layer's rows
+    follow the data (the identity on a batch already sorted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        order = x[:, 0].argsort()
+        return self.head(torch.tanh(self.inner(x[order]))[order.argsort()])
+
+
+class CapacityMoE(nn.Module):
+    """Switch-style: one token per example routed by the sign of its first feature to one of two
+    experts, each taking at most half the batch's tokens (in batch order); a dropped token passes
+    through. The first batch fills no expert, a batch of one sign drops half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts, self.head = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        route, capacity = (x[:, 0] > 0).long(), math.ceil(len(x) / 2)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = (route == e).nonzero().flatten()[:capacity]
+            y = y.index_add(0, rows, expert(x[rows]))
+        return self.head(torch.tanh(x + y))
+
+
+class LateCentering(MLP):
+    """Centres its hidden rows over the batch once ``center`` is set (a loop that switches it on
+    at step 2): the examples start to interact after the verified steps."""
+
+    center = False
+
+    def forward(self, x: Tensor, view: int | None = None) -> Tensor:
+        h = torch.tanh(self.body(x))
+        return self.head(h - h.mean(0) if self.center else h)
 
 
 @dataclass
@@ -194,6 +243,9 @@ class Loop:
     model: Callable[[], nn.Module] = MLP
     finish: Callable[[Ctx], None] = step_all
     batch: int = 6
+    inputs: Callable[[Tensor, int], Tensor] | None = None
+    """The loop's batch ``x`` at a step, from a random one."""
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 LOOPS = [
@@ -238,7 +290,24 @@ LOOPS = [
          refused=(StepOrderError, "changed after the first optimizer.step()")),
     Loop("two optimizers stepping at different times (GAN-style)", optimizers=two, finish=lambda c: _alternate(c),
          refused=(StepOrderError, "did not step before the next tracker.step()")),
+    Loop("a layer on the batch sorted by a key, sorted at the first step", model=Sorted,
+         inputs=lambda x, t: x[x[:, 0].argsort()] if t == 0 else x),
+    Loop("an expert capacity over the batch, filled from step 1", model=CapacityMoE, inputs=lambda x, t: _signs(x, t),
+         refused=(UnsupportedModuleError, "a batch of copies of one example")),
+    Loop("batch centring switched on at step 2", model=LateCentering, body=lambda c: _centring(c),
+         refused=(UnsupportedModuleError, "step 2, example")),
 ]
+
+
+def _signs(x: Tensor, t: int) -> Tensor:
+    """Step 0: the signs +, -, -, +, +, - (no expert, no probe part over capacity alone); then +."""
+    sign = torch.tensor([1.0, -1, -1, 1, 1, -1]) if t == 0 else torch.ones(6)
+    return torch.cat([x[:, :1].abs() * sign[:, None], x[:, 1:]], dim=1)
+
+
+def _centring(c: Ctx) -> None:
+    c.model.center = c.step >= 2
+    block(c)
 
 
 def _scaled_block(c: Ctx, scale: float) -> None:
@@ -280,13 +349,14 @@ def run(loop: Loop, steps: int = 3) -> tuple[list[float], list[float]]:
     torch.manual_seed(0)
     model = loop.model().double()
     opts = loop.optimizers(model)
-    tracker = InRunShapley(model, opts if len(opts) > 1 else opts[0], val_loss=val_loss)
+    tracker = InRunShapley(model, opts if len(opts) > 1 else opts[0], val_loss=val_loss, **loop.options)
     got_ids: list[str] = []
     expected: list[float] = []
     gen = torch.Generator().manual_seed(1)
     extra: dict[str, Any] = {}
     for t in range(steps):
         x = torch.randn(loop.batch, 4, generator=gen, dtype=torch.float64)
+        x = loop.inputs(x, t) if loop.inputs is not None else x
         c = Ctx(model, opts, tracker, t, x, torch.randint(0, 3, (loop.batch,), generator=gen), extra)
         valued = t not in loop.skipped + loop.untracked
         if valued:

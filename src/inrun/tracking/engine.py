@@ -47,6 +47,7 @@ from .gradmap import GradientReference
 from .optimizers import RuleSet, StepOptimizers, optimizer_list
 from .params import ParamTable
 from .plan import RowVerifier
+from .probes import RowProbes
 from .replay import RootCalls
 from .routes import RoutePolicy, contract_call, route_label
 from .rules import make_value_rule
@@ -104,6 +105,7 @@ class StepEngine:
         self.plan = Plan()
         self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads)
         self.verifier = RowVerifier(self)
+        self.probes = RowProbes(self)
         self.hooks.install()
         # The audit (exact Shapley values of sampled steps) only reads: see tracking/audit.py.
         self.audit = StepAudit(audit, self, val_loss) if audit is not None else None
@@ -220,16 +222,18 @@ class StepEngine:
                 "no backward pass reached a tracked layer inside tracker.step(ids): call "
                 "loss.backward() inside the `with tracker.step(ids):` block"
             )
-        if verify:
-            try:
+        try:
+            if verify:
                 verified = self.verifier.verify(mb, calls)
-            except BaseException:
-                window.doomed = "the row verification refused the model"
-                raise
-            if verified is not mb:
-                mb.captures.clear()  # the replay's micro-batch replaces it: its factors go now
-            mb = verified
-            self.check.groups = self.joint_groups()
+                if verified is not mb:
+                    mb.captures.clear()  # the replay's micro-batch replaces it: its factors go now
+                mb = verified
+                self.check.groups = self.joint_groups()
+            elif self.config.verify == "on_change":
+                self.probes.alone(calls, window.step, len(window.micro))  # one example, alone
+        except BaseException:
+            window.doomed = "the row verification refused the model"
+            raise
         val = self.validation.current
         if mb.dots is None:
             mb.dots = self.zero_dots(mb, self.table.device)

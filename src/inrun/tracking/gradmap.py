@@ -313,7 +313,11 @@ def _uniform_factor(x: Tensor, T: Tensor, tol: float) -> float | None:
     r = float(torch.dot(xd.flatten(), td.flatten())) / tt
     residual = (xd - r * td).abs()
     bound = tol * (xd.abs() + (r * td).abs()) + torch.finfo(x.dtype).tiny
-    return r if bool((residual <= bound).all()) else None
+    if not bool((residual <= bound).all()):
+        return None
+    # verified: report it as the ratio of the norms (what the tracker reported before it verified)
+    norms = torch._foreach_norm([x, T])
+    return math.copysign(float(norms[0].double()) / float(norms[1].double()), r)
 
 
 def _value_clip(x: Tensor, T: Tensor, tol: float) -> tuple[float | None, float] | None:

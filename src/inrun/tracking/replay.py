@@ -46,6 +46,8 @@ class RootCall:
     """The batched output tensors (leading dimension = the micro-batch), detached."""
     grads: list[Tensor | None] = field(default_factory=list)
     """The user's backward's gradient of each batched output (``None`` if none arrived)."""
+    random: bool = False
+    """The call drew random numbers (dropout): it cannot be re-run on part of the batch alike."""
 
     def replay(self) -> list[Tensor]:
         """The batched outputs of the call run again (with a graph), in the same order. Run it
@@ -150,6 +152,8 @@ class RootCalls:
         if self.batch is None or not self._starting:
             return
         call = self._starting.pop()
+        call.random = not torch.equal(torch.get_rng_state(), call.rng[0]) or any(
+            not torch.equal(torch.cuda.get_rng_state(i), state) for i, state in enumerate(call.rng[1]))
         outputs = [t for t in batched_leaves(output, self.batch) if t.requires_grad]
         if not outputs:
             rows = sorted({t.shape[0] for t in batched_leaves(output, None) if t.requires_grad})
