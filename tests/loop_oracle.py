@@ -94,11 +94,13 @@ def first_order_values(
 def coupled_values(
     model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], batch_loss: Callable[[nn.Module, list[int]], Tensor],
     size: int, val_loss: Callable[[nn.Module], Tensor],
+    step_map: Callable[[Grads, Grads], tuple[Grads, Grads]] | None = None,
 ) -> list[float]:
     """Exact Shapley values of the first-order game of a coupled loss: ``batch_loss(model, rows)``
-    is the loss of the rows ``S`` alone; every subset enumerated."""
+    is the loss of the rows ``S`` alone; every subset enumerated. The real step's secant ``D``
+    (and clip factor) is the linear map of every subset's gradient."""
     g_b = gradient(model, lambda m: batch_loss(m, list(range(size))))
-    D, still = secant(model, optimizers, g_b, lambda g, e: (g, e), {n: torch.zeros_like(g) for n, g in g_b.items()})
+    D, still = secant(model, optimizers, g_b, step_map or identity, {n: torch.zeros_like(g) for n, g in g_b.items()})
     g_val = validation_gradient(model, val_loss, still)
     weight = {n: -g_val[n] * D[n] for n in g_val}
     utility: dict[tuple[int, ...], float] = {(): 0.0}

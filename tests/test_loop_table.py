@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from loop_oracle import (
     Grads,
     assert_close,
+    coupled_values,
     first_order_values,
     gradient,
     identity,
@@ -38,6 +39,8 @@ from inrun import (
     StepOrderError,
     UnsupportedModuleError,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 XV = torch.randn(5, 4, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
 YV = torch.tensor([0, 1, 2, 1, 0])
@@ -214,6 +217,20 @@ def siamese_share(c: Ctx, k: int) -> Callable[[nn.Module], Tensor]:
     return share
 
 
+def info_nce(a: Tensor, b: Tensor) -> Tensor:
+    """InfoNCE with in-batch negatives: each row's positive is its other view."""
+    return F.cross_entropy(a @ b.T / 0.5, torch.arange(len(a)))
+
+
+def contrastive(c: Ctx, declared: bool) -> None:
+    with c.tracker.step(c.ids, coupled_loss=info_nce if declared else None):
+        info_nce(c.model(c.x), c.model(c.x.flip(1))).backward()
+
+
+def contrastive_game(c: Ctx) -> Callable[[nn.Module, list[int]], Tensor]:
+    return lambda m, rows: info_nce(m(c.x[rows]), m(c.x[rows].flip(1)))
+
+
 def grad_scaler(c: Ctx) -> None:
     scaler = c.extra.setdefault("scaler", torch.amp.GradScaler("cpu", init_scale=2.0**10))
     with c.tracker.step(c.ids):
@@ -246,6 +263,9 @@ class Loop:
     inputs: Callable[[Tensor, int], Tensor] | None = None
     """The loop's batch ``x`` at a step, from a random one."""
     options: dict[str, Any] = field(default_factory=dict)
+    steps: int = 3
+    coupled: Callable[[Ctx], Callable[[nn.Module, list[int]], Tensor]] | None = None
+    """A coupled loss: the loss of the rows of a subset, for the oracle's game."""
 
 
 LOOPS = [
@@ -296,6 +316,13 @@ LOOPS = [
          refused=(UnsupportedModuleError, "a batch of copies of one example")),
     Loop("batch centring switched on at step 2", model=LateCentering, body=lambda c: _centring(c),
          refused=(UnsupportedModuleError, "step 2, example")),
+    Loop("InfoNCE with in-batch negatives, undeclared", body=lambda c: contrastive(c, False),
+         refused=(StepOrderError, "coupled_loss=fn")),
+    Loop("InfoNCE with in-batch negatives, declared", body=lambda c: contrastive(c, True), coupled=contrastive_game,
+         batch=5, steps=2),
+    Loop("InfoNCE declared, AdamW, clip_grad_norm_", body=lambda c: contrastive(c, True), coupled=contrastive_game,
+         optimizers=adamw, between=lambda c: nn.utils.clip_grad_norm_(c.model.parameters(), 0.05),
+         step_map=norm_clipped(0.05), batch=5, steps=2),
 ]
 
 
@@ -344,7 +371,7 @@ def _alternate(c: Ctx) -> None:
         o.zero_grad()
 
 
-def run(loop: Loop, steps: int = 3) -> tuple[list[float], list[float]]:
+def run(loop: Loop) -> tuple[list[float], list[float]]:
     """The loop with the tracker; returns the tracker's values and the oracle's, by id."""
     torch.manual_seed(0)
     model = loop.model().double()
@@ -354,12 +381,15 @@ def run(loop: Loop, steps: int = 3) -> tuple[list[float], list[float]]:
     expected: list[float] = []
     gen = torch.Generator().manual_seed(1)
     extra: dict[str, Any] = {}
-    for t in range(steps):
+    for t in range(loop.steps):
         x = torch.randn(loop.batch, 4, generator=gen, dtype=torch.float64)
         x = loop.inputs(x, t) if loop.inputs is not None else x
         c = Ctx(model, opts, tracker, t, x, torch.randint(0, 3, (loop.batch,), generator=gen), extra)
         valued = t not in loop.skipped + loop.untracked
-        if valued:
+        if valued and loop.coupled is not None:
+            expected += coupled_values(model, opts, loop.coupled(c), loop.batch, val_loss, loop.step_map)
+            got_ids += c.ids
+        elif valued:
             shares = loop.shares(c) if loop.shares else [c.share(k) for k in range(loop.batch)]
             nobody = loop.nobody(c) if loop.nobody else None
             expected += first_order_values(model, opts, shares, val_loss, loop.step_map, nobody)

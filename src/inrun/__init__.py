@@ -19,7 +19,7 @@ from .errors import (
 from .ledger import PerValidation, ValueLedger, ValueTable
 from .library_run import RunWriter
 from .rundir import RunDir
-from .tracker import AuditConfig, Coverage, InRunShapley, StepCost, TrackerConfig
+from .tracker import AuditConfig, CoupledLoss, Coverage, InRunShapley, StepCost, TrackerConfig
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "AuditConfig",
     "BatchMismatchError",
     "ConsistencyError",
+    "CoupledLoss",
     "Coverage",
     "GradientChangeError",
     "InRunError",

@@ -35,6 +35,7 @@ from .tracking.config import (
     Verify,
 )
 from .tracking.cost import StepCost
+from .tracking.coupled import CoupledLoss
 from .tracking.coverage import Coverage
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
@@ -42,7 +43,7 @@ from .tracking.rules import ValueRule
 if TYPE_CHECKING:
     from .rundir import RunDir
 
-__all__ = ["AuditConfig", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
+__all__ = ["AuditConfig", "CoupledLoss", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
 
 class InRunShapley:
@@ -154,13 +155,16 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
-    def step(self, ids: Any) -> Iterator[InRunShapley]:
+    def step(self, ids: Any, coupled_loss: Callable[..., Tensor] | CoupledLoss | None = None) -> Iterator[InRunShapley]:
         """Value the examples of one (micro-)batch: run its forward and backward inside.
 
         Args:
             ids: one id (``int`` or ``str``) per row of the batch, in batch order.
+            coupled_loss: the loss, when it couples the examples (in-batch negatives), as a function
+                of the model's outputs (one argument per call of the model in the block): the step
+                is valued by that loss's own game (:class:`~inrun.CoupledLoss`).
         """
-        with self._engine.microbatch(ids):
+        with self._engine.microbatch(ids, coupled_loss):
             yield self
 
     def unattributed(self) -> contextlib.AbstractContextManager[None]:

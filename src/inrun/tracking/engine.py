@@ -41,6 +41,7 @@ from .capture import Hooks, TrainRecorder
 from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
 from .cost import StepCost
+from .coupled import CoupledLoss, CouplingWatch, attach
 from .coverage import Coverage, coverage_of
 from .entries import Entry, build_entries
 from .gradmap import GradientReference
@@ -98,6 +99,7 @@ class StepEngine:
         self.recorder: TrainRecorder | None = None
         self.cost = StepCost()
         self.window_ids = WindowIds()
+        self.declared: CoupledLoss | None = None  # the coupled loss of the block being recorded
         self.bookkeeping = (
             Bookkeeping(self.entries, self.policy, self._bookkeeping_target, self._add_dots)
             if config.bookkeeping != "off" else None
@@ -114,7 +116,7 @@ class StepEngine:
 
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
-    def microbatch(self, ids: Any) -> Iterator[None]:
+    def microbatch(self, ids: Any, coupled_loss: Any = None) -> Iterator[None]:
         """One ``tracker.step(ids)`` block: admitted, recorded, closed, and timed (from the
         second optimizer step on: the first also proves the rows by a replay)."""
         if not self.enabled:
@@ -123,19 +125,28 @@ class StepEngine:
         if self.recorder is not None:
             raise StepOrderError("tracker.step() blocks cannot be nested")
         id_list = admit_ids(ids, self.batchnorms)
+        self.declared = CoupledLoss.of(coupled_loss)
+        if self.declared is not None and self.rule.order != 1:
+            raise ValueError("a coupled_loss is valued at first order: make the tracker with order=1")
         timed = self.log.count >= 1
         t0 = time.perf_counter()
         opening = self.window is None
         recorder = self.open_microbatch(id_list)
         t1 = time.perf_counter()
+        # a loss that couples the rows, undeclared: watched while rows are being proven
+        watch = (CouplingWatch(self.root_calls.inside, len(id_list)) if self.declared is None
+                 and (not self.plan.verified or self.config.verify == "every_step") else None)
+        self.root_calls.watch = watch
         try:
             self.window_ids.add(self.window, id_list)
-            with self.hooks.recording(recorder):
+            with self.hooks.recording(recorder), watch or contextlib.nullcontext():
                 yield
         except BaseException as exc:
+            self.root_calls.watch = None
             self.close_microbatch(recorder, exc)
             raise
         t2 = time.perf_counter()
+        self.root_calls.watch = None
         self.close_microbatch(recorder, None)
         if timed:
             self.cost.add(opening, t1 - t0, t2 - t1)
@@ -201,7 +212,7 @@ class StepEngine:
 
     def _wants_output_grads(self) -> bool:
         """The model's output gradients are kept for the row verification, and on audited steps."""
-        return self._verifying() or (self.audit is not None and self.audit.recording)
+        return self._verifying() or self.declared is not None or (self.audit is not None and self.audit.recording)
 
     def close_microbatch(self, recorder: TrainRecorder, error: BaseException | None) -> None:
         verify = self._verifying()
@@ -231,6 +242,7 @@ class StepEngine:
                 self.check.groups = self.joint_groups()
             elif self.config.verify == "on_change":
                 self.probes.alone(calls, window.step, len(window.micro))  # one example, alone
+            attach(mb, self.declared, calls)
         except BaseException:
             window.doomed = "the row verification refused the model"
             raise

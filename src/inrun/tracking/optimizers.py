@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..errors import GradientChangeError, StepOrderError, UnsupportedOptimizerError
 from ..optim import UpdateRule, rule_for, unwrap_optimizer
+from .coupled import value_coupled
 from .gradmap import StepMap
 from .rules import MissingFactors
 
@@ -169,6 +170,7 @@ class StepOptimizers:
             window.skip("value clipping seen for the first time; the layers' factors are kept from now on")
             logger.warning("step %d not valued: %s", window.step, window.skip_reason)
             return
+        first = value_coupled(eng, window, first)
         eng.check.finalize(window, first, second, lr=self.learning_rates())
         self.value_at(k, smap)
         if eng.audit is not None:
@@ -180,6 +182,8 @@ class StepOptimizers:
             return "the audit's game steps one optimizer; this step has several"
         if not smap.plain:
             return "the audit's game does not cover value clipping or unattributed gradients yet"
+        if any(mb.coupled is not None for mb in self.engine.window.micro):
+            return "the audit's game does not cover coupled losses yet"
         return None
 
     def post(self, k: int) -> None:

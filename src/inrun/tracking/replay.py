@@ -46,6 +46,8 @@ class RootCall:
     """The batched output tensors (leading dimension = the micro-batch), detached."""
     grads: list[Tensor | None] = field(default_factory=list)
     """The user's backward's gradient of each batched output (``None`` if none arrived)."""
+    positions: list[int] = field(default_factory=list)
+    """Which of the output's batched float tensors are :attr:`outputs` (those with a gradient)."""
     random: bool = False
     """The call drew random numbers (dropout): it cannot be re-run on part of the batch alike."""
 
@@ -122,6 +124,8 @@ class RootCalls:
         self.storages: set[int] = set()
         """Storages of the current micro-batch's model inputs (what depends on the batch)."""
         self._starting: list[RootCall] = []
+        self.watch: Any = None
+        """Told the model's batched outputs (:class:`inrun.tracking.coupled.CouplingWatch`)."""
         self._handles = [
             module.register_forward_pre_hook(self._pre, with_kwargs=True),
             module.register_forward_hook(self._post, with_kwargs=True),
@@ -139,6 +143,10 @@ class RootCalls:
     def armed(self) -> bool:
         return self.batch is not None
 
+    def inside(self) -> bool:
+        """Whether a call of the model is running now."""
+        return bool(self._starting)
+
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.batch is None or not torch.is_grad_enabled():
             return
@@ -154,7 +162,9 @@ class RootCalls:
         call = self._starting.pop()
         call.random = not torch.equal(torch.get_rng_state(), call.rng[0]) or any(
             not torch.equal(torch.cuda.get_rng_state(i), state) for i, state in enumerate(call.rng[1]))
-        outputs = [t for t in batched_leaves(output, self.batch) if t.requires_grad]
+        leaves = batched_leaves(output, self.batch)
+        call.positions = [i for i, t in enumerate(leaves) if t.requires_grad]
+        outputs = [leaves[i] for i in call.positions]
         if not outputs:
             rows = sorted({t.shape[0] for t in batched_leaves(output, None) if t.requires_grad})
             raise BatchMismatchError(
@@ -162,6 +172,9 @@ class RootCalls:
                 "exactly one id per row of the batch (per-example values need the model's outputs to "
                 "have one row per example, batch first)"
             )
+        if self.watch is not None:
+            for t in outputs:
+                self.watch.output(t)
         call.outputs = [t.detach() for t in outputs]
         call.grads = [None] * len(outputs)
         for k, t in enumerate(outputs):

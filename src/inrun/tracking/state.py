@@ -58,6 +58,8 @@ class MicroBatch:
     """Entries with a call that could not be captured, and why."""
     factors: bool = False
     """Its captures hold every tracked call's factors (a contraction at the step can use them)."""
+    coupled: Any = None
+    """A declared coupled loss: what its game needs at the step (:mod:`inrun.tracking.coupled`)."""
 
 
 @dataclass
