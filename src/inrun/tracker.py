@@ -59,9 +59,8 @@ class InRunShapley:
 
     Args:
         model: the model being trained (may be wrapped in DistributedDataParallel).
-        optimizer: its optimizer, or a list of them (each parameter in one; the step is valued at
-            the first ``step()`` and ends when all that got gradients stepped; see
-            :mod:`inrun.optim` for what is supported).
+        optimizer: its optimizer, or a list of them, each parameter in one (``docs/loops.md``;
+            what is supported: :mod:`inrun.optim`).
         val_loss: ``val_loss(model) -> Tensor``: a scalar validation loss, or a vector of
             per-validation-example losses (their sum is the utility, and a per-(train,
             validation) table is kept). Called in ``eval`` mode at the current parameters.
@@ -83,9 +82,9 @@ class InRunShapley:
             ``"fixed_state"``.
         proxy: ``"sgd"`` values every step with ``η g_val·g_z`` whatever the optimizer (the
             paper's proxy for AdamW runs).
-        verify: when the tracker proves that each layer's rows belong to their examples (a replay
-            of the model's call against exact per-example gradients): ``"on_change"`` (the first
-            step and whenever a layer's row layout is new) or ``"every_step"``.
+        verify: when each layer's rows are proven to be their examples' and interactions probed
+            (``docs/loops.md``): ``"on_change"`` (new layouts, and one example alone every step),
+            ``"layouts"`` or ``"every_step"``.
         val_threads: CPU threads of the validation pass: ``"all"`` (torch's), ``"one"``, or
             ``"auto"`` (the faster by measured time; last bits then depend on the load).
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
@@ -96,13 +95,10 @@ class InRunShapley:
         validation_ids: one label per validation example when ``val_loss`` returns a vector:
             the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
 
-    Every id of one optimizer step must be distinct (micro-batches included): a step values its
-    rows, and two rows under one id would be added up without a word, so a repeated id raises
-    :class:`~inrun.BatchMismatchError`. Padding: see ``docs/guide-pytorch.md`` (positions whose
-    label is ignored add nothing to the loss, so nothing of them is valued).
-
-    ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the uncompiled
-    module.
+    Every id of one optimizer step must be distinct (micro-batches included): a repeated id raises
+    :class:`~inrun.BatchMismatchError`. Padding: ``docs/guide-pytorch.md``. What the loop may do
+    between the blocks and ``optimizer.step()`` (clipping, scaling, :meth:`unattributed`, several
+    optimizers, coupled losses): ``docs/loops.md``. ``torch.compile`` is refused.
 
     Example:
         >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP
@@ -156,22 +152,16 @@ class InRunShapley:
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
     def step(self, ids: Any, coupled_loss: Callable[..., Tensor] | CoupledLoss | None = None) -> Iterator[InRunShapley]:
-        """Value the examples of one (micro-)batch: run its forward and backward inside.
-
-        Args:
-            ids: one id (``int`` or ``str``) per row of the batch, in batch order.
-            coupled_loss: the loss, when it couples the examples (in-batch negatives), as a function
-                of the model's outputs (one argument per call of the model in the block): the step
-                is valued by that loss's own game (:class:`~inrun.CoupledLoss`).
-        """
+        """Value the examples of one (micro-)batch (``ids``: one per row, in batch order): run its
+        forward and backward inside. ``coupled_loss``: a loss that couples the examples (in-batch
+        negatives) as a function of the model's outputs, valued by its own game (:class:`~inrun.CoupledLoss`)."""
         with self._engine.microbatch(ids, coupled_loss):
             yield self
 
     def unattributed(self) -> contextlib.AbstractContextManager[None]:
-        """Changes to the gradients made inside are nobody's: a loss no example caused (a penalty on
-        the parameters, a regularizer back-propagated outside the ``tracker.step`` block), noise.
-        Use it outside the blocks, before ``optimizer.step()``; what it adds moves the step like
-        weight decay and is credited to nobody (``docs/optimizers.md``)."""
+        """Changes to the gradients made inside are nobody's (a regularizer back-propagated outside
+        the blocks, noise): they move the step, like weight decay, and are credited to nobody.
+        Outside the ``tracker.step`` blocks, before ``optimizer.step()`` (``docs/loops.md``)."""
         return self._engine.unattributed()
 
     @property

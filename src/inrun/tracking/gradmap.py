@@ -264,9 +264,6 @@ class GradientReference:
                 f"produced: {ADDED_HINT}"
             )
         T = self.buffers[i]
-        if not bool(torch.isfinite(x).all()):
-            smap.ratio[i] = math.nan  # refused or skipped as non-finite at the step (on_nonfinite)
-            return None
         tol = ROUNDING_UNITS * torch.finfo(x.dtype).eps
         r = _uniform_factor(x, T, tol)
         if r is not None:
@@ -276,6 +273,9 @@ class GradientReference:
                 smap.offset[i] = e * r
             return None
         clip = _value_clip(x, T, tol)
+        if clip is None and not bool(torch.isfinite(x).all()):
+            smap.ratio[i] = math.nan  # refused or skipped as non-finite at the step (on_nonfinite)
+            return None
         if clip is None:
             raise GradientChangeError(
                 f"the gradient of parameter {name!r} changed between the end of the last tracker.step() "
@@ -305,19 +305,24 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
 
 
 def _uniform_factor(x: Tensor, T: Tensor, tol: float) -> float | None:
-    """``r`` with ``x = r T`` on every coordinate (within rounding), else ``None``."""
-    xd, td = x.double(), T.double()
-    tt = float(torch.dot(td.flatten(), td.flatten()))
-    if tt == 0:
-        return 1.0 if not bool(xd.any()) else None
-    r = float(torch.dot(xd.flatten(), td.flatten())) / tt
-    residual = (xd - r * td).abs()
-    bound = tol * (xd.abs() + (r * td).abs()) + torch.finfo(x.dtype).tiny
-    if not bool((residual <= bound).all()):
-        return None
-    # verified: report it as the ratio of the norms (what the tracker reported before it verified)
+    """``r`` with ``x = r T`` on every coordinate (within rounding), else ``None``: ``|r|`` is the
+    ratio of the norms (one fused pass), its sign that of ``<x, T>`` on a slice, then every
+    coordinate is checked. About five elementwise passes in the gradient's dtype (float32 for
+    16-bit ones); a NaN fails the check."""
+    work = torch.float32 if x.element_size() < 4 else x.dtype
+    xw, tw = x.to(work).flatten(), T.to(work).flatten()
     norms = torch._foreach_norm([x, T])
-    return math.copysign(float(norms[0].double()) / float(norms[1].double()), r)
+    nx, nt = float(norms[0].double()), float(norms[1].double())
+    if nt == 0:
+        return 1.0 if nx == 0 else None
+    head = min(tw.numel(), 4096)
+    sign = float(torch.dot(xw[:head], tw[:head]))
+    if sign == 0:
+        sign = float(torch.dot(xw, tw))
+    r = math.copysign(nx / nt, sign)
+    scaled = tw * r
+    bound = scaled.abs().mul_(2 * tol).add_(torch.finfo(x.dtype).tiny)
+    return r if bool((xw - scaled).abs_().le_(bound).all()) else None
 
 
 def _value_clip(x: Tensor, T: Tensor, tol: float) -> tuple[float | None, float] | None:
