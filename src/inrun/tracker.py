@@ -42,6 +42,7 @@ from .tracking.rules import ValueRule
 
 if TYPE_CHECKING:
     from .rundir import RunDir
+    from .tracking.tokens import TokenValues
 
 __all__ = ["AuditConfig", "CoupledLoss", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
@@ -95,10 +96,11 @@ class InRunShapley:
         validation_ids: one label per validation example when ``val_loss`` returns a vector:
             the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
 
-    Every id of one optimizer step must be distinct (micro-batches included): a repeated id raises
-    :class:`~inrun.BatchMismatchError`. Padding: ``docs/guide-pytorch.md``. What the loop may do
-    between the blocks and ``optimizer.step()`` (clipping, scaling, :meth:`unattributed`, several
-    optimizers, coupled losses): ``docs/loops.md``. ``torch.compile`` is refused.
+    A repeated row id within one optimizer step raises :class:`~inrun.BatchMismatchError` (a
+    document continued in a later micro-batch is one player). Padding: ``docs/guide-pytorch.md``.
+    What the loop may do between the blocks and ``optimizer.step()`` (clipping, scaling,
+    :meth:`unattributed`, several optimizers, coupled losses): ``docs/loops.md``. ``torch.compile``
+    is refused.
 
     Example:
         >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP
@@ -151,12 +153,23 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
-    def step(self, ids: Any, coupled_loss: Callable[..., Tensor] | CoupledLoss | None = None) -> Iterator[InRunShapley]:
-        """Value the examples of one (micro-)batch (``ids``: one per row, in batch order): run its
-        forward and backward inside. ``coupled_loss``: a loss that couples the examples (in-batch
-        negatives) as a function of the model's outputs, valued by its own game (:class:`~inrun.CoupledLoss`)."""
-        with self._engine.microbatch(ids, coupled_loss):
+    def step(self, ids: Any, *, segments: Any = None, token_values: bool = False, coupled_loss: Any = None) -> Iterator[InRunShapley]:
+        """Value the examples of one (micro-)batch: run its forward and backward inside.
+
+        Args:
+            ids: one id (``int`` or ``str``) per row of the batch (per document with ``segments``).
+            segments: packed rows (``docs/documents.md``): ``[B, T]`` integers, each token's index
+                into ``ids`` (``-1``: no document); one value per document, proven exact by replay.
+            token_values: keep each token's first-order value (:meth:`token_values`).
+            coupled_loss: a loss that couples the examples (in-batch negatives), a function of the
+                model's outputs or a :class:`~inrun.CoupledLoss`: valued by its own game.
+        """
+        with self._engine.microbatch(ids, segments, token_values, coupled_loss):
             yield self
+
+    def token_values(self) -> TokenValues:
+        """Token values of the ``token_values=True`` micro-batches (this process's, under DDP)."""
+        return self._engine.log.tokens
 
     def unattributed(self) -> contextlib.AbstractContextManager[None]:
         """Changes to the gradients made inside are nobody's (a regularizer back-propagated outside
@@ -177,9 +190,8 @@ class InRunShapley:
     def skip_step(self, reason: str) -> None:
         """Drop the current step without valuing it, recorded with ``reason`` in the ledger.
 
-        Call it between the ``tracker.step`` block(s) and where ``optimizer.step()`` would be,
-        when your loop decides not to apply this step (NaN loss, a ``GradScaler`` overflow),
-        then zero the gradients yourself. The step number is consumed, as the step was.
+        Call it after the ``tracker.step`` block(s), instead of ``optimizer.step()`` (NaN loss, a
+        ``GradScaler`` overflow), then zero the gradients; the step number is consumed.
         """
         self._engine.skip(reason, by_user=True)
 
@@ -202,13 +214,9 @@ class InRunShapley:
         return self.global_ledger().values()
 
     def per_validation(self) -> PerValidation | None:
-        """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``.
-
-        A labelled table (:class:`~inrun.ledger.PerValidation`): ``.to_pandas()`` has one row per
-        training id and one column per validation example (``validation_ids``, default
-        ``val_0``...). It still unpacks as the ``(ids, [N, V] array)`` pair it used to be.
-        With a DDP model: global, and a collective call like :meth:`values`.
-        """
+        """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``: a
+        :class:`~inrun.ledger.PerValidation` (``.to_pandas()``: one row per training id, one column per
+        ``validation_ids``; unpacks as ``(ids, [N, V])``). Under DDP: global, a collective call."""
         return self.global_ledger().per_validation()
 
     def cost(self) -> StepCost:
@@ -220,23 +228,18 @@ class InRunShapley:
         self, path: str | os.PathLike, *, examples: Any = None, description: str = "",
         metadata: Mapping[str, Any] | None = None,
     ) -> RunDir:
-        """Write the values so far as a complete run directory at a new ``path`` (the format of
-        ``inrun train``: ``inrun report``, ``inspect`` and ``curate`` work on it). ``examples``:
-        a table with an ``id`` column and optional ``source``, ``text``, ``location``, ``length``
-        (:func:`inrun.library_run.examples_from`); ``description``: the report's header line;
-        ``metadata``: JSON facts kept in ``run.json``. To write as training goes, with
-        checkpoints and resume: :class:`inrun.RunWriter`."""
+        """Write the values so far as a complete run directory at a new ``path`` (``inrun train``'s
+        format). ``examples``: a table with ``id`` and optional ``source``, ``text``, ``location``,
+        ``length``; ``description``: the report's header; ``metadata``: JSON facts for ``run.json``.
+        To write as training goes, with checkpoints and resume: :class:`inrun.RunWriter`."""
         from .library_run import RunWriter
 
         return RunWriter(Path(path), self, examples=examples, state={}, rng=False,
                          description=description, metadata=metadata).finish()
 
     def global_ledger(self) -> ValueLedger:
-        """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, the
-        ledgers of every rank merged by example id (``self.ledger`` holds only this rank's
-        examples). Under DDP this is a collective: call it on every rank (each gets the merged
-        ledger), e.g. ``ledger = tracker.global_ledger()`` then save it on rank 0.
-        """
+        """The ledger of the whole run: ``self.ledger`` in one process; under DDP every rank's merged
+        by example id, a collective (call it on every rank, save on rank 0)."""
         return self._engine.global_ledger()
 
     def flush(self) -> None:
@@ -244,9 +247,8 @@ class InRunShapley:
         self._engine.flush()
 
     def coverage(self) -> Coverage:
-        """Which route (Gram, vector by layer family, book-keeping, fallback) valued each trainable
-        parameter. A parameter shared by several modules (a tied embedding and LM head) is listed
-        under the routes of all its uses joined by ``+``."""
+        """Which route valued each trainable parameter (a tied one: its uses' routes joined by
+        ``+``), and how documents were valued."""
         return self._engine.coverage()
 
     @property
@@ -261,10 +263,8 @@ class InRunShapley:
 
     @property
     def audit(self) -> StepAudit | None:
-        """The run's audit (``None`` unless ``audit=`` was given): per audited step the exact
-        Shapley values of a sampled sub-batch next to the tracker's, with Pearson, Spearman,
-        relative RMSE, efficiency gap and cost (``audit.steps``, ``audit.values``,
-        ``audit.summary()``; as tables: :func:`inrun.views.audit_frames`)."""
+        """The run's audit (``None`` unless ``audit=``): exact Shapley values of sampled steps next to
+        the tracker's (``audit.steps``, ``.values``, ``.summary()``; :func:`inrun.views.audit_frames`)."""
         return self._engine.audit
 
     @property
@@ -274,11 +274,8 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Counters and settings to checkpoint beside ``self.ledger`` (saved as Parquet).
-
-        Only valid between optimizer steps; a pending order-2 step is completed first (at the
-        current parameters, which the resumed run would use anyway, so values are unchanged).
-        """
+        """Counters and settings to checkpoint beside ``self.ledger``, between optimizer steps (a
+        pending order-2 step is completed first, at the parameters the resumed run would use)."""
         return self._engine.checkpoint()
 
     def load_state_dict(self, state: dict[str, Any], ledger: ValueLedger | None = None) -> None:

@@ -8,8 +8,8 @@ The life of one step (see :mod:`inrun.tracking.state` for its states)::
     user's backward       _on_gradient: contract_call with g_val (immediate rules), factors kept
                           (deferred rules)
     close_microbatch      a call not yet proven: RowVerifier.verify replays the micro-batch and
-                          proves its rows (or moves a layer to a site); gradient norms (clip
-                          detection); ConsistencyCheck.terms (immediate)
+                          proves its rows (or moves a layer to a site), else RowProbes.alone;
+                          GradientReference.sync; ConsistencyCheck.terms (immediate)
     StepOptimizers.pre    the first optimizer's pre-step hook: GradientReference.classify (what the
                           loop did to the gradients); ValueRule.at_step; ConsistencyCheck.finalize:
                           the one host transfer, the window VALUED or SKIPPED
@@ -34,6 +34,7 @@ from ..errors import InRunError, StepOrderError
 from ..integrations.ddp import DDPSync
 from ..ledger import ValueLedger
 from ..optim import rule_for
+from . import segments as docs
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
@@ -99,15 +100,16 @@ class StepEngine:
         self.recorder: TrainRecorder | None = None
         self.cost = StepCost()
         self.window_ids = WindowIds()
-        self.declared: CoupledLoss | None = None  # the coupled loss of the block being recorded
         self.bookkeeping = (
             Bookkeeping(self.entries, self.policy, self._bookkeeping_target, self._add_dots)
             if config.bookkeeping != "off" else None
         )
         self.plan = Plan()
-        self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads)
+        self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads, on_call=self._on_root_call)
+        self.documents_seen = False  # a micro-batch had segments (coverage says how documents were valued)
         self.verifier = RowVerifier(self)
         self.probes = RowProbes(self)
+        self.declared: CoupledLoss | None = None  # the coupled loss of the block being recorded
         self.hooks.install()
         # The audit (exact Shapley values of sampled steps) only reads: see tracking/audit.py.
         self.audit = StepAudit(audit, self, val_loss) if audit is not None else None
@@ -116,7 +118,7 @@ class StepEngine:
 
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
-    def microbatch(self, ids: Any, coupled_loss: Any = None) -> Iterator[None]:
+    def microbatch(self, ids: Any, segments: Any = None, token_values: bool = False, coupled_loss: Any = None) -> Iterator[None]:
         """One ``tracker.step(ids)`` block: admitted, recorded, closed, and timed (from the
         second optimizer step on: the first also proves the rows by a replay)."""
         if not self.enabled:
@@ -125,33 +127,34 @@ class StepEngine:
         if self.recorder is not None:
             raise StepOrderError("tracker.step() blocks cannot be nested")
         id_list = admit_ids(ids, self.batchnorms)
+        seg = docs.admit_documents(segments, id_list, self.table.device, token_values)
         self.declared = CoupledLoss.of(coupled_loss)
-        if self.declared is not None and self.rule.order != 1:
-            raise ValueError("a coupled_loss is valued at first order: make the tracker with order=1")
+        if self.declared is not None and (self.rule.order != 1 or seg is not None):
+            raise ValueError("a coupled_loss is valued at first order, one example per row: order=1, no segments")
         timed = self.log.count >= 1
         t0 = time.perf_counter()
         opening = self.window is None
-        recorder = self.open_microbatch(id_list)
+        recorder = self.open_microbatch(id_list, seg, token_values)
         t1 = time.perf_counter()
         # a loss that couples the rows, undeclared: watched while rows are being proven
-        watch = (CouplingWatch(self.root_calls.inside, len(id_list)) if self.declared is None
+        watch = (CouplingWatch(self.root_calls.inside, len(id_list)) if self.declared is None and seg is None
                  and (not self.plan.verified or self.config.verify == "every_step") else None)
-        self.root_calls.watch = watch
+        self.root_calls.coupling = watch
         try:
-            self.window_ids.add(self.window, id_list)
+            self.window_ids.add(self.window, id_list, documents=seg is not None)
             with self.hooks.recording(recorder), watch or contextlib.nullcontext():
                 yield
         except BaseException as exc:
-            self.root_calls.watch = None
+            self.root_calls.coupling = None
             self.close_microbatch(recorder, exc)
             raise
         t2 = time.perf_counter()
-        self.root_calls.watch = None
+        self.root_calls.coupling = None
         self.close_microbatch(recorder, None)
         if timed:
             self.cost.add(opening, t1 - t0, t2 - t1)
 
-    def open_microbatch(self, ids: list) -> TrainRecorder:
+    def open_microbatch(self, ids: list, segments: docs.Segments | None = None, token_values: bool = False) -> TrainRecorder:
         window = self.window
         if window is not None and self.steps.valued:
             self.steps.require_complete()  # an optimizer valued in the last step did not step
@@ -164,8 +167,14 @@ class StepEngine:
             self.open_window()
         else:
             self.gradients.require_unchanged("between two tracker.step() blocks of one optimizer step")
-        self.root_calls.arm(len(ids))
-        mb = MicroBatch(ids=ids, size=len(ids), factors=self.rule.keeps_factors)
+        mb = MicroBatch(ids=ids, size=len(ids), rows=len(ids) if segments is None else segments.shape[0],
+                        segments=segments, factors=self.rule.keeps_factors)
+        if segments is not None:
+            self.documents_seen = True
+            self._require_layout(mb, segments.layout())
+            if token_values:
+                docs.request_token_values(mb, len(self.table), self.validation.current.columns, self.table.device)
+        self.root_calls.arm(mb.rows, segments)
         self.recorder = self.make_recorder(mb, self.rule.keeps_factors, lambda e: e.index in self.plan.shared_safe)
         if self.audit is not None:
             self.audit.open_microbatch(self.window, ids)  # audit: is this step audited?
@@ -185,19 +194,28 @@ class StepEngine:
     @contextlib.contextmanager
     def unattributed(self) -> Iterator[None]:
         """Every change made to the gradients inside is nobody's (see :mod:`.gradmap`)."""
-        if not self.enabled:
-            yield
-            return
-        if self.recorder is not None:
+        if self.enabled and self.recorder is not None:
             raise StepOrderError("tracker.unattributed() goes outside the tracker.step() blocks, not inside one")
-        if self.window is not None and self.steps.valued:
+        if self.enabled and self.window is not None and self.steps.valued:
             self.steps.require_complete()
-        if self.window is None:
-            self.open_window()
-        else:
-            self.gradients.require_unchanged("before a tracker.unattributed() block, after the last block")
+        if self.enabled:
+            self.gradients.require_unchanged("before a tracker.unattributed() block") if self.window else self.open_window()
         yield
-        self.gradients.add_unattributed()
+        if self.enabled:
+            self.gradients.add_unattributed()
+
+    def _require_layout(self, mb: MicroBatch, key: tuple) -> None:
+        """``key`` is part of what this micro-batch's values rely on: verified unless proven."""
+        mb.layout.append(key)
+        if key not in self.plan.verified:
+            mb.off_plan = True
+
+    def _on_root_call(self, args: tuple, kwargs: dict) -> None:
+        """Documents packed into rows are kept apart by what the model is given (positions, a
+        mask): a call with other kinds of inputs is verified again."""
+        mb = self.recorder.microbatch if self.recorder is not None else None
+        if mb is not None and mb.segments is not None and mb.segments.several:
+            self._require_layout(mb, docs.input_layout(args, kwargs))
 
     def make_recorder(self, mb: MicroBatch, keep_factors: bool, expand_shared: Any) -> TrainRecorder:
         calls = self.bookkeeping.calls if self.bookkeeping is not None else set()
@@ -267,7 +285,8 @@ class StepEngine:
                 factors = val.gram.get(e.index)
                 e.route = route_label(e, factors is not None)
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
-                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows))
+                positions = None if mb.tokens is None else docs.position_sink(mb.tokens, e)
+                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions))
         if mb.factors:
             cap.grad = grad.detach()
         else:
@@ -356,7 +375,10 @@ class StepEngine:
         return self.recorder is not None or (self.window is not None and bool(self.window.micro))
 
     def coverage(self) -> Coverage:
-        return coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
+        cover = coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
+        if self.documents_seen:
+            cover.documents = docs.documents_note(self.entries, self.plan)
+        return cover
 
     def global_ledger(self) -> ValueLedger:
         self.flush()

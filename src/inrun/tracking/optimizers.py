@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..errors import GradientChangeError, StepOrderError, UnsupportedOptimizerError
 from ..optim import UpdateRule, rule_for, unwrap_optimizer
+from . import segments as docs
 from .coupled import value_coupled
 from .gradmap import StepMap
 from .rules import MissingFactors
@@ -171,6 +172,7 @@ class StepOptimizers:
             logger.warning("step %d not valued: %s", window.step, window.skip_reason)
             return
         first = value_coupled(eng, window, first)
+        window.token_values = docs.token_values_of(window)
         eng.check.finalize(window, first, second, lr=self.learning_rates())
         self.value_at(k, smap)
         if eng.audit is not None:

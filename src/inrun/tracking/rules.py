@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import shapley
+from ..errors import StepOrderError
 from ..integrations.ddp import DDPSync
 from ..optim import UpdateRule
 from .check import ConsistencyCheck, column_sum
@@ -84,6 +85,8 @@ class ValueRule:
         coef = window.coef
         extra = None
         if coordinate:
+            if any(mb.tokens is not None for mb in window.micro):
+                raise StepOrderError("token values of a step whose gradients were value-clipped are not computed")
             self.keeps_factors = True  # the loop clips values: later steps keep each layer's factors
             if not all(mb.factors for mb in window.micro):
                 raise MissingFactors
@@ -100,7 +103,7 @@ class ValueRule:
             return first
         # Modules valued jointly (the fallback) are contracted now, along each parameter's step.
         weighted = shapley.weighted(window.multipliers, val.grads)
-        joint = contract_window(window, len(self.table), weighted, joint=True, record_route=True)
+        joint = contract_window(window, len(self.table), weighted, joint=True, record_route=True, tokens=True)
         if window.check_terms is not None:
             rows = sorted({i for mb in window.micro for c in mb.captures if c.entry.handler.multi_output
                            for i in c.entry.param_index})
@@ -148,7 +151,7 @@ class ValueRule:
                 multipliers.append(s * (-factor * smap.share).to(s.dtype))
         window.multipliers = multipliers
         dots = contract_window(window, len(self.table), shapley.weighted(window.multipliers, val.grads),
-                               record_route=True)
+                               record_route=True, tokens=True)
         weights = [None if m is None else m.to(v.dtype) * column_sum(v) for m, v in zip(window.multipliers, val.grads)]
         # g_B is the sum of the per-example gradients over the (global) batch, so under DDP this
         # rank's sums are added over the ranks (one all-reduce)
