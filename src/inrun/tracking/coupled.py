@@ -38,7 +38,6 @@ outside torch's functions, a loss that changes after the watched steps.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -159,14 +158,10 @@ def _tangents(engine: StepEngine, call: RootCall, vectors: list[Tensor], k: int)
     tangent = {n: v[k].to(p.dtype) for n, p, v in zip(names, params, vectors)}
 
     def f(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        out = functional_call(module, p, call.args, call.kwargs, strict=False)
+        out = call.rerun(call.args, call.kwargs, lambda *a, **k: functional_call(module, p, a, k, strict=False))
         return tuple(batched_leaves(out, batch)[i] for i in call.positions)
 
-    with buffers_kept(module), engine.hooks.paused(), torch.random.fork_rng(devices=[]), \
-            contextlib.ExitStack() as stack:
-        torch.set_rng_state(call.rng[0])
-        for device, dtype in call.autocast:
-            stack.enter_context(torch.autocast(device, dtype=dtype))
+    with buffers_kept(module), engine.hooks.paused():
         try:
             _, out = jvp(f, (primal,), (tangent,))
         except (NotImplementedError, RuntimeError) as exc:
@@ -281,7 +276,9 @@ class CouplingWatch(TorchFunctionMode):
         pairs = name in PAIRING and len(ours) >= 2 and all(t.dim() == 2 for t in ours)
         if name == "einsum":
             pairs = _einsum_pairs(args, ours)
-        dim = kwargs.get("dim", args[1] if len(args) > 1 and isinstance(args[1], int) else None)
+        position = 2 if name == "normalize" else 1  # normalize(input, p, dim)
+        dim = kwargs.get("dim", args[position] if len(args) > position and isinstance(args[position], int) else
+                         1 if name == "normalize" else None)
         rows = name in OVER_ROWS and isinstance(dim, int) and ours[0].dim() > 0 and dim % ours[0].dim() == 0 \
             and ours[0].shape[0] == self.batch
         if pairs or rows:

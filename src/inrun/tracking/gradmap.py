@@ -118,17 +118,20 @@ class GradientReference:
     # ------------------------------------------------------------------ recording
     def sync(self) -> None:
         """Copy the current gradients: the reference the next change is judged against."""
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                g = p.grad
-                if g is None:
-                    self.present[i] = False
-                    continue
-                buf = self.buffers[i]
-                if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
-                    buf = self.buffers[i] = torch.empty_like(g, memory_format=torch.contiguous_format)
-                buf.copy_(g)
-                self.present[i] = True
+        sources, targets = [], []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            self.present[i] = g is not None
+            if g is None:
+                continue
+            buf = self.buffers[i]
+            if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
+                buf = self.buffers[i] = torch.empty_like(g, memory_format=torch.contiguous_format)
+            sources.append(g)
+            targets.append(buf)
+        if targets:
+            with torch.no_grad():
+                torch._foreach_copy_(targets, sources)
 
     def changed(self, rows: Sequence[int] | None = None) -> list[int]:
         """Parameters (of ``rows``, default all) whose gradient differs from the reference. Values

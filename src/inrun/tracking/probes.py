@@ -39,7 +39,6 @@ by ``benchmarks/loop_checks.py``.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -140,10 +139,13 @@ def refuse_interactions(engine: StepEngine, call: RootCall) -> bool:
     return tested
 
 
-def _run(call: RootCall, rows: Tensor, batch: int) -> list[Tensor] | None:
+def _run(call: RootCall, rows: Tensor, batch: int, rerun: bool = False) -> list[Tensor] | None:
+    """The model on ``rows`` of the call's inputs (``rerun``: as the call ran, its random numbers and
+    buffers; else as the module is now)."""
     pick = rows_of(rows, batch)
     try:
-        return batched_leaves(call.module(*pick(call.args), **pick(call.kwargs)), len(rows))
+        out = call.rerun(pick(call.args), pick(call.kwargs)) if rerun else call.module(*pick(call.args), **pick(call.kwargs))
+        return batched_leaves(out, len(rows))
     except Exception:
         return None  # a part the model cannot run (a norm over one value, a fixed batch size)
 
@@ -172,11 +174,7 @@ class RowProbes:
             for call in calls:
                 if call.random:
                     continue  # the call drew random numbers: one example alone gets other ones
-                with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as stack:
-                    torch.set_rng_state(call.rng[0])
-                    for device, dtype in call.autocast:
-                        stack.enter_context(torch.autocast(device, dtype=dtype))
-                    part = _run(call, rows, B)
+                part = _run(call, rows, B, rerun=True)
                 if part is None:
                     self.refused = "the model cannot run one example alone"
                     return

@@ -76,6 +76,13 @@ class RootCall:
         """The batched outputs of the call run again (with a graph), in the same order. Run it
         inside :func:`buffers_kept` (after every backward through it) so that running statistics
         the forward updates are put back."""
+        out = self.rerun(self.args, self.kwargs)
+        return batched_leaves(out, self.outputs[0].shape[0] if self.outputs else None)
+
+    def rerun(self, args: tuple, kwargs: dict, forward: Callable[..., Any] | None = None) -> Any:
+        """The call's module (or ``forward``, e.g. a functional call of it) on ``args`` and ``kwargs``
+        as the call ran: its random numbers, autocast, checkpoints inlined, buffers as they were
+        before it (inside :func:`buffers_kept`)."""
         devices = list(range(len(self.rng[1])))
         with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
             torch.set_rng_state(self.rng[0])
@@ -85,8 +92,7 @@ class RootCall:
                 stack.enter_context(torch.autocast(device, dtype=dtype))
             stack.enter_context(inline_checkpoints())
             restore_buffers(self.module, self.buffers_before)
-            out = self.module(*self.args, **self.kwargs)
-        return batched_leaves(out, self.outputs[0].shape[0] if self.outputs else None)
+            return (forward or self.module)(*args, **kwargs)
 
 
 @contextlib.contextmanager
