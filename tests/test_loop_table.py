@@ -414,3 +414,19 @@ def test_training_loop_is_exact_or_refused(loop: Loop) -> None:
         return
     got, expected = run(loop)
     assert_close(got, expected, loop.name)
+
+
+def test_norm_clip_factor_is_read_exactly_on_a_large_float32_gradient() -> None:
+    """Norm clipping of a 1e7-coordinate float32 gradient (an embedding) with some subnormal
+    coordinates is a uniform scale: the factor read from the ratio of float32 norms was 5e-5 off and
+    the step was refused; the quotient of subnormals is loose and must not refuse it either."""
+    from inrun.tracking.gradmap import ROUNDING_UNITS, _uniform_factor
+
+    batch = torch.randn(10_000_000, generator=torch.Generator().manual_seed(3))
+    batch[:64] *= 1e-40
+    clipped = batch * 0.3127
+    tol = ROUNDING_UNITS * torch.finfo(torch.float32).eps
+    factor = _uniform_factor(clipped, batch, tol)
+    assert factor is not None and abs(factor - 0.3127) < 4 * torch.finfo(torch.float32).eps
+    clipped[100] *= 1.001  # one coordinate off the scale is not a scale
+    assert _uniform_factor(clipped, batch, tol) is None
