@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from inrun.bench import METHODS, WORKLOADS, Tracked, time_methods
+from inrun.cli.bench import METHODS, WORKLOADS, Tracked, time_methods
 from inrun.tracking import gradmap
 
 

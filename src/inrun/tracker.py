@@ -12,13 +12,15 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .ledger import PerValidation, ValueLedger, ValueTable
 from .optim import UpdateRule
+from .store.ledger import PerValidation, ValueLedger, ValueTable
+from .store.rundir import RunDir
+from .store.writer import RunWriter
 from .tracking.admission import admit_model
 from .tracking.audit import AuditConfig, StepAudit
 from .tracking.config import (
@@ -36,13 +38,10 @@ from .tracking.config import (
 )
 from .tracking.cost import StepCost
 from .tracking.coupled import CoupledLoss
-from .tracking.coverage import Coverage
+from .tracking.coverage import Coverage, describe
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
-
-if TYPE_CHECKING:
-    from .rundir import RunDir
-    from .tracking.tokens import TokenValues
+from .tracking.tokens import TokenValues
 
 __all__ = ["AuditConfig", "CoupledLoss", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
@@ -60,8 +59,7 @@ class InRunShapley:
 
     Args:
         model: the model being trained (may be wrapped in DistributedDataParallel).
-        optimizer: its optimizer, or a list of them, each parameter in one (``docs/loops.md``;
-            what is supported: :mod:`inrun.optim`).
+        optimizer: its optimizer, or a list of them (``docs/loops.md``; :mod:`inrun.optim`).
         val_loss: ``val_loss(model) -> Tensor``: a scalar validation loss, or a vector of
             per-validation-example losses (their sum is the utility, and a per-(train,
             validation) table is kept). Called in ``eval`` mode at the current parameters.
@@ -91,16 +89,15 @@ class InRunShapley:
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
         audit: check the values during the run against exact Shapley values of sampled steps
             (an :class:`~inrun.AuditConfig`, a dict of its settings, or ``True`` for the defaults:
-            every 100 steps, 8 examples; see :mod:`inrun.tracking.audit`). Off by default. It
+            every 100 steps, 6 examples; see :mod:`inrun.tracking.audit`). Off by default. It
             never changes training; its cost is measured (:attr:`audit`).
         validation_ids: one label per validation example when ``val_loss`` returns a vector:
             the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
 
     A repeated row id within one optimizer step raises :class:`~inrun.BatchMismatchError` (a
     document continued in a later micro-batch is one player). Padding: ``docs/guide-pytorch.md``.
-    What the loop may do between the blocks and ``optimizer.step()`` (clipping, scaling,
-    :meth:`unattributed`, several optimizers, coupled losses): ``docs/loops.md``. ``torch.compile``
-    is refused.
+    Clipping, scaling, :meth:`unattributed`, several optimizers, coupled losses: ``docs/loops.md``.
+    ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the module.
 
     Example:
         >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP
@@ -161,8 +158,7 @@ class InRunShapley:
             segments: packed rows (``docs/documents.md``): ``[B, T]`` integers, each token's index
                 into ``ids`` (``-1``: no document); one value per document, proven exact by replay.
             token_values: keep each token's first-order value (:meth:`token_values`).
-            coupled_loss: a loss that couples the examples (in-batch negatives), a function of the
-                model's outputs or a :class:`~inrun.CoupledLoss`: valued by its own game.
+            coupled_loss: a loss coupling the examples (a :class:`~inrun.CoupledLoss`; ``docs/loops.md``).
         """
         with self._engine.microbatch(ids, segments, token_values, coupled_loss):
             yield self
@@ -172,15 +168,13 @@ class InRunShapley:
         return self._engine.log.tokens
 
     def unattributed(self) -> contextlib.AbstractContextManager[None]:
-        """Changes to the gradients made inside are nobody's (a regularizer back-propagated outside
-        the blocks, noise): they move the step, like weight decay, and are credited to nobody.
-        Outside the ``tracker.step`` blocks, before ``optimizer.step()`` (``docs/loops.md``)."""
+        """Changes to the gradients made inside (outside the blocks, before ``optimizer.step()``) are
+        nobody's, like weight decay: a regularizer's backward, noise (``docs/loops.md``)."""
         return self._engine.unattributed()
 
     @property
     def enabled(self) -> bool:
-        """While ``False``, steps are not valued (``tracker.step`` does nothing) and
-        ``optimizer.step()`` needs no ``tracker.step`` block: e.g. warm-up steps left out."""
+        """While ``False`` steps are not valued and need no ``tracker.step`` block (warm-up steps)."""
         return self._engine.enabled
 
     @enabled.setter
@@ -188,11 +182,8 @@ class InRunShapley:
         self._engine.set_enabled(value)
 
     def skip_step(self, reason: str) -> None:
-        """Drop the current step without valuing it, recorded with ``reason`` in the ledger.
-
-        Call it after the ``tracker.step`` block(s), instead of ``optimizer.step()`` (NaN loss, a
-        ``GradScaler`` overflow), then zero the gradients; the step number is consumed.
-        """
+        """Drop the current step unvalued, recorded with ``reason``: after the block(s), instead of
+        ``optimizer.step()`` (NaN loss, a ``GradScaler`` overflow), then zero the gradients."""
         self._engine.skip(reason, by_user=True)
 
     @property
@@ -206,17 +197,14 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ results
     def values(self) -> ValueTable:
-        """id -> accumulated value (float64). Completes a pending order-2 step first.
-
-        With a DDP model this is the global table, merged over ranks by example id, and a
-        collective call: every rank must call it (see :meth:`global_ledger`).
-        """
+        """id -> accumulated value (float64); completes a pending order-2 step first. With a DDP
+        model: the global table, merged by id, and a collective call (see :meth:`global_ledger`)."""
         return self.global_ledger().values()
 
     def per_validation(self) -> PerValidation | None:
         """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``: a
-        :class:`~inrun.ledger.PerValidation` (``.to_pandas()``: one row per training id, one column per
-        ``validation_ids``; unpacks as ``(ids, [N, V])``). Under DDP: global, a collective call."""
+        :class:`~inrun.PerValidation` (``.to_pandas()``: one row per training id, one column per
+        ``validation_ids``; unpacks as ``(ids, [N, V])``). With a DDP model: global, a collective."""
         return self.global_ledger().per_validation()
 
     def cost(self) -> StepCost:
@@ -224,22 +212,24 @@ class InRunShapley:
         :class:`StepCost`); what the integrations log once as the validation set's cost."""
         return self._engine.cost.copy()
 
+    def validation_losses(self) -> dict[int, float]:
+        """Step -> validation loss at θ_step, where that step's validation pass measured it (at θ
+        itself: every step under plain SGD; a data-free shift moves momentum's and Adam's)."""
+        return self._engine.log.val_losses
+
     def save_run(
         self, path: str | os.PathLike, *, examples: Any = None, description: str = "",
         metadata: Mapping[str, Any] | None = None,
     ) -> RunDir:
-        """Write the values so far as a complete run directory at a new ``path`` (``inrun train``'s
-        format). ``examples``: a table with ``id`` and optional ``source``, ``text``, ``location``,
-        ``length``; ``description``: the report's header; ``metadata``: JSON facts for ``run.json``.
-        To write as training goes, with checkpoints and resume: :class:`inrun.RunWriter`."""
-        from .library_run import RunWriter
-
+        """A complete run directory of the values so far at a new ``path``, as ``inrun train`` writes
+        (``report``, ``inspect``, ``curate`` work on it); ``examples``, ``description``, ``metadata``
+        as for :class:`inrun.RunWriter`, which writes as training goes, with checkpoints."""
         return RunWriter(Path(path), self, examples=examples, state={}, rng=False,
                          description=description, metadata=metadata).finish()
 
     def global_ledger(self) -> ValueLedger:
-        """The ledger of the whole run: ``self.ledger`` in one process; under DDP every rank's merged
-        by example id, a collective (call it on every rank, save on rank 0)."""
+        """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, every
+        rank's merged by example id, a collective: call it on every rank, then save on rank 0."""
         return self._engine.global_ledger()
 
     def flush(self) -> None:
@@ -250,6 +240,15 @@ class InRunShapley:
         """Which route valued each trainable parameter (a tied one: its uses' routes joined by
         ``+``), and how documents were valued."""
         return self._engine.coverage()
+
+    def describe(self) -> dict[str, Any]:
+        """Settings, the route of every parameter and the valued modules (``tracker.json``)."""
+        return describe(self._engine)
+
+    @property
+    def in_step(self) -> bool:
+        """Inside a step: from its first ``tracker.step`` block until ``optimizer.step()``."""
+        return self._engine.mid_step()
 
     @property
     def rule(self) -> UpdateRule:
@@ -263,8 +262,10 @@ class InRunShapley:
 
     @property
     def audit(self) -> StepAudit | None:
-        """The run's audit (``None`` unless ``audit=``): exact Shapley values of sampled steps next to
-        the tracker's (``audit.steps``, ``.values``, ``.summary()``; :func:`inrun.views.audit_frames`)."""
+        """The run's audit (``None`` unless ``audit=`` was given): per audited step the exact
+        Shapley values of a sampled sub-batch next to the tracker's, with Pearson, Spearman,
+        relative RMSE, efficiency gap and cost (``audit.steps``, ``audit.values``,
+        ``audit.summary()``; as tables: :func:`inrun.analysis.views.audit_frames`)."""
         return self._engine.audit
 
     @property

@@ -54,10 +54,9 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from .. import exact, shapley
 from ..errors import ConsistencyError, StepOrderError, UnsupportedModuleError
 from .capture import own_leaf_tensors
-from .replay import RootCall, batched_leaves, buffers_kept
+from .replay import ReplayingEngine, RootCall, batched_leaves, buffers_kept
 
 if TYPE_CHECKING:
-    from .engine import StepEngine
     from .state import MicroBatch, Window
 
 logger = logging.getLogger(__name__)
@@ -149,7 +148,7 @@ def declare(loss: CoupledLoss, calls: list[RootCall]) -> CoupledBlock:
     return CoupledBlock(loss, calls, outputs, scale)
 
 
-def _tangents(engine: StepEngine, call: RootCall, vectors: list[Tensor], k: int) -> list[Tensor]:
+def _tangents(engine: ReplayingEngine, call: RootCall, vectors: list[Tensor], k: int) -> list[Tensor]:
     """``J v`` of the call's batched outputs along column ``k`` of the step's direction."""
     names, params = engine.table.names, engine.table.params
     module = engine.module
@@ -172,7 +171,7 @@ def _tangents(engine: StepEngine, call: RootCall, vectors: list[Tensor], k: int)
     return list(out)
 
 
-def block_values(engine: StepEngine, block: CoupledBlock, vectors: list[Tensor], step: int) -> Tensor:
+def block_values(engine: ReplayingEngine, block: CoupledBlock, vectors: list[Tensor], step: int) -> Tensor:
     """``[B, K]`` Shapley values of the block's first-order game along ``vectors`` (per parameter
     ``[K, *shape]``: the step's weighted validation gradient)."""
     K = vectors[0].shape[0]
@@ -210,7 +209,7 @@ def _utility(block: CoupledBlock, tangents: list[list[Tensor]]) -> Callable[[Ten
     return utility
 
 
-def value_coupled(engine: StepEngine, window: Window, first: Tensor) -> Tensor:
+def value_coupled(engine: ReplayingEngine, window: Window, first: Tensor) -> Tensor:
     """The step's values with every coupled micro-batch valued by its own game (its split-by-row
     values, which add up to the same total, are the check)."""
     if not any(mb.coupled is not None for mb in window.micro):

@@ -31,8 +31,6 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InRunError, StepOrderError
-from ..integrations.ddp import DDPSync
-from ..ledger import ValueLedger
 from ..optim import rule_for
 from . import segments as docs
 from .admission import WindowIds, admit_ids
@@ -44,6 +42,7 @@ from .config import TrackerConfig
 from .cost import StepCost
 from .coupled import CoupledLoss, CouplingWatch, attach
 from .coverage import Coverage, coverage_of
+from .ddp import DDPSync
 from .entries import Entry, build_entries
 from .gradmap import GradientReference
 from .optimizers import RuleSet, StepOptimizers, optimizer_list
@@ -53,7 +52,7 @@ from .probes import RowProbes
 from .replay import RootCalls
 from .routes import RoutePolicy, contract_call, route_label
 from .rules import make_value_rule
-from .state import Capture, MicroBatch, Plan, StepLog, Window
+from .state import Capture, Ledger, MicroBatch, Plan, StepLog, Window
 from .validation import Validation, ValidationPass
 
 
@@ -70,7 +69,7 @@ class StepEngine:
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, val_loss: Any, config: TrackerConfig,
-        ledger: ValueLedger, audit: AuditConfig | None = None,
+        ledger: Ledger, audit: AuditConfig | None = None,
     ) -> None:
         self.config = config
         self.module = unwrap_model(model)
@@ -83,7 +82,7 @@ class StepEngine:
         self.entries = build_entries(self.module, self.table)
         self.table.warn_missing_from(self.optimizers)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        # DDP (see inrun.integrations.ddp): its process group; None for a single process.
+        # DDP (see inrun.tracking.ddp): its process group; None for a single process.
         self.ddp = DDPSync.of(model) if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self.policy = RoutePolicy(config)
         self.hooks = Hooks(self.entries)
@@ -99,7 +98,7 @@ class StepEngine:
         self.pending: Window | None = None
         self.recorder: TrainRecorder | None = None
         self.cost = StepCost()
-        self.window_ids = WindowIds()
+        self.window_ids = WindowIds(ledger.id_kind())
         self.bookkeeping = (
             Bookkeeping(self.entries, self.policy, self._bookkeeping_target, self._add_dots)
             if config.bookkeeping != "off" else None
@@ -111,8 +110,7 @@ class StepEngine:
         self.probes = RowProbes(self)
         self.declared: CoupledLoss | None = None  # the coupled loss of the block being recorded
         self.hooks.install()
-        # The audit (exact Shapley values of sampled steps) only reads: see tracking/audit.py.
-        self.audit = StepAudit(audit, self, val_loss) if audit is not None else None
+        self.audit = StepAudit(audit, self, val_loss) if audit is not None else None  # only reads (tracking/audit/)
         self.gradients = GradientReference(self.table.params, self.table.names)
         self.steps = StepOptimizers(self)  # the optimizers' step hooks: the step valued at the first
 
@@ -127,6 +125,7 @@ class StepEngine:
         if self.recorder is not None:
             raise StepOrderError("tracker.step() blocks cannot be nested")
         id_list = admit_ids(ids, self.batchnorms)
+        self.window_ids.admit_kind(id_list, self.log.count)
         seg = docs.admit_documents(segments, id_list, self.table.device, token_values)
         self.declared = CoupledLoss.of(coupled_loss)
         if self.declared is not None and (self.rule.order != 1 or seg is not None):
@@ -185,7 +184,8 @@ class StepEngine:
         gradient at the step's start, zero gradients."""
         self.table.require_unchanged()
         self.flush()
-        self.validation.at_step_start(self.log.count)
+        if not (val := self.validation.at_step_start(self.log.count)).shifted:
+            self.log.measured(self.log.count, val.loss)
         self.table.require_zero_grads()
         self.window = self.log.open()
         self.gradients.start()
@@ -353,7 +353,7 @@ class StepEngine:
             state["audit"] = self.audit.state()
         return state
 
-    def restore(self, state: dict[str, Any], ledger: ValueLedger | None) -> None:
+    def restore(self, state: dict[str, Any], ledger: Ledger | None) -> None:
         saved = TrackerConfig.from_state(state["config"])
         if saved != self.config:
             raise InRunError(f"checkpoint was made with {saved}, this tracker has {self.config}")
@@ -362,6 +362,7 @@ class StepEngine:
             self.audit.load_state(state["audit"])
         if ledger is not None:
             self.log.ledger = ledger
+            self.window_ids.kind = ledger.id_kind()
         self.validation.forget()
 
     def set_enabled(self, value: bool) -> None:
@@ -380,7 +381,7 @@ class StepEngine:
             cover.documents = docs.documents_note(self.entries, self.plan)
         return cover
 
-    def global_ledger(self) -> ValueLedger:
+    def global_ledger(self) -> Ledger:
         self.flush()
         return self.log.ledger if self.ddp is None else self.ddp.gather_ledger(self.log.ledger)
 

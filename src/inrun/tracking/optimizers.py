@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -31,11 +31,10 @@ from ..errors import GradientChangeError, StepOrderError, UnsupportedOptimizerEr
 from ..optim import UpdateRule, rule_for, unwrap_optimizer
 from . import segments as docs
 from .coupled import value_coupled
-from .gradmap import StepMap
+from .gradmap import GradientReference, StepMap
+from .params import ParamTable
 from .rules import MissingFactors
-
-if TYPE_CHECKING:
-    from .engine import StepEngine
+from .state import Window
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +111,31 @@ def _hyperparameters(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
             for g in opt.param_groups]
 
 
+class SteppedEngine(Protocol):
+    """What the step hooks read and write of the engine (:class:`~inrun.tracking.engine.StepEngine`,
+    which imports this module)."""
+
+    optimizers: list[torch.optim.Optimizer]
+    table: ParamTable
+    gradients: GradientReference
+    window: Window | None
+    enabled: bool
+    recorder: Any
+    rule: Any
+    check: Any
+    audit: Any
+    ddp: Any
+    log: Any
+    validation: Any
+    pending: Any
+    module: Any
+    hooks: Any
+
+
 class StepOptimizers:
     """The step hooks of every optimizer, and which of them have stepped in the current step."""
 
-    def __init__(self, engine: StepEngine) -> None:
+    def __init__(self, engine: SteppedEngine) -> None:
         self.engine = engine
         self.optimizers = engine.optimizers
         self.params, self.names = engine.table.params, engine.table.names
@@ -156,6 +176,7 @@ class StepOptimizers:
             window.skip(window.doomed)
             self.value_at(k)
             return
+        lrs = self.learning_rates()  # a NaN one is refused before the update
         try:
             smap = eng.gradients.classify()
         except GradientChangeError:
@@ -173,7 +194,7 @@ class StepOptimizers:
             return
         first = value_coupled(eng, window, first)
         window.token_values = docs.token_values_of(window)
-        eng.check.finalize(window, first, second, lr=self.learning_rates())
+        eng.check.finalize(window, first, second, lr=lrs)
         self.value_at(k, smap)
         if eng.audit is not None:
             # audit: θ_t and the optimizer state before the step
@@ -268,7 +289,7 @@ class StepOptimizers:
             )
 
     def learning_rates(self) -> list[float]:
-        return [float(g["lr"]) for o in self.optimizers for g in o.param_groups]
+        return ParamTable.learning_rates(self.optimizers)
 
     def remove(self) -> None:
         for h in self.handles:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,10 +49,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedModuleError
 from ..modes import evaluating
-from .replay import RootCall, batched_leaves, buffers_kept
-
-if TYPE_CHECKING:
-    from .engine import StepEngine
+from .replay import ReplayingEngine, RootCall, batched_leaves, buffers_kept
 
 INTERACTION = (
     "examples interact inside the model: the outputs of an example change when the other examples of "
@@ -113,7 +110,7 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-4 if dtype == torch.float32 else 2e-2
 
 
-def refuse_interactions(engine: StepEngine, call: RootCall) -> bool:
+def refuse_interactions(engine: ReplayingEngine, call: RootCall) -> bool:
     """The probes of interactions (see the module docstring), in eval mode (no dropout). Returns
     whether a probe could run (a part too small for the model is left out)."""
     B = call.outputs[0].shape[0]
@@ -153,7 +150,7 @@ def _run(call: RootCall, rows: Tensor, batch: int, rerun: bool = False) -> list[
 class RowProbes:
     """The per-step check of one example alone (see the module docstring)."""
 
-    def __init__(self, engine: StepEngine, seed: int = 0) -> None:
+    def __init__(self, engine: ReplayingEngine, seed: int = 0) -> None:
         self.engine = engine
         self.seed = seed
         self.refused: str | None = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,18 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import BatchMismatchError, UnsupportedModuleError
 from ..layers.fallback import inline_checkpoints, is_kv_cache, without_caches
+from .rows import outputs_cut
 from .segments import Segments
+
+
+class ReplayingEngine(Protocol):
+    """What a replay of the model's calls reads of the engine
+    (:class:`~inrun.tracking.engine.StepEngine`): its model, parameter table, hooks and validation."""
+
+    module: nn.Module
+    table: Any
+    hooks: Any
+    validation: Any
 
 
 @dataclass
@@ -145,8 +156,6 @@ def replayed_targets(call: RootCall) -> tuple[list[tuple[Tensor, Tensor]], list[
     """The call replayed: ``(output, the user's gradient of it)`` for the outputs the gradient of
     the loss reaches the parameters through (see :func:`inrun.tracking.rows.outputs_cut`), and
     every batched output of the replay."""
-    from .rows import outputs_cut
-
     outputs = call.replay()
     if len(outputs) != len(call.outputs):
         raise ReplayMismatch("the replay returned other outputs")

@@ -23,10 +23,10 @@ from torch import Tensor
 
 from .. import shapley
 from ..errors import StepOrderError
-from ..integrations.ddp import DDPSync
 from ..optim import UpdateRule
 from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
+from .ddp import DDPSync
 from .gradmap import StepMap
 from .params import ParamTable
 from .routes import contract_window
