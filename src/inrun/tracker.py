@@ -39,67 +39,61 @@ from .tracking.config import (
     Verify,
 )
 from .tracking.cost import StepCost
+from .tracking.coupled import CoupledLoss
 from .tracking.coverage import Coverage, describe
 from .tracking.drop import loss_curve
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
 from .tracking.tokens import TokenValues
 
-__all__ = ["AuditConfig", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
+__all__ = ["AuditConfig", "CoupledLoss", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
 
 class InRunShapley:
     """In-Run Data Shapley values of every training example, computed during training.
 
-    Wrap the forward and backward of each step in ``with tracker.step(ids):`` and call your own
-    ``optimizer.step()`` as usual. At every optimizer step each example in the batch gets
-    ``φ_z = η · g_val · g_z`` (order 1, helpful = positive), where ``g_z`` is the gradient of the
-    example's share of the loss you back-propagated and ``g_val`` the gradient of ``val_loss`` at
-    the same parameters; values add up by id over the run. Per-example gradients of the whole
-    model are never formed: each layer contributes exact dot products from its inputs and
-    output gradients.
+    Wrap each step's forward and backward in ``with tracker.step(ids):``; call ``optimizer.step()``
+    as usual. Each example gets ``φ_z = η · g_val · g_z`` per step (order 1, helpful = positive; ``g_z``
+    its share of the loss's gradient, ``g_val`` val_loss's), added up by id. No per-example gradient of
+    the model is formed: each layer gives exact dot products from its inputs and output gradients.
 
     Args:
         model: the model being trained (may be wrapped in DistributedDataParallel).
-        optimizer: its optimizer (see :mod:`inrun.optim` for what is supported).
+        optimizer: its optimizer, or a list of them (``docs/loops.md``; :mod:`inrun.optim`).
         val_loss: ``val_loss(model) -> Tensor``: a scalar validation loss, or a vector of
             per-validation-example losses (their sum is the utility, and a per-(train,
             validation) table is kept). Called in ``eval`` mode at the current parameters.
         order: 1 (``η g_val·g_z``) or 2 (adds the interaction with the rest of the batch).
         second_order: order-2 variant, ``"trapezoid"`` (g_val at θ_t and θ_t+1, no Hessian) or
             ``"hessian"`` (one Hessian-vector product per step; SGD-type optimizers only).
-        route: ``"auto"`` (the cheaper of the vector and Gram routes per layer), or force
-            ``"vector"`` or ``"gram"`` wherever a layer has it. Values are the same.
+        route: ``"auto"`` (the cheaper of vector and Gram per layer), ``"vector"`` or ``"gram"``: same values.
         bookkeeping: ``"off"``, ``"auto"`` or ``"always"``: Linear/Conv1D weight gradients formed per
             example in place of the GEMM (no extra FLOPs; the update equal within float32 rounding).
         check: check every step that the per-example dots add up to ``<grad, g_val>``.
         check_rtol: that check's relative tolerance (default by dtype: 1e-6, 1e-3, 5e-2).
-        on_nonfinite: NaN/Inf at ``optimizer.step()``: ``"raise"`` before the update, or
-            ``"skip"`` (values dropped and the skip recorded; the optimizer still steps).
+        on_nonfinite: NaN/Inf at ``optimizer.step()``: ``"raise"`` before the update, or ``"skip"`` (recorded).
         val_mode: module mode of the validation pass, ``"eval"`` or ``"train"``.
         keep_trace: keep one row per (step, example) with both value parts.
-        adam: Adam/AdamW linearization, ``"secant"`` (actual step / gradient) or
-            ``"fixed_state"``.
-        proxy: ``"sgd"`` values every step with ``η g_val·g_z`` whatever the optimizer (the
-            paper's proxy for AdamW runs).
-        verify: when a replay against exact per-example gradients proves each layer's rows: ``"on_change"``
-            (the first step and whenever a layer's row layout is new) or ``"every_step"``.
+        adam: Adam/AdamW linearization, ``"secant"`` (actual step / gradient) or ``"fixed_state"``.
+        proxy: ``"sgd"``: every step valued as ``η g_val·g_z`` whatever the optimizer (the paper's proxy).
+        verify: when each layer's rows are proven to be their examples' and interactions probed
+            (``docs/loops.md``): ``"on_change"`` (new layouts, and one example alone every step),
+            ``"layouts"`` or ``"every_step"``.
         val_threads: CPU threads of the validation pass: ``"all"`` (torch's), ``"one"``, or
             ``"auto"`` (the faster by measured time; last bits then depend on the load).
         carry: ``"momentum"``: also credit each batch for its gradient's later effect through
             momentum (:meth:`carried`, :mod:`inrun.tracking.carry`); ``"off"``.
         carry_window: at most this many later steps per carry window (``None``: until β1^n < 1%).
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
-        audit: check the values during the run against exact Shapley values of sampled steps
-            (an :class:`~inrun.AuditConfig`, a dict of its settings, or ``True`` for the defaults:
-            every 100 steps, the step's whole game up to 32 examples; :mod:`inrun.tracking.audit`).
-            Off by default. It never changes training; its cost is measured (:attr:`audit`).
-        validation_ids: one label per validation example when ``val_loss`` returns a vector:
-            the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
+        audit: the values checked during the run against exact Shapley values of sampled steps' games
+            (an :class:`~inrun.AuditConfig`, its settings as a dict, or ``True``: every 100 steps, the whole
+            game up to 32 examples; :mod:`inrun.tracking.audit`). Off by default; never changes training.
+        validation_ids: one label per validation example (``val_loss`` a vector): :meth:`per_validation`'s columns.
         **options: none today; an unknown name is refused with the nearest field's name.
 
     A repeated row id within one optimizer step raises :class:`~inrun.BatchMismatchError` (a
     document continued in a later micro-batch is one player). Padding: ``docs/guide-pytorch.md``.
+    Clipping, scaling, :meth:`unattributed`, several optimizers, coupled losses: ``docs/loops.md``.
     ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the module.
 
     Example:
@@ -114,7 +108,7 @@ class InRunShapley:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         val_loss: Callable[[nn.Module], Tensor],
         *,
         order: Order = 1,
@@ -156,7 +150,7 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
-    def step(self, ids: Any, *, segments: Any = None, token_values: bool = False) -> Iterator[InRunShapley]:
+    def step(self, ids: Any, *, segments: Any = None, token_values: bool = False, coupled_loss: Any = None) -> Iterator[InRunShapley]:
         """Value the examples of one (micro-)batch: run its forward and backward inside.
 
         Args:
@@ -164,13 +158,19 @@ class InRunShapley:
             segments: packed rows (``docs/documents.md``): ``[B, T]`` integers, each token's index
                 into ``ids`` (``-1``: no document); one value per document, proven exact by replay.
             token_values: keep each token's first-order value (:meth:`token_values`).
+            coupled_loss: a loss coupling the examples (a :class:`~inrun.CoupledLoss`; ``docs/loops.md``).
         """
-        with self._engine.microbatch(ids, segments, token_values):
+        with self._engine.microbatch(ids, segments, token_values, coupled_loss):
             yield self
 
     def token_values(self) -> TokenValues:
         """Token values of the ``token_values=True`` micro-batches (this process's, under DDP)."""
         return self._engine.log.tokens
+
+    def unattributed(self) -> contextlib.AbstractContextManager[None]:
+        """Changes to the gradients made inside (outside the blocks, before ``optimizer.step()``) are
+        nobody's, like weight decay: a regularizer's backward, noise (``docs/loops.md``)."""
+        return self._engine.unattributed()
 
     @property
     def enabled(self) -> bool:

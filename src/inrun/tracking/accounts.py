@@ -9,9 +9,11 @@ from typing import Any
 
 from torch import Tensor
 
+from ..errors import UnsupportedOptimizerError
 from ..optim import UpdateRule
 from .carry import Carry
 from .drop import DropLog
+from .optimizers import RuleSet
 from .params import ParamTable
 from .state import Window
 from .validation import Validation, ValidationPass
@@ -23,6 +25,9 @@ class StepAccounts:
     def __init__(self, update: UpdateRule, table: ParamTable, validation: ValidationPass,
                  carry_ledger: Any = None, carry_window: int | None = None, ddp: Any = None) -> None:
         self.update, self.table = update, table
+        if carry_ledger is not None and isinstance(update, RuleSet):
+            raise UnsupportedOptimizerError(
+                "carry='momentum' follows one optimizer's momentum and this run steps several: use carry='off'")
         self.drops = DropLog(validation.loss_here, table.params)
         self.carry = None if carry_ledger is None else Carry(update, table, carry_ledger, self.drops, carry_window, ddp)
 
@@ -31,8 +36,10 @@ class StepAccounts:
         lr = float(self.update.optimizer.param_groups[0]["lr"])
         self.drops.start(window, val.loss if val.shifted else None, lr, moved)
 
-    def at_step(self, window: Window, grads: list[Tensor | None], ratio: Tensor, g_val: list[Tensor]) -> None:
-        """At ``optimizer.step()``, the state before it."""
+    def at_step(self, window: Window, grads: list[Tensor | None], ratio: Tensor | None, g_val: list[Tensor]) -> None:
+        """At ``optimizer.step()``, the state before it; ``ratio``: each parameter's uniform factor
+        from the batch's gradient to the update's (``None``: a per-coordinate one, which carry does not
+        follow: the step's batch is then credited for nothing later, and its drop row says so)."""
         self.drops.nonlinear(window, self.update.nonlinear_step(self.table.params, grads))
         if self.carry is not None:
             self.carry.at_step(window, ratio, g_val)

@@ -75,7 +75,7 @@ class Carry:
         self.max_steps = window
         self.open: list[_Open] = []
 
-    def at_step(self, window: Window, ratio: Tensor, g_val: list[Tensor]) -> None:
+    def at_step(self, window: Window, ratio: Tensor | None, g_val: list[Tensor]) -> None:
         """At step ``s``'s ``optimizer.step()`` (state before it): add ``u_s`` to every open window,
         close the windows that are done, and open one for ``window`` if the rule has momentum."""
         params = self.table.params
@@ -92,6 +92,9 @@ class Carry:
                 self._close(w)
         momentum = self.update.momentum(params)
         if momentum is None or not window.micro:
+            return
+        if ratio is None:  # value clipping or unattributed gradients: not one factor per parameter
+            self.drops.carried(window.step, 0.0, "not carried: its gradients were changed per coordinate")
             return
         share, decay = momentum
         r = ratio.double().cpu().tolist()
