@@ -26,6 +26,8 @@ class Rows(NamedTuple):
     * ``batched``: dimension ``dim`` is the batch (``dim`` from the module, e.g. ``batch_first``);
     * ``blocked``: dimension 0 holds ``batch · k`` rows, ``k`` consecutive ones per example (batch
       and sequence flattened together);
+    * ``strided``: dimension 0 holds ``k · batch`` rows, row ``r`` of example ``r mod batch``
+      (sequence-first tensors flattened: ``nn.MultiheadAttention``'s out-projection);
     * ``broadcast`` / ``unbatched``: the call does not depend on the batch (positions, a bias
       table), its output is shared by every example (leading 1, or no batch dimension).
     """
@@ -43,6 +45,8 @@ def reduce_rows(dots: Tensor, rows: Rows) -> Tensor:
     """``[L, K]`` dots per row of a call -> ``[B, K]`` per example."""
     if rows.kind == "blocked":
         return dots.reshape(rows.batch, -1, dots.shape[-1]).sum(dim=1)
+    if rows.kind == "strided":
+        return dots.reshape(-1, rows.batch, dots.shape[-1]).sum(dim=0)
     return dots
 
 
@@ -77,6 +81,12 @@ class LayerHandler:
 
     def check(self, module: nn.Module) -> None:
         """Raise :class:`~inrun.errors.UnsupportedModuleError` if the module cannot be valued now."""
+
+    def parts(self, module: nn.Module) -> list[Any] | None:
+        """A module valued as several linear maps applied inside its forward
+        (:mod:`inrun.layers.attention`): its :class:`~inrun.layers.attention.LinearPart` list, or
+        ``None`` (valued as one module, or by the fallback if this handler has no other route)."""
+        return None
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Return what :meth:`dot` needs from the forward call (detached)."""

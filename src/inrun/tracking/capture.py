@@ -20,13 +20,15 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import StepOrderError
 from ..layers import Rows
+from ..layers.attention import PartCall, PartHandler, SlicedInput
 from .entries import Entry
 from .rows import depends_on_batch, leaf_rows, output_leaves, outputs_cut, row_key
 from .state import Capture, MicroBatch, Plan
+from .taps import ModuleTaps
 
 
 class Recorder(Protocol):
-    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any) -> Any: ...
+    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any, part: PartCall | None = None) -> Any: ...
 
 
 class Hooks:
@@ -37,6 +39,7 @@ class Hooks:
         self.active: Recorder | None = None
         self.handles: list[Any] = []
         self.call_rng: dict[int, Tensor] = {}  # entry -> RNG state at its call's start (replaying handlers)
+        self.taps: dict[int, ModuleTaps] = {}  # module -> the taps of the parts valued inside it
 
     def install(self) -> None:
         for e in self.entries:
@@ -45,6 +48,12 @@ class Hooks:
     def add(self, entry: Entry) -> None:
         """Hook one more entry (a site made by the row verification)."""
         module = entry.module
+        if isinstance(entry.handler, PartHandler):
+            taps = self.taps.get(id(module))
+            if taps is None:
+                taps = self.taps[id(module)] = ModuleTaps(self, module)
+            taps.add(entry)
+            return
         if entry.handler.replays_calls:
             self.handles.append(module.register_forward_pre_hook(self._pre_hook(entry)))
         self.handles.append(module.register_forward_hook(self._hook(entry), with_kwargs=True))
@@ -81,6 +90,9 @@ class Hooks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for taps in self.taps.values():
+            taps.remove()
+        self.taps.clear()
 
 
 class TrainRecorder:
@@ -108,7 +120,9 @@ class TrainRecorder:
         self.open = True  # False once the block has ended: later gradients are refused
         self.muted = False  # True while a verification runs a second backward through the replay
 
-    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any) -> Any:
+    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any, part: PartCall | None = None) -> Any:
+        """One tracked call; ``part``: an ``F.linear`` call of a module's linear part (its rows are
+        sequence-first, see :mod:`inrun.layers.attention`)."""
         mb = self.microbatch
         if entry.index in self.bookkeeping_calls:
             self.bookkeeping_calls.discard(entry.index)  # this call went through the Function
@@ -125,10 +139,13 @@ class TrainRecorder:
             mb.signature.append((entry.index, None))
             return None
         independent = not depends_on_batch(args, kwargs, self.root_storages)
-        declared = handler.batch_dims(entry.module, len(leaves)) or [entry.batch_dim] * len(leaves)
-        rows = [leaf_rows(t, mb.size, independent, d) for t, d in zip(leaves, declared)]
+        if part is not None:
+            rows = [sequence_first_rows(leaves[0], mb.size)]
+        else:
+            declared = handler.batch_dims(entry.module, len(leaves)) or [entry.batch_dim] * len(leaves)
+            rows = [leaf_rows(t, mb.size, independent, d) for t, d in zip(leaves, declared)]
         shared = all(r is not None and r.shared for r in rows)
-        root = entry.module is self.root
+        root = entry.module is self.root and part is None
         if root:
             # The model's own outputs: rows by the id contract; a loss computed inside the model
             # has no rows and reaches the parameters only through the batched outputs.
@@ -161,7 +178,7 @@ class TrainRecorder:
             # (a loop may refill one input buffer in place) and remember activations' versions.
             saved = handler.keep(entry.module, own_leaf_tensors(saved, activation_storages(args, kwargs)))
         reduce = None if handler.multi_output else (Rows("batched", mb.size) if rows[0].shared else rows[0])
-        cap = Capture(entry=entry, saved=saved, rows=reduce)
+        cap = Capture(entry=entry, saved=saved, rows=reduce, part=part)
         if self.keep_factors or handler.multi_output:
             cap.versions = versions(saved)
             mb.captures.append(cap)
@@ -234,6 +251,16 @@ AFTER_BLOCK = (
 )
 
 
+def sequence_first_rows(t: Tensor, batch: int) -> Rows | None:
+    """The candidate rows of a linear part's call inside a sequence-first module: ``[S, B, ...]``
+    (the batch at dimension 1) or ``[S·B, ...]`` (row ``s·B + b``: *strided*)."""
+    if t.dim() >= 3 and t.shape[1] == batch:
+        return Rows("batched", batch, 1)
+    if t.dim() == 2 and t.shape[0] % batch == 0:
+        return Rows("strided", batch)
+    return None
+
+
 def expand_shared(t: Tensor, rows: Rows) -> Tensor:
     """A shared call's output as a view with the batch in front (no copy), so that the gradient
     of each example reaches it separately."""
@@ -252,12 +279,13 @@ class ValidationRecorder:
         self.saved_rows: dict[int, list[Any]] = {}
         self.handles: list[Any] = []
 
-    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any) -> None:
+    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any, part: PartCall | None = None) -> None:
         if entry.index in self.residual_sources:
             self.saved_rows.setdefault(entry.index, []).append(entry.handler.capture(entry.module, args, kwargs))
         if not entry.gram_capable or not isinstance(output, Tensor) or not output.requires_grad:
             return None
-        call = [entry.handler.capture(entry.module, args, kwargs), None]
+        saved = entry.handler.capture(entry.module, args, kwargs)
+        call = [saved if part is None else SlicedInput(saved, part.rows), None]
         self.calls.setdefault(entry.index, []).append(call)
 
         def keep(grad: Tensor) -> None:

@@ -218,7 +218,7 @@ class StepEngine:
                 factors = val.gram.get(e.index)
                 e.route = route_label(e, factors is not None)
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
-                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows))
+                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, cap.part))
         if self.rule.keeps_factors:
             cap.grad = grad.detach()
         else:

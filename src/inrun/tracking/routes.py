@@ -16,13 +16,15 @@ immediate dots during backward and every deferred contraction (Adam, order 2) go
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import InRunError
 from ..layers import FALLBACK, Rows
-from ..layers.linear import GramFactors, gram_dot
+from ..layers.attention import PartCall
+from ..layers.linear import GramFactors
 from ..layers.registry import reduce_rows
 from .config import TrackerConfig
 from .entries import Entry
@@ -40,23 +42,27 @@ def route_label(entry: Entry, gram: bool) -> str:
 
 
 def contract_call(
-    entry: Entry, saved: object, grad: Tensor, vectors: Mapping[str, Tensor], gram: GramFactors | None,
-    rows: Rows | None = None,
+    entry: Entry, saved: object, grad: Tensor, vectors: Mapping[str, Tensor], gram: Any | None,
+    rows: Rows | None = None, part: PartCall | None = None,
 ) -> dict[str, Tensor]:
     """``{param name: [B, K]}`` dots of one call's per-example gradients with ``vectors``
     (``[K, *shape]`` by name); with ``gram`` the weight's dots take the Gram route (``K = 1``);
-    ``rows``: how the call's rows map to examples (``None``: one row per example)."""
+    ``rows``: how the call's rows map to examples (``None``: one row per example); ``part``: the
+    rows of the weight (and whether the bias) a linear part's call used."""
     handler = entry.handler
     out: dict[str, Tensor] = {}
     names = entry.param_names
+    if part is not None:
+        names = tuple(n for n in names if n != "bias" or part.bias)
+        a, b = part.rows
+        vectors = {n: vectors[n][:, a:b] for n in names}
     if gram is not None:
-        A, D = handler.gram_factors(entry.module, saved, grad)
-        out["weight"] = gram_dot(A, D, gram).unsqueeze(1)
+        out["weight"] = handler.gram_dots(entry.module, saved, grad, gram, part).unsqueeze(1)
         names = tuple(n for n in names if n != "weight")
     rest = {n: vectors[n] for n in names}
     if rest:
         out.update(handler.dot(entry.module, saved, grad, rest))
-    if rows is not None and rows.kind == "blocked":
+    if rows is not None:
         out = {n: reduce_rows(d, rows) for n, d in out.items()}
     return out
 
@@ -94,7 +100,7 @@ def contract_window(
             by_name = {n: vectors[i] for n, i in zip(e.param_names, e.param_index)}
             if record_route:
                 e.route = route_label(e, factors is not None)
-            for name, d in contract_call(e, cap.saved, cap.grad, by_name, factors, cap.rows).items():
+            for name, d in contract_call(e, cap.saved, cap.grad, by_name, factors, cap.rows, cap.part).items():
                 row = e.row(name)
                 if factors is not None and name == "weight":
                     out[row] += d.to(out.dtype) * coef[row].to(out.dtype)

@@ -70,6 +70,8 @@ class Capture:
     """The output's gradient (a list, one per output tensor, for multi-output handlers)."""
     fired: bool = False
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
+    part: Any = None
+    """A linear part's call (:class:`~inrun.layers.attention.PartCall`): the weight rows it used."""
 
 
 @dataclass
