@@ -24,3 +24,18 @@ def test_floors_count_the_added_work() -> None:
     # Every method adds the validation pass (32 rows against a batch of 256: 1/8 of training).
     assert f["order 1 + book-keeping"] == 1 + 32 / 256
     assert f["plain"] == 1.0 < f["order 1 + book-keeping"] < f["order 1"] < f["order 2 trapezoid"]
+
+
+def test_bench_waits_for_the_device_before_each_clock_reading() -> None:
+    """On CUDA a step's kernels finish after the Python that launched them: the clock synchronizes
+    before reading (checked with a stand-in for torch.cuda.synchronize; no GPU needed)."""
+    import torch
+
+    from inrun.bench import Clock, time_methods
+
+    calls = []
+    clock = Clock(torch.device("cuda"), synchronize=lambda: calls.append(1))
+    times = time_methods(mlp_workload(), ["plain"], steps=2, warmup=1, rounds=1, clock=clock)
+    steps = 1 + 2  # the warm-up step and the timed ones
+    assert len(calls) == 2 * steps and len(times["plain"].wall) == 2
+    assert Clock(torch.device("cpu")).synchronize is None
