@@ -124,7 +124,7 @@ def part_dots(
     """A module valued by linear parts (nn.MultiheadAttention): each ``F.linear`` call of the
     forward dotted by its part's handler with the vector cut to the call's weight rows, its rows
     (sequence-first: ``[S, B, ·]`` or ``[S·B, ·]``) summed per example, added up per parameter."""
-    from inrun.layers.attention import LinearTaps, PartHandler, row_slice
+    from inrun.layers.parts import LinearTaps, PartHandler, row_slice
     from inrun.layers.registry import reduce_rows
 
     target = module.get_submodule(at)

@@ -68,7 +68,9 @@ class Workload:
     val_tokens: int  # positions in the whole validation set
     lr: float = 1e-3
     notes: str = ""
-    linears: list[tuple[int, int, bool]] = field(default_factory=list)  # (d, p, gram-capable)
+    linears: list[tuple[int, int, float]] = field(default_factory=list)
+    """``(d, p, gram)`` per linear map and position: ``gram`` is the share of the validation positions
+    the layer's Gram route meets (1 or True: all; an expert: top-k / experts; 0 or False: none)."""
     frozen: list[tuple[int, int]] = field(default_factory=list)
     """Linear layers of a frozen base: forward and input gradient only, nothing to value."""
     micro: int = 1
@@ -203,9 +205,12 @@ def moe_workload() -> Workload:
         logits = f(input_ids=ids).logits
         return F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum") / (batch_size * (seq - 1))
 
-    # attention q, k, v, o; the router; the experts (2 of 8 per token: gate-up and down); the LM head
-    linears = [(d, d, True), (d, d // 2, True), (d, d // 2, True), (d, d, True), (d, 8, True),
-               (d, 2 * 2 * inter, False), (2 * inter, 2 * d, False)] * n_layer + [(d, vocab, True)]
+    # attention q, k, v, o; the router (the fallback); the experts, 2 of 8 per token (gate-up and
+    # down, each on the Gram route against the validation tokens routed to its expert: 2/8 of them);
+    # the LM head
+    expert = [(d, 2 * inter, 2 / 8), (inter, d, 2 / 8)]
+    linears = [(d, d, True), (d, d // 2, True), (d, d // 2, True), (d, d, True), (d, 8, False), *expert, *expert] * n_layer
+    linears += [(d, vocab, True)]
     return Workload(
         "E", make_model, batches, val, loss, example_loss, lambda m: loss(m, val), seq, seq, notes=(
             f"Mixtral {n_layer}x{d}, 8 experts top-2 (intermediate {inter}), vocab {vocab}, {batch}x{seq}, "
@@ -423,7 +428,7 @@ def floors(w: Workload) -> dict[str, float]:
     train = sum(3 * T * d * p for d, p, _ in w.linears) + sum(2 * T * d * p for d, p in w.frozen)
     val_pass = (N / (B * T)) * train  # forward + backward on the validation set, per example
     vector = sum(T * d * p for d, p, _ in w.linears)
-    best = sum(min(T * d * p, T * N * (d + p)) if gram else T * d * p for d, p, gram in w.linears)
+    best = sum(min(T * d * p, T * N * float(gram) * (d + p)) if gram else T * d * p for d, p, gram in w.linears)
     out = {
         "plain": 1.0,
         "plain AdamW": 1.0,

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import StepOrderError
 from ..layers import Rows
-from ..layers.attention import PartCall, PartHandler, SlicedInput
+from ..layers.parts import PartCall, PartHandler, PartInput
 from .entries import Entry
 from .rows import depends_on_batch, leaf_rows, output_leaves, outputs_cut, row_key
 from .state import Capture, MicroBatch, Plan
@@ -28,7 +28,8 @@ from .taps import ModuleTaps
 
 
 class Recorder(Protocol):
-    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any, part: PartCall | None = None) -> Any: ...
+    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any, part: PartCall | None = None,
+                   rows_like: Tensor | None = None) -> Any: ...
 
 
 class Hooks:
@@ -120,9 +121,13 @@ class TrainRecorder:
         self.open = True  # False once the block has ended: later gradients are refused
         self.muted = False  # True while a verification runs a second backward through the replay
 
-    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any, part: PartCall | None = None) -> Any:
-        """One tracked call; ``part``: an ``F.linear`` call of a module's linear part (its rows are
-        sequence-first, see :mod:`inrun.layers.attention`)."""
+    def on_forward(
+        self, entry: Entry, args: tuple, kwargs: dict, output: Any, part: PartCall | None = None,
+        rows_like: Tensor | None = None,
+    ) -> Any:
+        """One tracked call; ``part``: a call of a module's linear part (:mod:`inrun.layers.parts`),
+        whose dots come in the rows of ``rows_like`` (the module's input a grouped call gathered
+        from), or else in the call's own rows, sequence-first (``nn.MultiheadAttention``)."""
         mb = self.microbatch
         if entry.index in self.bookkeeping_calls:
             self.bookkeeping_calls.discard(entry.index)  # this call went through the Function
@@ -139,7 +144,9 @@ class TrainRecorder:
             mb.signature.append((entry.index, None))
             return None
         independent = not depends_on_batch(args, kwargs, self.root_storages)
-        if part is not None:
+        if rows_like is not None:
+            rows = [leaf_rows(rows_like, mb.size, independent, entry.batch_dim)]
+        elif part is not None:
             rows = [sequence_first_rows(leaves[0], mb.size)]
         else:
             declared = handler.batch_dims(entry.module, len(leaves)) or [entry.batch_dim] * len(leaves)
@@ -279,13 +286,16 @@ class ValidationRecorder:
         self.saved_rows: dict[int, list[Any]] = {}
         self.handles: list[Any] = []
 
-    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any, part: PartCall | None = None) -> None:
+    def on_forward(
+        self, entry: Entry, args: tuple, kwargs: dict, output: Any, part: PartCall | None = None,
+        rows_like: Tensor | None = None,
+    ) -> None:
         if entry.index in self.residual_sources:
             self.saved_rows.setdefault(entry.index, []).append(entry.handler.capture(entry.module, args, kwargs))
         if not entry.gram_capable or not isinstance(output, Tensor) or not output.requires_grad:
             return None
         saved = entry.handler.capture(entry.module, args, kwargs)
-        call = [saved if part is None else SlicedInput(saved, part.rows), None]
+        call = [saved if part is None else PartInput(saved, part), None]
         self.calls.setdefault(entry.index, []).append(call)
 
         def keep(grad: Tensor) -> None:

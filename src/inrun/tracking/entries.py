@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..layers import FALLBACK, LayerHandler, handler_for
-from ..layers.attention import LinearPart, PartHandler
+from ..layers.parts import GroupedPartHandler, LinearPart, PartHandler
 from .params import ParamTable
 from .rows import inherited_batch_dims
 
@@ -142,7 +142,7 @@ def _part_entries(
             index=start + len(out),
             name=f"{name}.{part.name}" if name else part.name,
             module=mod,
-            handler=PartHandler(part),
+            handler=GroupedPartHandler(part) if part.grouped else PartHandler(part),
             param_names=tuple(alias for alias, _, _ in named),
             param_index=tuple(table.row(p) for _, _, p in named),
             gram_capable=weight.requires_grad and len(owners[id(weight)]) == 1,

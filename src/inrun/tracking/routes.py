@@ -23,8 +23,8 @@ from torch import Tensor
 
 from ..errors import InRunError
 from ..layers import FALLBACK, Rows
-from ..layers.attention import PartCall
 from ..layers.linear import GramFactors
+from ..layers.parts import PartCall
 from ..layers.registry import reduce_rows
 from .config import TrackerConfig
 from .entries import Entry
@@ -47,15 +47,14 @@ def contract_call(
 ) -> dict[str, Tensor]:
     """``{param name: [B, K]}`` dots of one call's per-example gradients with ``vectors``
     (``[K, *shape]`` by name); with ``gram`` the weight's dots take the Gram route (``K = 1``);
-    ``rows``: how the call's rows map to examples (``None``: one row per example); ``part``: the
-    rows of the weight (and whether the bias) a linear part's call used."""
+    ``rows``: how the call's rows map to examples (``None``: one row per example); ``part``: what a
+    linear part's call used (:mod:`inrun.layers.parts`)."""
     handler = entry.handler
     out: dict[str, Tensor] = {}
     names = entry.param_names
     if part is not None:
-        names = tuple(n for n in names if n != "bias" or part.bias)
-        a, b = part.rows
-        vectors = {n: vectors[n][:, a:b] for n in names}
+        out = handler.part_dots(entry.module, saved, grad, {n: vectors[n] for n in names}, gram, part)
+        return {n: reduce_rows(d, rows) for n, d in out.items()} if rows is not None else out
     if gram is not None:
         out["weight"] = handler.gram_dots(entry.module, saved, grad, gram, part).unsqueeze(1)
         names = tuple(n for n in names if n != "weight")

@@ -1,9 +1,13 @@
-"""``nn.MultiheadAttention`` valued by its linear parts (packed in-projection, out-projection), not by
-the fallback: every route against the torch.func oracle in float64, the routes really taken, the
-validation pass in eval mode, and training bit for bit as without the tracker.
+"""Modules valued by their linear parts (inrun.layers.parts), not by the fallback or a re-run:
 
-The layer rows themselves (self-attention, no bias with attention weights, query != key) are in
-layer_table.LAYERS and so in test_oracle.py and test_second_order.py.
+* ``nn.MultiheadAttention`` (packed in-projection, out-projection): every route against the
+  torch.func oracle in float64, the routes really taken, the validation pass in eval mode, and
+  training bit for bit as without the tracker. The layer rows themselves (self-attention, no bias
+  with attention weights, query != key) are in layer_table.LAYERS and so in test_oracle.py and
+  test_second_order.py;
+* transformers' mixture-of-experts layers run by ``grouped_mm``: each expert's rows contracted
+  where the grouped matmul ran, on the route asked for, against the per-example oracle (float32:
+  grouped matmul has no float64 kernel).
 """
 
 from __future__ import annotations
@@ -104,4 +108,28 @@ def test_training_is_bit_identical_with_attention_parts() -> None:
     for (name, a), b in zip(plain.named_parameters(), tracked.parameters()):
         assert torch.equal(a, b), name
     assert len(tracker.values()) == 12
+    tracker.close()
+
+
+@pytest.mark.parametrize("route", ["vector", "gram"])
+def test_grouped_experts_are_valued_by_their_parts(route: str) -> None:
+    import dataclasses
+
+    import zoo
+
+    case = next(c for c in zoo.ZOO if c.name == "mixtral")
+    assert zoo.run_case(dataclasses.replace(case, tracker_options={"route": route})) <= case.tol
+    torch.manual_seed(0)
+    model = case.build().to(case.dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    val = case.make_batch(torch.Generator().manual_seed(7), 2)
+    tracker = InRunShapley(model, opt, val_loss=lambda m: zoo.training_loss(case, m, val), route=route)
+    batch = case.make_batch(torch.Generator().manual_seed(1), 3)
+    with tracker.step([0, 1, 2]):
+        zoo.training_loss(case, model, batch).backward()
+    opt.step()
+    coverage = tracker.coverage()
+    experts = {n for n, _, _ in coverage.per_parameter() if ".experts." in n}
+    assert experts and experts <= set(coverage.routes["gram" if route == "gram" else "vector:expert_part"])
+    assert not any("(site)" in m for _, _, m in coverage.per_parameter())
     tracker.close()
