@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -132,4 +133,51 @@ def test_grouped_experts_are_valued_by_their_parts(route: str) -> None:
     experts = {n for n, _, _ in coverage.per_parameter() if ".experts." in n}
     assert experts and experts <= set(coverage.routes["gram" if route == "gram" else "vector:expert_part"])
     assert not any("(site)" in m for _, _, m in coverage.per_parameter())
+    tracker.close()
+
+
+class LMOutput(NamedTuple):
+    logits: torch.Tensor
+
+
+class DocumentEncoderLM(nn.Module):
+    """An ``nn.TransformerEncoder`` LM with the interface test_documents' oracle drives:
+    ``model(input_ids=, attention_mask=[B, 1, T, T] additive) -> .logits``."""
+
+    def __init__(self, vocab: int, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 16, dropout=0.0, batch_first=True)
+        self.body = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, vocab)
+        self.heads = heads
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> LMOutput:
+        B, T = input_ids.shape
+        if attention_mask is None:
+            mask = nn.Transformer.generate_square_subsequent_mask(T, dtype=self.head.weight.dtype)
+        else:
+            mask = attention_mask.expand(B, self.heads, T, T).reshape(B * self.heads, T, T)
+        return LMOutput(self.head(self.body(self.emb(input_ids), mask=mask)))
+
+
+def test_documents_split_by_the_attention_parts() -> None:
+    """Documents packed into rows with a block mask: the attention's parts split their per-token
+    terms by document on their own routes (in-projection [S, B, ·], out-projection [S·B, ·] rows
+    read in position order), equal to each document's own gradient by plain autograd."""
+    import numpy as np
+    import test_documents as docs
+
+    torch.manual_seed(0)
+    model = DocumentEncoderLM(docs.VOCAB).double()
+    steps = docs.batches()
+    expected = docs.oracle_values(model, steps, "block_mask")
+    tracker = docs.tracked_values(model, steps, "block_mask")
+    got = tracker.values()
+    names = sorted(expected)
+    theirs = np.array([expected[n] for n in names])
+    np.testing.assert_allclose([got[n] for n in names], theirs, rtol=1e-9, atol=1e-12 * np.abs(theirs).max())
+    per_parameter = tracker.coverage().per_parameter()
+    assert not [n for n, _, at in per_parameter if "(site)" in at]
+    assert all(route in ("gram", "vector:linear_part") for n, route, _ in per_parameter if "self_attn" in n)
     tracker.close()

@@ -21,7 +21,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import StepOrderError
 from ..layers import Rows
 from ..layers.parts import PartCall, PartHandler, PartInput
+from . import rows as row_maps
 from .entries import Entry
+from .replay import BufferWatch
 from .rows import depends_on_batch, leaf_rows, output_leaves, outputs_cut, row_key
 from .state import Capture, MicroBatch, Plan
 from .taps import ModuleTaps
@@ -41,6 +43,8 @@ class Hooks:
         self.handles: list[Any] = []
         self.call_rng: dict[int, Tensor] = {}  # entry -> RNG state at its call's start (replaying handlers)
         self.taps: dict[int, ModuleTaps] = {}  # module -> the taps of the parts valued inside it
+        self.call_buffers: dict[int, Any] = {}  # entry -> its buffers at its call's start (replaying handlers)
+        self.buffer_watch = BufferWatch()
 
     def install(self) -> None:
         for e in self.entries:
@@ -63,6 +67,7 @@ class Hooks:
         def hook(module: nn.Module, args: tuple) -> None:
             if isinstance(self.active, TrainRecorder):
                 self.call_rng[entry.index] = torch.get_rng_state()
+                self.call_buffers[entry.index] = self.buffer_watch.before(module)
 
         return hook
 
@@ -145,46 +150,74 @@ class TrainRecorder:
             return None
         independent = not depends_on_batch(args, kwargs, self.root_storages)
         if rows_like is not None:
-            rows = [leaf_rows(rows_like, mb.size, independent, entry.batch_dim)]
+            rows = [leaf_rows(rows_like, mb.rows, independent, entry.batch_dim)]
         elif part is not None:
-            rows = [sequence_first_rows(leaves[0], mb.size)]
+            rows = [row_maps.sequence_first_rows(leaves[0], mb.rows)]
         else:
             declared = handler.batch_dims(entry.module, len(leaves)) or [entry.batch_dim] * len(leaves)
-            rows = [leaf_rows(t, mb.size, independent, d) for t, d in zip(leaves, declared)]
+            rows = [leaf_rows(t, mb.rows, independent, d) for t, d in zip(leaves, declared)]
         shared = all(r is not None and r.shared for r in rows)
         root = entry.module is self.root and part is None
         if root:
             # The model's own outputs: rows by the id contract; a loss computed inside the model
             # has no rows and reaches the parameters only through the batched outputs.
-            rows = [Rows("batched", mb.size) if t.dim() > 0 and t.shape[0] == mb.size else None for t in leaves]
+            rows = [Rows("batched", mb.rows) if t.dim() > 0 and t.shape[0] == mb.rows else None for t in leaves]
+        by_row, seg = rows, mb.segments
+        unstride = seg is not None and rows[0] is not None and rows[0].kind == "strided"
+        if seg is not None:
+            # A strided call ([S·B, ...], row s·B + b) is given to the handler in position order.
+            rows = [seg.rows if seg.positions == leaves[0].shape[0] else None] if unstride else \
+                seg.split(rows, [rows_like] if rows_like is not None else leaves)
         key = (entry.index, row_key(rows))
         mb.signature.append(key)
         if key not in self.plan.verified:
             mb.off_plan = True
         if any(r is None for r in rows) if not handler.multi_output else all(r is None for r in rows):
-            mb.unresolved[entry.index] = "its output rows do not show which example they belong to"
+            mb.unresolved[entry.index] = (
+                "its output rows do not show which example they belong to" if seg is None else
+                "its outputs do not have one position per token of the micro-batch, so its terms cannot "
+                "be split by document"
+            )
             return None
-        if any(r is not None and r.shared for r in rows) and not shared:
+        if any(r is not None and r.shared for r in by_row) and not shared:
             mb.unresolved[entry.index] = "some of its outputs are shared by the batch and some are not"
             return None
         if shared and not self.expand_shared(entry):
             mb.unresolved.setdefault(entry.index, "its call does not depend on the batch")
             return None
         saved = handler.capture(entry.module, args, kwargs)
+        flatten = False  # a [B, T, ...] call given to the handler as [B·T, ...] (one row per position)
         if handler.replays_calls:
             saved.rng = self.hooks.call_rng.pop(entry.index, None)
+            seen = self.hooks.call_buffers.pop(entry.index, None)
+            saved.buffers_before = self.hooks.buffer_watch.changed(entry.module, seen) if seen is not None else {}
             saved.outputs = index
-            saved.rows = [Rows("batched", mb.size) if r.shared else r for r in rows]
+            saved.rows = rows if seg is not None else [
+                Rows("batched", mb.size) if r is not None and r.shared else r for r in rows]
         elif isinstance(saved, Tensor):
-            if rows[0].kind == "unbatched":
+            if by_row[0].kind == "unbatched":
                 saved = saved.unsqueeze(0)
-            elif rows[0].dim:
-                saved = saved.movedim(rows[0].dim, 0)
+            elif by_row[0].dim:
+                saved = saved.movedim(by_row[0].dim, 0)
+            if unstride:
+                saved = row_maps.from_strided(saved, mb.rows)
+            elif seg is not None and by_row[0].kind != "blocked":
+                saved = seg.flatten_positions(saved, handler, entry.module)
+                if saved is None:
+                    mb.unresolved[entry.index] = "its handler cannot split a call by token position"
+                    return None
+                flatten = True
+        elif seg is not None and by_row[0].kind != "blocked":
+            mb.unresolved[entry.index] = "its handler cannot split a call by token position"
+            return None
         if self.keep_factors:
             # The factors are read again after the step: copy inputs that are the user's data
             # (a loop may refill one input buffer in place) and remember activations' versions.
             saved = handler.keep(entry.module, own_leaf_tensors(saved, activation_storages(args, kwargs)))
-        reduce = None if handler.multi_output else (Rows("batched", mb.size) if rows[0].shared else rows[0])
+        if seg is not None:
+            reduce = seg.rows
+        else:
+            reduce = None if handler.multi_output else (Rows("batched", mb.size) if rows[0].shared else rows[0])
         cap = Capture(entry=entry, saved=saved, rows=reduce, part=part)
         if self.keep_factors or handler.multi_output:
             cap.versions = versions(saved)
@@ -193,17 +226,26 @@ class TrainRecorder:
             # An output another output was computed from has in its gradient that one's too:
             # contract only the outputs the rest were not computed from (the model's logits,
             # not its encoder states the decoder read; not a loss computed inside the model).
-            cut = outputs_cut(leaves, [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, Tensor)])
-            rows = [r if keep else None for r, keep in zip(rows, cut)]
+            # Outputs without rows (a loss computed inside the module) reach the parameters through
+            # the rowed outputs they were computed from: only the rowed outputs form the cut.
+            rowed = [k for k, r in enumerate(rows) if r is not None]
+            cut = outputs_cut([leaves[k] for k in rowed], [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, Tensor)])
+            keep = {k for k, c in zip(rowed, cut) if c}
+            rows = [r if k in keep else None for k, r in enumerate(rows)]
         if shared:
-            leaves = [expand_shared(t, r) for t, r in zip(leaves, rows)]
+            leaves = [row_maps.expand_shared(t, r) for t, r in zip(leaves, by_row)]
         if handler.multi_output:
             cap.grad = [None] * len(leaves)
             for k, t in enumerate(leaves):
                 t.register_hook(self._slot(cap, k, rows[k]))
         else:
             dim = rows[0].dim
-            leaves[0].register_hook(lambda g: self._deliver(cap, g.movedim(dim, 0) if dim else g))
+            if unstride:
+                leaves[0].register_hook(lambda g: self._deliver(cap, row_maps.from_strided(g, mb.rows)))
+            elif flatten:
+                leaves[0].register_hook(lambda g: self._deliver(cap, g.movedim(dim, 0).flatten(0, 1)))
+            else:
+                leaves[0].register_hook(lambda g: self._deliver(cap, g.movedim(dim, 0) if dim else g))
         if not shared:
             return None
         if isinstance(output, Tensor):
@@ -214,12 +256,22 @@ class TrainRecorder:
         return tree_unflatten(all_leaves, spec)
 
     def _deliver(self, cap: Capture, grad: Tensor) -> None:
-        if not self.muted:
-            self.on_gradient(cap, grad, self.accept(cap, grad))
+        if self.muted:
+            if self.microbatch.segments is not None:
+                cap.weighted_grad = grad.detach()  # the verification's weighted backward
+            return
+        mb = self.accept(cap, grad)
+        if mb.segments is not None and self.keep_factors:
+            cap.grad = grad.detach()  # kept for the verification's comparison of documents' gradients
+        self.on_gradient(cap, grad, mb)
 
     def _slot(self, cap: Capture, k: int, rows: Rows | None) -> Callable[[Tensor], None]:
         def keep(grad: Tensor) -> None:
             if self.muted:
+                if self.microbatch.segments is not None and rows is not None:
+                    if cap.weighted_grad is None:
+                        cap.weighted_grad = [None] * len(cap.grad)
+                    cap.weighted_grad[k] = grad.detach()
                 return
             if rows is None:
                 return
@@ -256,24 +308,6 @@ AFTER_BLOCK = (
     "backward() ran after its `with tracker.step(ids):` block had ended; call loss.backward() "
     "inside the block"
 )
-
-
-def sequence_first_rows(t: Tensor, batch: int) -> Rows | None:
-    """The candidate rows of a linear part's call inside a sequence-first module: ``[S, B, ...]``
-    (the batch at dimension 1) or ``[S·B, ...]`` (row ``s·B + b``: *strided*)."""
-    if t.dim() >= 3 and t.shape[1] == batch:
-        return Rows("batched", batch, 1)
-    if t.dim() == 2 and t.shape[0] % batch == 0:
-        return Rows("strided", batch)
-    return None
-
-
-def expand_shared(t: Tensor, rows: Rows) -> Tensor:
-    """A shared call's output as a view with the batch in front (no copy), so that the gradient
-    of each example reaches it separately."""
-    if rows.kind == "broadcast":
-        return t.expand(rows.batch, *t.shape[1:])
-    return t.unsqueeze(0).expand(rows.batch, *t.shape)
 
 
 class ValidationRecorder:

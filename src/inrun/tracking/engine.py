@@ -33,6 +33,7 @@ from ..errors import InRunError, StepOrderError
 from ..integrations.ddp import DDPSync
 from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
+from . import segments as docs
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
@@ -96,7 +97,8 @@ class StepEngine:
             if config.bookkeeping != "off" else None
         )
         self.plan = Plan()
-        self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads)
+        self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads, on_call=self._on_root_call)
+        self.documents_seen = False  # a micro-batch had segments (coverage says how documents were valued)
         self.verifier = RowVerifier(self)
         self.hooks.install()
         # The audit (exact Shapley values of sampled steps) only reads: see tracking/audit.py.
@@ -108,7 +110,7 @@ class StepEngine:
 
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
-    def microbatch(self, ids: Any) -> Iterator[None]:
+    def microbatch(self, ids: Any, segments: Any = None, token_values: bool = False) -> Iterator[None]:
         """One ``tracker.step(ids)`` block: admitted, recorded, closed, and timed (from the
         second optimizer step on: the first also proves the rows by a replay)."""
         if not self.enabled:
@@ -117,13 +119,14 @@ class StepEngine:
         if self.recorder is not None:
             raise StepOrderError("tracker.step() blocks cannot be nested")
         id_list = admit_ids(ids, self.batchnorms)
+        seg = docs.admit_documents(segments, id_list, self.table.device, token_values)
         timed = self.log.count >= 1
         t0 = time.perf_counter()
         opening = self.window is None
-        recorder = self.open_microbatch(id_list)
+        recorder = self.open_microbatch(id_list, seg, token_values)
         t1 = time.perf_counter()
         try:
-            self.window_ids.add(self.window, id_list)
+            self.window_ids.add(self.window, id_list, documents=seg is not None)
             with self.hooks.recording(recorder):
                 yield
         except BaseException as exc:
@@ -134,7 +137,7 @@ class StepEngine:
         if timed:
             self.cost.add(opening, t1 - t0, t2 - t1)
 
-    def open_microbatch(self, ids: list) -> TrainRecorder:
+    def open_microbatch(self, ids: list, segments: docs.Segments | None = None, token_values: bool = False) -> TrainRecorder:
         window = self.window
         if window is not None and window.micro and self.table.all_grads_none():
             # The previous micro-batches were zeroed away without an optimizer step
@@ -147,12 +150,31 @@ class StepEngine:
             self.validation.at_step_start(self.log.count)
             self.table.require_zero_grads()
             self.window = self.log.open()
-        self.root_calls.arm(len(ids))
-        self.recorder = self.make_recorder(MicroBatch(ids=ids, size=len(ids)), self.rule.keeps_factors,
-                                           lambda e: e.index in self.plan.shared_safe)
+        mb = MicroBatch(ids=ids, size=len(ids), rows=len(ids) if segments is None else segments.shape[0],
+                        segments=segments)
+        if segments is not None:
+            self.documents_seen = True
+            self._require_layout(mb, segments.layout())
+            if token_values:
+                docs.request_token_values(mb, len(self.table), self.validation.current.columns, self.table.device)
+        self.root_calls.arm(mb.rows, segments)
+        self.recorder = self.make_recorder(mb, self.rule.keeps_factors, lambda e: e.index in self.plan.shared_safe)
         if self.audit is not None:
             self.audit.open_microbatch(self.window, ids)  # audit: is this step audited?
         return self.recorder
+
+    def _require_layout(self, mb: MicroBatch, key: tuple) -> None:
+        """``key`` is part of what this micro-batch's values rely on: verified unless proven."""
+        mb.layout.append(key)
+        if key not in self.plan.verified:
+            mb.off_plan = True
+
+    def _on_root_call(self, args: tuple, kwargs: dict) -> None:
+        """Documents packed into rows are kept apart by what the model is given (positions, a
+        mask): a call with other kinds of inputs is verified again."""
+        mb = self.recorder.microbatch if self.recorder is not None else None
+        if mb is not None and mb.segments is not None and mb.segments.several:
+            self._require_layout(mb, docs.input_layout(args, kwargs))
 
     def make_recorder(self, mb: MicroBatch, keep_factors: bool, expand_shared: Any) -> TrainRecorder:
         calls = self.bookkeeping.calls if self.bookkeeping is not None else set()
@@ -218,7 +240,8 @@ class StepEngine:
                 factors = val.gram.get(e.index)
                 e.route = route_label(e, factors is not None)
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
-                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, cap.part))
+                positions = None if mb.tokens is None else docs.position_sink(mb.tokens, e)
+                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions, cap.part))
         if self.rule.keeps_factors:
             cap.grad = grad.detach()
         else:
@@ -282,6 +305,7 @@ class StepEngine:
                 # DDP averages over ranks: each rank's example adds g_z / W to the update.
                 ratio = ratio / self.ddp.world_size
         first, second = self.rule.at_step(window, grads, ratio)
+        window.token_values = docs.token_values_of(window)
         self.check.finalize(window, first, second, lr=self.table.learning_rates(self.optimizer))
         if self.audit is not None:
             self.audit.at_step(window, ratio)  # audit: θ_t and the optimizer state before the step
@@ -346,7 +370,10 @@ class StepEngine:
         return self.recorder is not None or (self.window is not None and bool(self.window.micro))
 
     def coverage(self) -> Coverage:
-        return coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
+        cover = coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
+        if self.documents_seen:
+            cover.documents = docs.documents_note(self.entries, self.plan)
+        return cover
 
     def global_ledger(self) -> ValueLedger:
         self.flush()
