@@ -166,6 +166,7 @@ class GroupedPartHandler(PartHandler):
     gathered from (``PartCall.index``), so they come out per row of the module's input."""
 
     name = "expert_part"
+    autocast_input = False  # the grouped matmul is not autocast: transformers casts its input itself
 
     def in_out_features(self, module: nn.Module) -> tuple[int, int]:  # type: ignore[override]
         _, a, b = module.get_parameter(self.part.weight).shape

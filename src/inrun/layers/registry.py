@@ -84,6 +84,9 @@ class LayerHandler:
     row_sparse: ClassVar[bool] = False
     multi_output: ClassVar[bool] = False
     """The handler takes any output structure: ``dot`` gets one gradient per output tensor."""
+    autocast_input: ClassVar[bool] = False
+    """Under autocast the module's op multiplies its input cast to the autocast dtype (linear maps,
+    convolutions): its kept input is stored at that precision."""
     replays_calls: ClassVar[bool] = False
     """``dot`` re-runs the module's call (it needs the random-number state the call started from)."""
     param_names: ClassVar[tuple[str, ...] | None] = None
@@ -93,6 +96,12 @@ class LayerHandler:
 
     def check(self, module: nn.Module) -> None:
         """Raise :class:`~inrun.errors.UnsupportedModuleError` if the module cannot be valued now."""
+
+    def condense(self, module: nn.Module, saved: Any, grad_out: Tensor) -> PerExampleGradients | None:
+        """For contractions after the backward (Adam, order 2): this call's per-example gradients,
+        kept instead of its input and output gradient when they are much smaller (feature-sized
+        parameters read at every position: norms), or ``None`` (keep the factors)."""
+        return None
 
     def parts(self, module: nn.Module) -> list[Any] | None:
         """A module valued as several linear maps applied inside its forward
@@ -150,6 +159,14 @@ class LayerHandler:
     def gradient_rows(self, module: nn.Module, saved: Any) -> Tensor:
         """``row_sparse`` handlers: the weight rows this call's gradient can touch."""
         raise NotImplementedError
+
+
+class PerExampleGradients(dict):
+    """``{param name: [rows, *shape]}``: a call's per-example gradients (:meth:`LayerHandler.condense`),
+    dotted with any vectors by :func:`stack_dot`."""
+
+    def dots(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: stack_dot(g, vectors[n]) for n, g in self.items() if n in vectors}
 
 
 def first_input(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
@@ -232,6 +249,7 @@ def as_float(t: Tensor, like: Tensor) -> Tensor:
 
 __all__ = [
     "LayerHandler",
+    "PerExampleGradients",
     "Rows",
     "as_float",
     "first_input",

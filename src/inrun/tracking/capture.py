@@ -23,6 +23,7 @@ from ..layers import Rows
 from ..layers.parts import PartCall, PartHandler, PartInput
 from . import rows as row_maps
 from .entries import Entry
+from .kept import activation_storages, at_compute_dtype, own_leaf_tensors, versions
 from .replay import BufferWatch
 from .rows import depends_on_batch, leaf_rows, output_leaves, outputs_cut, row_key
 from .state import Capture, MicroBatch, Plan
@@ -213,7 +214,8 @@ class TrainRecorder:
         if self.keep_factors:
             # The factors are read again after the step: copy inputs that are the user's data
             # (a loop may refill one input buffer in place) and remember activations' versions.
-            saved = handler.keep(entry.module, own_leaf_tensors(saved, activation_storages(args, kwargs)))
+            saved = own_leaf_tensors(saved, activation_storages(args, kwargs))
+            saved = handler.keep(entry.module, at_compute_dtype(handler, saved))
         if seg is not None:
             reduce = seg.rows
         else:
@@ -361,34 +363,3 @@ class ValidationRecorder:
             for src in sources for saved in self.saved_rows.get(src, [])
         ]
         return torch.unique(torch.cat(rows)) if rows else torch.zeros(0, dtype=torch.long)
-
-
-def activation_storages(args: tuple, kwargs: dict) -> set[int]:
-    """Storages of a call's inputs that have autograd history: activations the model computed
-    (``capture`` detaches what it keeps, so this is read from the call's own arguments)."""
-    leaves, _ = tree_flatten((args, kwargs))
-    return {
-        x.untyped_storage().data_ptr() for x in leaves
-        if isinstance(x, Tensor) and (x.requires_grad or x.grad_fn is not None)
-    }
-
-
-def own_leaf_tensors(saved: Any, activations: set[int] = frozenset()) -> Any:
-    """Copies of the tensors in ``saved`` that may be user data: every tensor but those whose
-    storage is in ``activations`` (inputs with autograd history, which no loop refills)."""
-    if isinstance(saved, Tensor):
-        if saved.grad_fn is not None or saved.requires_grad:
-            return saved
-        return saved if saved.untyped_storage().data_ptr() in activations else saved.clone()
-    if isinstance(saved, (list, tuple)):
-        items = [own_leaf_tensors(x, activations) for x in saved]
-        return type(saved)(items) if isinstance(saved, tuple) else items
-    return saved
-
-
-def versions(saved: Any) -> list[tuple[Tensor, int]]:
-    if isinstance(saved, Tensor):
-        return [(saved, saved._version)]
-    if isinstance(saved, (list, tuple)):
-        return [tv for x in saved for tv in versions(x)]
-    return []

@@ -43,6 +43,7 @@ from .config import TrackerConfig
 from .cost import StepCost
 from .coverage import Coverage, coverage_of
 from .entries import Entry, build_entries
+from .kept import keep_for_window
 from .params import ParamTable
 from .plan import RowVerifier
 from .replay import RootCalls
@@ -242,10 +243,10 @@ class StepEngine:
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
                 positions = None if mb.tokens is None else docs.position_sink(mb.tokens, e)
                 self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions, cap.part))
-        if self.rule.keeps_factors:
-            cap.grad = grad.detach()
-        else:
-            cap.saved = None
+            if self.rule.keeps_factors:
+                keep_for_window(cap, grad.detach(), condense=mb.segments is None)
+            else:
+                cap.saved = None
 
     def joint_groups(self) -> list[list[int]]:
         """Parameter rows valued together (the fallback values a module's parameters jointly):

@@ -25,7 +25,7 @@ from ..errors import InRunError
 from ..layers import FALLBACK, Rows
 from ..layers.linear import GramFactors
 from ..layers.parts import PartCall
-from ..layers.registry import reduce_rows
+from ..layers.registry import PerExampleGradients, reduce_rows
 from .config import TrackerConfig
 from .entries import Entry
 from .state import Capture, Window
@@ -54,7 +54,9 @@ def contract_call(
     handler = entry.handler
     out: dict[str, Tensor] = {}
     names = entry.param_names
-    if part is not None:
+    if isinstance(grad, PerExampleGradients):  # condensed when kept (norms)
+        out = grad.dots({n: vectors[n] for n in names})
+    elif part is not None:
         out = handler.part_dots(entry.module, saved, grad, {n: vectors[n] for n in names}, gram, part)
     else:
         if gram is not None:
