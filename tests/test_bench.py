@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from inrun.bench import floors, main, mlp_workload
+from inrun.cli.bench import floors, main, mlp_workload
 
 
 def test_bench_prints_a_ratio_row_per_method(capsys) -> None:
@@ -31,7 +31,7 @@ def test_bench_waits_for_the_device_before_each_clock_reading() -> None:
     before reading (checked with a stand-in for torch.cuda.synchronize; no GPU needed)."""
     import torch
 
-    from inrun.bench import Clock, time_methods
+    from inrun.cli.bench import Clock, time_methods
 
     calls = []
     clock = Clock(torch.device("cuda"), synchronize=lambda: calls.append(1))

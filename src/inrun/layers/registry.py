@@ -109,6 +109,12 @@ class LayerHandler:
         ``None`` (valued as one module, or by the fallback if this handler has no other route)."""
         return None
 
+    def __deepcopy__(self, memo: dict) -> LayerHandler:
+        """A handler is the registry's one instance (what it remembers is about modules, by weak
+        reference): a deep copy of a tracked model, which reaches the tracker through its hooks,
+        shares it."""
+        return self
+
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Return what :meth:`dot` needs from the forward call (detached)."""
         raise NotImplementedError

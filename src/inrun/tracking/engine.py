@@ -30,8 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InRunError, StepOrderError
-from ..integrations.ddp import DDPSync
-from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
 from . import segments as docs
 from .admission import WindowIds, admit_ids
@@ -42,6 +40,7 @@ from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
 from .cost import StepCost
 from .coverage import Coverage, coverage_of
+from .ddp import DDPSync
 from .entries import Entry, build_entries
 from .kept import keep_for_window
 from .params import ParamTable
@@ -49,7 +48,7 @@ from .plan import RowVerifier
 from .replay import RootCalls
 from .routes import RoutePolicy, contract_call, route_label
 from .rules import make_value_rule
-from .state import Capture, MicroBatch, Plan, StepLog, Window
+from .state import Capture, Ledger, MicroBatch, Plan, StepLog, Window
 from .validation import Validation, ValidationPass
 
 
@@ -66,7 +65,7 @@ class StepEngine:
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, val_loss: Any, config: TrackerConfig,
-        ledger: ValueLedger, audit: AuditConfig | None = None,
+        ledger: Ledger, audit: AuditConfig | None = None,
     ) -> None:
         self.config = config
         self.module = unwrap_model(model)
@@ -76,7 +75,7 @@ class StepEngine:
         self.entries = build_entries(self.module, self.table)
         self.table.warn_missing_from(self.optimizer)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        # DDP (see inrun.integrations.ddp): its process group; None for a single process.
+        # DDP (see inrun.tracking.ddp): its process group; None for a single process.
         self.ddp = DDPSync.of(model) if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self.policy = RoutePolicy(config)
         self.hooks = Hooks(self.entries)
@@ -93,6 +92,7 @@ class StepEngine:
         self.recorder: TrainRecorder | None = None
         self.cost = StepCost()
         self.window_ids = WindowIds()
+        self.window_ids.kind = ledger.id_kind()
         self.bookkeeping = (
             Bookkeeping(self.entries, self.policy, self._bookkeeping_target, self._add_dots)
             if config.bookkeeping != "off" else None
@@ -120,6 +120,7 @@ class StepEngine:
         if self.recorder is not None:
             raise StepOrderError("tracker.step() blocks cannot be nested")
         id_list = admit_ids(ids, self.batchnorms)
+        self.window_ids.admit_kind(id_list, self.log.count)
         seg = docs.admit_documents(segments, id_list, self.table.device, token_values)
         timed = self.log.count >= 1
         t0 = time.perf_counter()
@@ -148,7 +149,8 @@ class StepEngine:
         if window is None:
             self.table.require_unchanged()
             self.flush()
-            self.validation.at_step_start(self.log.count)
+            if not (val := self.validation.at_step_start(self.log.count)).shifted:
+                self.log.measured(self.log.count, val.loss)
             self.table.require_zero_grads()
             self.window = self.log.open()
         mb = MicroBatch(ids=ids, size=len(ids), rows=len(ids) if segments is None else segments.shape[0],
@@ -243,10 +245,7 @@ class StepEngine:
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
                 positions = None if mb.tokens is None else docs.position_sink(mb.tokens, e)
                 self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions, cap.part))
-            if self.rule.keeps_factors:
-                keep_for_window(cap, grad.detach(), condense=mb.segments is None)
-            else:
-                cap.saved = None
+            keep_for_window(cap, grad.detach(), self.rule.keeps_factors, condense=mb.segments is None)
 
     def joint_groups(self) -> list[list[int]]:
         """Parameter rows valued together (the fallback values a module's parameters jointly):
@@ -297,6 +296,7 @@ class StepEngine:
         if window.doomed:
             window.skip(window.doomed)
             return
+        self.table.learning_rates(self.optimizer)  # a NaN one is refused before the update
         grads = self.table.grads()
         with torch.no_grad():
             # Clipping or unscaling between backward and the step multiplies each gradient by a
@@ -349,7 +349,7 @@ class StepEngine:
             state["audit"] = self.audit.state()
         return state
 
-    def restore(self, state: dict[str, Any], ledger: ValueLedger | None) -> None:
+    def restore(self, state: dict[str, Any], ledger: Ledger | None) -> None:
         saved = TrackerConfig.from_state(state["config"])
         if saved != self.config:
             raise InRunError(f"checkpoint was made with {saved}, this tracker has {self.config}")
@@ -358,6 +358,7 @@ class StepEngine:
             self.audit.load_state(state["audit"])
         if ledger is not None:
             self.log.ledger = ledger
+            self.window_ids.kind = ledger.id_kind()
         self.validation.forget()
 
     def set_enabled(self, value: bool) -> None:
@@ -376,7 +377,7 @@ class StepEngine:
             cover.documents = docs.documents_note(self.entries, self.plan)
         return cover
 
-    def global_ledger(self) -> ValueLedger:
+    def global_ledger(self) -> Ledger:
         self.flush()
         return self.log.ledger if self.ddp is None else self.ddp.gather_ledger(self.log.ledger)
 

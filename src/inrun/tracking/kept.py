@@ -13,11 +13,15 @@ from torch.utils._pytree import tree_flatten
 from .state import Capture
 
 
-def keep_for_window(cap: Capture, grad: Tensor, condense: bool) -> None:
-    """Keeps a call's output gradient beside its input until the window's contraction; with
-    ``condense`` (no document needs the positions apart), a handler that can replaces both by the
-    call's per-example gradients (:meth:`~inrun.layers.registry.LayerHandler.condense`). Run with
-    the hooks paused and no autograd graph."""
+def keep_for_window(cap: Capture, grad: Tensor, keep: bool, condense: bool) -> None:
+    """With ``keep`` (a rule that contracts after the backward), keeps a call's output gradient
+    beside its input until the window's contraction, else drops its input; with ``condense`` (no
+    document needs the positions apart), a handler that can replaces both by the call's per-example
+    gradients (:meth:`~inrun.layers.registry.LayerHandler.condense`). Run with the hooks paused and
+    no autograd graph."""
+    if not keep:
+        cap.saved = None
+        return
     cap.grad = grad
     if condense:
         condensed = cap.entry.handler.condense(cap.entry.module, cap.saved, grad)

@@ -17,14 +17,13 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..layers import Rows
-from ..ledger import ValueLedger
 from .entries import Entry
 from .segments import Segments, merge_by_id
 from .tokens import TokenValues
@@ -152,13 +151,51 @@ class Window:
         self.state = StepState.SKIPPED
 
 
+class Ledger(Protocol):
+    """What the engine needs of a ledger (:class:`inrun.ValueLedger` is one): it records a step's
+    values or its skip, and gives its state to be merged over DDP ranks."""
+
+    def add(self, step: int, ids: Any, first: Any, second: Any = None, *, lr: Any = None) -> None: ...
+
+    def record_skip(self, step: int, reason: str) -> None: ...
+
+    def id_kind(self) -> type | None: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_states(cls, states: Any) -> Ledger: ...
+
+
 class StepLog:
     """Counts optimizer steps and settles windows into the ledger."""
 
-    def __init__(self, ledger: ValueLedger) -> None:
+    def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self.count = 0
         self.tokens = TokenValues()
+        self._val_losses: dict[int, float] = {}
+        self._pending: list[tuple[int, Tensor]] = []
+
+    def measured(self, step: int, loss: Tensor) -> None:
+        """A validation pass at θ_``step`` measured ``loss``: read in batches, so that a GPU waits
+        for no extra host transfer per step."""
+        self._pending.append((step, loss.detach().double().sum()))
+        if len(self._pending) >= 256:
+            self._read_losses()
+
+    @property
+    def val_losses(self) -> dict[int, float]:
+        """Step -> the validation loss at the parameters after that many steps, where the step's
+        validation pass measured it (at θ_t itself: no data-free shift, e.g. plain SGD)."""
+        self._read_losses()
+        return dict(self._val_losses)
+
+    def _read_losses(self) -> None:
+        if self._pending:
+            values = torch.stack([v for _, v in self._pending]).tolist()
+            self._val_losses.update({s: float(v) for (s, _), v in zip(self._pending, values)})
+            self._pending.clear()
 
     def open(self) -> Window:
         return Window(step=self.count)

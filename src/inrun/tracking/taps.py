@@ -13,7 +13,7 @@ verification then values its part at an enclosing module).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -21,14 +21,19 @@ from torch import Tensor, nn
 from ..layers.parts import LinearTaps, PartCall, row_slice, same_matrix_stack
 from .entries import Entry
 
-if TYPE_CHECKING:
-    from .capture import Hooks
+
+class ActiveRecorder(Protocol):
+    """What the taps read of :class:`~inrun.tracking.capture.Hooks` (which owns them: importing
+    it here would make an import circle)."""
+
+    active: Any
+    """The recorder of the block, validation pass or replay being run, or ``None``."""
 
 
 class ModuleTaps:
     """The parts of one module and the hooks that see its calls."""
 
-    def __init__(self, hooks: Hooks, module: nn.Module) -> None:
+    def __init__(self, hooks: ActiveRecorder, module: nn.Module) -> None:
         self.hooks = hooks
         self.parts: list[tuple[Entry, Tensor, Tensor | None]] = []
         self.mode = LinearTaps(self._on_linear, self._on_grouped, self._on_gather)
