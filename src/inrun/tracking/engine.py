@@ -46,6 +46,7 @@ from .coverage import Coverage, coverage_of
 from .ddp import DDPSync
 from .entries import Entry, build_entries, joint_groups
 from .gradmap import GradientReference
+from .kept import keep_for_window
 from .optimizers import RuleSet, StepOptimizers, optimizer_list
 from .params import ParamTable
 from .plan import RowVerifier
@@ -290,11 +291,8 @@ class StepEngine:
                 e.route = route_label(e, factors is not None)
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
                 positions = None if mb.tokens is None else docs.position_sink(mb.tokens, e)
-                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions))
-        if mb.factors:
-            cap.grad = grad.detach()
-        else:
-            cap.saved = None
+                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions, cap.part))
+            keep_for_window(cap, grad.detach(), mb.factors, condense=mb.segments is None)
 
     def zero_dots(self, mb: MicroBatch, device: torch.device) -> Tensor:
         columns = self.validation.current.columns

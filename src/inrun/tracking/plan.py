@@ -321,7 +321,7 @@ class RowVerifier:
                            handler=FALLBACK, param_names=(), param_index=(), gram_capable=False)
             engine.entries.append(target)
             engine.hooks.add(target)
-        for name, row in zip(entry.param_names, entry.param_index):
+        for name, row in zip(entry.paths, entry.param_index):
             if row not in target.param_index:
                 target.param_names += (f"{prefix}.{name}" if prefix else name,)
                 target.param_index += (row,)
@@ -332,8 +332,10 @@ class RowVerifier:
                 continue
             if e.module is site and e.handler is not FALLBACK:
                 continue
-            keep = [(n, r) for n, r in zip(e.param_names, e.param_index) if r not in target.param_index]
-            e.param_names, e.param_index = tuple(n for n, _ in keep), tuple(r for _, r in keep)
+            keep = [(n, p, r) for n, p, r in zip(e.param_names, e.paths, e.param_index) if r not in target.param_index]
+            e.param_names, e.param_index = tuple(n for n, _, _ in keep), tuple(r for _, _, r in keep)
+            if e.param_paths:
+                e.param_paths = tuple(p for _, p, _ in keep)
             if not keep:
                 e.active, e.gram_capable, e.residual_from = False, False, ()
         for e in engine.entries:

@@ -102,6 +102,8 @@ class Capture:
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
     weighted_grad: Any = None
     """With segments, the row verification's weighted backward's output gradient (as ``grad``)."""
+    part: Any = None
+    """A linear part's call (:class:`~inrun.layers.parts.PartCall`): what of its weight it used."""
 
 
 @dataclass
