@@ -57,6 +57,12 @@ class FSDPScenario(Scenario):
     final norm, then the root)."""
     divide_factor: float | None = None
     """``set_gradient_divide_factor``: 1.0 sums the gradients over the ranks (the check must fail)."""
+    value_clip: float | None = None
+    """``clip_grad_value_`` before the step: a per-coordinate map, refused under FSDP2."""
+
+    @property
+    def refused(self) -> bool:
+        return self.divide_factor is not None or self.value_clip is not None
 
 
 SCENARIOS = [
@@ -69,6 +75,7 @@ SCENARIOS = [
     FSDPScenario("f32 output cast model loss", dtype="float32", output_dtype="float64", model_loss=True),
     FSDPScenario("f64 accelerate layout no-sync", micro=2, layout="accelerate"),
     FSDPScenario("sum", steps=1, divide_factor=1.0),
+    FSDPScenario("value clip", steps=1, value_clip=1e-3),
 ]
 
 
@@ -114,7 +121,8 @@ def refusals() -> dict[str, Any]:
 
     model = shard(make_model(torch.float64), SCENARIOS[0])
     out = {}
-    for name, options in (("hessian", {"order": 2, "second_order": "hessian"}), ("audit", {"audit": True})):
+    for name, options in (("hessian", {"order": 2, "second_order": "hessian"}), ("audit", {"audit": True}),
+                          ("carry", {"carry": "momentum"})):
         try:
             InRunShapley(model, torch.optim.SGD(model.parameters(), lr=0.1), val_loss=make_val_loss(False),
                          **options).close()
@@ -155,6 +163,8 @@ def run_scenario(s: FSDPScenario, rank: int, world: int, out: Path, plain: bool 
                 (loss_of(model, rows[ids], s) / s.micro).backward()
         if s.clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip)
+        if s.value_clip is not None:
+            torch.nn.utils.clip_grad_value_(model.parameters(), s.value_clip)
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -183,7 +193,7 @@ def main(out: Path) -> None:
             results[s.name] = run_scenario(s, rank, world, out)
         except Exception as exc:
             results[s.name] = {"error": type(exc).__name__, "message": str(exc)}
-            if s.divide_factor is None:
+            if not s.refused:
                 traceback.print_exc()
         results[s.name]["scenario"] = asdict(s)
         dist.barrier()

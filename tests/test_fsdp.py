@@ -52,7 +52,7 @@ def one_process(s: FSDPScenario) -> dict[str, Any]:
     largest = float(np.abs(values.value).max())
     return {"values": values, "per_validation": per_validation, "scale": dict.fromkeys(values, largest)}
 
-VALUED = [s for s in SCENARIOS if s.divide_factor is None]
+VALUED = [s for s in SCENARIOS if not s.refused]
 
 @pytest.mark.parametrize("s", VALUED, ids=lambda s: s.name)
 def test_fsdp2_equals_single_process(fsdp_results: dict[str, Any], s: FSDPScenario) -> None:
@@ -91,8 +91,18 @@ def test_fsdp2_check_catches_summed_gradients(fsdp_results: dict[str, Any]) -> N
         assert "transformer.wte.weight" in r["sum"]["message"]
         assert "set_requires_gradient_sync" in r["sum"]["message"]
 
-def test_fsdp2_refuses_the_hessian_and_the_audit(fsdp_results: dict[str, Any]) -> None:
+def test_fsdp2_refuses_value_clipping_on_every_rank(fsdp_results: dict[str, Any]) -> None:
+    """Value clipping's per-coordinate factors are shard-shaped: refused together by every rank
+    (one rank's shard may be clipped where the other's is not), naming norm clipping."""
     for r in fsdp_results["ranks"]:
+        assert r["value clip"].get("error") == "GradientChangeError", r["value clip"]
+        assert "clip_grad_norm_" in r["value clip"]["message"]
+
+
+def test_fsdp2_refuses_the_hessian_the_audit_and_carry(fsdp_results: dict[str, Any]) -> None:
+    for r in fsdp_results["ranks"]:
+        assert r["refused"]["carry"]["error"] == "UnsupportedModuleError"
+        assert "carry='off'" in r["refused"]["carry"]["message"]
         assert r["refused"]["hessian"]["error"] == "UnsupportedModuleError"
         assert "trapezoid" in r["refused"]["hessian"]["message"]
         assert r["refused"]["audit"]["error"] == "AuditError" and "FSDP2" in r["refused"]["audit"]["message"]

@@ -134,10 +134,12 @@ def test_accelerate_bf16_output_wrapper_values_every_example() -> None:
     own loss reads the bf16 logits: the gradient the model's outputs got is taken from the tensor
     the copy was cast from. Values equal the fp32 loop within the bound of the Trainer test."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, GradientState
 
     results = []
     for mixed in ("no", "bf16"):
+        # a Trainer run earlier in the process can leave sync_gradients off, which skips opt.step()
+        GradientState._reset_state()
         AcceleratorState._reset_state(reset_partial_state=True)
         accelerator = Accelerator(mixed_precision=mixed, cpu=True)
         model = gpt2()
@@ -154,6 +156,7 @@ def test_accelerate_bf16_output_wrapper_values_every_example() -> None:
         assert sorted(values) == list(range(2 * BATCH)) and set(values.counts) == {1}
         results.append(np.array([values[i] for i in range(2 * BATCH)]))
     AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     fp32, bf16 = results
     eps = torch.finfo(torch.bfloat16).eps
     assert np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32) <= 2 * eps

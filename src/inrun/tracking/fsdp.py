@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..errors import UnsupportedModuleError
+from ..errors import GradientChangeError, UnsupportedModuleError
 from .ddp import DDPSync, all_reduce_settled
 
 if TYPE_CHECKING:
@@ -99,9 +99,12 @@ class FSDP2Sync(DDPSync):
 
     sharded: bool = True
     check_hint: str = FSDP2_CHECK_HINT
+    units: tuple[nn.Module, ...] = ()
+    """The ``fully_shard``-ed modules."""
 
     @classmethod
     def of(cls, model: nn.Module) -> FSDP2Sync:  # type: ignore[override]
+        from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor, Shard
 
         meshes = set()
@@ -122,7 +125,17 @@ class FSDP2Sync(DDPSync):
         if len(meshes) != 1:
             raise UnsupportedModuleError("the model's parameters are sharded over several device meshes")
         group = meshes.pop().get_group()
-        return cls(group=group, world_size=dist.get_world_size(group), rank=dist.get_rank(group))
+        units = tuple(m for m in model.modules() if isinstance(m, FSDPModule))
+        return cls(group=group, world_size=dist.get_world_size(group), rank=dist.get_rank(group), units=units)
+
+    def release(self) -> None:
+        """Reshard what the tracker's own forwards left gathered. FSDP2 keeps the root's whole
+        parameters after a forward without backward (the probes', a drop row's loss); the user's
+        ``clip_grad_norm_(model.parameters())`` would then see those, without gradients, and skip
+        them, and after ``optimizer.step()`` (which updates the shards) the next forward would reuse
+        them stale. Called after each block and before each update; local, no collective."""
+        for unit in self.units:
+            unit.reshard()
 
     def reduce_check_terms(self, terms: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """As :meth:`DDPSync.reduce_check_terms`, with ``<p.grad, g_val>`` summed over the shards."""
@@ -144,6 +157,30 @@ class FSDP2Sync(DDPSync):
                     engine.recorder.microbatch.off_plan = True
 
         return agree
+
+    def agree(self, smap: Any) -> None:
+        """Each rank classified its own shards (:mod:`inrun.tracking.gradmap`); a norm clip's factor
+        is the group's: the mean over the ranks whose shard is nonzero (a zero shard says nothing
+        about it), one all-reduce. A per-coordinate map (value clipping, unattributed gradients) is
+        refused on every rank together: its factors are shard-shaped and the whole gradient's rule
+        would need them gathered."""
+        rows = len(smap.ratio)
+        seen = torch.zeros(rows, dtype=torch.float64, device=smap.ratio.device)
+        present = [i for i, b in enumerate(smap.batch) if b is not None]
+        if present:
+            norms = torch._foreach_norm([ShardedParams.local(smap.batch[i]) for i in present])
+            seen[present] = (torch.stack(norms).double().to(seen.device) > 0).double()
+        odd = torch.zeros_like(seen)
+        odd[list(set(smap.coordinate) | set(smap.offset))] = 1.0
+        both = torch.stack([smap.ratio * seen, seen, odd])
+        all_reduce_settled(both, self.group)
+        if bool(both[2].any()):
+            raise GradientChangeError(
+                "under FSDP2 the tracker values gradients rescaled as a whole (norm clipping, loss scaling) but "
+                "not value clipping or tracker.unattributed() blocks: clip by norm (clip_grad_norm_), or train "
+                "that loop under DDP"
+            )
+        smap.ratio = torch.where(both[1] > 0, both[0] / both[1].clamp(min=1), smap.ratio)
 
     def gathered(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Whole tensors from sharded ones (one all-gather each): Adam's per-coordinate slopes."""
@@ -240,6 +277,10 @@ def data_parallel_sync(
         raise UnsupportedModuleError(
             "second_order='hessian' needs a double backward, which FSDP2's hooks do not support: "
             "use second_order='trapezoid' (no Hessian) under FSDP2"
+        )
+    if config.carry != "off":
+        raise UnsupportedModuleError(
+            "carry='momentum' keeps parameter-sized accumulators the tracker does not shard: use carry='off' under FSDP2"
         )
     sync = FSDP2Sync.of(model)
     table.shards = ShardedParams(model, table.params, sync.group)

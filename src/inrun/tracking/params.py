@@ -1,10 +1,11 @@
-"""The parameter table: the trainable parameters in one order, their gradients, norms and the
-factor the loop applied to each gradient between backward and the step (clipping, unscaling)."""
+"""The parameter table: the trainable parameters in one order, their gradients and norms (what the
+loop did to the gradients before the step: :mod:`inrun.tracking.gradmap`)."""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,7 +41,11 @@ class ParamTable:
         """Refuse a model whose trainable parameters or modules changed after the tracker was made:
         a replaced layer would have no hooks, an unfrozen parameter no value."""
         now = [(n, p) for n, p in self._module.named_parameters() if p.requires_grad]
-        if [id(p) for _, p in now] != [id(p) for p in self.params]:
+        if self.shards is not None:  # FSDP2 swaps whole and sharded parameters in and out: by name
+            same = [n for n, _ in now] == self.names
+        else:
+            same = [id(p) for _, p in now] == [id(p) for p in self.params]
+        if not same:
             before = {id(p): n for n, p in zip(self.names, self.params)}
             added = [n for n, p in now if id(p) not in before]
             gone = [before[i] for i in before if i not in {id(p) for _, p in now}]
@@ -75,6 +80,11 @@ class ParamTable:
     def grads(self) -> list[Tensor | None]:
         return [p.grad for p in self.params]
 
+    @property
+    def local(self) -> Any:
+        """FSDP2: the function giving this rank's piece of a sharded tensor (``None`` unsharded)."""
+        return None if self.shards is None else self.shards.local
+
     def compute_params(self) -> list[Tensor]:
         """The tensors the modules computed with in the last forward, to differentiate with respect
         to: the parameters themselves, or under FSDP2 the whole parameters it gathered."""
@@ -90,13 +100,6 @@ class ParamTable:
         values = iter(torch._foreach_norm(present)) if present else iter(())
         zero = torch.zeros((), dtype=torch.float64, device=device)
         return torch.stack([next(values).double().to(device) if g is not None else zero for g in grads])
-
-    @staticmethod
-    def ratios(now: Tensor, before: Tensor) -> Tensor:
-        """Per-parameter factor applied to the gradient between backward and the step (clipping,
-        unscaling): ``‖grad now‖ / ‖grad after backward‖``, 1 where the gradient was zero."""
-        safe = torch.where(before > 0, before, torch.ones_like(before))
-        return torch.where(before > 0, now / safe, torch.ones_like(before))
 
     def all_grads_none(self) -> bool:
         held = self.shards is not None and self.shards.any_whole_grad()
@@ -126,8 +129,8 @@ class ParamTable:
                 "gradients"
             )
 
-    def warn_missing_from(self, optimizer: torch.optim.Optimizer) -> None:
-        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    def warn_missing_from(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        in_opt = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
         self.outside = {id(p) for p in self.params if id(p) not in in_opt}
         missing = [n for n, p in zip(self.names, self.params) if id(p) not in in_opt]
         if missing:
@@ -138,10 +141,10 @@ class ParamTable:
             )
 
     @staticmethod
-    def learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
-        """The learning rate of every parameter group, in the optimizer's order; a NaN or infinite
+    def learning_rates(optimizers: Sequence[torch.optim.Optimizer]) -> list[float]:
+        """The learning rate of every parameter group, in the optimizers' order; a NaN or infinite
         one is refused (it would make every parameter of its group NaN)."""
-        lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        lrs = [float(g["lr"]) for o in optimizers for g in o.param_groups]
         bad = next((k for k, lr in enumerate(lrs) if not math.isfinite(lr)), None)
         if bad is not None:
             raise NonFiniteError(

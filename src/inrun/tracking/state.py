@@ -69,6 +69,10 @@ class MicroBatch:
     """A call the row verification has not proven: the micro-batch is replayed and verified."""
     unresolved: dict[int, str] = field(default_factory=dict)
     """Entries with a call that could not be captured, and why."""
+    factors: bool = False
+    """Its captures hold every tracked call's factors (a contraction at the step can use them)."""
+    coupled: Any = None
+    """A declared coupled loss: what its game needs at the step (:mod:`inrun.tracking.coupled`)."""
     layout: list[tuple] = field(default_factory=list)
     """What else the row verification must have proven for this micro-batch (documents' layout,
     the model's inputs that keep them apart)."""
@@ -77,9 +81,10 @@ class MicroBatch:
         self.rows = self.rows or self.size
 
     def replica(self) -> MicroBatch:
-        """An empty micro-batch of the same players (the row verification's replay)."""
+        """An empty micro-batch of the same players (the row verification's replay), which keeps
+        every layer's factors."""
         return MicroBatch(ids=self.ids, size=self.size, rows=self.rows, segments=self.segments,
-                          layout=list(self.layout),
+                          layout=list(self.layout), factors=True,
                           tokens=None if self.tokens is None else torch.zeros_like(self.tokens),
                           tokens_weighted=None if self.tokens_weighted is None else torch.zeros_like(self.tokens_weighted))
 
@@ -98,6 +103,8 @@ class Capture:
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
     weighted_grad: Any = None
     """With segments, the row verification's weighted backward's output gradient (as ``grad``)."""
+    part: Any = None
+    """A linear part's call (:class:`~inrun.layers.parts.PartCall`): what of its weight it used."""
 
 
 @dataclass
@@ -126,6 +133,8 @@ class Window:
     """The learning rate of each parameter group at the step."""
     token_values: list[Any] = field(default_factory=list)
     """Token values of the micro-batches that asked (:mod:`inrun.tracking.tokens`)."""
+    carrying: bool = False
+    """Its factors are kept after it settles: a carry window is open (:mod:`.carry`)."""
 
     @property
     def ids(self) -> list:
@@ -173,28 +182,6 @@ class StepLog:
         self.ledger = ledger
         self.count = 0
         self.tokens = TokenValues()
-        self._val_losses: dict[int, float] = {}
-        self._pending: list[tuple[int, Tensor]] = []
-
-    def measured(self, step: int, loss: Tensor) -> None:
-        """A validation pass at θ_``step`` measured ``loss``: read in batches, so that a GPU waits
-        for no extra host transfer per step."""
-        self._pending.append((step, loss.detach().double().sum()))
-        if len(self._pending) >= 256:
-            self._read_losses()
-
-    @property
-    def val_losses(self) -> dict[int, float]:
-        """Step -> the validation loss at the parameters after that many steps, where the step's
-        validation pass measured it (at θ_t itself: no data-free shift, e.g. plain SGD)."""
-        self._read_losses()
-        return dict(self._val_losses)
-
-    def _read_losses(self) -> None:
-        if self._pending:
-            values = torch.stack([v for _, v in self._pending]).tolist()
-            self._val_losses.update({s: float(v) for (s, _), v in zip(self._pending, values)})
-            self._pending.clear()
 
     def open(self) -> Window:
         return Window(step=self.count)
@@ -217,7 +204,8 @@ class StepLog:
             self.ledger.add(window.step, ids, first, second, lr=window.lr)
             self.tokens.records.extend(window.token_values)
             window.state = StepState.COMMITTED
-        window.release()
+        if not window.carrying:
+            window.release()
 
     def skip(self, window: Window | None, reason: str, warn: bool = False) -> None:
         """End a window that no optimizer step will value (or the step with no window at all)."""
