@@ -98,8 +98,9 @@ class InRunShapley:
     :class:`~inrun.BatchMismatchError`. Padding: see ``docs/guide-pytorch.md`` (positions whose
     label is ignored add nothing to the loss, so nothing of them is valued).
 
-    ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the uncompiled
-    module.
+    ``torch.compile``: the model may be compiled before or after the tracker is made; with an
+    SGD-type optimizer at order 1 the dots are taken inside the compiled graph, otherwise the
+    ``tracker.step`` blocks run eagerly, said once (see ``docs/compile.md``).
 
     Example:
         >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP

@@ -21,6 +21,7 @@ from .registry import LayerHandler, as_float, first_input, register_handler
 class EmbeddingHandler(LayerHandler):
     name = "embedding"
     row_sparse = True
+    traceable = True
 
     def check(self, module: nn.Module) -> None:
         if module.scale_grad_by_freq:

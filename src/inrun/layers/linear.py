@@ -59,6 +59,7 @@ class LinearHandler(LayerHandler):
     name = "linear"
     supports_gram = True
     supports_bookkeeping = True
+    traceable = True
     transposed = False
 
     @staticmethod

@@ -67,6 +67,7 @@ class _AffineNormHandler(LayerHandler):
 
 class LayerNormHandler(_AffineNormHandler):
     name = "layernorm"
+    traceable = True
 
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
@@ -74,6 +75,7 @@ class LayerNormHandler(_AffineNormHandler):
 
 class RMSNormHandler(_AffineNormHandler):
     name = "rmsnorm"
+    traceable = True
 
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
@@ -83,6 +85,7 @@ class GroupNormHandler(_AffineNormHandler):
     """``[B, C, *spatial]``: per-channel parameters, summed over the spatial positions."""
 
     name = "groupnorm"
+    traceable = True
 
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.group_norm(x, module.num_groups, None, None, module.eps)

@@ -74,6 +74,9 @@ class LayerHandler:
     """The handler takes any output structure: ``dot`` gets one gradient per output tensor."""
     replays_calls: ClassVar[bool] = False
     """``dot`` re-runs the module's call (it needs the random-number state the call started from)."""
+    traceable: ClassVar[bool] = False
+    """:meth:`capture` returns one tensor and :meth:`dot` is tensor math dynamo can trace: under
+    ``torch.compile`` the dots are taken inside the graph (:mod:`inrun.tracking.compiled`)."""
 
     def check(self, module: nn.Module) -> None:
         """Raise :class:`~inrun.errors.UnsupportedModuleError` if the module cannot be valued now."""

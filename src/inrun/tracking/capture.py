@@ -1,6 +1,7 @@
 """Capture hooks: what each tracked module's forward call keeps, and its output-gradient hook.
 
-One forward hook per tracked module, installed once; it hands each call to the *active
+One forward hook per tracked module, installed once; traced by ``torch.compile`` it taps the
+call inside the graph (:mod:`inrun.tracking.compiled`); run eagerly it hands each call to the *active
 recorder*, which is what the tracker is doing right now: ``None`` (nothing: the user's own
 evaluation, a handler re-running a module), a :class:`TrainRecorder` (inside
 ``tracker.step(ids)``) or a :class:`ValidationRecorder` (the validation pass keeping the
@@ -20,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import StepOrderError
 from ..layers import Rows
+from .compiled import GraphTaps, traced_call
 from .entries import Entry
 from .rows import depends_on_batch, leaf_rows, output_leaves, outputs_cut, row_key
 from .state import Capture, MicroBatch, Plan
@@ -37,6 +39,7 @@ class Hooks:
         self.active: Recorder | None = None
         self.handles: list[Any] = []
         self.call_rng: dict[int, Tensor] = {}  # entry -> RNG state at its call's start (replaying handlers)
+        self.graph = GraphTaps()  # what a hook reads when dynamo traces it
 
     def install(self) -> None:
         for e in self.entries:
@@ -51,13 +54,19 @@ class Hooks:
 
     def _pre_hook(self, entry: Entry) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple) -> None:
+            if torch.compiler.is_compiling():
+                return
             if isinstance(self.active, TrainRecorder):
                 self.call_rng[entry.index] = torch.get_rng_state()
 
         return hook
 
     def _hook(self, entry: Entry) -> Callable[..., Any]:
+        key = self.graph.key  # traced, the hook reaches its taps through a global, not self
+
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if torch.compiler.is_compiling():
+                return traced_call(key, entry, args, kwargs, output)
             recorder = self.active
             if recorder is None or not entry.active:
                 return None
@@ -81,6 +90,7 @@ class Hooks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.graph.close()
 
 
 class TrainRecorder:

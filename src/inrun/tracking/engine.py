@@ -38,6 +38,7 @@ from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
 from .capture import Hooks, TrainRecorder
 from .check import ConsistencyCheck, column_sum
+from .compiled import add_graph_dots, compiled_inner, graph_probe, is_compiled
 from .config import TrackerConfig
 from .cost import StepCost
 from .coverage import Coverage, coverage_of
@@ -52,11 +53,15 @@ from .validation import Validation, ValidationPass
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel."""
+    """The module inside DistributedDataParallel / DataParallel and ``torch.compile``'s wrapper."""
     inner = model
-    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        inner = inner.module
-    return inner
+    while True:
+        if isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = inner.module
+        elif compiled_inner(inner) is not None:
+            inner = compiled_inner(inner)
+        else:
+            return inner
 
 
 class StepEngine:
@@ -75,7 +80,11 @@ class StepEngine:
         self.table.warn_missing_from(self.optimizer)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # DDP (see inrun.integrations.ddp): its process group; None for a single process.
-        self.ddp = DDPSync.of(model) if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        ddp = model
+        while not isinstance(ddp, nn.parallel.DistributedDataParallel) and compiled_inner(ddp) is not None:
+            ddp = compiled_inner(ddp)
+        self.ddp = DDPSync.of(ddp) if isinstance(ddp, nn.parallel.DistributedDataParallel) else None
+        self.compiled = is_compiled(model)
         self.policy = RoutePolicy(config)
         self.hooks = Hooks(self.entries)
         self.validation = ValidationPass(
@@ -121,16 +130,19 @@ class StepEngine:
         t0 = time.perf_counter()
         opening = self.window is None
         recorder = self.open_microbatch(id_list)
+        probe, reason = graph_probe(self, len(id_list))
         t1 = time.perf_counter()
         try:
             self.window_ids.add(self.window, id_list)
-            with self.hooks.recording(recorder):
+            with self.hooks.recording(recorder), self.hooks.graph.block(
+                probe, self.validation.current.grads, reason, self.compiled,
+            ):
                 yield
         except BaseException as exc:
             self.close_microbatch(recorder, exc)
             raise
         t2 = time.perf_counter()
-        self.close_microbatch(recorder, None)
+        self.close_microbatch(recorder, None, probe)
         if timed:
             self.cost.add(opening, t1 - t0, t2 - t1)
 
@@ -169,7 +181,7 @@ class StepEngine:
         """The model's output gradients are kept for the row verification, and on audited steps."""
         return self._verifying() or (self.audit is not None and self.audit.recording)
 
-    def close_microbatch(self, recorder: TrainRecorder, error: BaseException | None) -> None:
+    def close_microbatch(self, recorder: TrainRecorder, error: BaseException | None, probe: Tensor | None = None) -> None:
         verify = self._verifying()
         recorder.open = False
         self.recorder = None
@@ -182,6 +194,8 @@ class StepEngine:
                 window.doomed = f"{type(error).__name__} inside tracker.step()"
             return
         mb = recorder.microbatch
+        if probe is not None and probe.grad is not None:
+            add_graph_dots(self, mb, probe.grad)
         if mb.fired == 0 and not any(g is not None for c in calls for g in c.grads):
             window.doomed = "no backward pass reached a tracked layer inside tracker.step()"
             raise StepOrderError(

@@ -138,7 +138,7 @@ class RootCalls:
         return self.batch is not None
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.batch is None or not torch.is_grad_enabled():
+        if torch.compiler.is_compiling() or self.batch is None or not torch.is_grad_enabled():
             return
         cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
         autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
@@ -147,7 +147,7 @@ class RootCalls:
         self.storages.update(x.untyped_storage().data_ptr() for x in leaves if isinstance(x, Tensor))
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.batch is None or not self._starting:
+        if torch.compiler.is_compiling() or self.batch is None or not self._starting:
             return
         call = self._starting.pop()
         outputs = [t for t in batched_leaves(output, self.batch) if t.requires_grad]
