@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -90,15 +91,21 @@ def make_tap(entry: Entry, rows: Rows) -> type[torch.autograd.Function]:
     return Tap
 
 
-_TAPS: dict[int, GraphTaps] = {}
-"""Every tracker's taps by key. A traced hook reaches its taps through this global: tensors found
-through a hook's closure count as the module's own and get static shapes, so the probe's batch
-size would be compiled in, one graph per batch size."""
+_TAPS: dict[int, weakref.ref[GraphTaps]] = {}
+"""Every live tracker's taps by key. A traced hook reaches its taps through this global: tensors
+found through a hook's closure count as the module's own and get static shapes, so the probe's
+batch size would be compiled in, one graph per batch size. Weak: a tracker that is dropped
+without ``close()`` leaves nothing behind."""
+
+
+_HOOK_GUARDS: list[bool] = []
+"""dynamo's ``skip_nnmodule_hook_guards`` before the first live tracker turned it off."""
 
 
 def traced_call(key: int, entry: Entry, args: tuple, kwargs: dict, output: Any) -> Any:
     """A tracked module's forward hook as dynamo traces it (see :meth:`GraphTaps.on_forward`)."""
-    return _TAPS[key].on_forward(entry, args, kwargs, output)
+    graph = _TAPS[key]() if key in _TAPS else None
+    return None if graph is None else graph.on_forward(entry, args, kwargs, output)
 
 
 class GraphTaps:
@@ -107,7 +114,15 @@ class GraphTaps:
 
     def __init__(self) -> None:
         self.key = id(self)
-        _TAPS[self.key] = self
+        if not _TAPS:
+            # By default dynamo does not guard on module hooks: a graph compiled for a model
+            # without the tracker's hooks (another instance of the same class, the model before
+            # the tracker was made) would run for this one without them. Turned back when the
+            # last tracker closes.
+            _HOOK_GUARDS.append(torch._dynamo.config.skip_nnmodule_hook_guards)
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+        _TAPS[self.key] = weakref.ref(self)
+        weakref.finalize(self, _forget, self.key)
         self.armed = False
         self.probe: Tensor | None = None
         """``[P, B, K]`` zeros that require grad; the graph's backward writes the dots to its ``.grad``."""
@@ -148,7 +163,7 @@ class GraphTaps:
 
     # ------------------------------------------------------------------ eager
     def close(self) -> None:
-        _TAPS.pop(self.key, None)
+        _forget(self.key)
 
     def update_plan(self, entries: list[Entry], plan: Plan) -> None:
         """Layouts and taps from what the row verification proved (one layout per module)."""
@@ -202,6 +217,11 @@ class GraphTaps:
             self.armed, self.probe, self.vectors = False, None, []
 
 
+def _forget(key: int) -> None:
+    if _TAPS.pop(key, None) is not None and not _TAPS and _HOOK_GUARDS:
+        torch._dynamo.config.skip_nnmodule_hook_guards = _HOOK_GUARDS.pop()
+
+
 def _fits(output: Tensor, rows: Rows, batch: int) -> bool:
     """Whether a traced call's output has the shape its proven layout says for ``batch`` ids."""
     if rows.kind == "batched":
@@ -214,6 +234,10 @@ def _fits(output: Tensor, rows: Rows, batch: int) -> bool:
 
 
 VERIFYING = "the row verification replays the model's call"
+STALE_GRAPH = (
+    "; or a graph compiled before the tracker was made ran without its hooks: make the tracker "
+    "before the first compiled call, or call torch._dynamo.reset() after making it"
+)
 
 
 def eager_reason(engine: StepEngine) -> str | None:

@@ -38,7 +38,7 @@ from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
 from .capture import Hooks, TrainRecorder
 from .check import ConsistencyCheck, column_sum
-from .compiled import add_graph_dots, compiled_inner, graph_probe, is_compiled
+from .compiled import STALE_GRAPH, add_graph_dots, compiled_inner, graph_probe, is_compiled
 from .config import TrackerConfig
 from .cost import StepCost
 from .coverage import Coverage, coverage_of
@@ -200,7 +200,7 @@ class StepEngine:
             window.doomed = "no backward pass reached a tracked layer inside tracker.step()"
             raise StepOrderError(
                 "no backward pass reached a tracked layer inside tracker.step(ids): call "
-                "loss.backward() inside the `with tracker.step(ids):` block"
+                "loss.backward() inside the `with tracker.step(ids):` block" + ("" if probe is None else STALE_GRAPH)
             )
         if verify:
             try:
