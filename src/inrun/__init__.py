@@ -17,6 +17,7 @@ from .errors import (
 )
 from .ledger import PerValidation, ValueLedger, ValueTable
 from .library_run import RunWriter
+from .rundir import RunDir
 from .tracker import AuditConfig, Coverage, InRunShapley, StepCost, TrackerConfig
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "LedgerError",
     "NonFiniteError",
     "PerValidation",
+    "RunDir",
     "RunWriter",
     "StepCost",
     "StepOrderError",

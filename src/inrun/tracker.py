@@ -41,6 +41,7 @@ from .tracking.rules import ValueRule
 
 if TYPE_CHECKING:
     from .rundir import RunDir
+    from .tracking.tokens import TokenValues
 
 __all__ = ["AuditConfig", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
@@ -93,14 +94,10 @@ class InRunShapley:
         validation_ids: one label per validation example when ``val_loss`` returns a vector:
             the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
 
-    Every id of one optimizer step must be distinct (micro-batches included): a step values its
-    rows, and two rows under one id would be added up without a word, so a repeated id raises
-    :class:`~inrun.BatchMismatchError`. Padding: see ``docs/guide-pytorch.md`` (positions whose
-    label is ignored add nothing to the loss, so nothing of them is valued).
+    A repeated row id within one optimizer step raises :class:`~inrun.BatchMismatchError` (a
+    document continued in a later micro-batch is one player). Padding: ``docs/guide-pytorch.md``.
 
-    ``torch.compile``: the model may be compiled before or after the tracker is made; with an
-    SGD-type optimizer at order 1 the dots are taken inside the compiled graph, otherwise the
-    ``tracker.step`` blocks run eagerly, said once (see ``docs/compile.md``).
+    ``torch.compile`` (before or after the tracker is made): see ``docs/compile.md``.
 
     Example:
         >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP
@@ -153,14 +150,21 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
-    def step(self, ids: Any) -> Iterator[InRunShapley]:
+    def step(self, ids: Any, *, segments: Any = None, token_values: bool = False) -> Iterator[InRunShapley]:
         """Value the examples of one (micro-)batch: run its forward and backward inside.
 
         Args:
-            ids: one id (``int`` or ``str``) per row of the batch, in batch order.
+            ids: one id (``int`` or ``str``) per row of the batch (per document with ``segments``).
+            segments: packed rows (``docs/documents.md``): ``[B, T]`` integers, each token's index
+                into ``ids`` (``-1``: no document); one value per document, proven exact by replay.
+            token_values: keep each token's first-order value (:meth:`token_values`).
         """
-        with self._engine.microbatch(ids):
+        with self._engine.microbatch(ids, segments, token_values):
             yield self
+
+    def token_values(self) -> TokenValues:
+        """Token values of the ``token_values=True`` micro-batches (this process's, under DDP)."""
+        return self._engine.log.tokens
 
     @property
     def enabled(self) -> bool:
@@ -175,9 +179,8 @@ class InRunShapley:
     def skip_step(self, reason: str) -> None:
         """Drop the current step without valuing it, recorded with ``reason`` in the ledger.
 
-        Call it between the ``tracker.step`` block(s) and where ``optimizer.step()`` would be,
-        when your loop decides not to apply this step (NaN loss, a ``GradScaler`` overflow),
-        then zero the gradients yourself. The step number is consumed, as the step was.
+        Call it after the ``tracker.step`` block(s), instead of ``optimizer.step()`` (NaN loss, a
+        ``GradScaler`` overflow), then zero the gradients; the step number is consumed.
         """
         self._engine.skip(reason, by_user=True)
 
@@ -242,9 +245,8 @@ class InRunShapley:
         self._engine.flush()
 
     def coverage(self) -> Coverage:
-        """Which route (Gram, vector by layer family, book-keeping, fallback) valued each trainable
-        parameter. A parameter shared by several modules (a tied embedding and LM head) is listed
-        under the routes of all its uses joined by ``+``."""
+        """Which route valued each trainable parameter (a tied one: its uses' routes joined by
+        ``+``), and how documents were valued."""
         return self._engine.coverage()
 
     @property

@@ -20,6 +20,7 @@ class ConvHandler(LayerHandler):
     name = "conv"
     math_methods = ("forward", "_conv_forward")
     traceable = True
+    param_names = ("weight", "bias")
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
         return first_input(module, args, kwargs).detach()

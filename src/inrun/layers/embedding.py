@@ -20,6 +20,7 @@ from .registry import LayerHandler, as_float, first_input, register_handler
 
 class EmbeddingHandler(LayerHandler):
     name = "embedding"
+    param_names = ("weight",)
     row_sparse = True
     traceable = True
 
@@ -50,6 +51,9 @@ class EmbeddingHandler(LayerHandler):
         rows = U[:, ids]  # (K, B|1, T, dim)
         return {"weight": (rows * D.unsqueeze(0)).sum(dim=(2, 3)).T}
 
+    def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
+        return x.dim() >= 2
+
     def gradient_rows(self, module: nn.Module, saved: Tensor) -> Tensor:
         """The looked-up ids (the padding row gets no gradient)."""
         ids = saved.reshape(-1)
@@ -66,6 +70,7 @@ class EmbeddingBagHandler(LayerHandler):
     ``offsets``); ``padding_idx`` ids are left out, of the mean's count too, as torch does."""
 
     name = "embedding_bag"
+    param_names = ("weight",)
 
     def check(self, module: nn.Module) -> None:
         if module.mode == "max":

@@ -57,6 +57,7 @@ class LinearHandler(LayerHandler):
     """``nn.Linear`` with any number of leading dimensions ``[B, *, d] -> [B, *, p]``."""
 
     name = "linear"
+    param_names = ("weight", "bias")
     supports_gram = True
     supports_bookkeeping = True
     traceable = True
@@ -100,6 +101,9 @@ class LinearHandler(LayerHandler):
             D = as_float(grad_out, ub).reshape(batch, -1, p)
             out["bias"] = D.sum(dim=1) @ ub.T
         return out
+
+    def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
+        return x.dim() >= 3
 
     def vector_cost(self, module: nn.Module) -> float:
         d, p = self.in_out_features(module)

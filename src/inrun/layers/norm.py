@@ -35,6 +35,8 @@ from .registry import (
 class _AffineNormHandler(LayerHandler):
     """Shared dot: ``w``-gradient ``Σ D ⊙ x̂`` and ``b``-gradient ``Σ D`` per example."""
 
+    param_names = ("weight", "bias")
+
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
         return first_input(module, args, kwargs).detach()
 
@@ -69,6 +71,9 @@ class LayerNormHandler(_AffineNormHandler):
     name = "layernorm"
     traceable = True
 
+    def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
+        return x.dim() - len(module.normalized_shape) >= 2
+
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
@@ -76,6 +81,9 @@ class LayerNormHandler(_AffineNormHandler):
 class RMSNormHandler(_AffineNormHandler):
     name = "rmsnorm"
     traceable = True
+
+    def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
+        return x.dim() - len(module.normalized_shape) >= 2
 
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
@@ -124,6 +132,11 @@ class ElementwiseAffineHandler(_AffineNormHandler):
     """Norm modules from other libraries (e.g. ``LlamaRMSNorm``): ``x̂ = f(w=1) − f(w=0)``."""
 
     name = "affine_norm"
+
+    def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
+        """A per-feature weight normalizing the last dimensions; proven by the row verification
+        (a module that normalizes over the sequence too gives other dots, and is moved)."""
+        return x.dim() - module.weight.dim() >= 2
 
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         w = module.weight

@@ -27,12 +27,16 @@ class Rows(NamedTuple):
     * ``blocked``: dimension 0 holds ``batch · k`` rows, ``k`` consecutive ones per example (batch
       and sequence flattened together);
     * ``broadcast`` / ``unbatched``: the call does not depend on the batch (positions, a bias
-      table), its output is shared by every example (leading 1, or no batch dimension).
+      table), its output is shared by every example (leading 1, or no batch dimension);
+    * ``segmented``: dimension ``dim`` holds the micro-batch's token positions (``[B·T]``
+      flattened, or ``[B, T]`` for the fallback) and ``index[position]`` is the player (document)
+      of each, ``batch`` for a position of no document (padding); ``batch`` is the player count.
     """
 
     kind: str
     batch: int
     dim: int = 0
+    index: Tensor | None = None
 
     @property
     def shared(self) -> bool:
@@ -40,9 +44,13 @@ class Rows(NamedTuple):
 
 
 def reduce_rows(dots: Tensor, rows: Rows) -> Tensor:
-    """``[L, K]`` dots per row of a call -> ``[B, K]`` per example."""
+    """``[L, K]`` dots per row of a call -> ``[B, K]`` per example (per document: segmented)."""
     if rows.kind == "blocked":
         return dots.reshape(rows.batch, -1, dots.shape[-1]).sum(dim=1)
+    if rows.kind == "segmented":
+        # One extra slot takes the positions of no document; it is dropped.
+        out = dots.new_zeros(rows.batch + 1, dots.shape[-1])
+        return out.index_add_(0, rows.index, dots)[: rows.batch]
     return dots
 
 
@@ -77,6 +85,10 @@ class LayerHandler:
     traceable: ClassVar[bool] = False
     """:meth:`capture` returns one tensor and :meth:`dot` is tensor math dynamo can trace: under
     ``torch.compile`` the dots are taken inside the graph (:mod:`inrun.tracking.compiled`)."""
+    param_names: ClassVar[tuple[str, ...] | None] = None
+    """The parameters the handler values (``None``: any). A module with other parameters of its own
+    (a legacy ``weight_norm``'s ``weight_g``/``weight_v``, whose ``weight`` a forward pre-hook
+    computes) is not the registered class's math: it takes the fallback."""
 
     def check(self, module: nn.Module) -> None:
         """Raise :class:`~inrun.errors.UnsupportedModuleError` if the module cannot be valued now."""
@@ -111,6 +123,13 @@ class LayerHandler:
             parameter name -> ``[B, K]`` tensor of ``<g_z[name], vectors[name][k]>``.
         """
         raise NotImplementedError
+
+    def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
+        """Whether :meth:`dot` on this call's input ``x`` (``[B, T, ...]``, batch first) may be
+        given ``x`` flattened to ``[B·T, ...]`` rows, one per position: the handler's math treats
+        every position on its own (a linear map, a lookup, a per-token norm). Then each position's
+        dots come out on their own row and are summed by document (packed sequences)."""
+        return False
 
     def vector_cost(self, module: nn.Module) -> float:
         """Multiply-adds per position of the vector route for the weight (for route choice)."""
@@ -178,7 +197,9 @@ def handler_for(module: nn.Module) -> LayerHandler | None:
         if handler is None:
             continue
         same_math = all(getattr(cls, m, None) is getattr(base, m, None) for m in handler.math_methods)
-        if base is cls or same_math or declared == handler.name:
+        own = {n for n, _ in module.named_parameters(recurse=False)}
+        known = handler.param_names is None or own <= set(handler.param_names)
+        if known and (base is cls or same_math or declared == handler.name):
             return handler
         break
     for predicate, handler in _BY_PREDICATE:

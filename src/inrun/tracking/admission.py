@@ -44,16 +44,19 @@ def admit_ids(ids: Any, batchnorms: list[nn.Module]) -> list:
 
 
 class WindowIds:
-    """The ids seen so far in the open optimizer step, across its micro-batches."""
+    """The ids seen so far in the open optimizer step, across its micro-batches. A document (ids
+    of micro-batches with segments) may continue in a later micro-batch: it is one player, its
+    parts added; a row's id may not repeat."""
 
     def __init__(self) -> None:
         self._window: object = None
-        self._seen: set = set()
+        self._rows: set = set()
+        self._documents: set = set()
 
-    def add(self, window: object, ids: list) -> None:
+    def add(self, window: object, ids: list, documents: bool = False) -> None:
         if window is not self._window:
-            self._window, self._seen = window, set()
-        again = self._seen.intersection(ids)
+            self._window, self._rows, self._documents = window, set(), set()
+        again = self._rows.intersection(ids) if documents else (self._rows | self._documents).intersection(ids)
         if again:
             raise repeated_id_error([*again] * 2, "this optimizer step (an earlier micro-batch)")
-        self._seen.update(ids)
+        (self._documents if documents else self._rows).update(ids)

@@ -63,6 +63,8 @@ class Bookkeeping:
             return None
         recorder, val = active
         mb = recorder.microbatch
+        if mb.segments is not None:
+            return None  # per-document weight gradients would need each document's slice of the rows
         if not self.policy.use_bookkeeping(entry, x, mb.size, val.columns, val.gram.get(entry.index)):
             return None
         cap = Capture(entry=entry, saved=None)

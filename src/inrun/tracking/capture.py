@@ -23,6 +23,7 @@ from ..errors import StepOrderError
 from ..layers import Rows
 from .compiled import GraphTaps, traced_call
 from .entries import Entry
+from .replay import BufferWatch
 from .rows import depends_on_batch, leaf_rows, output_leaves, outputs_cut, row_key
 from .state import Capture, MicroBatch, Plan
 
@@ -40,6 +41,8 @@ class Hooks:
         self.handles: list[Any] = []
         self.call_rng: dict[int, Tensor] = {}  # entry -> RNG state at its call's start (replaying handlers)
         self.graph = GraphTaps()  # what a hook reads when dynamo traces it
+        self.call_buffers: dict[int, Any] = {}  # entry -> its buffers at its call's start (replaying handlers)
+        self.buffer_watch = BufferWatch()
 
     def install(self) -> None:
         for e in self.entries:
@@ -58,6 +61,7 @@ class Hooks:
                 return
             if isinstance(self.active, TrainRecorder):
                 self.call_rng[entry.index] = torch.get_rng_state()
+                self.call_buffers[entry.index] = self.buffer_watch.before(module)
 
         return hook
 
@@ -136,41 +140,64 @@ class TrainRecorder:
             return None
         independent = not depends_on_batch(args, kwargs, self.root_storages)
         declared = handler.batch_dims(entry.module, len(leaves)) or [entry.batch_dim] * len(leaves)
-        rows = [leaf_rows(t, mb.size, independent, d) for t, d in zip(leaves, declared)]
+        rows = [leaf_rows(t, mb.rows, independent, d) for t, d in zip(leaves, declared)]
         shared = all(r is not None and r.shared for r in rows)
         root = entry.module is self.root
         if root:
             # The model's own outputs: rows by the id contract; a loss computed inside the model
             # has no rows and reaches the parameters only through the batched outputs.
-            rows = [Rows("batched", mb.size) if t.dim() > 0 and t.shape[0] == mb.size else None for t in leaves]
+            rows = [Rows("batched", mb.rows) if t.dim() > 0 and t.shape[0] == mb.rows else None for t in leaves]
+        by_row, seg = rows, mb.segments
+        if seg is not None:
+            rows = seg.split(rows, leaves)
         key = (entry.index, row_key(rows))
         mb.signature.append(key)
         if key not in self.plan.verified:
             mb.off_plan = True
         if any(r is None for r in rows) if not handler.multi_output else all(r is None for r in rows):
-            mb.unresolved[entry.index] = "its output rows do not show which example they belong to"
+            mb.unresolved[entry.index] = (
+                "its output rows do not show which example they belong to" if seg is None else
+                "its outputs do not have one position per token of the micro-batch, so its terms cannot "
+                "be split by document"
+            )
             return None
-        if any(r is not None and r.shared for r in rows) and not shared:
+        if any(r is not None and r.shared for r in by_row) and not shared:
             mb.unresolved[entry.index] = "some of its outputs are shared by the batch and some are not"
             return None
         if shared and not self.expand_shared(entry):
             mb.unresolved.setdefault(entry.index, "its call does not depend on the batch")
             return None
         saved = handler.capture(entry.module, args, kwargs)
+        flatten = False  # a [B, T, ...] call given to the handler as [B·T, ...] (one row per position)
         if handler.replays_calls:
             saved.rng = self.hooks.call_rng.pop(entry.index, None)
+            seen = self.hooks.call_buffers.pop(entry.index, None)
+            saved.buffers_before = self.hooks.buffer_watch.changed(entry.module, seen) if seen is not None else {}
             saved.outputs = index
-            saved.rows = [Rows("batched", mb.size) if r.shared else r for r in rows]
+            saved.rows = rows if seg is not None else [
+                Rows("batched", mb.size) if r is not None and r.shared else r for r in rows]
         elif isinstance(saved, Tensor):
-            if rows[0].kind == "unbatched":
+            if by_row[0].kind == "unbatched":
                 saved = saved.unsqueeze(0)
-            elif rows[0].dim:
-                saved = saved.movedim(rows[0].dim, 0)
+            elif by_row[0].dim:
+                saved = saved.movedim(by_row[0].dim, 0)
+            if seg is not None and by_row[0].kind != "blocked":
+                saved = seg.flatten_positions(saved, handler, entry.module)
+                if saved is None:
+                    mb.unresolved[entry.index] = "its handler cannot split a call by token position"
+                    return None
+                flatten = True
+        elif seg is not None and by_row[0].kind != "blocked":
+            mb.unresolved[entry.index] = "its handler cannot split a call by token position"
+            return None
         if self.keep_factors:
             # The factors are read again after the step: copy inputs that are the user's data
             # (a loop may refill one input buffer in place) and remember activations' versions.
             saved = handler.keep(entry.module, own_leaf_tensors(saved, activation_storages(args, kwargs)))
-        reduce = None if handler.multi_output else (Rows("batched", mb.size) if rows[0].shared else rows[0])
+        if seg is not None:
+            reduce = seg.rows
+        else:
+            reduce = None if handler.multi_output else (Rows("batched", mb.size) if rows[0].shared else rows[0])
         cap = Capture(entry=entry, saved=saved, rows=reduce)
         if self.keep_factors or handler.multi_output:
             cap.versions = versions(saved)
@@ -179,17 +206,24 @@ class TrainRecorder:
             # An output another output was computed from has in its gradient that one's too:
             # contract only the outputs the rest were not computed from (the model's logits,
             # not its encoder states the decoder read; not a loss computed inside the model).
-            cut = outputs_cut(leaves, [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, Tensor)])
-            rows = [r if keep else None for r, keep in zip(rows, cut)]
+            # Outputs without rows (a loss computed inside the module) reach the parameters through
+            # the rowed outputs they were computed from: only the rowed outputs form the cut.
+            rowed = [k for k, r in enumerate(rows) if r is not None]
+            cut = outputs_cut([leaves[k] for k in rowed], [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, Tensor)])
+            keep = {k for k, c in zip(rowed, cut) if c}
+            rows = [r if k in keep else None for k, r in enumerate(rows)]
         if shared:
-            leaves = [expand_shared(t, r) for t, r in zip(leaves, rows)]
+            leaves = [expand_shared(t, r) for t, r in zip(leaves, by_row)]
         if handler.multi_output:
             cap.grad = [None] * len(leaves)
             for k, t in enumerate(leaves):
                 t.register_hook(self._slot(cap, k, rows[k]))
         else:
             dim = rows[0].dim
-            leaves[0].register_hook(lambda g: self._deliver(cap, g.movedim(dim, 0) if dim else g))
+            if flatten:
+                leaves[0].register_hook(lambda g: self._deliver(cap, g.movedim(dim, 0).flatten(0, 1)))
+            else:
+                leaves[0].register_hook(lambda g: self._deliver(cap, g.movedim(dim, 0) if dim else g))
         if not shared:
             return None
         if isinstance(output, Tensor):
@@ -200,12 +234,22 @@ class TrainRecorder:
         return tree_unflatten(all_leaves, spec)
 
     def _deliver(self, cap: Capture, grad: Tensor) -> None:
-        if not self.muted:
-            self.on_gradient(cap, grad, self.accept(cap, grad))
+        if self.muted:
+            if self.microbatch.segments is not None:
+                cap.weighted_grad = grad.detach()  # the verification's weighted backward
+            return
+        mb = self.accept(cap, grad)
+        if mb.segments is not None and self.keep_factors:
+            cap.grad = grad.detach()  # kept for the verification's comparison of documents' gradients
+        self.on_gradient(cap, grad, mb)
 
     def _slot(self, cap: Capture, k: int, rows: Rows | None) -> Callable[[Tensor], None]:
         def keep(grad: Tensor) -> None:
             if self.muted:
+                if self.microbatch.segments is not None and rows is not None:
+                    if cap.weighted_grad is None:
+                        cap.weighted_grad = [None] * len(cap.grad)
+                    cap.weighted_grad[k] = grad.detach()
                 return
             if rows is None:
                 return

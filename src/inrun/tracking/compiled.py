@@ -56,6 +56,21 @@ def compiled_inner(model: nn.Module) -> nn.Module | None:
     return model._orig_mod if isinstance(model, OptimizedModule) else None
 
 
+def unwrap(model: nn.Module) -> tuple[nn.Module, nn.parallel.DistributedDataParallel | None]:
+    """The module inside DistributedDataParallel / DataParallel and ``torch.compile``'s wrapper,
+    and the DDP wrapper met on the way (``None`` if none)."""
+    inner, ddp = model, None
+    while True:
+        if isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            if isinstance(inner, nn.parallel.DistributedDataParallel):
+                ddp = inner
+            inner = inner.module
+        elif compiled_inner(inner) is not None:
+            inner = compiled_inner(inner)
+        else:
+            return inner, ddp
+
+
 def is_compiled(model: nn.Module) -> bool:
     """Whether the model, or a module inside it, is compiled (wrapped, or ``module.compile()``)."""
     from torch._dynamo.eval_frame import OptimizedModule
@@ -240,8 +255,10 @@ STALE_GRAPH = (
 )
 
 
-def eager_reason(engine: StepEngine) -> str | None:
+def eager_reason(engine: StepEngine, documents: bool = False) -> str | None:
     """Why this block cannot be valued inside a compiled graph (``None``: it can)."""
+    if documents:
+        return "documents (segments=) are valued eagerly"
     if engine.rule.keeps_factors:
         if engine.rule.correction != "none":
             return "order 2 keeps each layer's inputs and output gradients until the next validation pass"
@@ -262,9 +279,9 @@ def eager_reason(engine: StepEngine) -> str | None:
     return graph.untraceable(engine.entries, engine.plan)
 
 
-def graph_probe(engine: StepEngine, batch: int) -> tuple[Tensor | None, str | None]:
+def graph_probe(engine: StepEngine, batch: int, documents: bool = False) -> tuple[Tensor | None, str | None]:
     """The probe of a block a compiled graph may value, or why the block runs eagerly."""
-    reason = eager_reason(engine)
+    reason = eager_reason(engine, documents)
     if reason is not None:
         return None, reason
     table = engine.table

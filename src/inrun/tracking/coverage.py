@@ -18,6 +18,9 @@ class Coverage:
     valued_at: dict[str, list[str]] = field(default_factory=dict)
     """Parameter -> the module(s) whose calls value it: its own module, or an enclosing *site*
     when the row verification moved it there (a name ending in ``(site)``)."""
+    documents: str | None = None
+    """How documents packed into rows (``tracker.step(ids, segments=...)``) were valued; ``None``
+    when every player was a row."""
 
     def per_parameter(self) -> list[tuple[str, str, str]]:
         """``(parameter, route, module level)`` for every trainable parameter."""
@@ -35,6 +38,8 @@ class Coverage:
             lines.append(
                 f"{r:<22}{len(self.routes[r]):>8}{self.numel[r]:>14,}{self.fraction[r]:>9.1%}"
             )
+        if self.documents is not None:
+            lines.append(f"documents: {self.documents}")
         moved = [(n, r, m) for n, r, m in self.per_parameter() if "(site)" in m]
         if moved:
             lines.append("valued at an enclosing module (its rows are not its examples):")

@@ -33,12 +33,13 @@ from ..errors import InRunError, StepOrderError
 from ..integrations.ddp import DDPSync
 from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
+from . import segments as docs
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
 from .capture import Hooks, TrainRecorder
 from .check import ConsistencyCheck, column_sum
-from .compiled import STALE_GRAPH, add_graph_dots, compiled_inner, graph_probe, is_compiled
+from .compiled import STALE_GRAPH, add_graph_dots, graph_probe, is_compiled, unwrap
 from .config import TrackerConfig
 from .cost import StepCost
 from .coverage import Coverage, coverage_of
@@ -52,18 +53,6 @@ from .state import Capture, MicroBatch, Plan, StepLog, Window
 from .validation import Validation, ValidationPass
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel and ``torch.compile``'s wrapper."""
-    inner = model
-    while True:
-        if isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            inner = inner.module
-        elif compiled_inner(inner) is not None:
-            inner = compiled_inner(inner)
-        else:
-            return inner
-
-
 class StepEngine:
     """Every part of the tracker, wired together; :class:`~inrun.InRunShapley` is its facade."""
 
@@ -72,7 +61,7 @@ class StepEngine:
         ledger: ValueLedger, audit: AuditConfig | None = None,
     ) -> None:
         self.config = config
-        self.module = unwrap_model(model)
+        self.module, ddp = unwrap(model)
         self.optimizer = unwrap_optimizer(optimizer)
         self.update = rule_for(self.optimizer, proxy=config.proxy, adam=config.adam)
         self.table = ParamTable(self.module)
@@ -80,10 +69,7 @@ class StepEngine:
         self.table.warn_missing_from(self.optimizer)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # DDP (see inrun.integrations.ddp): its process group; None for a single process.
-        ddp = model
-        while not isinstance(ddp, nn.parallel.DistributedDataParallel) and compiled_inner(ddp) is not None:
-            ddp = compiled_inner(ddp)
-        self.ddp = DDPSync.of(ddp) if isinstance(ddp, nn.parallel.DistributedDataParallel) else None
+        self.ddp = DDPSync.of(ddp) if ddp is not None else None
         self.compiled = is_compiled(model)
         self.policy = RoutePolicy(config)
         self.hooks = Hooks(self.entries)
@@ -105,7 +91,8 @@ class StepEngine:
             if config.bookkeeping != "off" else None
         )
         self.plan = Plan()
-        self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads)
+        self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads, on_call=self._on_root_call)
+        self.documents_seen = False  # a micro-batch had segments (coverage says how documents were valued)
         self.verifier = RowVerifier(self)
         self.hooks.install()
         # The audit (exact Shapley values of sampled steps) only reads: see tracking/audit.py.
@@ -117,7 +104,7 @@ class StepEngine:
 
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
-    def microbatch(self, ids: Any) -> Iterator[None]:
+    def microbatch(self, ids: Any, segments: Any = None, token_values: bool = False) -> Iterator[None]:
         """One ``tracker.step(ids)`` block: admitted, recorded, closed, and timed (from the
         second optimizer step on: the first also proves the rows by a replay)."""
         if not self.enabled:
@@ -126,14 +113,15 @@ class StepEngine:
         if self.recorder is not None:
             raise StepOrderError("tracker.step() blocks cannot be nested")
         id_list = admit_ids(ids, self.batchnorms)
+        seg = docs.admit_documents(segments, id_list, self.table.device, token_values)
         timed = self.log.count >= 1
         t0 = time.perf_counter()
         opening = self.window is None
-        recorder = self.open_microbatch(id_list)
-        probe, reason = graph_probe(self, len(id_list))
+        recorder = self.open_microbatch(id_list, seg, token_values)
+        probe, reason = graph_probe(self, len(id_list), documents=seg is not None)
         t1 = time.perf_counter()
         try:
-            self.window_ids.add(self.window, id_list)
+            self.window_ids.add(self.window, id_list, documents=seg is not None)
             with self.hooks.recording(recorder), self.hooks.graph.block(
                 probe, self.validation.current.grads, reason, self.compiled,
             ):
@@ -146,7 +134,7 @@ class StepEngine:
         if timed:
             self.cost.add(opening, t1 - t0, t2 - t1)
 
-    def open_microbatch(self, ids: list) -> TrainRecorder:
+    def open_microbatch(self, ids: list, segments: docs.Segments | None = None, token_values: bool = False) -> TrainRecorder:
         window = self.window
         if window is not None and window.micro and self.table.all_grads_none():
             # The previous micro-batches were zeroed away without an optimizer step
@@ -159,12 +147,31 @@ class StepEngine:
             self.validation.at_step_start(self.log.count)
             self.table.require_zero_grads()
             self.window = self.log.open()
-        self.root_calls.arm(len(ids))
-        self.recorder = self.make_recorder(MicroBatch(ids=ids, size=len(ids)), self.rule.keeps_factors,
-                                           lambda e: e.index in self.plan.shared_safe)
+        mb = MicroBatch(ids=ids, size=len(ids), rows=len(ids) if segments is None else segments.shape[0],
+                        segments=segments)
+        if segments is not None:
+            self.documents_seen = True
+            self._require_layout(mb, segments.layout())
+            if token_values:
+                docs.request_token_values(mb, len(self.table), self.validation.current.columns, self.table.device)
+        self.root_calls.arm(mb.rows, segments)
+        self.recorder = self.make_recorder(mb, self.rule.keeps_factors, lambda e: e.index in self.plan.shared_safe)
         if self.audit is not None:
             self.audit.open_microbatch(self.window, ids)  # audit: is this step audited?
         return self.recorder
+
+    def _require_layout(self, mb: MicroBatch, key: tuple) -> None:
+        """``key`` is part of what this micro-batch's values rely on: verified unless proven."""
+        mb.layout.append(key)
+        if key not in self.plan.verified:
+            mb.off_plan = True
+
+    def _on_root_call(self, args: tuple, kwargs: dict) -> None:
+        """Documents packed into rows are kept apart by what the model is given (positions, a
+        mask): a call with other kinds of inputs is verified again."""
+        mb = self.recorder.microbatch if self.recorder is not None else None
+        if mb is not None and mb.segments is not None and mb.segments.several:
+            self._require_layout(mb, docs.input_layout(args, kwargs))
 
     def make_recorder(self, mb: MicroBatch, keep_factors: bool, expand_shared: Any) -> TrainRecorder:
         calls = self.bookkeeping.calls if self.bookkeeping is not None else set()
@@ -232,7 +239,8 @@ class StepEngine:
                 factors = val.gram.get(e.index)
                 e.route = route_label(e, factors is not None)
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
-                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows))
+                positions = None if mb.tokens is None else docs.position_sink(mb.tokens, e)
+                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions))
         if self.rule.keeps_factors:
             cap.grad = grad.detach()
         else:
@@ -296,6 +304,7 @@ class StepEngine:
                 # DDP averages over ranks: each rank's example adds g_z / W to the update.
                 ratio = ratio / self.ddp.world_size
         first, second = self.rule.at_step(window, grads, ratio)
+        window.token_values = docs.token_values_of(window)
         self.check.finalize(window, first, second, lr=self.table.learning_rates(self.optimizer))
         if self.audit is not None:
             self.audit.at_step(window, ratio)  # audit: θ_t and the optimizer state before the step
@@ -360,7 +369,10 @@ class StepEngine:
         return self.recorder is not None or (self.window is not None and bool(self.window.micro))
 
     def coverage(self) -> Coverage:
-        return coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
+        cover = coverage_of(self.entries, self.table, lambda e: e.route if e.route != "unused" else "not reached yet")
+        if self.documents_seen:
+            cover.documents = docs.documents_note(self.entries, self.plan)
+        return cover
 
     def global_ledger(self) -> ValueLedger:
         self.flush()

@@ -45,6 +45,7 @@ from .entries import Entry
 from .replay import ReplayMismatch, RootCall, batched_leaves, buffers_kept, replayed_targets
 from .routes import contract_window
 from .rows import declared_batch_dim
+from .segments import Segments, mixed_documents, refuse_undocumented_gradient
 from .state import MicroBatch, Window
 
 if TYPE_CHECKING:
@@ -78,23 +79,28 @@ class RowVerifier:
         kept = [t for c in calls for t in (*c.outputs, *(g for g in c.grads if g is not None))]
         if not all(bool(torch.isfinite(t).all()) for t in kept):
             return mb  # not a step to prove anything on: its values are refused or skipped at the step
-        if not engine.plan.interactions_tested and mb.size > 1:
+        if mb.segments is not None:
+            refuse_undocumented_gradient([g for c in calls for g in c.grads], mb.segments)
+        if not engine.plan.interactions_tested and mb.rows > 1:
             engine.plan.interactions_tested = self._refuse_interactions(calls[0])
         history: list[str] = []
         for _ in range(MAX_ROUNDS):
             replayed, moves = self._round(mb, calls)
+            if moves is None:  # expanding a shared call broke the replay: again without expanding it
+                continue
             if not moves:
                 engine.plan.verified.update(k for k in replayed.signature if k[1] is not None)
+                engine.plan.verified.update(mb.layout)
                 if not engine.rule.keeps_factors:  # the replay kept every layer's factors to verify
                     replayed.captures = [c for c in replayed.captures if c.entry.handler.multi_output]
                 return replayed
             history += [f"{engine.entries[i].name}: {why}" for i, why in moves.items()]
-            self._move(moves)
+            self._move(moves, documents=mb.segments is not None)
         raise UnsupportedModuleError("rows could not be verified after moving: " + "; ".join(history[-5:]))
 
-    def _round(self, mb: MicroBatch, calls: list[RootCall]) -> tuple[MicroBatch, dict[int, str]]:
+    def _round(self, mb: MicroBatch, calls: list[RootCall]) -> tuple[MicroBatch, dict[int, str] | None]:
         engine = self.engine
-        new = MicroBatch(ids=mb.ids, size=mb.size)
+        new = mb.replica()
         expanded: set[int] = set()
 
         def may_expand(e: Entry) -> bool:
@@ -109,14 +115,15 @@ class RowVerifier:
 
     def _replayed_round(
         self, mb: MicroBatch, calls: list[RootCall], new: MicroBatch, recorder: Any, expanded: set[int],
-    ) -> tuple[MicroBatch, dict[int, str]]:
+    ) -> tuple[MicroBatch, dict[int, str] | None]:
         engine = self.engine
         params = engine.table.params
         carries: dict[int, bool] = {}
-        observers = [m.register_forward_hook(self._observer(carries, mb.size), with_kwargs=True)
+        observers = [m.register_forward_hook(self._observer(carries, mb.rows, mb.segments), with_kwargs=True)
                      for m in engine.module.modules()]
         outputs: list[Tensor] = []
         grads_out: list[Tensor] = []
+        weighs: list[Any] = []  # per output: its call's player weights (rows, or documents' positions)
         try:
             with engine.hooks.recording(recorder), torch.enable_grad():
                 for call in calls:
@@ -124,6 +131,7 @@ class RowVerifier:
                     for t, g in targets:
                         outputs.append(t)
                         grads_out.append(g)
+                        weighs.append(call.player_weights)
                     if not all(_same(t, o) for t, o in zip(replayed, call.outputs)):
                         raise ReplayMismatch("the outputs differ")
         except Exception as exc:
@@ -135,12 +143,11 @@ class RowVerifier:
                         "its rows cannot be verified"
                     ) from None
                 raise
-            # Expanding a shared call changed what the model computes: it is valued at a site.
+            # Expanding a shared call changed what the model computes: the next round leaves it as
+            # it is (uncaptured), and moves it to a site with the enclosing calls observed whole
+            # (this round stopped before the calls around the expanded one ended).
             engine.plan.shared_unsafe.update(expanded)
-            why = "expanding its shared output to the batch changes what the model computes"
-            if not isinstance(exc, ReplayMismatch):
-                why = f"expanding its shared output to the batch breaks the model ({type(exc).__name__})"
-            return new, dict.fromkeys(expanded, why)
+            return new, None
         finally:
             for h in observers:
                 h.remove()
@@ -159,9 +166,11 @@ class RowVerifier:
         with torch.enable_grad():
             weighted = torch.autograd.grad(
                 outputs, params, allow_unused=True,
-                grad_outputs=[g * w.to(g).reshape(-1, *([1] * (g.dim() - 1))) for g in grads_out],
+                grad_outputs=[g * weigh(w, g) for g, weigh in zip(grads_out, weighs)],
             )
         moves = self._compare(new, weighted, w)
+        if new.segments is not None:
+            moves.update(mixed_documents(new.captures, new.segments, w, self._mixing_tolerance()))
         if not moves:
             engine.plan.shared_safe.update(expanded)
         return new, moves
@@ -213,8 +222,13 @@ class RowVerifier:
         for i in torch.nonzero(bad).flatten().tolist():
             for e in engine.entries:
                 if e.active and e.index in called and i in e.param_index:
-                    moves[e.index] = (f"its per-example values of {engine.table.names[i]} do not match the exact "
-                                      "per-example gradients (its rows are not its examples)")
+                    moves[e.index] = (
+                        f"its per-example values of {engine.table.names[i]} do not match the exact "
+                        "per-example gradients (its rows are not its examples)" if new.segments is None else
+                        f"its per-document values of {engine.table.names[i]} do not match the exact "
+                        "per-document gradients (its output positions carry other documents' losses: "
+                        "documents attend to each other)"
+                    )
         return moves
 
     def _refuse_interactions(self, call: RootCall) -> bool:
@@ -252,8 +266,14 @@ class RowVerifier:
                         )
         return tested
 
+    def _mixing_tolerance(self) -> float:
+        """Relative tolerance of the documents' gradient comparison: rounding of two backward
+        passes that differ only by per-position weights."""
+        dtype = self.engine.table.dtype
+        return 1e-10 if dtype == torch.float64 else 1e-4 if dtype == torch.float32 else 2e-2
+
     # ------------------------------------------------------------------ sites
-    def _observer(self, carries: dict[int, bool], batch: int) -> Any:
+    def _observer(self, carries: dict[int, bool], batch: int, segments: Segments | None) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             dim = declared_batch_dim(module) or 0
             ins, _ = tree_flatten((args, kwargs))
@@ -261,17 +281,27 @@ class RowVerifier:
             fin = [t for t in outs if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad]
             ok = (any(isinstance(t, Tensor) and t.dim() > dim and t.shape[dim] == batch for t in ins)
                   and bool(fin) and all(t.dim() > dim and t.shape[dim] == batch for t in fin))
+            if segments is not None:  # a site must show every token's position too
+                ok = ok and any(segments.matches(t, dim) for t in fin)
             carries[id(module)] = carries.get(id(module), True) and ok
 
         return hook
 
-    def _move(self, moves: dict[int, str]) -> None:
+    def _move(self, moves: dict[int, str], documents: bool = False) -> None:
         engine = self.engine
         for index, why in moves.items():
             entry = engine.entries[index]
             if not entry.active:
                 continue
             site = self._site_for(entry)
+            if site is None and documents:
+                raise UnsupportedModuleError(
+                    f"{entry.name} ({type(entry.module).__name__}): {why}, and even the whole model's "
+                    "outputs do not give each document its own terms: per-document values need the loss "
+                    "to be a sum of per-token terms of the model's outputs [rows, tokens, ...] (each "
+                    "token's term belonging to the document segments gives it). Compute the loss per "
+                    "token, or pass one id per row without segments."
+                )
             if site is None:
                 raise UnsupportedModuleError(
                     f"{entry.name} ({type(entry.module).__name__}): {why}, and no enclosing module up to the "

@@ -15,7 +15,7 @@ immediate dots during backward and every deferred contraction (Adam, order 2) go
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -41,11 +41,13 @@ def route_label(entry: Entry, gram: bool) -> str:
 
 def contract_call(
     entry: Entry, saved: object, grad: Tensor, vectors: Mapping[str, Tensor], gram: GramFactors | None,
-    rows: Rows | None = None,
+    rows: Rows | None = None, positions: Callable[[str, Tensor], None] | None = None,
 ) -> dict[str, Tensor]:
     """``{param name: [B, K]}`` dots of one call's per-example gradients with ``vectors``
     (``[K, *shape]`` by name); with ``gram`` the weight's dots take the Gram route (``K = 1``);
-    ``rows``: how the call's rows map to examples (``None``: one row per example)."""
+    ``rows``: how the call's rows map to examples (``None``: one row per example). With
+    ``segmented`` rows, ``positions(name, [B·T, K])`` first receives each position's dots (token
+    values) before they are summed by document."""
     handler = entry.handler
     out: dict[str, Tensor] = {}
     names = entry.param_names
@@ -56,7 +58,10 @@ def contract_call(
     rest = {n: vectors[n] for n in names}
     if rest:
         out.update(handler.dot(entry.module, saved, grad, rest))
-    if rows is not None and rows.kind == "blocked":
+    if rows is not None and rows.kind == "segmented" and positions is not None:
+        for n, d in out.items():
+            positions(n, d)
+    if rows is not None and rows.kind in ("blocked", "segmented"):
         out = {n: reduce_rows(d, rows) for n, d in out.items()}
     return out
 
@@ -72,14 +77,16 @@ def check_versions(cap: Capture) -> None:
 
 def contract_window(
     window: Window, n_params: int, vectors: list[Tensor], gram: Mapping[int, GramFactors] | None = None,
-    coef: Tensor | None = None, record_route: bool = False, joint: bool | None = None,
+    coef: Tensor | None = None, record_route: bool = False, joint: bool | None = None, tokens: bool = False,
 ) -> Tensor:
     """``[P, B, K]`` dots of the window's kept per-example factors with per-parameter vectors.
 
     With ``gram`` (validation factors by entry) and ``coef`` (``vectors[p] = coef[p] · g``), a
     layer with factors takes its weight's dots by the Gram route instead, times ``coef``.
     ``joint``: only the calls of modules valued jointly (``True``), or only the others (``False``).
-    A jointly valued module's dots are in the row of its first parameter.
+    A jointly valued module's dots are in the row of its first parameter. ``tokens``: the
+    contraction is a first-order value (its vectors weighted by the step): add each position's
+    dots to the token values of micro-batches that asked for them.
     """
     K = vectors[0].shape[0]
     parts = []
@@ -94,7 +101,10 @@ def contract_window(
             by_name = {n: vectors[i] for n, i in zip(e.param_names, e.param_index)}
             if record_route:
                 e.route = route_label(e, factors is not None)
-            for name, d in contract_call(e, cap.saved, cap.grad, by_name, factors, cap.rows).items():
+            sink = None
+            if tokens and mb.tokens_weighted is not None:
+                sink = _token_sink(mb.tokens_weighted, e, coef if factors is not None else None)
+            for name, d in contract_call(e, cap.saved, cap.grad, by_name, factors, cap.rows, sink).items():
                 row = e.row(name)
                 if factors is not None and name == "weight":
                     out[row] += d.to(out.dtype) * coef[row].to(out.dtype)
@@ -102,6 +112,18 @@ def contract_window(
                     out[row] += d.to(out.dtype)
         parts.append(out)
     return torch.cat(parts, dim=1)
+
+
+def _token_sink(into: Tensor, entry: Entry, coef: Tensor | None) -> Callable[[str, Tensor], None]:
+    """Adds a weighted contraction's per-position dots into ``into`` (``[B·T, K]``); the Gram
+    route's weight dots are unweighted and take ``coef`` of their row."""
+
+    def add(name: str, d: Tensor) -> None:
+        if coef is not None and name == "weight":
+            d = d.to(into.dtype) * coef[entry.row(name)].to(into.dtype)
+        into.add_(d.to(into.dtype))
+
+    return add
 
 
 class RoutePolicy:

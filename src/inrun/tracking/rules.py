@@ -77,7 +77,7 @@ class ValueRule:
             return first
         # Modules valued jointly (the fallback) are contracted now, along each parameter's step.
         weighted = shapley.weighted(window.multipliers, val.grads)
-        joint = contract_window(window, len(self.table), weighted, joint=True, record_route=True)
+        joint = contract_window(window, len(self.table), weighted, joint=True, record_route=True, tokens=True)
         if window.check_terms is not None:
             rows = sorted({i for mb in window.micro for c in mb.captures if c.entry.handler.multi_output
                            for i in c.entry.param_index})
@@ -97,7 +97,7 @@ class ValueRule:
         slopes = self.update.slopes(self.table.params, grads)
         window.multipliers = [None if s is None else s * (-ratio[i]).to(s.dtype) for i, s in enumerate(slopes)]
         dots = contract_window(window, len(self.table), shapley.weighted(window.multipliers, val.grads),
-                               record_route=True)
+                               record_route=True, tokens=True)
         weights = [None if m is None else m.to(v.dtype) * column_sum(v) for m, v in zip(window.multipliers, val.grads)]
         # p.grad / ratio is the sum of the per-example gradients over the (global) batch, so
         # under DDP this rank's sums are added over the ranks (one all-reduce)

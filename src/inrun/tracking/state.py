@@ -26,6 +26,8 @@ from torch import Tensor
 from ..layers import Rows
 from ..ledger import ValueLedger
 from .entries import Entry
+from .segments import Segments, merge_by_id
+from .tokens import TokenValues
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +46,19 @@ class MicroBatch:
 
     ids: list
     size: int
+    """Players: one per id (rows, or documents with ``segments``)."""
+    rows: int = 0
+    """Rows of the model's batch (``size`` unless ``segments`` says otherwise)."""
+    segments: Segments | None = None
+    """The documents of packed rows (:mod:`inrun.tracking.segments`); ``None``: a player per row."""
     dots: Tensor | None = None
     """``[P, B, K]`` float64 dots with the step's validation gradient (immediate rules)."""
+    tokens: Tensor | None = None
+    """Token values requested: ``[P, B·T, K]`` float64 per-position dots, not yet weighted by the
+    step's coefficients (immediate rules)."""
+    tokens_weighted: Tensor | None = None
+    """Token values requested: ``[B·T, K]`` per-position dots already weighted (joint modules,
+    elementwise rules)."""
     captures: list[Capture] = field(default_factory=list)
     """Calls whose factors are kept for a contraction after backward (deferred rules)."""
     fired: int = 0
@@ -56,6 +69,19 @@ class MicroBatch:
     """A call the row verification has not proven: the micro-batch is replayed and verified."""
     unresolved: dict[int, str] = field(default_factory=dict)
     """Entries with a call that could not be captured, and why."""
+    layout: list[tuple] = field(default_factory=list)
+    """What else the row verification must have proven for this micro-batch (documents' layout,
+    the model's inputs that keep them apart)."""
+
+    def __post_init__(self) -> None:
+        self.rows = self.rows or self.size
+
+    def replica(self) -> MicroBatch:
+        """An empty micro-batch of the same players (the row verification's replay)."""
+        return MicroBatch(ids=self.ids, size=self.size, rows=self.rows, segments=self.segments,
+                          layout=list(self.layout),
+                          tokens=None if self.tokens is None else torch.zeros_like(self.tokens),
+                          tokens_weighted=None if self.tokens_weighted is None else torch.zeros_like(self.tokens_weighted))
 
 
 @dataclass
@@ -70,6 +96,8 @@ class Capture:
     """The output's gradient (a list, one per output tensor, for multi-output handlers)."""
     fired: bool = False
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
+    weighted_grad: Any = None
+    """With segments, the row verification's weighted backward's output gradient (as ``grad``)."""
 
 
 @dataclass
@@ -96,6 +124,8 @@ class Window:
     second: np.ndarray | None = None
     lr: list[float] | None = None
     """The learning rate of each parameter group at the step."""
+    token_values: list[Any] = field(default_factory=list)
+    """Token values of the micro-batches that asked (:mod:`inrun.tracking.tokens`)."""
 
     @property
     def ids(self) -> list:
@@ -126,6 +156,7 @@ class StepLog:
     def __init__(self, ledger: ValueLedger) -> None:
         self.ledger = ledger
         self.count = 0
+        self.tokens = TokenValues()
 
     def open(self) -> Window:
         return Window(step=self.count)
@@ -144,7 +175,9 @@ class StepLog:
         if window.state is StepState.SKIPPED:
             self.ledger.record_skip(window.step, window.skip_reason)
         else:
-            self.ledger.add(window.step, window.ids, window.first, window.second, lr=window.lr)
+            ids, first, second = merge_by_id(window.ids, window.first, window.second)
+            self.ledger.add(window.step, ids, first, second, lr=window.lr)
+            self.tokens.records.extend(window.token_values)
             window.state = StepState.COMMITTED
         window.release()
 
