@@ -42,7 +42,8 @@ from .errors import UnsupportedOptimizerError
 
 SUPPORTED = (
     "torch.optim.SGD (momentum, Nesterov, dampening, weight decay, maximize), "
-    "torch.optim.Adam and AdamW (weight decay, amsgrad, maximize); any optimizer with proxy='sgd'"
+    "torch.optim.Adam and AdamW (weight decay, amsgrad, maximize), torch.optim.Muon, "
+    "torch.optim.Adafactor; any optimizer with proxy='sgd'"
 )
 ADAM_LINEARIZATIONS = ("secant", "fixed_state")
 
@@ -76,6 +77,12 @@ class UpdateRule:
         """Per-coordinate ``D_p`` (elementwise rules), from the optimizer state *before* the step."""
         coef = self.scalar_coefficients(params)
         return [None if g is None else torch.full_like(p, -float(c)) for p, g, c in zip(params, grads, coef)]
+
+    def pullbacks(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Any]:
+        """Per parameter, what a value's validation vector goes through (elementwise rules): a
+        per-coordinate slope ``D`` (``v -> D ⊙ v``), or a function ``v -> Jᵀ v`` for a step that
+        is a map of the whole gradient (:mod:`inrun.optim_maps`); ``v`` is ``[K, *shape]``."""
+        return self.slopes(params, grads)
 
     def data_free_step(self, params: Sequence[Tensor]) -> list[Tensor] | None:
         """``f(0)`` per parameter, or ``None`` when the step without data is zero or negligible."""
@@ -295,6 +302,12 @@ def rule_for(optimizer: object, proxy: str | None = None, adam: str = "secant") 
         return SGDRule(opt)
     if type(opt) in (torch.optim.Adam, torch.optim.AdamW):
         return AdamRule(opt, adam)
+    from .optim_maps import AdafactorRule, MuonRule
+
+    if type(opt) is getattr(torch.optim, "Muon", None):
+        return MuonRule(opt)
+    if type(opt) is getattr(torch.optim, "Adafactor", None):
+        return AdafactorRule(opt)
     raise UnsupportedOptimizerError(
         f"{type(opt).__name__} is not supported: its update is not attributed yet. Supported: {SUPPORTED}."
     )

@@ -94,11 +94,12 @@ class ValueRule:
     def _first_order_elementwise(
         self, window: Window, grads: list[Tensor | None], ratio: Tensor, val: Validation,
     ) -> Tensor:
-        slopes = self.update.slopes(self.table.params, grads)
-        window.multipliers = [None if s is None else s * (-ratio[i]).to(s.dtype) for i, s in enumerate(slopes)]
+        pullbacks = self.update.pullbacks(self.table.params, grads)
+        window.multipliers = [shapley.scaled(s, -ratio[i]) for i, s in enumerate(pullbacks)]
         dots = contract_window(window, len(self.table), shapley.weighted(window.multipliers, val.grads),
                                record_route=True, tokens=True)
-        weights = [None if m is None else m.to(v.dtype) * column_sum(v) for m, v in zip(window.multipliers, val.grads)]
+        weights = [None if m is None else shapley.weigh(m, column_sum(v).unsqueeze(0))[0]
+                   for m, v in zip(window.multipliers, val.grads)]
         # p.grad / ratio is the sum of the per-example gradients over the (global) batch, so
         # under DDP this rank's sums are added over the ranks (one all-reduce)
         window.check_terms = self.check.terms([dots], grads, weights, ratio=ratio, sum_over_ranks=True)
