@@ -155,7 +155,7 @@ def mlp_matrices(seed: int):
 MAP_VARIANTS = {
     "order 1": {},
     "order 2": {"order": 2},
-    "tangent": {"nodes": 0},
+    "tangent": {"nodes": (0,)},
     "SGD proxy": {"proxy": "sgd"},
 }
 

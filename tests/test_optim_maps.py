@@ -125,7 +125,7 @@ def test_values_match_exact_shapley_of_the_real_step(case: str, monkeypatch: pyt
     truth = true_values(model, opt, mlp_example_loss, batch, mlp_val_loss)
     path = tracked_step(model, opt, batch, mlp_loss, mlp_val_loss)
     rule = optim_maps.MuonRule if "muon" in case else optim_maps.AdafactorRule
-    monkeypatch.setattr(rule, "nodes", 0)
+    monkeypatch.setattr(rule, "nodes", (0,))
     tangent = tracked_step(model, opt, batch, mlp_loss, mlp_val_loss)
     proxy = tracked_step(model, opt, batch, mlp_loss, mlp_val_loss, proxy="sgd")
     monkeypatch.setattr(rule, "nodes", optim_maps.PATH_NODES)

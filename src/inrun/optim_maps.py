@@ -12,10 +12,11 @@ still a map ``Δθ = f(x)``, so the first-order value of ``z`` is ``φ_z = −<g
 Which ``J``: the Shapley value of a game ``v(S) = h(Σ_{z∈S} y_z)`` with many small players is the
 Aumann–Shapley value, ``∫_0^1 ∇h(t·x_B) dt`` dotted with ``y_z``: the map's derivative averaged
 along the segment from no data to the batch's gradient. For a per-coordinate map that integral is
-Adam's secant; here it is computed by Gauss–Legendre quadrature (``PATH_NODES`` vector-Jacobian
-products of the map per matrix and step), and its efficiency error (``Σ_z φ_z`` against the data
-part ``f(x_B) − f(0)``) is the quadrature's. Measured against exact enumeration of the real
-step's game (docs/optimizers.md): see there which variant each rule uses and why.
+Adam's secant; here it is computed by Gauss–Legendre quadrature (:data:`PATH_NODES`: 3
+vector-Jacobian products of the map per matrix and step, more where the path bends): nodes are
+added until the efficiency error (``Σ_z φ_z`` against the data part ``f(x_B) − f(0)``) is within
+:data:`EFFICIENCY_RTOL`. Measured against exact enumeration of the real step's game:
+docs/optimizers.md.
 
 What is attributed, as for Adam: the data part of this step, ``f(x_B) − f(0)``; ``f(0)`` (the
 momentum's carry, weight decay) is no example's and the validation gradient is taken at
@@ -37,20 +38,28 @@ from .optim import UpdateRule
 Pullback = Callable[[Tensor], Tensor]
 """``[K, *shape] -> [K, *shape]``: validation vectors to ``Jᵀ v`` for one parameter."""
 
-PATH_NODES = 3
-"""Gauss–Legendre nodes of the path integral (VJPs of the map per matrix and step)."""
+PATH_NODES = (3, 6, 12)
+"""Gauss–Legendre node counts tried in turn for the path integral (VJPs of the map per matrix and
+step): the first whose efficiency error is within :data:`EFFICIENCY_RTOL` is kept."""
+
+EFFICIENCY_RTOL = 1e-3
+"""Accepted ``|<∫Jᵀ v, x> − <v, f(x) − f(0)>|`` relative to ``|<v, f(x) − f(0)>|``: how far the
+integrated derivative may miss the step's data part along the batch's own gradient."""
 
 
-def path_pullback(f: Callable[[Tensor], Tensor], x: Tensor, nodes: int) -> Pullback:
-    """``v -> ∫_0^1 J(t x)ᵀ v dt`` by ``nodes``-point Gauss–Legendre quadrature (``nodes = 0``:
-    the tangent at the step, ``J(x)ᵀ v``)."""
-    if nodes == 0:
-        points, weights = [1.0], [1.0]
-    else:
-        t, w = np.polynomial.legendre.leggauss(nodes)
-        points, weights = list((t + 1) / 2), list(w / 2)
+def path_pullback(f: Callable[[Tensor], Tensor], x: Tensor, nodes: Sequence[int]) -> Pullback:
+    """``v -> ∫_0^1 J(t x)ᵀ v dt`` by Gauss–Legendre quadrature, with the first node count of
+    ``nodes`` whose integral gives the data part along ``x`` (efficiency) to
+    :data:`EFFICIENCY_RTOL` on the first ``v`` it is called with, kept for later calls
+    (``nodes = (0,)``: the tangent at the step, ``J(x)ᵀ v``)."""
+    chosen: list[int] = []
 
-    def pull(v: Tensor) -> Tensor:
+    def integral(v: Tensor, n: int) -> Tensor:
+        if n == 0:
+            points, weights = [1.0], [1.0]
+        else:
+            t, w = np.polynomial.legendre.leggauss(n)
+            points, weights = list((t + 1) / 2), list(w / 2)
         out = torch.zeros_like(v)
         with torch.enable_grad():
             for t, w in zip(points, weights):
@@ -59,6 +68,20 @@ def path_pullback(f: Callable[[Tensor], Tensor], x: Tensor, nodes: int) -> Pullb
                 for k in range(v.shape[0]):
                     (g,) = torch.autograd.grad(y, xt, v[k].to(y.dtype), retain_graph=k + 1 < v.shape[0])
                     out[k] += w * g.to(out.dtype)
+        return out
+
+    def pull(v: Tensor) -> Tensor:
+        if chosen:
+            return integral(v, chosen[0])
+        with torch.no_grad():
+            total = v.sum(dim=0).to(x.dtype)
+            target = float((total * (f(x) - f(torch.zeros_like(x)))).sum())
+        for n in nodes:
+            out = integral(v, n)
+            got = float((out.sum(dim=0).to(x.dtype) * x).sum())
+            if abs(got - target) <= EFFICIENCY_RTOL * abs(target):
+                break
+        chosen.append(n)
         return out
 
     return pull
