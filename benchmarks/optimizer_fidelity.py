@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inrun import InRunShapley, exact, optim_maps
+from inrun import InRunShapley, exact, optim
 
 VARIANTS = {
     "order 1": {},
@@ -74,7 +74,7 @@ def mlp_problem(seed: int):
 def gpt2_problem(seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from inrun.data.stdlib import load_stdlib_corpus
+    from inrun.run.data.stdlib import load_stdlib_corpus
 
     train, val = load_stdlib_corpus(("json", "email", "http"), length=16, max_train_per_source=200, max_val=4)
     cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256, n_positions=16, resid_pdrop=0.0,
@@ -129,8 +129,8 @@ def one_setting(problem: Callable, make_opt: Callable, warm: int, variants: dict
     out = {}
     for name, options in variants.items():
         options = dict(options)
-        nodes = options.pop("nodes", optim_maps.PATH_NODES)
-        optim_maps.MuonRule.nodes = optim_maps.AdafactorRule.nodes = nodes
+        nodes = options.pop("nodes", optim.PATH_NODES)
+        optim.MuonRule.nodes = optim.AdafactorRule.nodes = nodes
         m2 = copy.deepcopy(model)
         o2 = copy_optimizer(opt, model, m2)
         tracker = InRunShapley(m2, o2, val_loss=val_loss, **options)
@@ -141,7 +141,7 @@ def one_setting(problem: Callable, make_opt: Callable, warm: int, variants: dict
         est = np.array([v[i] for i in range(B)])
         tracker.close()
         out[name] = (float(np.sqrt(np.mean((est - truth) ** 2)) / np.mean(np.abs(truth))), float(np.corrcoef(est, truth)[0, 1]))
-    optim_maps.MuonRule.nodes = optim_maps.AdafactorRule.nodes = optim_maps.PATH_NODES
+    optim.MuonRule.nodes = optim.AdafactorRule.nodes = optim.PATH_NODES
     return out
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from inrun import bench
-from inrun.bench import floors, main, mlp_workload
+from inrun.cli import bench
+from inrun.cli.bench import floors, main, mlp_workload
 
 
 def test_bench_prints_a_ratio_row_per_method(capsys) -> None:

@@ -40,7 +40,6 @@ from ..layers import Rows
 from ..layers.registry import reduce_rows
 
 if TYPE_CHECKING:
-    from .engine import StepEngine
     from .entries import Entry
     from .state import MicroBatch, Plan
 
@@ -255,7 +254,7 @@ STALE_GRAPH = (
 )
 
 
-def eager_reason(engine: StepEngine, documents: bool = False) -> str | None:
+def eager_reason(engine: Any, documents: bool = False) -> str | None:
     """Why this block cannot be valued inside a compiled graph (``None``: it can)."""
     if documents:
         return "documents (segments=) are valued eagerly"
@@ -279,7 +278,7 @@ def eager_reason(engine: StepEngine, documents: bool = False) -> str | None:
     return graph.untraceable(engine.entries, engine.plan)
 
 
-def graph_probe(engine: StepEngine, batch: int, documents: bool = False) -> tuple[Tensor | None, str | None]:
+def graph_probe(engine: Any, batch: int, documents: bool = False) -> tuple[Tensor | None, str | None]:
     """The probe of a block a compiled graph may value, or why the block runs eagerly."""
     reason = eager_reason(engine, documents)
     if reason is not None:
@@ -292,7 +291,7 @@ def graph_probe(engine: StepEngine, batch: int, documents: bool = False) -> tupl
     return probe, None
 
 
-def add_graph_dots(engine: StepEngine, mb: MicroBatch, dots: Tensor) -> None:
+def add_graph_dots(engine: Any, mb: MicroBatch, dots: Tensor) -> None:
     """A compiled graph's dots (the probe's gradient) into the micro-batch; a call the graph
     could not tap refuses the step, and the blocks that follow run eagerly."""
     graph = engine.hooks.graph
