@@ -164,6 +164,36 @@ def test_what_cannot_be_compiled_runs_eagerly_and_says_so(caplog) -> None:
     np.testing.assert_allclose(values_of(compiled, 12), values_of(run(False), 12), rtol=1e-12, atol=1e-15)
 
 
+def test_a_coupled_loss_runs_eagerly_under_compile() -> None:
+    """A declared coupled loss (InfoNCE, in-batch negatives) is valued by a forward-mode replay of
+    each call, which a compiled graph does not keep: its blocks run eagerly, with the reason
+    recorded, and the values equal the eager loop's."""
+    gen = torch.Generator().manual_seed(5)
+    data = [torch.randn(4, 6, generator=gen, dtype=torch.float64) for _ in range(3)]
+    xv, yv = torch.randn(5, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (5,), generator=gen)
+
+    def info_nce(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(a @ b.T / 0.5, torch.arange(len(a)))
+
+    def run(compiled: bool) -> InRunShapley:
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        tracker = InRunShapley(model, opt, val_loss=lambda m: F.cross_entropy(m(xv), yv))
+        train = torch.compile(model, backend="aot_eager") if compiled else model
+        for s, x in enumerate(data):
+            with tracker.step(list(range(4 * s, 4 * s + 4)), coupled_loss=info_nce):
+                info_nce(train(x), train(x.flip(1))).backward()
+            opt.step()
+            opt.zero_grad()
+        return tracker
+
+    compiled = run(True)
+    graph = compiled._engine.hooks.graph
+    assert graph.graph_blocks == 0
+    assert [n for r, n in graph.eager_blocks.items() if "a coupled loss (coupled_loss=)" in r] == [3]
+    np.testing.assert_allclose(values_of(compiled, 12), values_of(run(False), 12), rtol=1e-12, atol=1e-15)
+
+
 class Branchy(nn.Module):
     """Calls ``extra`` only when ``use_extra`` is set: a call the eager verification never saw."""
 

@@ -151,3 +151,38 @@ def test_accumulation_equals_one_batch(opt_cls: str) -> None:
     o2.step()
     values = tracker.values()
     np.testing.assert_allclose([values[i] for i in range(8)], whole, rtol=1e-9, atol=1e-15)
+
+
+def test_first_step_carry_and_unattributed_parts_are_answered_or_refused() -> None:
+    """What the drop rows, carry and the gradient map ask of a rule: the first step (no momentum /
+    no second moment yet: the step ignores the gradient's size) is named nonlinear, later steps
+    are not; carry through Muon's matrix function is refused at construction (Adafactor has no
+    momentum: nothing to carry); a gradient part that is nobody's under a map rule is refused at
+    the step, naming the parameter."""
+    from inrun.errors import UnsupportedOptimizerError
+
+    for make, bias, words in ((lambda ps: torch.optim.Muon(ps, lr=0.02), False, "Muon's first step"),
+                              (lambda ps: torch.optim.Adafactor(ps), True, "Adafactor's first step")):
+        model = mlp(bias)
+        opt = make(model.parameters())
+        batch = mlp_batches(1, 8)[0]
+        mlp_loss(model, batch).backward()
+        rule = rule_for(opt)
+        params, grads = list(model.parameters()), [p.grad for p in model.parameters()]
+        assert words in rule.nonlinear_step(params, grads)
+        opt.step()
+        assert rule.nonlinear_step(params, grads) is None
+    assert rule_for(torch.optim.Adafactor(mlp(True).parameters())).momentum(params) is None
+
+    model = mlp(False)
+    with pytest.raises(UnsupportedOptimizerError, match="carry='off' with Muon"):
+        InRunShapley(model, torch.optim.Muon(model.parameters(), lr=0.02), val_loss=mlp_val_loss, carry="momentum")
+
+    model, opt, batch = warmed(lambda ps: torch.optim.Muon(ps, lr=0.02), False, 2)
+    tracker = InRunShapley(model, opt, val_loss=mlp_val_loss)
+    with tracker.step(list(range(8))):
+        mlp_loss(model, batch).backward()
+    with tracker.unattributed():
+        sum((p * p).sum() for p in model.parameters()).backward()
+    with pytest.raises(UnsupportedOptimizerError, match=r"^0\.weight: .*nobody's part.*muon"):
+        opt.step()

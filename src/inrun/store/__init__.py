@@ -3,8 +3,9 @@
 =================  =========================================================================
 ``ledger``         the values: ``ValueLedger`` (added by id, rolled back, merged), its Parquet
                    files, the trace parts; ``ValueTable`` and ``PerValidation`` to read them
-``rundir``         a run directory (``RunDir``): layout, metadata, status, checkpoints,
-                   verification, the curves (``Metrics``)
+``rundir``         a run directory (``RunDir``): layout, metadata, status, results, verification
+``checkpoints``    its checkpoints: one schema for every loop, written atomically, restored
+``metrics``        its training curves (``metrics.parquet``)
 ``auditlog``       the audit's rows on disk (``audit.parquet``, ``audit.json``)
 ``summary``        the headline numbers of a run (``summary.json``)
 ``examples``       what the report shows of each training example (``examples.parquet``)

@@ -370,6 +370,10 @@ class ValueLedger:
                 self._seal(self.trace_dir)
         self.steps = max(self.steps, step + 1)
 
+    def id_kind(self) -> type | None:
+        """``int`` or ``str``: the kind of this ledger's ids (``None`` while it has none)."""
+        return type(self._ids[0]) if self._ids else None
+
     def record_skip(self, step: int, reason: str) -> None:
         """Note a step whose values were not added (NaN loss, skipped optimizer step...)."""
         self.skipped.append({"step": int(step), "reason": reason})

@@ -92,6 +92,15 @@ class Tracked(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
+    @property
+    def world_size(self) -> int: ...
+
+    def drops(self) -> list[dict[str, Any]]: ...
+
+    def carried(self, final: bool = True) -> Any: ...
+
+    def validation_losses(self) -> dict[int, float]: ...
+
 
 def tracker_info(tracker: Tracked) -> dict[str, Any]:
     """What ``tracker.json`` holds: settings, the route of every parameter, the valued modules
@@ -209,9 +218,11 @@ class RunWriter:
         self.start_step = 0
         self.resumed = False
         self._rows: dict[int, list[Any]] = {}  # step -> [train_loss, lr, val_loss, skipped or None]
+        self._previous: dict[str, Any] = {}  # the status a resume found
         self._t0 = time.perf_counter()
         self._finished = False
         self._lock: DirLock | None = None
+        self._drops: list[dict[str, Any]] | None = None  # under DDP: gathered by the integration
 
     def _attach(self, tracker: Tracked | None, state: Mapping[str, Any] | None) -> None:
         self.tracker = tracker
@@ -269,6 +280,9 @@ class RunWriter:
         self.start_step = self.tracker.step_count
         if external is not None:
             self._rows = _rows_of(external)
+        elif self.start_step > 0:  # opened after training (tracker.save_run): the losses it measured
+            for step, loss in sorted(self.tracker.validation_losses().items()):
+                self.log(val_loss=loss, step=step, lr=math.nan)
         if self.evaluate and self.start_step == 0:
             self.log(val_loss=self._validation_loss(), step=0)
         self._status("running", self.start_step)
@@ -298,7 +312,7 @@ class RunWriter:
             self.resumed = True
             self._rows = {s: r for s, r in _rows_of(external).items() if s <= self.tracker.step_count}
             self.start_step = self.tracker.step_count
-            self.rd.save_results(self.tracker.ledger, self._metrics(), prune_trace=True, audit=self.tracker.audit)
+            self.rd.save_results(self.tracker.ledger, self._metrics(), prune_trace=True, **self._results())
             self._status("running", self.start_step)
             return
         self.begin(self.tracker, None, restore=True, at_step=at_step)
@@ -316,6 +330,7 @@ class RunWriter:
         rd = self.rd
         restored = Restored(0, None, None, None, Metrics())
         if restore:
+            self._previous = rd.status()
             restored = rd.restore(torch.device("cpu"), max_step=at_step if at_step is not None else max_step,
                                   values=tracker is not None)
             if at_step is not None and restored.step != at_step:
@@ -335,7 +350,7 @@ class RunWriter:
         if restored.state is not None:
             self._load(restored)
         if restore:  # the top-level results are those of the restored checkpoint again
-            rd.save_results(self.ledger, self._metrics(), prune_trace=True, audit=self._audit())
+            rd.save_results(self.ledger, self._metrics(), prune_trace=True, **self._results())
         self._status("running", self.start_step)
         return restored
 
@@ -426,8 +441,8 @@ class RunWriter:
             ledger.commit()  # a checkpointed step is good for good
         keep = self.keep if self.keep is not None else 1 << 30
         path = self.rd.write_checkpoint(step, state, ledger, self._metrics(ledger), keep)
-        self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
-        self._write_tracker()
+        self.rd.save_results(ledger, self._metrics(ledger), **self._results())
+        self._write_tracker(step)
         self._status("running", step)
         return path
 
@@ -440,9 +455,9 @@ class RunWriter:
             self._evaluate_at(step)
         if ledger is not None:
             ledger.commit()
-        self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
-        self._write_tracker()
+        self.rd.save_results(ledger, self._metrics(ledger), **self._results())
         if step is not None:
+            self._write_tracker(step)
             self._status("running", step)
 
     def metrics(self) -> Metrics:
@@ -474,8 +489,24 @@ class RunWriter:
     def _audit(self) -> Any:
         return None if self.tracker is None else self.tracker.audit
 
-    def _write_tracker(self) -> None:
-        if self.tracker is not None:
+    def _results(self, final: bool = False) -> dict[str, Any]:
+        """The tracker's audit, drop rows and carried values for the results at the top. Under DDP
+        the drop rows are a collective: the integrations gather them on every rank and pass them
+        to :meth:`finish` (``drops=``); the writer of one rank writes none of its own."""
+        t = self.tracker
+        if t is None:
+            return {"audit": None}
+        one = t.world_size == 1
+        carried = t.carried(final=final) if one and t.config.carry != "off" else None
+        return {"audit": t.audit, "drops": t.drops() if one else self._drops, "carried": carried}
+
+    def _ran(self, step: int) -> bool:
+        """Whether this writer saw steps of its own: a resume that runs none (a complete run
+        resumed) keeps what the run's own steps recorded (tracker.json, the session's seconds)."""
+        return not self.resumed or step > self.start_step
+
+    def _write_tracker(self, step: int) -> None:
+        if self.tracker is not None and (self._ran(step) or not self.rd.file(TRACKER_FILE).exists()):
             write_json(self.rd.file(TRACKER_FILE), {**tracker_info(self.tracker), **self.info}, fsync=False)
 
     def _status(self, state: str, step: int, message: str = "", **extra: Any) -> None:
@@ -488,11 +519,14 @@ class RunWriter:
         return "your loop, opening it with RunWriter(..., resume=True)"
 
     # -- the end --------------------------------------------------------------------------------------
-    def finish(self, checkpoint: bool = True, ledger: ValueLedger | None = None, step: int | None = None) -> RunDir:
+    def finish(self, checkpoint: bool = True, ledger: ValueLedger | None = None, step: int | None = None,
+               drops: list[dict[str, Any]] | None = None) -> RunDir:
         """Complete the run: final values and curves, ``summary.json``, status ``complete``, and
-        (with ``checkpoint``) a last checkpoint, so that a longer run can resume from it."""
+        (with ``checkpoint``) a last checkpoint, so that a longer run can resume from it.
+        ``drops``: under DDP, the drop rows gathered on every rank (:meth:`InRunShapley.drops`)."""
         if self._finished:
             return self.rd
+        self._drops = drops
         try:
             t = self.tracker
             if t is not None:
@@ -505,9 +539,12 @@ class RunWriter:
             self._evaluate_at(step)
             if ledger is not None:
                 ledger.commit()
-            self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
-            self._write_tracker()
-            self.rd.write_status("complete", step, self.total_steps or step, seconds=time.perf_counter() - self._t0)
+            self.rd.save_results(ledger, self._metrics(ledger), **self._results(final=True))
+            self._write_tracker(step)
+            seconds = time.perf_counter() - self._t0
+            if not self._ran(step) and self._previous.get("state") == "complete":
+                seconds = self._previous.get("seconds", seconds)  # nothing ran: the run's own time
+            self.rd.write_status("complete", step, self.total_steps or step, seconds=seconds)
             if ledger is not None:
                 write_summary(self.rd)
         finally:
@@ -527,9 +564,9 @@ class RunWriter:
                 self.tracker.flush()
             if ledger is not None:
                 ledger.commit()
-            self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
-            if ledger is not None and ledger.steps > 0:
-                saved = f" Values of steps 0-{ledger.steps - 1} are saved."
+            self.rd.save_results(ledger, self._metrics(ledger), **self._results())
+            if ledger is not None:
+                saved = f" Values of steps 0-{ledger.steps - 1} are saved." if ledger.steps else " No step was valued."
         except Exception as again:  # the error that ended the run is what the caller sees
             logger.warning("could not save the values after the failure: %s", one_line(again))
         self.stop(state, step, f"{state} at step {step}: {one_line(exc, 300)}.{saved} Fix the cause, then continue "

@@ -265,6 +265,8 @@ def eager_reason(engine: Any, documents: bool = False) -> str | None:
                 "after the backward (the step's slope depends on the batch's gradient)")
     if engine.ddp is not None:
         return "DistributedDataParallel is not valued inside a compiled graph yet"
+    if engine.declared is not None:
+        return "a coupled loss (coupled_loss=) is valued by a forward-mode replay of the model's call"
     if engine.audit is not None and engine.audit.recording:
         return "this step is audited: the audit replays the model's call"
     if engine.config.verify == "every_step":
