@@ -131,7 +131,7 @@ class DDPSync:
         """Make the gradients' map (:class:`~inrun.tracking.gradmap.StepMap`) the group's: DDP's
         gradients are whole and equal on every rank, so each rank's map is already."""
 
-    def gathered(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    def gathered(self, tensors: Sequence[Any]) -> list[Any]:
         """Whole tensors from per-rank pieces: DDP's are whole already."""
         return list(tensors)
 

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..errors import GradientChangeError, UnsupportedModuleError
+from ..errors import GradientChangeError, UnsupportedModuleError, UnsupportedOptimizerError
 from .ddp import DDPSync, all_reduce_settled
 
 if TYPE_CHECKING:
@@ -182,10 +182,15 @@ class FSDP2Sync(DDPSync):
             )
         smap.ratio = torch.where(both[1] > 0, both[0] / both[1].clamp(min=1), smap.ratio)
 
-    def gathered(self, tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    def gathered(self, tensors: Sequence[Any]) -> list[Any]:
         """Whole tensors from sharded ones (one all-gather each): Adam's per-coordinate slopes."""
         from torch.distributed.tensor import DTensor
 
+        if any(callable(t) for t in tensors):
+            raise UnsupportedOptimizerError(
+                "an optimizer whose step is a map of the whole gradient (Muon, Adafactor) computes it on "
+                "each rank's shard under FSDP2, which the tracker does not value: use AdamW or SGD under FSDP2"
+            )
         return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
 
 
@@ -264,13 +269,14 @@ class ShardedParams:
 
 
 def data_parallel_sync(
-    model: nn.Module, table: ParamTable, config: TrackerConfig, handles: list[Any],
+    model: nn.Module, ddp: nn.parallel.DistributedDataParallel | None, table: ParamTable, config: TrackerConfig,
+    handles: list[Any],
 ) -> DDPSync | None:
-    """The sync of a DDP or FSDP2 model (``None`` for a single process); for FSDP2 the table gets
-    its view of the shards (whose hooks join ``handles``, removed with the tracker's), and what
-    FSDP2 does not support is refused here."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return DDPSync.of(model)
+    """The sync of a DDP (``ddp``: its wrapper, met inside a compiled one or not) or FSDP2 model
+    (``None`` for a single process); for FSDP2 the table gets its view of the shards (whose hooks
+    join ``handles``, removed with the tracker's), and what FSDP2 does not support is refused here."""
+    if ddp is not None:
+        return DDPSync.of(ddp)
     if not is_fsdp2(model):
         return None
     if config.order == 2 and config.second_order == "hessian":
