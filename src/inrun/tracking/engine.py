@@ -33,17 +33,19 @@ from torch import Tensor, nn
 from ..errors import InRunError, StepOrderError
 from ..optim import rule_for
 from . import segments as docs
+from .accounts import StepAccounts
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
 from .capture import Hooks, TrainRecorder
 from .check import ConsistencyCheck, column_sum
+from .compiled import STALE_GRAPH, add_graph_dots, graph_probe, is_compiled, unwrap
 from .config import TrackerConfig
 from .cost import StepCost
 from .coupled import CoupledLoss, CouplingWatch, attach
 from .coverage import Coverage, coverage_of
 from .ddp import DDPSync
-from .entries import Entry, build_entries
+from .entries import Entry, build_entries, joint_groups
 from .gradmap import GradientReference
 from .kept import keep_for_window
 from .optimizers import RuleSet, StepOptimizers, optimizer_list
@@ -57,23 +59,15 @@ from .state import Capture, Ledger, MicroBatch, Plan, StepLog, Window
 from .validation import Validation, ValidationPass
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel."""
-    inner = model
-    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        inner = inner.module
-    return inner
-
-
 class StepEngine:
     """Every part of the tracker, wired together; :class:`~inrun.InRunShapley` is its facade."""
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, val_loss: Any, config: TrackerConfig,
-        ledger: Ledger, audit: AuditConfig | None = None,
+        ledger: Ledger, audit: AuditConfig | None = None, carry_ledger: Ledger | None = None,
     ) -> None:
         self.config = config
-        self.module = unwrap_model(model)
+        self.module, ddp = unwrap(model)
         self.optimizers = optimizer_list(optimizer)
         self.optimizer = self.optimizers[0]
         options = {"proxy": config.proxy, "adam": config.adam}
@@ -84,16 +78,18 @@ class StepEngine:
         self.table.warn_missing_from(self.optimizers)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # DDP (see inrun.tracking.ddp): its process group; None for a single process.
-        self.ddp = DDPSync.of(model) if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        self.ddp = DDPSync.of(ddp) if ddp is not None else None
+        self.compiled = is_compiled(model)
         self.policy = RoutePolicy(config)
         self.hooks = Hooks(self.entries)
         self.validation = ValidationPass(
             self.module, self.table, self.entries, self.hooks, val_loss, config, self.update, self.policy,
         )
         self.check = ConsistencyCheck(config, self.table, self.ddp)
-        self.check.groups = self.joint_groups()
+        self.check.groups = joint_groups(self.entries)
         self.rule = make_value_rule(config, self.update, self.table, self.validation, self.check, self.ddp)
         self.log = StepLog(ledger)
+        self.accounts = StepAccounts(self.update, self.table, self.validation, carry_ledger, config.carry_window, self.ddp)
         self.enabled = True
         self.window: Window | None = None
         self.pending: Window | None = None
@@ -135,6 +131,7 @@ class StepEngine:
         t0 = time.perf_counter()
         opening = self.window is None
         recorder = self.open_microbatch(id_list, seg, token_values)
+        probe, reason = graph_probe(self, len(id_list), documents=seg is not None)
         t1 = time.perf_counter()
         # a loss that couples the rows, undeclared: watched while rows are being proven
         watch = (CouplingWatch(self.root_calls.inside, len(id_list)) if self.declared is None and seg is None
@@ -142,7 +139,9 @@ class StepEngine:
         self.root_calls.coupling = watch
         try:
             self.window_ids.add(self.window, id_list, documents=seg is not None)
-            with self.hooks.recording(recorder), watch or contextlib.nullcontext():
+            with self.hooks.recording(recorder), watch or contextlib.nullcontext(), self.hooks.graph.block(
+                probe, self.validation.current.grads, reason, self.compiled,
+            ):
                 yield
         except BaseException as exc:
             self.root_calls.coupling = None
@@ -150,7 +149,7 @@ class StepEngine:
             raise
         t2 = time.perf_counter()
         self.root_calls.coupling = None
-        self.close_microbatch(recorder, None)
+        self.close_microbatch(recorder, None, probe)
         if timed:
             self.cost.add(opening, t1 - t0, t2 - t1)
 
@@ -161,6 +160,7 @@ class StepEngine:
         if window is not None and window.micro and self.table.all_grads_none():
             # The previous micro-batches were zeroed away without an optimizer step
             # (e.g. GradScaler skipped it): nothing they computed was applied.
+            self.accounts.drops.end(window, stepped=False)
             self.log.skip(window, "gradients were zeroed without an optimizer step", warn=True)
             window = self.window = None
         if window is None:
@@ -184,11 +184,12 @@ class StepEngine:
         """A new optimizer step: the model as it was made, a pending step finished, the validation
         gradient at the step's start, zero gradients."""
         self.table.require_unchanged()
-        self.flush()
-        if not (val := self.validation.at_step_start(self.log.count)).shifted:
-            self.log.measured(self.log.count, val.loss)
+        self._settle_pending()
+        moved = self.accounts.drops.moved()  # before a pass shifts the parameters (and back)
+        val = self.validation.at_step_start(self.log.count)
         self.table.require_zero_grads()
         self.window = self.log.open()
+        self.accounts.open(self.window, val, moved)
         self.gradients.start()
         self.steps.start()
 
@@ -233,7 +234,7 @@ class StepEngine:
         """The model's output gradients are kept for the row verification, and on audited steps."""
         return self._verifying() or self.declared is not None or (self.audit is not None and self.audit.recording)
 
-    def close_microbatch(self, recorder: TrainRecorder, error: BaseException | None) -> None:
+    def close_microbatch(self, recorder: TrainRecorder, error: BaseException | None, probe: Tensor | None = None) -> None:
         verify = self._verifying()
         recorder.open = False
         self.recorder = None
@@ -246,11 +247,13 @@ class StepEngine:
                 window.doomed = f"{type(error).__name__} inside tracker.step()"
             return
         mb = recorder.microbatch
+        if probe is not None and probe.grad is not None:
+            add_graph_dots(self, mb, probe.grad)
         if mb.fired == 0 and not any(g is not None for c in calls for g in c.grads):
             window.doomed = "no backward pass reached a tracked layer inside tracker.step()"
             raise StepOrderError(
                 "no backward pass reached a tracked layer inside tracker.step(ids): call "
-                "loss.backward() inside the `with tracker.step(ids):` block"
+                "loss.backward() inside the `with tracker.step(ids):` block" + ("" if probe is None else STALE_GRAPH)
             )
         try:
             if verify:
@@ -258,7 +261,7 @@ class StepEngine:
                 if verified is not mb:
                     mb.captures.clear()  # the replay's micro-batch replaces it: its factors go now
                 mb = verified
-                self.check.groups = self.joint_groups()
+                self.check.groups = joint_groups(self.entries)
             elif self.config.verify == "on_change":
                 self.probes.alone(calls, window.step, len(window.micro))  # one example, alone
             attach(mb, self.declared, calls)
@@ -290,20 +293,6 @@ class StepEngine:
                 self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions, cap.part))
             keep_for_window(cap, grad.detach(), mb.factors, condense=mb.segments is None)
 
-    def joint_groups(self) -> list[list[int]]:
-        """Parameter rows valued together (the fallback values a module's parameters jointly):
-        the per-step check and the row verification judge each group as one. Groups that share
-        a row (a tied parameter) are merged."""
-        groups: list[set[int]] = []
-        for e in self.entries:
-            if e.active and e.handler.multi_output and len(e.param_index) > 1:
-                rows = set(e.param_index)
-                for g in [g for g in groups if g & rows]:
-                    rows |= g
-                    groups.remove(g)
-                groups.append(rows)
-        return [sorted(g) for g in groups]
-
     def zero_dots(self, mb: MicroBatch, device: torch.device) -> Tensor:
         columns = self.validation.current.columns
         return torch.zeros(len(self.table), mb.size, columns, dtype=torch.float64, device=device)
@@ -322,7 +311,11 @@ class StepEngine:
 
     # ------------------------------------------------------------------ the rest
     def flush(self) -> None:
-        """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
+        """Finish a step waiting for ``g_val(θ_t+1)`` (trapezoid) or ``L(θ_t+1)`` (its drop row), here."""
+        self._settle_pending()
+        self.accounts.drops.finish()
+
+    def _settle_pending(self) -> None:
         if self.pending is None:
             return
         window, self.pending = self.pending, None
@@ -338,6 +331,7 @@ class StepEngine:
         if by_user and self.recorder is not None:
             raise StepOrderError("skip_step() must be called after the tracker.step() block, not inside it")
         window, self.window = self.window, None
+        self.accounts.drops.end(window, stepped=False)
         self.steps.start()
         self.log.skip(window, reason)
 
@@ -349,6 +343,7 @@ class StepEngine:
         state: dict[str, Any] = {"step_count": self.log.count, "config": asdict(self.config)}
         if self.audit is not None:
             state["audit"] = self.audit.state()
+        state.update(self.accounts.state())
         return state
 
     def restore(self, state: dict[str, Any], ledger: Ledger | None) -> None:
@@ -358,6 +353,7 @@ class StepEngine:
         self.log.count = int(state["step_count"])
         if self.audit is not None and state.get("audit") is not None:
             self.audit.load_state(state["audit"])
+        self.accounts.load_state(state)
         if ledger is not None:
             self.log.ledger = ledger
             self.window_ids.kind = ledger.id_kind()
@@ -388,6 +384,7 @@ class StepEngine:
             self.flush()
         if self.audit is not None:
             self.audit.close()
+        self.accounts.close()
         self.hooks.remove()
         self.root_calls.remove()
         self.steps.remove()

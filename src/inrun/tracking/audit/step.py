@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ... import exact
 from ...modes import evaluating
+from ...shapley import scaled, weigh
 from ..replay import RootCall, weighted_gradients
 from ..state import StepState, Window
 from .config import AuditConfig, AuditError, Precision
@@ -27,6 +28,7 @@ from .game import (
     float64_twin,
     gradient,
     hessian_vector,
+    unfaithful_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -191,16 +193,13 @@ class StepAudit:
             return
         exact_values, stderr, approx, method, evaluations = result
         self._spent += time.perf_counter() - t0
-        numbers = fidelity(exact_values, approx)
-        flagged = (
-            len(players) >= 4 and numbers["pearson"] < self.config.warn_below
-            and numbers["rel_rmse"] > self.config.warn_rmse
-        )
+        numbers = fidelity(exact_values, approx, stderr)
+        flagged = len(players) >= 4 and numbers["rel_rmse"] > self.config.warn_rmse + 2 * numbers["noise"]
         row.update(
             status="ok", method=method, utility=float(exact_values.sum()),
             stderr=float(np.mean(stderr)) if len(stderr) else 0.0, evaluations=evaluations,
             seconds_gradients=sample.seconds, seconds_game=time.perf_counter() - t0, flagged=bool(flagged),
-            **{k: numbers[k] for k in ("pearson", "spearman", "rel_rmse", "efficiency_gap", "rms_exact")},
+            **{k: numbers[k] for k in ("pearson", "spearman", "rel_rmse", "noise", "efficiency_gap", "rms_exact")},
         )
         self.steps.append(row)
         first_row = len(self._values)
@@ -217,6 +216,8 @@ class StepAudit:
         rule = self.engine.rule
         return {
             "step": window.step, "status": "", "reason": "", "method": "", "players": players, "batch": batch,
+            "game": "full" if players == batch else "sub", "noise": math.nan, "data_free": math.nan,
+            "step_utility": math.nan, "step_values": math.nan,
             "order": rule.order, "variant": "first order" if rule.correction == "none" else rule.correction,
             "rule": self.engine.update.name, "lr": float(self.engine.optimizer.param_groups[0]["lr"]),
             "utility": math.nan, "rms_exact": math.nan, "stderr": math.nan, "pearson": math.nan,
@@ -225,31 +226,9 @@ class StepAudit:
         }
 
     def _message(self, row: dict[str, Any]) -> str:
-        what = f"order-{row['order']} values"
-        if row["rule"] == "sgd_proxy":
-            what += " (SGD proxy)"
-        elif row["rule"] == "adam":
-            what += " (Adam-aware)"
-        if row["rule"] == "sgd_proxy":
-            advice = "the SGD proxy does not follow this optimizer's step; value it with its own rule (proxy=None)"
-        elif self._first_adam_step():
-            advice = ("it is the optimizer's first Adam step, whose update (the second moment from this batch "
-                      "alone) no linearization follows; later steps are audited as they come")
-        elif row["order"] == 1:
-            advice = "use order=2 or a smaller learning rate"
-        else:
-            advice = "use a smaller learning rate"
-        return (
-            f"{what} correlate r = {row['pearson']:.2f} with exact Shapley at step {row['step']} "
-            f"(Spearman {row['spearman']:.2f}, relative RMSE {row['rel_rmse']:.2f}, {row['players']} examples, "
-            f"lr {row['lr']:.3g}): {advice}"
-        )
-
-    def _first_adam_step(self) -> bool:
-        opt = self.engine.optimizer
-        if self.engine.update.name != "adam":
-            return False
-        return all("step" not in opt.state.get(p, {}) or float(opt.state[p]["step"]) == 0 for p in self.engine.table.params)
+        table = self.engine.table
+        nonlinear = self.engine.update.nonlinear_step(table.params, table.grads())
+        return unfaithful_message(row, nonlinear, self.config.warn_below)
 
     def _tell(self, message: str) -> None:
         key = message.split(":", 1)[-1]
@@ -259,7 +238,15 @@ class StepAudit:
 
     def fill_ledger(self) -> None:
         """Copy the ledger's values of audited examples once their steps are final (trapezoid:
-        after the next validation pass)."""
+        after the next validation pass), and beside each audited step what its game cannot see:
+        the step's data-free part, its whole batch's utility ``U_t(B)`` and Σ values (its drop row)."""
+        missing = {r["step"] for r in self.steps if r["status"] == "ok" and math.isnan(r["step_utility"])}
+        if missing:
+            drops = {d["step"]: d for d in self.engine.accounts.drops.rows if d["step"] in missing}
+            for r in self.steps:
+                if r["step"] in drops and r["status"] == "ok":
+                    d = drops[r["step"]]
+                    r.update(data_free=d["data_free"], step_utility=d["utility"], step_values=d["values"])
         still = []
         for window, positions, first_row in self._waiting:
             if window.state is StepState.COMMITTED:
@@ -290,7 +277,7 @@ class StepAudit:
             stderr = torch.zeros_like(values)
             method, evaluations = "enumeration", 2**m
         else:
-            est = exact.monte_carlo_shapley(game.utility, m, self.config.permutations,
+            est = exact.monte_carlo_shapley(game.utility, m, self.config.permutations, antithetic=True,
                                             seed=self.config.seed * 1_000_003 + window.step)
             values, stderr, method, evaluations = est.values, est.stderr, est.method, est.evaluations
         approx = self._tracker_values(model, theta, per_example, ratio, update, eval_mode)
@@ -327,22 +314,22 @@ class StepAudit:
         start = {n: theta[n] + (0 if shift is None else shift[i].to(dtype)) for i, n in enumerate(names)}
         with evaluating(model, eval_mode):
             g_start = gradient(loss_module, start)
-        # per parameter: the weight w_p of the dot <g_z, w_p ⊙ g_val> (a scalar c_p, or −r D_p)
+        # per parameter: the weight w_p of the dot <g_z, w_p(g_val)>: a scalar c_p, −r D_p, or −r Jᵀ
         if upd.elementwise:
             x = [(ratio[i].to(p.dtype) * summed[n].to(p.dtype)) for i, (n, p) in enumerate(zip(names, table.params))]
-            slopes = upd.slopes(table.params, x)
+            slopes = upd.pullbacks(table.params, x)
             weights: list[Any] = [
-                torch.zeros_like(theta[n]) if s is None else (-ratio[i].to(dtype) * s.to(dtype))
+                torch.zeros_like(theta[n]) if s is None else scaled(s if callable(s) else s.to(dtype), -ratio[i].to(dtype))
                 for i, (n, s) in enumerate(zip(names, slopes))
             ]
         else:
             coef = upd.scalar_coefficients(table.params) * ratio.to(torch.float64).cpu()
-            weights = [float(c) for c in coef]
+            weights = list(coef)
 
         def values_with(vectors: Mapping[str, Tensor]) -> Tensor:
             total = torch.zeros(next(iter(per_example.values())).shape[0], dtype=torch.float64)
             for i, n in enumerate(names):
-                v = weights[i] * vectors[n]
+                v = weigh(weights[i], vectors[n].unsqueeze(0))[0]
                 total += (per_example[n].flatten(1).double() @ v.flatten().double()).cpu()
             return total
 
