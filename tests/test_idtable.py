@@ -84,7 +84,7 @@ def test_sums_by_id_through_freezes_and_merges(kind: str, small_runs: None, monk
 def test_rollback_is_exact(small_runs: None) -> None:
     steps = random_steps("int", steps=20)
     table = IdTable()
-    for ids, first, second, per_val in steps:
+    for ids, first, second, _ in steps:
         table.add(ids, first, second, None)
     before = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in p.items()} for p in table.partitions(10**6)]
     table.mark()
@@ -179,3 +179,35 @@ def test_ranks_merge_by_partition(kind: str, tmp_path, small_runs: None) -> None
     merged = valuefiles.read_values(out, parts, files)
     check(merged, oracle([s for steps in ranks for s in steps]))
     assert merged.get(ranks[1][0][0][0])["source"] == "s1"
+
+
+# ----------------------------------------------------------------------------- exports
+def test_dolma_attribute_files_mirror_the_documents(tmp_path) -> None:
+    import gzip
+    import json
+
+    from inrun.valueexport import annotate, write_dolma_attributes
+
+    table = IdTable()
+    table.add(["a", "c"], np.array([1.0, -2.0]), np.array([0.5, 0.0]))
+    docs = tmp_path / "corpus" / "documents" / "2024"
+    docs.mkdir(parents=True)
+    lines = [{"id": "a", "text": "abcd"}, {"id": "b", "text": "xy"}, {"id": "c", "text": "hello"}]
+    with gzip.open(docs / "part0.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(x) + "\n" for x in lines)
+    (written,) = write_dolma_attributes(table, tmp_path / "corpus" / "documents", batch=2)
+    assert written == tmp_path / "corpus" / "attributes" / "inrun" / "2024" / "part0.jsonl.gz"
+    with gzip.open(written, "rt") as f:
+        rows = [json.loads(x) for x in f]
+    assert [r["id"] for r in rows] == ["a", "b", "c"]  # the same rows, in the same order
+    assert rows[0]["attributes"] == {"inrun__count": [[0, 4, 1]], "inrun__value": [[0, 4, 1.5]]}
+    assert rows[1]["attributes"] == {"inrun__count": [[0, 2, 0]]}
+    assert rows[2]["attributes"]["inrun__value"] == [[0, 5, -2.0]]
+
+    class Doc:  # datatrove's Document: id and a metadata dict
+        def __init__(self, i: str) -> None:
+            self.id, self.metadata = i, {}
+
+    out = list(annotate([Doc("c"), Doc("zz")], table))
+    assert out[0].metadata == {"inrun_value": -2.0, "inrun_count": 1}
+    assert np.isnan(out[1].metadata["inrun_value"]) and out[1].metadata["inrun_count"] == 0

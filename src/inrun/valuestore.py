@@ -396,6 +396,26 @@ class IdTable:
         part = self.delta if loc.run[0] == -1 else self.runs[loc.run[0]]
         return self._record(part, int(loc.row[0]), i)
 
+    def lookup(self, ids: Sequence[Id]) -> dict[str, np.ndarray]:
+        """Columns for a batch of ids, vectorized: ``found`` (bool), ``first``, ``second``
+        (NaN where not found), ``count`` (0 where not found)."""
+        n = len(ids)
+        out = {"found": np.zeros(n, dtype=bool), "first": np.full(n, np.nan), "second": np.full(n, np.nan),
+               "count": np.zeros(n, dtype=np.int64)}
+        if not n or self.kind is None or any(isinstance(i, str) != (self.kind == "str") for i in ids):
+            return out
+        keys, texts = self.keys_of(ids)
+        loc = self.locate(keys, texts)
+        for r in np.unique(loc.run):
+            if r == -2:
+                continue
+            part = self.delta if r == -1 else self.runs[r]
+            pick = np.nonzero(loc.run == r)[0]
+            rows = loc.row[pick]
+            out["found"][pick] = True
+            out["first"][pick], out["second"][pick], out["count"][pick] = part.first[rows], part.second[rows], part.count[rows]
+        return out
+
     def _record(self, part: Run, row: int, i: Id) -> dict[str, Any]:
         code = -1 if part.source is None else int(part.source[row])
         return {
