@@ -30,9 +30,9 @@ import numpy as np
 
 from .errors import LedgerError
 from .storage import IntegrityError, atomic_write, file_digest, verify_file
-from .valuestore import IdTable, hash_key
+from .valuestore import IdTable, hash_key, release_memory
 
-PARTITION_ROWS = 1 << 22
+PARTITION_ROWS = 1 << 20
 VALUES_FILE = "values.parquet"
 PER_VALIDATION_FILE = "per_validation.parquet"
 VALUES_DIR = "values"
@@ -110,12 +110,12 @@ def _remove_stale(directory: Path, files: Mapping[str, Any]) -> None:
             (directory / single).unlink(missing_ok=True)
 
 
-def _read_parquet(path: Path) -> Any:
+def _read_parquet(path: Path, columns: list[str] | None = None) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path)
+        return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise IntegrityError(f"{path} cannot be read as Parquet ({' '.join(str(exc).split())[:160]})") from None
 
@@ -130,7 +130,11 @@ def partition_columns(directory: Path, entry: Mapping[str, Any], files: Mapping[
 
     name = entry["file"]
     verify_file(directory / name, files[name], "listed in ledger.json")
-    t = _read_parquet(directory / name)
+    import pyarrow.parquet as pq
+
+    present = set(pq.read_schema(directory / name).names)
+    t = _read_parquet(directory / name, [c for c in ("id", "key", "first_order", "second_order", "count", "source")
+                                         if c in present])
     ids = t.column("id")
     text = None
     if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
@@ -176,6 +180,7 @@ def read_values(directory: Path, partitions: Sequence[Mapping[str, Any]], files:
     for entry in partitions:
         if entry.get("rows", 1):
             table.adopt(partition_columns(directory, entry, files))
+            release_memory()  # the partition's Arrow buffers not kept (the value column, int64 counts)
     return table
 
 

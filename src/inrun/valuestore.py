@@ -23,8 +23,11 @@ Layout (a log-structured merge of sorted runs):
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import itertools
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +47,28 @@ INT64 = np.iinfo(np.int64)
 def hash_key(text: str) -> int:
     """The 64-bit key of a str id."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system after a merge: glibc keeps freed blocks of the
+    merged runs in its heap (its mmap threshold grows as large arrays are freed), and Arrow's
+    pool keeps freed buffers, so without this the resident size creeps far above the table."""
+    pa = sys.modules.get("pyarrow")
+    if pa is not None:
+        pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # pragma: no cover - not glibc
+        return None
+
+
+_LIBC = _libc()
 
 
 @dataclass
@@ -142,15 +167,25 @@ class IdTable:
         kind = "str" if isinstance(ids[0], str) else "int"
         if self.kind is None:
             self.kind = kind
-        if kind != self.kind or any(isinstance(i, str) != (kind == "str") for i in ids):
-            raise LedgerError("ids mix int and str; use one type so they can be stored in one column")
+        mixed = LedgerError("ids mix int and str; use one type so they can be stored in one column")
+        if kind != self.kind:
+            raise mixed
         if kind == "str":
             texts = list(ids)
+            if not all(isinstance(i, str) for i in texts):
+                raise mixed
             return np.fromiter((hash_key(s) for s in texts), dtype=np.int64, count=len(texts)), texts
         try:
-            return np.asarray(ids, dtype=np.int64), None
+            keys = np.asarray(ids)
         except OverflowError:
-            raise LedgerError(f"int ids must fit in 64 bits (signed); got one in {min(ids)}..{max(ids)}") from None
+            keys = np.asarray(ids, dtype=object)
+        if keys.dtype.kind not in "iu":
+            if keys.dtype == object and all(isinstance(i, int) for i in ids):
+                raise LedgerError(f"int ids must fit in 64 bits (signed); got one in {min(ids)}..{max(ids)}")
+            raise mixed
+        if keys.dtype == np.uint64 and keys.max() > INT64.max:
+            raise LedgerError(f"int ids must fit in 64 bits (signed); got {keys.max()}")
+        return keys.astype(np.int64, copy=False), None
 
     # -- size -----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -168,11 +203,15 @@ class IdTable:
         """Where each key is (``run = -2``: not in the table)."""
         run = np.full(len(keys), -2, dtype=np.int64)
         row = np.zeros(len(keys), dtype=np.int64)
+        by_key = np.argsort(keys, kind="stable")  # sorted needles: searchsorted walks each run once
+        sorted_keys = keys[by_key]
         for r, part in [(-1, self.delta), *enumerate(self.runs)]:
             if not part.n:
                 continue
             sk = part.sorted_keys()
-            todo = np.nonzero((run == -2) & (keys >= sk[0]) & (keys <= sk[-1]))[0]
+            a, b = np.searchsorted(sorted_keys, sk[0]), np.searchsorted(sorted_keys, sk[-1], side="right")
+            todo = by_key[a:b]
+            todo = todo[run[todo] == -2]
             if not len(todo):
                 continue
             at = np.searchsorted(sk, keys[todo])
@@ -204,17 +243,26 @@ class IdTable:
                 j += 1
         return rows, ok
 
-    def ensure(self, ids: Sequence[Id]) -> tuple[Located, np.ndarray]:
-        """Every id located, new ones appended to the delta; and their keys."""
+    def ensure(self, ids: Sequence[Id]) -> tuple[Located, bool]:
+        """Every id located, new ones appended to the delta; and whether an id repeats."""
         keys, texts = self.keys_of(ids)
+        repeats = self._repeats(keys, texts)
         loc = self.locate(keys, texts)
         new = np.nonzero(loc.run == -2)[0]
         if len(new):
-            if len(np.unique(keys[new])) < len(new) and len({ids[k] for k in new}) < len(new):
-                raise LedgerError("an id appears twice in one addition; add each id once per step")
+            if repeats:
+                raise LedgerError("an id new to the table appears twice in one addition; add each id once")
             loc.run[new] = -1
             loc.row[new] = self._append(keys[new], None if texts is None else [texts[k] for k in new])
-        return loc, keys
+        return loc, repeats
+
+    @staticmethod
+    def _repeats(keys: np.ndarray, texts: list[str] | None) -> bool:
+        """Whether an id appears twice among ``keys`` (equal str keys: their texts decide)."""
+        ordered = np.sort(keys)
+        if not np.any(ordered[1:] == ordered[:-1]):
+            return False
+        return texts is None or len(set(texts)) < len(texts)
 
     def _append(self, keys: np.ndarray, texts: list[str] | None) -> np.ndarray:
         d = self.delta
@@ -226,13 +274,10 @@ class IdTable:
         d.n += len(keys)
         if texts is not None:
             d.text.extend(texts)
-        order = np.argsort(d.keys[: d.n], kind="stable") if len(keys) > 64 else None
-        if order is None:  # a step's worth: insert into the sorted index
-            sk = d.keys[d.order]
-            new_order = np.argsort(keys, kind="stable")
-            at = np.searchsorted(sk, keys[new_order], side="right")
-            order = np.insert(d.order, at, rows[new_order])
-        d.order = order
+        # the new keys sorted, then inserted into the sorted index (a copy of the index, no sort)
+        new_order = np.argsort(keys, kind="stable")
+        at = np.searchsorted(d.keys[d.order], keys[new_order], side="right")
+        d.order = np.insert(d.order, at, rows[new_order])
         return rows
 
     def _grow_delta(self, n: int) -> None:
@@ -251,9 +296,10 @@ class IdTable:
             count: int | np.ndarray = 1) -> None:
         """Add ``first[k]``, ``second[k]`` (and ``per_val[k]``) to id ``ids[k]`` and count it once
         (or ``count[k]`` times: merging saved tables)."""
-        loc, _ = self.ensure(ids)
+        loc, repeats = self.ensure(ids)
         if per_val is not None and not self.columns:
             self._enable_per_val(per_val.shape[1])
+        counts = np.int32(count) if np.isscalar(count) else np.asarray(count).astype(np.int32)
         for r in np.unique(loc.run):
             part = self.delta if r == -1 else self.runs[r]
             pick = np.nonzero(loc.run == r)[0]
@@ -261,11 +307,19 @@ class IdTable:
             if self._undo is not None:
                 self._undo.changed.append((int(r), rows, {n: getattr(part, n)[rows].copy() for n in self.COLUMNS
                                                           if getattr(part, n) is not None}))
-            np.add.at(part.first, rows, first[pick])
-            np.add.at(part.second, rows, second[pick])
-            np.add.at(part.count, rows, count if np.isscalar(count) else np.asarray(count)[pick].astype(np.int32))
-            if per_val is not None:
-                np.add.at(part.per_val, rows, per_val[pick])
+            c = counts if counts.ndim == 0 else counts[pick]
+            if not repeats:  # the usual case: one row per id, a plain indexed add
+                part.first[rows] += first[pick]
+                part.second[rows] += second[pick]
+                part.count[rows] += c
+                if per_val is not None:
+                    part.per_val[rows] += per_val[pick]
+            else:
+                np.add.at(part.first, rows, first[pick])
+                np.add.at(part.second, rows, second[pick])
+                np.add.at(part.count, rows, c)
+                if per_val is not None:
+                    np.add.at(part.per_val, rows, per_val[pick])
         self._maybe_freeze()
 
     def set_sources(self, ids: Sequence[Id], names: Sequence[str | None], only_unset: bool = False) -> None:
@@ -344,6 +398,8 @@ class IdTable:
             parts = [self.runs[i] for i in index]
             merged = self._gather(parts, [np.arange(p.n) for p in parts], tier=tier + 1)
             self.runs = [r for i, r in enumerate(self.runs) if i not in index] + [merged]
+            del parts
+            release_memory()
 
     # -- undo -------------------------------------------------------------------------------------
     def mark(self) -> None:
@@ -456,24 +512,15 @@ class IdTable:
 
     @staticmethod
     def _bounds(parts: list[Run], pieces: int) -> list[Any]:
-        """Keys that cut the sorted union of ``parts`` into ``pieces`` ranges of about equal size
-        (found by bisection on the key: no union is formed); the last bound is ``None`` (open)."""
+        """Keys that cut the sorted union of ``parts`` into ``pieces`` ranges of about equal size,
+        from a sample of every run (no union is formed): ``[b_k, b_k+1)``, the last open (``None``)."""
+        if pieces <= 1:
+            return [INT64.min, None]
         total = sum(p.n for p in parts)
-        out: list[Any] = [INT64.min]
-        for k in range(1, pieces):
-            target = k * total // pieces
-            lo, hi = INT64.min, INT64.max
-            while lo < hi:  # the smallest key with at least `target` keys below or at it
-                mid = (lo + hi) // 2
-                below = sum(int(np.searchsorted(p.sorted_keys(), mid, side="right")) for p in parts)
-                if below >= target:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            if out[-1] < lo < INT64.max:
-                out.append(lo + 1)
-        out.append(None)
-        return out
+        stride = max(1, total // (pieces * 64))
+        samples = np.sort(np.concatenate([p.sorted_keys()[::stride] for p in parts]))
+        cuts = np.unique(samples[(np.arange(1, pieces) * len(samples)) // pieces])
+        return [INT64.min, *(int(c) for c in cuts if c > INT64.min), None]
 
     # -- building from saved partitions -------------------------------------------------------------
     def adopt(self, columns: dict[str, Any]) -> None:
