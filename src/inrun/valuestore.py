@@ -404,7 +404,9 @@ class IdTable:
     # -- undo -------------------------------------------------------------------------------------
     def mark(self) -> None:
         """Remember the table as it is (no run freezes or merges until :meth:`commit` or
-        :meth:`rollback`)."""
+        :meth:`rollback`); a new mark forgets the previous one."""
+        if self._undo is not None:
+            self.commit()
         self._undo = _Undo(self.delta.n, len(self.delta.text) if isinstance(self.delta.text, list) else 0,
                            had_per_val=bool(self.columns), had_sources=self.delta.source is not None)
 
