@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,6 +39,12 @@ class ZooCase:
     tracker_options: dict[str, Any] = field(default_factory=dict)
     oracle_dtype: torch.dtype = torch.float64
     """float32 only for models with ops that have no float64 kernel (grouped matmul of MoE)."""
+    train: Callable[[nn.Module, Batch], Tensor] | None = None
+    """The loss the loop back-propagates, as users write it (``model(**batch).loss``), when it is
+    not ``losses(...).sum() / normalizer(...)`` spelled out; it must equal that."""
+    refused: str | None = None
+    """For a model the tracker cannot value: a pattern its one-line refusal (an ``InRunError``,
+    naming the module and the fix) must match."""
 
 
 def slice_batch(batch: Batch, rows: slice | list[int]) -> Batch:
@@ -50,31 +57,54 @@ def training_loss(case: ZooCase, model: nn.Module, batch: Batch) -> Tensor:
 
 def oracle_gradients(case: ZooCase, model: nn.Module, batch: Batch) -> list[dict[str, Tensor]]:
     """Each example's gradient of its share of the loss, computed on that example alone."""
-    ref = copy.deepcopy(model).to(case.oracle_dtype)
+    ref = twin(model, case.build).to(case.oracle_dtype)
     params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
     norm = case.normalizer(batch)
     B = next(iter(batch.values())).shape[0]
+    buffers = [(b, b.clone()) for b in ref.buffers()]
     out = []
     for z in range(B):
+        with torch.no_grad():  # each example from the state the batch started from (spectral_norm's u, v)
+            for b, before in buffers:
+                b.copy_(before)
         row = cast({k: v[z : z + 1] for k, v in batch.items()}, case.oracle_dtype)
         share = case.losses(ref, row).sum() / norm
-        grads = torch.autograd.grad(share, list(params.values()), allow_unused=True)
-        out.append({n: (g if g is not None else torch.zeros_like(p)).detach() for (n, p), g in zip(params.items(), grads)})
+        out.append(plain_gradients(share, params))
     return out
+
+
+def plain_gradients(loss: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``loss.backward()`` into fresh ``.grad`` (not ``torch.autograd.grad``, which a reentrant
+    checkpoint refuses)."""
+    for p in params.values():
+        p.grad = None
+    loss.backward()
+    return {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone() for n, p in params.items()}
+
+
+def twin(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """An independent copy of ``model``: a deep copy, or (a legacy ``weight_norm`` keeps a computed
+    weight, which cannot be deep-copied) the model built again with its state loaded."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError:
+        other = build().to(next(model.parameters()).dtype).train(model.training)
+        other.load_state_dict(model.state_dict())
+        return other
 
 
 def val_gradient(
     val_loss: Callable[[nn.Module], Tensor], model: nn.Module, dtype: torch.dtype, shift: list[Tensor] | None = None,
+    build: Callable[[], nn.Module] | None = None,
 ) -> dict[str, Tensor]:
     """``g_val`` on an eval-mode copy (at ``θ + shift`` if given)."""
-    ref = copy.deepcopy(model).to(dtype).eval()
+    ref = (twin(model, build) if build is not None else copy.deepcopy(model)).to(dtype).eval()
     if shift is not None:
         with torch.no_grad():
             for p, s in zip([p for p in ref.parameters() if p.requires_grad], shift):
                 p.add_(s.to(dtype))
     params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
-    grads = torch.autograd.grad(val_loss(ref), list(params.values()), allow_unused=True)
-    return {n: (g if g is not None else torch.zeros_like(p)).detach() for (n, p), g in zip(params.items(), grads)}
+    return plain_gradients(val_loss(ref), params)
 
 
 def run_case(case: ZooCase, mode: str = "sgd", steps: int = 2) -> float:
@@ -110,9 +140,9 @@ def run_case(case: ZooCase, mode: str = "sgd", steps: int = 2) -> float:
         ids = list(range(step * case.batch_size, (step + 1) * case.batch_size))
         per_example = oracle_gradients(case, model, batch)
         shift = rule.data_free_step(params) if mode == "adamw" else None
-        g_val = val_gradient(val_loss, model, case.oracle_dtype, shift)
+        g_val = val_gradient(val_loss, model, case.oracle_dtype, shift, case.build)
         with tracker.step(ids):
-            training_loss(case, model, batch).backward()
+            (case.train or partial(training_loss, case))(model, batch).backward()
         if mode == "adamw":
             slopes = dict(zip(names, rule.slopes(params, [p.grad for p in params])))
             u = {n: -slopes[n].to(case.oracle_dtype) * g_val[n] for n in names}
@@ -121,7 +151,7 @@ def run_case(case: ZooCase, mode: str = "sgd", steps: int = 2) -> float:
         opt.step()
         opt.zero_grad()
         if mode == "trapezoid":
-            g_next = val_gradient(val_loss, model, case.oracle_dtype)
+            g_next = val_gradient(val_loss, model, case.oracle_dtype, build=case.build)
             u = {n: case.lr * (g_val[n] + g_next[n]) / 2 for n in names}
         u_norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in u.values())))
         for i, g in zip(ids, per_example):

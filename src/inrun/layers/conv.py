@@ -19,6 +19,7 @@ from .registry import LayerHandler, as_float, first_input, register_handler, sta
 class ConvHandler(LayerHandler):
     name = "conv"
     math_methods = ("forward", "_conv_forward")
+    param_names = ("weight", "bias")
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
         return first_input(module, args, kwargs).detach()

@@ -20,6 +20,7 @@ from .registry import LayerHandler, as_float, first_input, register_handler
 
 class EmbeddingHandler(LayerHandler):
     name = "embedding"
+    param_names = ("weight",)
     row_sparse = True
 
     def check(self, module: nn.Module) -> None:
@@ -68,6 +69,7 @@ class EmbeddingBagHandler(LayerHandler):
     ``offsets``); ``padding_idx`` ids are left out, of the mean's count too, as torch does."""
 
     name = "embedding_bag"
+    param_names = ("weight",)
 
     def check(self, module: nn.Module) -> None:
         if module.mode == "max":

@@ -18,16 +18,24 @@ contiguous per example, broadcast tables whose consumer is not a broadcast, a we
 its module's forward): those are valued where the batch is visible again.
 
 Exact when each output row belongs to one example and examples do not interact inside the module
-(checked by the tracker's row verification). Ops without a forward-mode derivative fail with a
-clear error (attention runs on its math backend and RNNs without MKL-DNN here, since their fused
-kernels have none).
+(checked by the tracker's row verification). Attention runs on its math backend and RNNs without
+MKL-DNN here, since their fused kernels have no forward-mode derivative; where forward mode fails
+anyway (``weight_norm``, a custom autograd Function without ``jvp``, a packed RNN) the JVP is the
+derivative of a VJP (:func:`jvp_by_double_backward`); a module neither can differentiate is refused
+with a one-line error naming it.
+
+The call is replayed as it ran: buffers it changed in place (``spectral_norm``'s power iteration)
+from their values before it, a reentrant activation checkpoint inline, a key/value cache it wrote
+into left out (:func:`without_caches`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import sys
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +59,9 @@ class CallRecord:
     state: dict[str, Tensor] | None = None
     outputs: list[int] | None = None
     """Positions, among the output's leaves, of the tensors ``rows`` and the gradients refer to."""
+    buffers_before: dict[str, Tensor] = field(default_factory=dict)
+    """Buffers the call changed in place (``spectral_norm``'s power iteration), as they were before
+    it: the replay starts from them."""
 
 
 class JVPHandler(LayerHandler):
@@ -69,8 +80,10 @@ class JVPHandler(LayerHandler):
         return None
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> CallRecord:
+        """The call's inputs, detached; a key/value cache the call wrote into is left out (see
+        :func:`without_caches`)."""
         leaves, spec = tree_flatten((args, kwargs))
-        return CallRecord([x.detach() if isinstance(x, Tensor) else x for x in leaves], spec, None, [])
+        return CallRecord([x.detach() if isinstance(x, Tensor) else x for x in without_caches(leaves)], spec, None, [])
 
     def keep(self, module: nn.Module, saved: CallRecord) -> CallRecord:
         """The call read again after the optimizer step: keep the module's tensors as they were."""
@@ -86,6 +99,7 @@ class JVPHandler(LayerHandler):
         as one group)."""
         args, kwargs = tree_unflatten(saved.leaves, saved.spec)
         current = saved.state if saved.state is not None else _detached(module)
+        current = {**current, **saved.buffers_before}
         buffers = {n for n, _ in module.named_buffers()}
         tied = _tied_names(module)
         names = list(vectors)
@@ -104,17 +118,100 @@ class JVPHandler(LayerHandler):
         like = next(iter(vectors.values()))
         cols = []
         for k in range(like.shape[0]):
+            tangent = {n: tangents[n][k].to(primal[n].dtype) for n in names}
             with _replaying(saved.rng):
-                try:
-                    _, tangent_out = jvp(f, (primal,), ({n: tangents[n][k].to(primal[n].dtype) for n in names},))
-                except (NotImplementedError, RuntimeError) as exc:
-                    raise UnsupportedModuleError(
-                        f"the fallback could not take the forward-mode derivative of "
-                        f"{type(module).__name__} ({str(exc).splitlines()[0]}). Register a handler for it "
-                        "with inrun.layers.register_handler, or freeze its parameters."
-                    ) from exc
+                tangent_out = directional_derivative(module, f, primal, tangent)
             cols.append(contract_outputs(tangent_out, grad_out, saved.rows, like))
         return {names[0]: torch.stack(cols, dim=1)}
+
+
+_NO_FORWARD_MODE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""Modules whose forward has an op without a forward-mode formula: their JVPs go by double
+backward from the first failure on."""
+
+
+def directional_derivative(
+    module: nn.Module, f: Callable[[dict[str, Tensor]], tuple[Tensor, ...]], primal: dict[str, Tensor],
+    tangent: dict[str, Tensor],
+) -> tuple[Tensor, ...]:
+    """``J v``: the derivative of ``f``'s outputs at ``primal`` along ``tangent``. Forward mode
+    where torch has a formula for every op; otherwise (``weight_norm``, a custom autograd Function
+    without ``jvp``, a packed RNN) the derivative of a VJP, which needs none."""
+    if module not in _NO_FORWARD_MODE:
+        try:
+            return jvp(f, (primal,), (tangent,))[1]
+        except (NotImplementedError, RuntimeError) as exc:
+            forward_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            _NO_FORWARD_MODE.add(module)
+    else:
+        forward_error = "no forward-mode formula"
+    try:
+        return jvp_by_double_backward(f, primal, tangent)
+    except (NotImplementedError, RuntimeError) as exc:
+        _NO_FORWARD_MODE.discard(module)
+        raise UnsupportedModuleError(
+            f"the fallback could not take the directional derivative of {type(module).__name__} "
+            f"(forward mode: {forward_error}; double backward: {str(exc).splitlines()[0]}). Register a "
+            "handler for it with inrun.layers.register_handler, or freeze its parameters."
+        ) from exc
+
+
+def jvp_by_double_backward(
+    f: Callable[[dict[str, Tensor]], tuple[Tensor, ...]], primal: dict[str, Tensor], tangent: dict[str, Tensor],
+) -> tuple[Tensor, ...]:
+    """``J v = d/du [(Jᵀ u) · v]``: a VJP with a free cotangent ``u`` is linear in ``u``, and its
+    dot with ``v`` has ``J v`` as its gradient in ``u``. A forward, a backward that keeps its
+    graph, and a backward of that: about twice the cost of forward mode, for any op whose
+    backward autograd can differentiate.
+
+    A backward autograd cannot differentiate (``once_differentiable``, a ``detach`` inside)
+    would drop its part silently; by linearity ``(J v) · u = (Jᵀ u) · v`` at the random ``u``
+    used here, and a dropped part breaks that identity: it raises instead (a part too small for
+    the identity's tolerance is left to the row verification and the per-step check)."""
+    with torch.enable_grad():
+        params = {n: t.detach().requires_grad_(True) for n, t in primal.items()}
+        outputs = f(params)
+        gen = torch.Generator(device=outputs[0].device).manual_seed(0)  # not the call's random stream
+        cotangents = [torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device).requires_grad_(True)
+                      for o in outputs]
+        vjp = torch.autograd.grad(outputs, list(params.values()), grad_outputs=cotangents, create_graph=True,
+                                  allow_unused=True)
+        used = [(g, tangent[n]) for n, g in zip(params, vjp) if g is not None]
+        terms = [(g * v).sum() for g, v in used]
+        if not terms:
+            return tuple(torch.zeros_like(o) for o in outputs)
+        value = torch.stack(terms).sum()
+        grads = (torch.autograd.grad(value, cotangents, allow_unused=True) if value.requires_grad
+                 else [None] * len(outputs))
+    jv = tuple(torch.zeros_like(o) if g is None else g.detach() for o, g in zip(outputs, grads))
+    with torch.no_grad():
+        back = sum((j * u).sum() for j, u in zip(jv, cotangents))
+        scale = sum((g.abs() * v.abs()).sum() for g, v in used) + sum((j * u).abs().sum() for j, u in zip(jv, cotangents))
+        # Loose enough for modules that compute in float32 inside a float64 model (RecurrentGemma's
+        # scan): a dropped part is a share of the whole, rounding is not.
+        rtol = {torch.float64: 1e-5, torch.float32: 1e-3}.get(value.dtype, 5e-2)
+        if (back - value).abs() > rtol * scale + 1e-30:
+            raise RuntimeError("the backward of an op inside cannot be differentiated (once_differentiable?)")
+    return jv
+
+
+def is_kv_cache(x: Any) -> bool:
+    """A Hugging Face key/value (or recurrent-state) cache: ``transformers.cache_utils.Cache``."""
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    return cache_utils is not None and isinstance(x, cache_utils.Cache)
+
+
+def without_caches(leaves: list[Any]) -> list[Any]:
+    """A call's input leaves with each key/value cache replaced by ``None``.
+
+    A Hugging Face model trained with ``use_cache`` on (the default of many configs) hands every
+    layer a cache that the layer's forward *writes* (keys appended, convolution and recurrent
+    states stored); a replay of the call with the same cache object would append again and see
+    its own keys. In a training forward the cache a layer receives is empty for that layer (the
+    model made it for this call, or the caller gave an empty one: :class:`~inrun.tracking.replay.
+    RootCalls` refuses others), and a layer with an empty cache computes exactly what it computes
+    with none; the row verification checks the replay against exact per-example gradients."""
+    return [None if is_kv_cache(x) else x for x in leaves]
 
 
 def contract_outputs(
@@ -135,7 +232,12 @@ def contract_outputs(
             part = reduce_rows(per_row.reshape(per_row.shape[0], -1).sum(dim=1, keepdim=True), r)[:, 0]
         total = part if total is None else total + part
     if total is None:
-        raise UnsupportedModuleError("no output of the module received a gradient with a batch dimension")
+        # No gradient reached the call's outputs (a pooler whose output the loss does not read):
+        # no example's loss depends on its parameters through this call.
+        batch = next((r.index.numel() if r.kind == "segmented" else r.batch for r in rows if r is not None), None)
+        if batch is None:
+            raise UnsupportedModuleError("no output of the module has a batch dimension")
+        return torch.zeros(batch, dtype=like.dtype, device=like.device)
     return total
 
 
@@ -173,12 +275,39 @@ def _replaying(rng: Tensor | None) -> Iterator[None]:
     mkldnn = torch._C._get_mkldnn_enabled()  # its fused RNN has no forward derivative
     torch._C._set_mkldnn_enabled(False)
     try:
-        with torch.random.fork_rng(devices=[]), sdpa_kernel([SDPBackend.MATH]):
+        with torch.random.fork_rng(devices=[]), sdpa_kernel([SDPBackend.MATH]), inline_checkpoints():
             if rng is not None:
                 torch.set_rng_state(rng)
             yield
     finally:
         torch._C._set_mkldnn_enabled(mkldnn)
+
+
+class _InlineCheckpoint:
+    """Stands in for ``torch.utils.checkpoint.CheckpointFunction`` during a replay: the function
+    called as it is (what the checkpoint's forward computes, and what its backward recomputes)."""
+
+    @staticmethod
+    def apply(function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+        if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            with torch.no_grad():  # a reentrant checkpoint passes no gradient then
+                return function(*args)
+        return function(*args)
+
+
+@contextlib.contextmanager
+def inline_checkpoints() -> Iterator[None]:
+    """Reentrant ``torch.utils.checkpoint`` (and HF's ``use_reentrant=True``) as plain calls while
+    the tracker replays a call: its backward refuses ``torch.autograd.grad`` and it has no forward
+    derivative; run inline, it computes the same outputs with an ordinary graph."""
+    import torch.utils.checkpoint as checkpointing
+
+    original = checkpointing.CheckpointFunction
+    checkpointing.CheckpointFunction = _InlineCheckpoint  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        checkpointing.CheckpointFunction = original  # type: ignore[misc]
 
 
 FALLBACK = JVPHandler()

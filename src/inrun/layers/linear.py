@@ -57,6 +57,7 @@ class LinearHandler(LayerHandler):
     """``nn.Linear`` with any number of leading dimensions ``[B, *, d] -> [B, *, p]``."""
 
     name = "linear"
+    param_names = ("weight", "bias")
     supports_gram = True
     supports_bookkeeping = True
     transposed = False

@@ -35,6 +35,8 @@ from .registry import (
 class _AffineNormHandler(LayerHandler):
     """Shared dot: ``w``-gradient ``Σ D ⊙ x̂`` and ``b``-gradient ``Σ D`` per example."""
 
+    param_names = ("weight", "bias")
+
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
         return first_input(module, args, kwargs).detach()
 

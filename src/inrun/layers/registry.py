@@ -82,6 +82,10 @@ class LayerHandler:
     """The handler takes any output structure: ``dot`` gets one gradient per output tensor."""
     replays_calls: ClassVar[bool] = False
     """``dot`` re-runs the module's call (it needs the random-number state the call started from)."""
+    param_names: ClassVar[tuple[str, ...] | None] = None
+    """The parameters the handler values (``None``: any). A module with other parameters of its own
+    (a legacy ``weight_norm``'s ``weight_g``/``weight_v``, whose ``weight`` a forward pre-hook
+    computes) is not the registered class's math: it takes the fallback."""
 
     def check(self, module: nn.Module) -> None:
         """Raise :class:`~inrun.errors.UnsupportedModuleError` if the module cannot be valued now."""
@@ -190,7 +194,9 @@ def handler_for(module: nn.Module) -> LayerHandler | None:
         if handler is None:
             continue
         same_math = all(getattr(cls, m, None) is getattr(base, m, None) for m in handler.math_methods)
-        if base is cls or same_math or declared == handler.name:
+        own = {n for n, _ in module.named_parameters(recurse=False)}
+        known = handler.param_names is None or own <= set(handler.param_names)
+        if known and (base is cls or same_math or declared == handler.name):
             return handler
         break
     for predicate, handler in _BY_PREDICATE:

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import StepOrderError
 from ..layers import Rows
 from .entries import Entry
+from .replay import BufferWatch
 from .rows import depends_on_batch, leaf_rows, output_leaves, outputs_cut, row_key
 from .state import Capture, MicroBatch, Plan
 
@@ -37,6 +38,8 @@ class Hooks:
         self.active: Recorder | None = None
         self.handles: list[Any] = []
         self.call_rng: dict[int, Tensor] = {}  # entry -> RNG state at its call's start (replaying handlers)
+        self.call_buffers: dict[int, Any] = {}  # entry -> its buffers at its call's start (replaying handlers)
+        self.buffer_watch = BufferWatch()
 
     def install(self) -> None:
         for e in self.entries:
@@ -53,6 +56,7 @@ class Hooks:
         def hook(module: nn.Module, args: tuple) -> None:
             if isinstance(self.active, TrainRecorder):
                 self.call_rng[entry.index] = torch.get_rng_state()
+                self.call_buffers[entry.index] = self.buffer_watch.before(module)
 
         return hook
 
@@ -157,8 +161,11 @@ class TrainRecorder:
         flatten = False  # a [B, T, ...] call given to the handler as [B·T, ...] (one row per position)
         if handler.replays_calls:
             saved.rng = self.hooks.call_rng.pop(entry.index, None)
+            seen = self.hooks.call_buffers.pop(entry.index, None)
+            saved.buffers_before = self.hooks.buffer_watch.changed(entry.module, seen) if seen is not None else {}
             saved.outputs = index
-            saved.rows = rows if seg is not None else [Rows("batched", mb.size) if r.shared else r for r in rows]
+            saved.rows = rows if seg is not None else [
+                Rows("batched", mb.size) if r is not None and r.shared else r for r in rows]
         elif isinstance(saved, Tensor):
             if by_row[0].kind == "unbatched":
                 saved = saved.unsqueeze(0)
@@ -189,8 +196,12 @@ class TrainRecorder:
             # An output another output was computed from has in its gradient that one's too:
             # contract only the outputs the rest were not computed from (the model's logits,
             # not its encoder states the decoder read; not a loss computed inside the model).
-            cut = outputs_cut(leaves, [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, Tensor)])
-            rows = [r if keep else None for r, keep in zip(rows, cut)]
+            # Outputs without rows (a loss computed inside the module) reach the parameters through
+            # the rowed outputs they were computed from: only the rowed outputs form the cut.
+            rowed = [k for k, r in enumerate(rows) if r is not None]
+            cut = outputs_cut([leaves[k] for k in rowed], [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, Tensor)])
+            keep = {k for k, c in zip(rowed, cut) if c}
+            rows = [r if k in keep else None for k, r in enumerate(rows)]
         if shared:
             leaves = [expand_shared(t, r) for t, r in zip(leaves, by_row)]
         if handler.multi_output:

@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import BatchMismatchError, UnsupportedModuleError
+from ..layers.fallback import inline_checkpoints, is_kv_cache, without_caches
 from .segments import Segments
 
 
@@ -47,6 +48,9 @@ class RootCall:
     """The batched output tensors (leading dimension = the micro-batch), detached."""
     grads: list[Tensor | None] = field(default_factory=list)
     """The user's backward's gradient of each batched output (``None`` if none arrived)."""
+    buffers_before: dict[str, Tensor] = field(default_factory=dict)
+    """The buffers the call changed in place (``spectral_norm``'s power iteration), as they were
+    before it: the replay starts from them."""
     segments: Segments | None = None
     """The micro-batch's documents: players are documents, and an output's positions carry them."""
 
@@ -75,6 +79,8 @@ class RootCall:
                 torch.cuda.set_rng_state(state, i)
             for device, dtype in self.autocast:
                 stack.enter_context(torch.autocast(device, dtype=dtype))
+            stack.enter_context(inline_checkpoints())
+            restore_buffers(self.module, self.buffers_before)
             out = self.module(*self.args, **self.kwargs)
         return batched_leaves(out, self.outputs[0].shape[0] if self.outputs else None)
 
@@ -91,6 +97,38 @@ def buffers_kept(module: nn.Module) -> Iterator[None]:
             for b, before in saved:
                 if not torch.equal(b, before):
                     b.copy_(before)
+
+
+class BufferWatch:
+    """The buffers a module's forward changes in place (``spectral_norm``'s power-iteration
+    vectors, running statistics), and their values before a call, so that a replay of the call
+    starts where the call started. Which buffers change is learned from the module's first call
+    (every buffer is copied once); after that only those are copied, per call."""
+
+    def __init__(self) -> None:
+        self.changing: dict[int, set[str]] = {}
+
+    def before(self, module: nn.Module) -> tuple[dict[str, tuple[int, int]], dict[str, Tensor]]:
+        """Before a call: each buffer's identity and version, and copies of those it may change."""
+        buffers = dict(module.named_buffers())
+        names = self.changing.get(id(module), buffers.keys())
+        return ({n: (id(b), b._version) for n, b in buffers.items()},
+                {n: buffers[n].detach().clone() for n in names if n in buffers})
+
+    def changed(self, module: nn.Module, seen: tuple[dict[str, tuple[int, int]], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """After the call: the buffers it changed, with their values before it."""
+        versions, copies = seen
+        now = {n: (id(b), b._version) for n, b in module.named_buffers()}
+        changed = {n for n, v in now.items() if versions.get(n) != v}
+        self.changing[id(module)] = self.changing.get(id(module), set()) | changed
+        return {n: copies[n] for n in changed if n in copies}
+
+
+def restore_buffers(module: nn.Module, values: dict[str, Tensor]) -> None:
+    """Put buffers back to the values a call started from (inside :func:`buffers_kept`)."""
+    with torch.no_grad():
+        for name, value in values.items():
+            module.get_buffer(name).copy_(value)
 
 
 def replayed_targets(call: RootCall) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
@@ -141,17 +179,20 @@ class RootCalls:
         self.storages: set[int] = set()
         """Storages of the current micro-batch's model inputs (what depends on the batch)."""
         self._starting: list[RootCall] = []
+        self._buffers: list[tuple[dict[str, tuple[int, int]], dict[str, Tensor]]] = []
+        self.watch = BufferWatch()
         self._handles = [
             module.register_forward_pre_hook(self._pre, with_kwargs=True),
             module.register_forward_hook(self._post, with_kwargs=True),
         ]
 
     def arm(self, batch: int, segments: Segments | None = None) -> None:
-        self.batch, self.segments, self.calls, self._starting = batch, segments, [], []
+        self.batch, self.segments, self.calls, self._starting, self._buffers = batch, segments, [], [], []
         self.storages.clear()
 
     def disarm(self) -> list[RootCall]:
-        calls, self.batch, self.segments, self.calls, self._starting = self.calls, None, None, [], []
+        calls, self.batch, self.segments, self.calls = self.calls, None, None, []
+        self._starting, self._buffers = [], []
         return calls
 
     @property
@@ -163,20 +204,40 @@ class RootCalls:
             return
         cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
         autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-        self._starting.append(RootCall(module, args, dict(kwargs), (torch.get_rng_state(), cuda), autocast,
-                                       segments=self.segments))
+        rng = (torch.get_rng_state(), cuda)
         if self.on_call is not None:
             self.on_call(args, kwargs)
-        leaves, _ = tree_flatten((args, kwargs))
+        leaves, spec = tree_flatten((args, kwargs))
         self.storages.update(x.untyped_storage().data_ptr() for x in leaves if isinstance(x, Tensor))
+        caches = [x for x in leaves if is_kv_cache(x)]
+        if caches:
+            if any(c.get_seq_length() > 0 for c in caches):
+                raise UnsupportedModuleError(
+                    f"{type(module).__name__} was called with a key/value cache that already holds positions "
+                    "(past_key_values): its forward writes to the cache, so the call cannot be replayed to prove "
+                    "which example each row belongs to. Train without a prefilled cache (use_cache=False)."
+                )
+            args, kwargs = tree_unflatten(without_caches(leaves), spec)  # replays: an empty cache is none
+        self._starting.append(RootCall(module, args, dict(kwargs), rng, autocast, segments=self.segments))
+        self._buffers.append(self.watch.before(module))
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.batch is None or not self._starting:
             return
         call = self._starting.pop()
+        call.buffers_before = self.watch.changed(module, self._buffers.pop())
         outputs = [t for t in batched_leaves(output, self.batch) if t.requires_grad]
         if not outputs:
             rows = sorted({t.shape[0] for t in batched_leaves(output, None) if t.requires_grad})
+            if not rows:
+                scalar = any(isinstance(t, Tensor) and t.dim() == 0 and t.requires_grad for t in tree_flatten(output)[0])
+                raise UnsupportedModuleError(
+                    f"{type(module).__name__}'s forward returned "
+                    f"{'only a scalar (a loss)' if scalar else 'no differentiable tensor with a row per example'}: "
+                    "the tracker credits each example through its rows of the model's outputs and proves them "
+                    "by replaying the call. Return the per-example outputs the loss is computed from as well, "
+                    "e.g. `return loss, logits` or an output with `.logits`."
+                )
             raise BatchMismatchError(
                 f"the model's outputs have {rows or 'no'} row(s) but the step has {self.batch} ids: pass "
                 "exactly one id per row of the batch (per-example values need the model's outputs to "

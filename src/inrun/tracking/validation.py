@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import NonFiniteValidationLossError, UnsupportedModuleError, ValidationLossError
+from ..layers.fallback import inline_checkpoints
 from ..layers.linear import GramFactors
 from ..modes import evaluating
 from ..optim import UpdateRule
@@ -210,7 +211,7 @@ class ValidationPass:
         params = self.table.params
         with _parameters_shifted(params, shift), evaluating(self.module, self.config.val_mode == "eval"), \
                 _fork_rng(params):
-            with self.hooks.recording(recorder):
+            with self.hooks.recording(recorder), inline_checkpoints():
                 loss = self.val_loss(self.module)
             yield _check_val_loss(loss, step)
 
