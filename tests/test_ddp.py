@@ -33,7 +33,7 @@ from ddp_worker import (
 )
 
 from inrun import InRunShapley, ValueLedger, exact
-from inrun.integrations.ddp import merge_states
+from inrun.integrations.ddp import all_gather_bytes, all_reduce_settled, merge_states
 
 WORLD = 2
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4}  # relative to η·‖g_z‖·‖g_val‖
@@ -209,6 +209,34 @@ def test_merge_states_sums_by_id() -> None:
     np.testing.assert_array_equal(ledger.per_validation()[1][0], [11.5, 22.5])
     assert ledger.skipped == [{"step": 2, "reason": "non-finite"}]
     assert list(ledger.trace()["step"]) == [0, 0, 0, 0, 1]
+
+
+@pytest.fixture
+def gloo_alone(tmp_path: Path):
+    """A one-rank gloo process group in this process (its collectives still run on gloo's threads)."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_hold_their_tensors_until_gloo_lets_go(gloo_alone: None) -> None:
+    """The cause of the abort at exit: gloo's worker thread releases a collective's tensors after
+    the caller has woken (a plain ``all_reduce`` returned with the worker still holding its tensor
+    in about a quarter of 500 calls here); when Python has already dropped the tensor, the worker
+    must take the GIL to free it, and at interpreter shutdown that kills the process. The
+    tracker's collectives return only once the worker has let go."""
+    for _ in range(200):
+        t = torch.ones(4, dtype=torch.float64)
+        all_reduce_settled(t)
+        assert t._use_count() == 1
+        assert t.tolist() == [1.0] * 4
+    assert all_gather_bytes(b"ledger") == [b"ledger"]
+    assert all_gather_bytes(b"") == [b""]
 
 
 def test_ddp_trainer_equals_one_process(ddp_results: dict[str, Any]) -> None:

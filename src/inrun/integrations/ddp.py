@@ -32,18 +32,26 @@ sum and the same values.
 The global ledger. Values are *not* exchanged at every step: each rank keeps its own examples,
 and the ledgers are merged by example id only when they are read (:func:`gather_ledger`,
 called by ``tracker.values()``, ``tracker.per_validation()`` and ``tracker.global_ledger()``).
-This costs one ``all_gather_object`` of the ledgers per read instead of one per step, and the
+This costs one all-gather of the ledgers per read instead of one per step, and the
 per-step path stays a single small all-reduce. Every rank receives the global ledger (an
 example seen on several ranks, e.g. in different epochs, gets the sum of its values and
 counts). Reading is therefore a *collective*: call it on every rank of the group, like
-``dist.barrier()``; calling it on rank 0 alone blocks. With NCCL, ``all_gather_object`` uses
-the current CUDA device: call ``torch.cuda.set_device(local_rank)`` on each rank first (as
-DDP setups usually do).
+``dist.barrier()``; calling it on rank 0 alone blocks. With NCCL the gather uses the current
+CUDA device: call ``torch.cuda.set_device(local_rank)`` on each rank first (as DDP setups
+usually do).
+
+Clean exit. With gloo, every collective the tracker issues returns only once the process
+group's worker thread has released its tensors (:func:`all_reduce_settled`,
+:func:`all_gather_bytes`): otherwise the tracker's last collective of a job could leave that
+thread freeing a Python-owned tensor while the interpreter shuts down, which aborts the process
+after its work is done.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,14 +110,14 @@ class DDPSync:
         """
         ours, theirs, scale = terms
         both = torch.stack([ours, scale.to(ours.device)])  # (2, P) float64
-        dist.all_reduce(both, group=self.group)
+        all_reduce_settled(both, self.group)
         both /= self.world_size
         return both[0], theirs, both[1].to(scale.device)
 
     def sum_over_ranks(self, t: Tensor) -> Tensor:
         """``Σ_r t`` over the group (one all-reduce; ``t`` is not modified)."""
         out = t.clone()
-        dist.all_reduce(out, group=self.group)
+        all_reduce_settled(out, self.group)
         return out
 
     def gather_ledger(self, ledger: ValueLedger) -> ValueLedger:
@@ -122,10 +130,70 @@ def gather_ledger(ledger: ValueLedger, group: Any = None) -> ValueLedger:
 
     Every rank must call it; every rank returns the merged ledger. Only ids and numbers travel.
     """
-    world = dist.get_world_size(group)
-    states: list[Any] = [None] * world
-    dist.all_gather_object(states, _portable_state(ledger), group=group)
+    states = [pickle.loads(b) for b in all_gather_bytes(pickle.dumps(_portable_state(ledger)), group)]
     return merge_states(states)
+
+
+# Gloo runs each collective on a worker thread of the process group, and that thread drops its
+# references to the collective's tensors only after the caller has been woken. A tensor that
+# Python has already let go of is then freed by the worker thread, which must take the GIL to do
+# it; if the interpreter is shutting down by then (the tracker's collective was the last one of
+# the job), the thread is torn down mid-destructor and the process aborts with "terminate called
+# without an active exception" (seen at exit in about 1 of 8 two-rank runs). Every collective the
+# tracker issues therefore keeps its tensors alive until the worker has released them.
+_SETTLE_TIMEOUT_S = 10.0
+
+
+def _settle(tensors: Sequence[Tensor], group: Any) -> None:
+    """Return once no process-group worker still holds a reference to ``tensors``.
+
+    Only gloo hands tensors to worker threads this way; other backends return at once.
+    """
+    if dist.get_backend(group) != "gloo":
+        return
+    deadline = time.monotonic() + _SETTLE_TIMEOUT_S
+    while any(t._use_count() > 1 for t in tensors):
+        if time.monotonic() > deadline:
+            logger.warning("a gloo worker still holds a collective's tensors after %.0f s", _SETTLE_TIMEOUT_S)
+            return
+        time.sleep(1e-4)  # releases the GIL the worker needs to drop its references
+
+
+def all_reduce_settled(t: Tensor, group: Any = None) -> None:
+    """``dist.all_reduce(t)`` (a sum, in place) that returns only once gloo has let go of ``t``.
+
+    ``t`` must be a tensor this module created (no views of it alive), so that its only other
+    owner is the collective.
+    """
+    dist.all_reduce(t, group=group)
+    _settle([t], group)
+
+
+def all_gather_bytes(payload: bytes, group: Any = None) -> list[bytes]:
+    """Every rank's ``payload``, in rank order (a collective call; sizes may differ by rank)."""
+    world = dist.get_world_size(group)
+    device = _collective_device(group)
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    _settle([size, *sizes], group)
+    lengths = [int(s.item()) for s in sizes]  # one host transfer per rank, once per read
+    longest = max(lengths)
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    if payload:
+        mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    mine = mine.to(device)
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    _settle([mine, *gathered], group)
+    return [g[:n].cpu().numpy().tobytes() for g, n in zip(gathered, lengths)]
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Where a collective's tensors live: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _portable_state(ledger: ValueLedger) -> dict[str, Any]:
