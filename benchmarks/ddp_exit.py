@@ -3,7 +3,7 @@
 A job that finishes its work and then dies at exit (``terminate called without an active
 exception``, SIGABRT) is a failed job for its user and a failed CI run for us; it happened by
 chance (about 1 in 8 runs) before the tracker's collectives waited for gloo's worker threads
-to release their tensors (``inrun.integrations.ddp``). Run this before resolving any change to
+to release their tensors (``inrun.tracking.ddp``). Run this before resolving any change to
 the distributed code::
 
     python benchmarks/ddp_exit.py            # 10 launches of tests/ddp_exit_worker.py

@@ -113,7 +113,7 @@ def digits_problem(s: Setting) -> Problem:
 def gpt2_problem(s: Setting, length: int = 64, n_val: int = 4) -> Problem:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from inrun.data.stdlib import DEFAULT_PACKAGES, VOCAB_SIZE, load_stdlib_corpus
+    from inrun.run.data.stdlib import DEFAULT_PACKAGES, VOCAB_SIZE, load_stdlib_corpus
 
     train, val = load_stdlib_corpus(DEFAULT_PACKAGES, length=length, max_train_per_source=200, max_val=n_val)
     torch.manual_seed(s.seed)

@@ -1,7 +1,7 @@
 """Throughput of GPT-2 small on a GPU: plain training vs order 1, Adam-aware order 1 and order 2.
 
 GPT-2 small (12 x 768, 12 heads, vocab 50257), 16 x 1024 tokens per step, 1 validation sequence
-of 1024 tokens; each method its own copy of the same model and batches (``inrun.bench``'s GPT-2
+of 1024 tokens; each method its own copy of the same model and batches (``inrun.cli.bench``'s GPT-2
 workload and methods), in alternation after warm-up. Every step is timed between two
 ``torch.cuda.synchronize()`` calls; a method's throughput is tokens per step over its median
 step time, and its ratio is to plain SGD training ("Adam-aware order 1" to plain AdamW). Peak
@@ -25,13 +25,13 @@ import time
 
 import torch
 
-from inrun.bench import BASELINE_OF, METHODS, Workload, gpt2_workload
+from inrun.cli.bench import BASELINE_OF, METHODS, Workload, gpt2_workload
 
 DEFAULT_METHODS = ("plain", "order 1", "plain AdamW", "Adam-aware order 1", "order 2 trapezoid")
 
 
 def workload(tiny: bool, device: torch.device) -> Workload:
-    """GPT-2 small as inrun.bench builds its GPT-2 workloads, with model and data on ``device``."""
+    """GPT-2 small as inrun.cli.bench builds its GPT-2 workloads, with model and data on ``device``."""
     if tiny:
         w = gpt2_workload("G", 1, 32, 2, 2, 16, 16, vocab=64)
     else:

@@ -67,7 +67,7 @@ def mlp_problem(seed: int):
 def gpt2_problem(seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from inrun.data.stdlib import load_stdlib_corpus
+    from inrun.run.data.stdlib import load_stdlib_corpus
 
     train, val = load_stdlib_corpus(("json", "email", "http"), length=16, max_train_per_source=200, max_val=4)
     cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256, n_positions=16, resid_pdrop=0.0,

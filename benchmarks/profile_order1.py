@@ -1,6 +1,6 @@
 """Where a first-order valued step spends its time beyond plain training, by ablation and by op.
 
-Ablation (same model, same batches, alternating, medians; see inrun.bench): plain training;
+Ablation (same model, same batches, alternating, medians; see inrun.cli.bench): plain training;
 plain training plus one validation forward/backward (the part every method pays); the tracker
 without its per-step consistency check; the tracker as shipped; the tracker with book-keeping.
 Then torch.profiler's self CPU time per op over a few steps of plain training and of the tracker,
@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from inrun import bench
+from inrun.cli import bench
 
 
 class PlainPlusValidation(bench.Method):

@@ -23,7 +23,7 @@ from studies import common  # noqa: I001
 
 import numpy as np
 
-from inrun.baselines import BM25, code_terms
+from inrun.analysis.baselines import BM25, code_terms
 from studies import fidelity, lm, plots
 
 KS = (25, 100)

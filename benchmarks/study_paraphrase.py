@@ -36,8 +36,8 @@ from studies import common  # noqa: I001
 import numpy as np
 import torch
 
-from inrun.baselines import BM25, code_terms
-from inrun.data.stdlib import is_validation_file, iter_source_files, load_stdlib_corpus, stdlib_root
+from inrun.analysis.baselines import BM25, code_terms
+from inrun.run.data.stdlib import is_validation_file, iter_source_files, load_stdlib_corpus, stdlib_root
 from studies import fidelity, lm, plots
 from studies import paraphrase as para
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 import inrun
-from inrun.config import RunConfig, parse_config
-from inrun.data.base import is_held_out
-from inrun.runner import RunResult, train
+from inrun.run.config import RunConfig, parse_config
+from inrun.run.data.base import is_held_out
+from inrun.run.runner import RunResult, train
 
 SRC = Path(inrun.__file__).resolve().parents[1]
 

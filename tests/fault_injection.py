@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 from cli_helpers import digits_config, run_in_process  # noqa: E402
 
 from inrun.errors import InRunError  # noqa: E402
-from inrun.rundir import RunDir  # noqa: E402
+from inrun.store.rundir import RunDir  # noqa: E402
 
 AUDITED = ("audit.every=5", "audit.players=4", "audit.budget=1.0")
 """The run audits steps 5, 10 and 15, so its audit files hold rows to damage."""
@@ -44,7 +44,7 @@ AUDITED = ("audit.every=5", "audit.players=4", "audit.budget=1.0")
 
 def make_run(out: Path, steps: int = 20, every: int = 5) -> Path:
     """A small finished run (digits MLP, order 2, trace, audited, 2 checkpoints kept) with its report."""
-    from inrun.report import build_report
+    from inrun.analysis.report import build_report
 
     run_in_process(digits_config(out, steps=steps, order=2, every=every), overrides=AUDITED)
     build_report(out)
@@ -79,7 +79,7 @@ def snapshot(path: Path) -> dict[str, Any]:
         state, cl, metrics = rd.load_checkpoint(ck, torch.device("cpu"))
         cv = cl.values() if cl is not None else None
         out["checkpoints"][step] = {
-            "model": state["model"], "rng": state["rng"]["torch"], "step": state["step"],
+            "model": state["objects"]["model"], "rng": state["rng"]["torch"], "step": state["step"],
             "tracker": state["tracker"], "values": None if cv is None else (list(cv), cv.value, cv.counts),
             "trace": None if cl is None else cl.trace(), "metrics": metrics,
         }

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from inrun import AuditConfig, InRunShapley, exact
-from inrun.auditlog import load_audit, save_audit
-from inrun.tracking.auditconfig import AuditError
-from inrun.tracking.auditgame import fidelity
+from inrun.store.auditlog import load_audit, save_audit
+from inrun.tracking.audit.config import AuditError
+from inrun.tracking.audit.game import fidelity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-AUDIT_LOGGER = "inrun.tracking.audit"
+AUDIT_LOGGER = "inrun.tracking.audit.step"
 
 
 def digits(n_train: int = 400, n_val: int = 100, dtype: torch.dtype = torch.float64):
@@ -290,7 +290,7 @@ def test_a_library_run_directory_carries_the_audit(tmp_path) -> None:
     """``tracker.save_run`` (a RunWriter): the audit's files are written and listed in the
     manifest, read back verified, and the report shows the fidelity panel."""
     from inrun.cli import main
-    from inrun.rundir import RunDir
+    from inrun.store.rundir import RunDir
 
     _, tracker = train_mlp("sgd", 0.01, steps=6, audit={"every": 2, "players": 4})
     rd = tracker.save_run(tmp_path / "run")
@@ -338,7 +338,7 @@ def test_settings_are_validated_with_the_field_named() -> None:
     assert AuditConfig.of(None) is None and AuditConfig.of(True) == AuditConfig()
     cfg = AuditConfig(every=10, at=(3, 0, 3))
     assert cfg.at == (0, 3) and [s for s in range(25) if cfg.due(s)] == [0, 3, 10, 20]
-    assert cfg.evaluations(16) == 2**8 and AuditConfig(players=16).evaluations(16) == 256 * 16 + 1
+    assert cfg.evaluations(16) == 2**6 and AuditConfig(players=16).evaluations(16) == 256 * 16 + 1
 
 
 def test_fidelity_numbers_against_hand_computations() -> None:

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from cli_helpers import digits_config, gpt2_config, run_in_process
 
-from inrun.baseline_run import compute_baselines, read_baselines
-from inrun.baselines import knn_shapley
+from inrun.analysis.baseline_run import compute_baselines, read_baselines
+from inrun.analysis.baselines import knn_shapley
 from inrun.cli import main
-from inrun.data import load_data
 from inrun.errors import InRunError
-from inrun.models import build_model
-from inrun.rundir import RunDir
+from inrun.run.config import saved_config
+from inrun.run.data import load_data
+from inrun.run.models import build_model
+from inrun.store.rundir import RunDir
 
 
 def test_baselines_of_a_digits_run_equal_direct_computations(tmp_path) -> None:
@@ -25,10 +26,10 @@ def test_baselines_of_a_digits_run_equal_direct_computations(tmp_path) -> None:
     assert main(["baselines", str(result.run_dir.path)]) == 0
     frame = read_baselines(RunDir(result.run_dir.path))
     rd = RunDir(result.run_dir.path)
-    config, _ = rd.saved_config()
+    config, _ = saved_config(rd)
     train_set, val_set = load_data(config)
     model = build_model(config.model, train_set)
-    model.load_state_dict(rd.restore(torch.device("cpu"), values=False).state["model"])
+    model.load_state_dict(rd.restore(torch.device("cpu"), values=False).state["objects"]["model"])
     model.eval()
     x, y = train_set.inputs.float(), train_set.targets
     i = 7  # one example, directly
@@ -57,7 +58,7 @@ def test_baselines_need_a_run_that_can_be_rebuilt(tmp_path) -> None:
 
 
 def test_the_report_shows_the_baselines(tmp_path) -> None:
-    from inrun.report import build_report
+    from inrun.analysis.report import build_report
 
     result = run_in_process(digits_config(tmp_path / "run", steps=12, every=6))
     before = build_report(result.run_dir.path).read_text()

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-import inrun.baselines as baselines
-from inrun.baselines import BM25, code_terms, knn_shapley
+import inrun.analysis.baselines as baselines
+from inrun.analysis.baselines import BM25, code_terms, knn_shapley
 
 
 def knn_utility(subset, train_x, train_y, x, y, k):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from inrun.bench import floors, main, mlp_workload
+from inrun.cli.bench import floors, main, mlp_workload
 
 
 def test_bench_prints_a_ratio_row_per_method(capsys) -> None:

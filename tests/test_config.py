@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from inrun.cli import main
-from inrun.config import (
+from inrun.run.config import (
     ConfigError,
     RunConfig,
     demo_config,
@@ -68,7 +68,7 @@ BAD_HF = [
 
 @pytest.mark.parametrize(("override", "key", "message"), BAD_HF, ids=[b[0] for b in BAD_HF])
 def test_hf_config_keys_are_checked_against_the_transformers_config(override, key, message) -> None:
-    from inrun.config import check_model_config
+    from inrun.run.config import check_model_config
 
     cfg = demo_config([override])
     if key is None:
@@ -162,3 +162,25 @@ def test_the_readme_config_example_is_valid() -> None:
     for block in blocks:
         cfg = parse_config(block)
         assert cfg.data.kind == "file" and cfg.schedule.kind == "cosine"
+
+
+def test_the_cli_and_the_library_share_one_table_of_defaults() -> None:
+    """[values] and [audit] take their defaults, choices and help from TrackerConfig and
+    AuditConfig: a config that leaves them out runs the tracker the library would make."""
+    import dataclasses
+
+    from inrun import AuditConfig, TrackerConfig
+    from inrun.tracking.config import option
+
+    config = demo_config(["audit.every=100"])
+    library = TrackerConfig()
+    for name in ("order", "second_order", "route", "check"):
+        assert getattr(RunConfig.from_dict({"model": {"kind": "mlp"}, "data": {"kind": "sklearn", "dataset": "iris"}}).values, name) == getattr(library, name)
+        cli_field = next(f for f in dataclasses.fields(type(config.values)) if f.name == name)
+        assert cli_field.metadata["help"] == option(TrackerConfig, name).help
+    assert config.audit.audit_config(seed=0) == AuditConfig()  # players 6, no budget, on both sides
+    for name in ("route", "second_order"):  # the choices are the library's too
+        with pytest.raises(ConfigError, match=f"values.{name}"):
+            demo_config([f"values.{name}='bogus'"])
+    with pytest.raises(ConfigError, match="audit.precision"):
+        demo_config(["audit.precision='half'"])

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from cli_helpers import digits_config, gpt2_config, run_in_process
 
+from inrun.analysis.inspect import inspect_target
 from inrun.cli import main
-from inrun.config import load_config
-from inrun.inspect import inspect_target
+from inrun.run.config import load_config
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from inrun.config import RunConfig
-from inrun.data import DataError, load_data
-from inrun.data.base import IGNORE_INDEX
+from inrun.run.config import RunConfig
+from inrun.run.data import DataError, load_data
+from inrun.run.data.base import IGNORE_INDEX
 
 TEXTS = [f"example number {i} " + "x" * (i % 7) for i in range(60)]
 

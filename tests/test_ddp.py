@@ -33,7 +33,8 @@ from ddp_worker import (
 )
 
 from inrun import InRunShapley, ValueLedger, exact
-from inrun.integrations.ddp import all_gather_bytes, all_reduce_settled, merge_states
+from inrun.store.ledger import merge_states
+from inrun.tracking.ddp import all_gather_bytes, all_reduce_settled
 
 WORLD = 2
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4}  # relative to η·‖g_z‖·‖g_val‖

@@ -13,7 +13,7 @@ from zoo_patterns import Cube, TanhLinear
 
 from inrun import InRunShapley, UnsupportedModuleError
 from inrun.layers import handler_for
-from inrun.layers.fallback import directional_derivative, inline_checkpoints, jvp_by_double_backward
+from inrun.layers.fallback import FALLBACK, inline_checkpoints, jvp_by_double_backward
 
 
 def along(module: nn.Module, x: Tensor) -> tuple:
@@ -49,7 +49,7 @@ def test_weight_norm_has_no_forward_mode_and_is_differentiated_by_double_backwar
     f, params, tangent = along(conv, x)
     with pytest.raises(RuntimeError, match="forward AD"):
         jvp(f, (params,), (tangent,))
-    got = directional_derivative(conv, f, params, tangent)[0]
+    got = FALLBACK.directional_derivative(conv, f, params, tangent)[0]
 
     def by_hand(p: dict[str, Tensor]) -> Tensor:
         g, v = p["parametrizations.weight.original0"], p["parametrizations.weight.original1"]
@@ -72,7 +72,7 @@ def test_custom_functions_without_jvp_are_differentiated_by_double_backward() ->
         return torch.tanh(x @ p["w"].T) + (x @ p["w"]) ** 3
 
     module = nn.Identity()
-    got = directional_derivative(module, f, {"w": w}, {"w": u})[0]
+    got = FALLBACK.directional_derivative(module, f, {"w": w}, {"w": u})[0]
     assert torch.allclose(got, jvp(by_hand, ({"w": w},), ({"w": u},))[1], rtol=1e-12, atol=1e-14)
 
 
@@ -148,3 +148,36 @@ def test_a_model_given_a_prefilled_cache_is_refused_in_one_line() -> None:
         model(input_ids=x, past_key_values=cache, labels=x).loss.backward()
     message = str(refusal.value)
     assert "\n" not in message and "GPT2LMHeadModel" in message and "use_cache=False" in message
+
+
+def test_each_validation_column_replays_spectral_norm_from_the_calls_buffers() -> None:
+    """With a per-validation table the fallback takes one JVP per column; each must start from the
+    power-iteration vectors the call started from, so the columns add up to the scalar run's
+    values (which the zoo checks against the oracle)."""
+    import copy
+
+    from zoo_patterns import NormedTCN
+
+    torch.manual_seed(0)
+    base = NormedTCN("spectral_norm").double()
+    x = torch.randint(1, 40, (3, 6), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 2, 1])
+    vx = torch.randint(1, 40, (2, 6), generator=torch.Generator().manual_seed(2))
+    vy = torch.tensor([1, 0])
+    values = []
+    for per_example in (False, True):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        reduction = "none" if per_example else "sum"
+        tracker = InRunShapley(model, opt, val_loss=lambda m, r=reduction: F.cross_entropy(m(vx), vy, reduction=r))
+        with tracker.step([0, 1, 2]):
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if per_example:
+            ids, table = tracker.per_validation()
+            values.append(dict(zip(ids, table.sum(axis=1))))
+        else:
+            values.append(dict(tracker.values().items()))
+        tracker.close()
+    for i in range(3):
+        assert abs(values[0][i] - values[1][i]) <= 1e-12 * max(abs(values[0][i]), 1e-12)

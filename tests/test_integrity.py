@@ -28,9 +28,9 @@ from fault_injection import files_of, make_run, same, snapshot, sweep
 
 from inrun import ValueLedger
 from inrun.cli import main
-from inrun.rundir import RunDir, RunDirError, RunInUseError
-from inrun.runner import RunStopped
-from inrun.storage import IntegrityError
+from inrun.files import IntegrityError
+from inrun.run.runner import RunStopped
+from inrun.store.rundir import RunDir, RunDirError, RunInUseError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,7 +135,7 @@ def test_a_storage_fault_is_refused_on_read_and_healed_by_resume(run, reference,
 
 def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_which_it_skipped(run, reference, caplog) -> None:
     flip(_newest(run) / "state.pt", offset=len((_newest(run) / "state.pt").read_bytes()) // 2)
-    with caplog.at_level("WARNING", logger="inrun.runner"):  # `inrun` prints it on stderr
+    with caplog.at_level("WARNING", logger="inrun.run.runner"):  # `inrun` prints it on stderr
         assert resume(run) == 0
     assert "skipped damaged checkpoint step-000020" in caplog.text and "state.pt is damaged" in caplog.text
     assert (run / "checkpoints" / "damaged-step-000020").is_dir()  # kept aside, for inspection
@@ -168,7 +168,7 @@ def test_ledger_load_refuses_damage_and_missing_files(tmp_path) -> None:
 
 
 # -- the lock --------------------------------------------------------------------------------------
-# Another process holding the lock as inrun.storage.DirLock does (flock, then who it is), without
+# Another process holding the lock as inrun.files.DirLock does (flock, then who it is), without
 # importing inrun (torch): a quick start. The kill -9 test has two real `inrun train --resume`.
 HOLDER = """
 import fcntl, json, os, socket, sys, time
@@ -225,9 +225,9 @@ def test_a_blown_up_update_stops_the_run_with_exit_3_and_the_values_before_it(tm
 def test_the_values_of_a_blown_up_step_are_taken_out_exactly(tmp_path, monkeypatch, order) -> None:
     """Parameters found non-finite after step 7's update: the stopped run holds exactly the
     values of a run of 7 steps (bit for bit: the step's sums are restored, not subtracted)."""
-    import inrun.runner
+    import inrun.run.runner
 
-    monkeypatch.setattr(inrun.runner._Runner, "_parameters_finite", lambda self, step: step != 7)
+    monkeypatch.setattr(inrun.run.runner._Runner, "_parameters_finite", lambda self, step: step != 7)
     with pytest.raises(RunStopped, match="the update of step 7 made the parameters non-finite"):
         run_in_process(digits_config(tmp_path / "stopped", steps=STEPS, order=order, every=EVERY))
     monkeypatch.undo()
@@ -244,9 +244,9 @@ def test_the_values_of_a_blown_up_step_are_taken_out_exactly(tmp_path, monkeypat
 
 
 def test_skip_drops_a_blown_up_update_and_continues(tmp_path, monkeypatch) -> None:
-    import inrun.runner
+    import inrun.run.runner
 
-    monkeypatch.setattr(inrun.runner._Runner, "_parameters_finite", lambda self, step: step != 7)
+    monkeypatch.setattr(inrun.run.runner._Runner, "_parameters_finite", lambda self, step: step != 7)
     result = run_in_process(digits_config(tmp_path / "run", steps=STEPS, order=2, every=EVERY, on_nonfinite="skip"))
     rd = result.run_dir
     ledger = rd.ledger()
@@ -267,19 +267,19 @@ def test_skip_with_every_update_blowing_up_skips_them_all(tmp_path) -> None:
 
 # -- other endings: a full disk, SIGTERM -------------------------------------------------------------
 def test_a_full_disk_fails_the_run_in_status_json_and_resume_continues(tmp_path, capsys, monkeypatch) -> None:
-    import inrun.rundir
+    import inrun.store.rundir
 
     out = tmp_path / "run"
     cfg = tmp_path / "run.toml"
     cfg.write_text(digits_config(out, steps=STEPS, every=EVERY))
-    real = inrun.rundir.RunDir.write_checkpoint
+    real = inrun.store.rundir.RunDir.write_checkpoint
 
     def full_at_10(self, step, *a, **k):
         if step == 10:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.file("checkpoints")))
         return real(self, step, *a, **k)
 
-    monkeypatch.setattr(inrun.rundir.RunDir, "write_checkpoint", full_at_10)
+    monkeypatch.setattr(inrun.store.rundir.RunDir, "write_checkpoint", full_at_10)
     assert main(["train", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "hint: free some disk space" in err and len(err.splitlines()) == 2
@@ -294,9 +294,9 @@ def test_a_full_disk_fails_the_run_in_status_json_and_resume_continues(tmp_path,
 
 def _signal_at(monkeypatch, step: int, *signums: int) -> None:
     """Deliver ``signums`` to this process right after the update of ``step``."""
-    import inrun.runner
+    import inrun.run.runner
 
-    real = inrun.runner._Runner._parameters_finite
+    real = inrun.run.runner._Runner._parameters_finite
 
     def check(self, s):
         if s == step:
@@ -304,7 +304,7 @@ def _signal_at(monkeypatch, step: int, *signums: int) -> None:
                 os.kill(os.getpid(), signum)
         return real(self, s)
 
-    monkeypatch.setattr(inrun.runner._Runner, "_parameters_finite", check)
+    monkeypatch.setattr(inrun.run.runner._Runner, "_parameters_finite", check)
 
 
 def test_sigterm_is_handled_like_sigint_values_saved_then_resume(tmp_path, capsys, monkeypatch) -> None:
@@ -351,12 +351,12 @@ def test_files_are_created_with_the_users_umask(tmp_path, umask) -> None:
 
 
 def test_read_only_run_directory_is_a_one_line_error_with_a_hint(run, capsys, monkeypatch) -> None:
-    import inrun.report
+    import inrun.analysis.report
 
     def denied(path, write, fsync=True):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(inrun.report, "atomic_write", denied)
+    monkeypatch.setattr(inrun.analysis.report, "atomic_write", denied)
     assert main(["report", str(run)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {run / 'report.html'}: Permission denied") and "--out" in err
@@ -387,10 +387,10 @@ def test_status_and_manifests_check_themselves(run) -> None:
 def test_a_nonfinite_error_raised_after_the_update_blames_the_update(tmp_path, monkeypatch) -> None:
     """The tracker may raise NonFiniteError from optimizer.step() once the parameters are bad:
     the runner checks them itself and takes the step out, as for any blown-up update."""
-    import inrun.runner
+    import inrun.run.runner
     from inrun.errors import NonFiniteError
 
-    real = inrun.runner.build_optimizer
+    real = inrun.run.runner.build_optimizer
 
     def build(cfg, model):
         optimizer = real(cfg, model)
@@ -406,7 +406,7 @@ def test_a_nonfinite_error_raised_after_the_update_blames_the_update(tmp_path, m
         optimizer.register_step_post_hook(blow_up)
         return optimizer
 
-    monkeypatch.setattr(inrun.runner, "build_optimizer", build)
+    monkeypatch.setattr(inrun.run.runner, "build_optimizer", build)
     with pytest.raises(RunStopped, match="the update of step 7 made the parameters non-finite"):
         run_in_process(digits_config(tmp_path / "run", steps=STEPS, every=EVERY))
     ledger = RunDir(tmp_path / "run").ledger()

@@ -21,7 +21,7 @@ from torch import nn
 from inrun import InRunShapley, RunWriter
 from inrun.cli import main
 from inrun.integrations.metrics import TensorBoardWriter, ValueMonitor
-from inrun.rundir import RunDir
+from inrun.store.rundir import RunDir
 
 ALL_PLOTS = ("distribution", "sources", "stages", "cumulative", "loss")
 N, BATCH, STEPS, EVERY = 96, 16, 12, 4

@@ -12,8 +12,8 @@ from browser import assert_renders, chromium
 from cli_helpers import gpt2_config, run_in_process
 from PIL import Image
 
+from inrun.analysis.report import build_report
 from inrun.cli import main
-from inrun.report import build_report
 
 EXPECTED_PLOTS = ("distribution", "sources", "stages", "cumulative", "loss")
 @pytest.fixture(scope="module")

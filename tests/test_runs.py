@@ -23,9 +23,9 @@ from cli_helpers import cli, digits_config, run_in_process, tabular_config, tabu
 
 from inrun import ValueLedger
 from inrun.cli import main
-from inrun.rundir import RunDir, RunDirError
-from inrun.runner import RunStopped
-from inrun.storage import read_json, write_json
+from inrun.files import read_json, write_json
+from inrun.run.runner import RunStopped
+from inrun.store.rundir import RunDir, RunDirError
 
 RESULT_FILES = ("values.parquet", "metrics.parquet", "examples.parquet", "manifest.json")
 
@@ -64,7 +64,9 @@ def test_run_directory_holds_parquet_results_and_metadata(digits_run) -> None:
     assert [s for s, _ in rd.checkpoints()] == [30, 40]  # keep = 2
     assert not list(rd.path.rglob("*.tmp")) and not list(rd.path.rglob(".tmp-*"))
     state = torch.load(last / "state.pt", weights_only=True)
-    assert state["step"] == 40 and set(state) >= {"model", "optimizer", "schedule", "rng", "tracker", "data"}
+    # The one checkpoint schema of every loop: objects by name, and the loop's own data in extra.
+    assert state["step"] == 40 and set(state) == {"format", "step", "tracker", "objects", "rng", "extra"}
+    assert set(state["objects"]) == {"model", "optimizer", "schedule"} and set(state["extra"]) == {"data", "forced_skips"}
 
 
 def test_new_run_refuses_an_existing_run_directory(digits_run, capsys) -> None:
@@ -139,8 +141,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert RunDir(a).verify() == [] and RunDir(b).verify() == []
     sa = torch.load(RunDir(a).checkpoints()[-1][1] / "state.pt", weights_only=True)
     sb = torch.load(RunDir(b).checkpoints()[-1][1] / "state.pt", weights_only=True)
-    for k in sa["model"]:
-        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    for k in sa["objects"]["model"]:
+        assert torch.equal(sa["objects"]["model"][k], sb["objects"]["model"][k]), k
 
 
 @pytest.fixture
@@ -148,17 +150,17 @@ def poison(monkeypatch):
     """``poison(bad_id)``: the run's training row ``bad_id`` gets a NaN input after loading. A
     data file cannot hold one (that is a DataError naming the row); this is how a non-finite
     loss reaches the loop, e.g. from a data source of the user's own."""
-    import inrun.runner
+    import inrun.run.runner
 
     def apply(bad_id: str) -> None:
-        original = inrun.runner.load_data
+        original = inrun.run.runner.load_data
 
         def load(config):
             train, val = original(config)
             train.inputs[train.ids.index(bad_id), 1] = float("nan")
             return train, val
 
-        monkeypatch.setattr(inrun.runner, "load_data", load)
+        monkeypatch.setattr(inrun.run.runner, "load_data", load)
 
     return apply
 
@@ -198,7 +200,7 @@ def test_nan_steps_are_skipped_and_recorded_when_asked(tmp_path, poison) -> None
     assert sum(values.counts) == (12 - n_skipped) * 8
     assert math.isfinite(result.final_val_loss)
     state = torch.load(rd.checkpoints()[-1][1] / "state.pt", weights_only=True)
-    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert all(torch.isfinite(t).all() for t in state["objects"]["model"].values())
 
 
 def test_stopped_run_without_values_stops_too(tmp_path, poison) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inrun.bench import floors, mlp_workload
+from inrun.cli.bench import floors, mlp_workload
 from inrun.tracking.validation import ThreadChoice
 
 CPU = torch.device("cpu")

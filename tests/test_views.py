@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from cli_helpers import digits_config, run_in_process
 from torch import nn
 
-from inrun import InRunShapley, LedgerError, views
-from inrun.auditlog import load_audit
+from inrun import InRunShapley, LedgerError
+from inrun.analysis import views
 from inrun.cli import main
-from inrun.config import parse_config
-from inrun.rundir import RunDir
-from inrun.runner import RunInterrupted, train
+from inrun.run.config import parse_config
+from inrun.run.runner import RunInterrupted, train
+from inrun.store.auditlog import load_audit
+from inrun.store.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,6 +7,7 @@ and with order 2 (the trapezoid)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -50,3 +51,9 @@ def test_exact_with_adamw(name: str) -> None:
 @pytest.mark.parametrize("name", TRAPEZOID)
 def test_exact_with_order_2(name: str) -> None:
     run_case(BY_NAME[name], "trapezoid")
+
+
+@pytest.mark.parametrize("name", ["torch-checkpoint-reentrant", "tcn-spectral-norm"])
+def test_exact_with_the_audit_on(name: str) -> None:
+    """The audit replays and differentiates the model too (inline checkpoints, restored buffers)."""
+    run_case(dataclasses.replace(BY_NAME[name], tracker_options={"audit": {"every": 1, "players": 3}}), "sgd")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from inrun import InRunShapley
-from inrun.baselines import knn_shapley
+from inrun.analysis.baselines import knn_shapley
 
 
 @dataclass(frozen=True)

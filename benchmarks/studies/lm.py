@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from inrun import InRunShapley
-from inrun.data.stdlib import DEFAULT_PACKAGES, VOCAB_SIZE, CodeCorpus, load_stdlib_corpus
-from inrun.models import causal_lm
+from inrun.run.data.stdlib import DEFAULT_PACKAGES, VOCAB_SIZE, CodeCorpus, load_stdlib_corpus
+from inrun.run.models import causal_lm
 
 from . import common
 

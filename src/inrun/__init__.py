@@ -2,6 +2,13 @@
 
 >>> from inrun import InRunShapley                                          # doctest: +SKIP
 >>> tracker = InRunShapley(model, optimizer, val_loss=lambda m: m(**val).loss)  # doctest: +SKIP
+
+The package is built on floors, each importing only from those below it: the ground floor
+(``errors``, ``modes``, ``files``, ``shapley``, ``optim``, ``layers``, ``exact``), :mod:`inrun.tracking` (the
+life of a step and the audit), :mod:`inrun.store` (the ledger, run directories and their one
+writer), :mod:`inrun.tracker` (the facade), :mod:`inrun.run` (``inrun train``),
+:mod:`inrun.analysis` (reports, views, inspect, curate), :mod:`inrun.integrations` and
+:mod:`inrun.cli`. README.md's module map says which file to open for a change.
 """
 
 from .errors import (
@@ -15,12 +22,11 @@ from .errors import (
     UnsupportedOptimizerError,
     ValidationLossError,
 )
-from .ledger import PerValidation, ValueLedger, ValueTable
-from .library_run import RunWriter
-from .rundir import RunDir
+from .store.ledger import PerValidation, ValueLedger, ValueTable
+from .store.rundir import RunDir
+from .store.writer import RunWriter
 from .tracker import AuditConfig, Coverage, InRunShapley, StepCost, TrackerConfig
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AuditConfig",

@@ -46,3 +46,18 @@ class NonFiniteValidationLossError(ValidationLossError, NonFiniteError):
 
 class LedgerError(InRunError, ValueError):
     """A saved ledger or run directory does not match what it is being combined with."""
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """``text`` (or an exception's message) on one line, cut to ``limit`` characters with "…"."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def cause(exc: BaseException, limit: int = 300) -> str:
+    """What ended something, in one line: an inrun error's message; an OS error's reason and the
+    path it concerns; any other error as ``Type: message``."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return one_line(text if isinstance(exc, InRunError) else f"{type(exc).__name__}: {text}", limit)

@@ -12,13 +12,15 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .ledger import PerValidation, ValueLedger, ValueTable
 from .optim import UpdateRule
+from .store.ledger import PerValidation, ValueLedger, ValueTable
+from .store.rundir import RunDir
+from .store.writer import RunWriter
 from .tracking.admission import admit_model
 from .tracking.audit import AuditConfig, StepAudit
 from .tracking.config import (
@@ -35,13 +37,10 @@ from .tracking.config import (
     Verify,
 )
 from .tracking.cost import StepCost
-from .tracking.coverage import Coverage
+from .tracking.coverage import Coverage, describe
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
-
-if TYPE_CHECKING:
-    from .rundir import RunDir
-    from .tracking.tokens import TokenValues
+from .tracking.tokens import TokenValues
 
 __all__ = ["AuditConfig", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
@@ -89,14 +88,13 @@ class InRunShapley:
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
         audit: check the values during the run against exact Shapley values of sampled steps
             (an :class:`~inrun.AuditConfig`, a dict of its settings, or ``True`` for the defaults:
-            every 100 steps, 8 examples; see :mod:`inrun.tracking.audit`). Off by default. It
+            every 100 steps, 6 examples; see :mod:`inrun.tracking.audit`). Off by default. It
             never changes training; its cost is measured (:attr:`audit`).
         validation_ids: one label per validation example when ``val_loss`` returns a vector:
             the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
 
     A repeated row id within one optimizer step raises :class:`~inrun.BatchMismatchError` (a
     document continued in a later micro-batch is one player). Padding: ``docs/guide-pytorch.md``.
-
     ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the module.
 
     Example:
@@ -168,8 +166,7 @@ class InRunShapley:
 
     @property
     def enabled(self) -> bool:
-        """While ``False``, steps are not valued (``tracker.step`` does nothing) and
-        ``optimizer.step()`` needs no ``tracker.step`` block: e.g. warm-up steps left out."""
+        """While ``False`` steps are not valued and need no ``tracker.step`` block (warm-up steps)."""
         return self._engine.enabled
 
     @enabled.setter
@@ -205,10 +202,9 @@ class InRunShapley:
     def per_validation(self) -> PerValidation | None:
         """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``.
 
-        A labelled table (:class:`~inrun.ledger.PerValidation`): ``.to_pandas()`` has one row per
-        training id and one column per validation example (``validation_ids``, default
-        ``val_0``...). It still unpacks as the ``(ids, [N, V] array)`` pair it used to be.
-        With a DDP model: global, and a collective call like :meth:`values`.
+        A labelled table (:class:`~inrun.PerValidation`): ``.to_pandas()`` has one row per training
+        id and one column per validation example (``validation_ids``, default ``val_0``...); it
+        unpacks as ``(ids, [N, V] array)``. With a DDP model: global, a collective like :meth:`values`.
         """
         return self.global_ledger().per_validation()
 
@@ -221,14 +217,9 @@ class InRunShapley:
         self, path: str | os.PathLike, *, examples: Any = None, description: str = "",
         metadata: Mapping[str, Any] | None = None,
     ) -> RunDir:
-        """Write the values so far as a complete run directory at a new ``path`` (the format of
-        ``inrun train``: ``inrun report``, ``inspect`` and ``curate`` work on it). ``examples``:
-        a table with an ``id`` column and optional ``source``, ``text``, ``location``, ``length``
-        (:func:`inrun.library_run.examples_from`); ``description``: the report's header line;
-        ``metadata``: JSON facts kept in ``run.json``. To write as training goes, with
-        checkpoints and resume: :class:`inrun.RunWriter`."""
-        from .library_run import RunWriter
-
+        """A complete run directory of the values so far at a new ``path``, as ``inrun train`` writes
+        (``report``, ``inspect``, ``curate`` work on it); ``examples``, ``description``, ``metadata``
+        as for :class:`inrun.RunWriter`, which writes as training goes, with checkpoints."""
         return RunWriter(Path(path), self, examples=examples, state={}, rng=False,
                          description=description, metadata=metadata).finish()
 
@@ -249,6 +240,15 @@ class InRunShapley:
         ``+``), and how documents were valued."""
         return self._engine.coverage()
 
+    def describe(self) -> dict[str, Any]:
+        """Settings, the route of every parameter and the valued modules (``tracker.json``)."""
+        return describe(self._engine)
+
+    @property
+    def in_step(self) -> bool:
+        """Inside a step: from its first ``tracker.step`` block until ``optimizer.step()``."""
+        return self._engine.mid_step()
+
     @property
     def rule(self) -> UpdateRule:
         """How the optimizer's step is attributed (:mod:`inrun.optim`)."""
@@ -264,7 +264,7 @@ class InRunShapley:
         """The run's audit (``None`` unless ``audit=`` was given): per audited step the exact
         Shapley values of a sampled sub-batch next to the tracker's, with Pearson, Spearman,
         relative RMSE, efficiency gap and cost (``audit.steps``, ``audit.values``,
-        ``audit.summary()``; as tables: :func:`inrun.views.audit_frames`)."""
+        ``audit.summary()``; as tables: :func:`inrun.analysis.views.audit_frames`)."""
         return self._engine.audit
 
     @property

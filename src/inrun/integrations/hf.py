@@ -14,7 +14,7 @@ know which examples to credit. The subclass wraps each micro-batch's ``training_
   by the accumulation steps) is whatever reaches the gradients, so it is what is valued;
 * under ``torchrun`` the Trainer wraps the model in DDP; the tracker is built on that wrapped
   model at the first training step, so each rank values its own examples and the saved ledger
-  is the global one (see :mod:`inrun.integrations.ddp`).
+  is the global one (see :mod:`inrun.tracking.ddp`).
 
 Example ids. The training dataset keeps a column of ids (``int`` or ``str``, default name
 ``"id"``). It survives ``remove_unused_columns=True`` (the Trainer's default): the column is
@@ -23,7 +23,7 @@ runs (so any collator works), put back into the batch as a plain list, and remov
 inputs before the model's forward. Evaluation batches may carry the column too.
 
 Output. ``<output_dir>/inrun/`` is a run directory in the format ``inrun train`` writes
-(:mod:`inrun.library_run`): values, trace, examples (ids, ``source`` and ``text`` columns when the
+(:mod:`inrun.store.writer`): values, trace, examples (ids, ``source`` and ``text`` columns when the
 dataset has them, else the decoded ``input_ids`` when the Trainer has a tokenizer), curves,
 ``tracker.json`` (settings, the route of every parameter), ``summary.json`` and ``status.json``, so
 ``inrun report``, ``inrun inspect`` and ``inrun curate`` work on it. It is updated at every
@@ -61,10 +61,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import BatchMismatchError, InRunError, ValidationLossError
-from ..ledger import ValueLedger, ValueTable
-from ..library_run import Examples, RunWriter, examples_from, tracker_info
-from ..rundir import METRICS_FILE, Metrics, RunDir
-from ..storage import write_json
+from ..files import write_json
+from ..store.examples import Examples, examples_from
+from ..store.ledger import ValueLedger, ValueTable
+from ..store.rundir import METRICS_FILE, Metrics, RunDir
+from ..store.writer import RunWriter, tracker_info
 from ..tracker import InRunShapley, TrackerConfig
 from .metrics import value_scalars
 

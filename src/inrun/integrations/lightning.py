@@ -21,7 +21,7 @@ Add the callback to Lightning's ``Trainer``; the LightningModule, its ``training
   position of a tuple batch; a function ``batch -> ids`` anything else. Your
   ``training_step`` must ignore them (a dict batch: take what the model needs).
 * **Run directory.** ``run_dir`` (default ``<default_root_dir>/inrun``) is a run directory in the
-  format ``inrun train`` writes (:mod:`inrun.library_run`), so ``inrun report``, ``inspect`` and
+  format ``inrun train`` writes (:mod:`inrun.store.writer`), so ``inrun report``, ``inspect`` and
   ``curate`` work on it; it is updated at each Lightning checkpoint and completed at the end.
 * **Checkpoints and resume.** When Lightning saves a checkpoint, the callback writes
   ``run_dir/checkpoints/step-N`` (the tracker's state and ledger; every one is kept, since
@@ -52,8 +52,8 @@ import lightning.pytorch as pl
 from torch import Tensor, nn
 
 from ..errors import InRunError, StepOrderError
-from ..ledger import ValueTable
-from ..library_run import RunWriter
+from ..store.ledger import ValueTable
+from ..store.writer import RunWriter
 from ..tracker import InRunShapley, TrackerConfig
 from .metrics import value_scalars
 
@@ -77,7 +77,7 @@ class InRunCallback(pl.Callback):
             ``write_run=False`` writes nothing.
         examples: what the report shows of each example (a table with an ``id`` column and
             optional ``source``, ``text``, ``location``, ``length``; see
-            :func:`inrun.library_run.examples_from`).
+            :func:`inrun.store.writer.examples_from`).
         log_every: optimizer steps between two reports of the values' scalars to the loggers.
         write_run: write the run directory (and its checkpoints).
         **tracker_options: any option of :class:`inrun.InRunShapley` (``order``, ``keep_trace``,
@@ -181,7 +181,7 @@ class InRunCallback(pl.Callback):
         ids = self._ids_of(batch)
         if isinstance(ids, Tensor):
             ids = ids.tolist()
-        if not self.tracker._engine.mid_step():
+        if not self.tracker.in_step:
             # Lightning zeroes the gradients between training_step's forward and its backward,
             # so the previous step's are still there: zeroed now, at the step's first batch, as
             # Lightning is about to (nothing before the backward reads them).
@@ -227,8 +227,8 @@ class InRunCallback(pl.Callback):
         if isinstance(loss, Tensor):
             self._losses.append(float(loss.detach()))
         step = trainer.global_step
-        if step == self.tracker.step_count and self._losses and not self.tracker._engine.mid_step():
-            if self.run is not None and step not in self.run._rows:
+        if step == self.tracker.step_count and self._losses and not self.tracker.in_step:
+            if self.run is not None and not self.run.logged(step):
                 self.run.log(sum(self._losses) / len(self._losses), step=step)
                 self._losses = []
             if step % self.log_every == 0:
@@ -264,7 +264,7 @@ class InRunCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.tracker is None or self.run is None:
             return {}
-        if self.tracker._engine.mid_step():
+        if self.tracker.in_step:
             raise StepOrderError(
                 "Lightning saves a checkpoint in the middle of an accumulated step; the values can "
                 "only be checkpointed between optimizer steps (checkpoint every N optimizer steps)"

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..ledger import ValueTable
+from ..store.ledger import ValueTable
 
 if TYPE_CHECKING:
     from ..tracker import InRunShapley

@@ -69,6 +69,11 @@ class JVPHandler(LayerHandler):
     multi_output = True
     replays_calls = True
 
+    def __init__(self) -> None:
+        self.no_forward_mode: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        """Modules with an op that has no forward-mode formula: their JVPs go by double backward
+        from the first failure on (not tried in forward mode at every call)."""
+
     def batch_dims(self, module: nn.Module, n_outputs: int) -> list[int] | None:
         """RNNs: ``batch_first`` for the output, dimension 1 for the hidden states;
         ``nn.MultiheadAttention``: ``batch_first`` for the output, 0 for the attention weights."""
@@ -107,12 +112,14 @@ class JVPHandler(LayerHandler):
         primal = {n: current[n] for n in names}
         # One name per tied tensor: functional_call ties the others to it (the tangents' other
         # names take the dual that way).
-        rest = {n: (t.clone() if n in buffers else t) for n, t in current.items()
-                if n not in along and n == min(tied.get(n, {n}))}
+        rest = {n: t for n, t in current.items() if n not in along and n == min(tied.get(n, {n}))}
         tangents = {n: _without_padding_rows(module, tied.get(n, {n}), vectors[n]) for n in names}
 
         def f(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
-            leaves = tree_flatten(functional_call(module, {**rest, **p}, args, kwargs, strict=False))[0]
+            # Fresh copies of the buffers at every run: a forward that updates them in place
+            # (running statistics, spectral_norm's power iteration) starts where the call started.
+            state = {**rest, **{n: t.clone() for n, t in rest.items() if n in buffers}, **p}
+            leaves = tree_flatten(functional_call(module, state, args, kwargs, strict=False))[0]
             return tuple(leaves[i] for i in saved.outputs)
 
         like = next(iter(vectors.values()))
@@ -120,40 +127,35 @@ class JVPHandler(LayerHandler):
         for k in range(like.shape[0]):
             tangent = {n: tangents[n][k].to(primal[n].dtype) for n in names}
             with _replaying(saved.rng):
-                tangent_out = directional_derivative(module, f, primal, tangent)
+                tangent_out = self.directional_derivative(module, f, primal, tangent)
             cols.append(contract_outputs(tangent_out, grad_out, saved.rows, like))
         return {names[0]: torch.stack(cols, dim=1)}
 
 
-_NO_FORWARD_MODE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-"""Modules whose forward has an op without a forward-mode formula: their JVPs go by double
-backward from the first failure on."""
-
-
-def directional_derivative(
-    module: nn.Module, f: Callable[[dict[str, Tensor]], tuple[Tensor, ...]], primal: dict[str, Tensor],
-    tangent: dict[str, Tensor],
-) -> tuple[Tensor, ...]:
-    """``J v``: the derivative of ``f``'s outputs at ``primal`` along ``tangent``. Forward mode
-    where torch has a formula for every op; otherwise (``weight_norm``, a custom autograd Function
-    without ``jvp``, a packed RNN) the derivative of a VJP, which needs none."""
-    if module not in _NO_FORWARD_MODE:
+    def directional_derivative(
+        self, module: nn.Module, f: Callable[[dict[str, Tensor]], tuple[Tensor, ...]], primal: dict[str, Tensor],
+        tangent: dict[str, Tensor],
+    ) -> tuple[Tensor, ...]:
+        """``J v``: the derivative of ``f``'s outputs at ``primal`` along ``tangent``. Forward mode
+        where torch has a formula for every op; otherwise (``weight_norm``, a custom autograd
+        Function without ``jvp``, a packed RNN) the derivative of a VJP, which needs none."""
+        if module not in self.no_forward_mode:
+            try:
+                return jvp(f, (primal,), (tangent,))[1]
+            except (NotImplementedError, RuntimeError) as exc:
+                forward_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self.no_forward_mode.add(module)
+        else:
+            forward_error = "no forward-mode formula"
         try:
-            return jvp(f, (primal,), (tangent,))[1]
+            return jvp_by_double_backward(f, primal, tangent)
         except (NotImplementedError, RuntimeError) as exc:
-            forward_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            _NO_FORWARD_MODE.add(module)
-    else:
-        forward_error = "no forward-mode formula"
-    try:
-        return jvp_by_double_backward(f, primal, tangent)
-    except (NotImplementedError, RuntimeError) as exc:
-        _NO_FORWARD_MODE.discard(module)
-        raise UnsupportedModuleError(
-            f"the fallback could not take the directional derivative of {type(module).__name__} "
-            f"(forward mode: {forward_error}; double backward: {str(exc).splitlines()[0]}). Register a "
-            "handler for it with inrun.layers.register_handler, or freeze its parameters."
-        ) from exc
+            self.no_forward_mode.discard(module)
+            raise UnsupportedModuleError(
+                f"the fallback could not take the directional derivative of {type(module).__name__} "
+                f"(forward mode: {forward_error}; double backward: {str(exc).splitlines()[0]}). Register a "
+                "handler for it with inrun.layers.register_handler, or freeze its parameters."
+            ) from exc
 
 
 def jvp_by_double_backward(

@@ -90,6 +90,12 @@ class LayerHandler:
     def check(self, module: nn.Module) -> None:
         """Raise :class:`~inrun.errors.UnsupportedModuleError` if the module cannot be valued now."""
 
+    def __deepcopy__(self, memo: dict) -> LayerHandler:
+        """A handler is the registry's one instance (what it remembers is about modules, by weak
+        reference): a deep copy of a tracked model, which reaches the tracker through its hooks,
+        shares it."""
+        return self
+
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Return what :meth:`dot` needs from the forward call (detached)."""
         raise NotImplementedError

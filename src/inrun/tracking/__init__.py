@@ -1,5 +1,8 @@
 """The tracker's parts, one job per module (``InRunShapley`` in :mod:`inrun.tracker` is their facade).
 
+It imports only the ground floor (errors, modes, shapley, optim, layers, exact); the values it
+makes go into a ledger through the narrow ``Ledger`` interface of ``state``.
+
 ========================  ==================================================================
 ``config``                the settings (``TrackerConfig``), validated
 ``params``                the parameter table: gradients, norms, clip ratio
@@ -17,7 +20,9 @@
 ``admission``             what a model and a micro-batch must be (refusals: compiled, repeated ids)
 ``cost``                  the time of the validation passes next to the training blocks
 ``engine``                the step machine wiring the parts together
-``coverage``              which route valued each parameter
+``coverage``              which route valued each parameter; the tracker described (tracker.json)
+``ddp``                   DDP: the process group's collectives, the ledgers merged when read
+``audit/``                the run's own audit: exact Shapley values of sampled steps
 ========================  ==================================================================
 """
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from ..errors import BatchMismatchError, UnsupportedModuleError
 from ..layers.norm import batchnorm_message
-from ..ledger import check_ids
+
+Id = int | str
 
 
 def admit_model(model: Any, val_loss: Any) -> None:
@@ -77,3 +80,25 @@ class WindowIds:
         if again:
             raise repeated_id_error([*again] * 2, "this optimizer step (an earlier micro-batch)")
         (self._documents if documents else self._rows).update(ids)
+
+
+def check_ids(ids: Any) -> list[Id]:
+    """Normalize ids (list, tuple, 1-D int tensor or array) to a list of ``int``/``str``."""
+    if hasattr(ids, "tolist") and not isinstance(ids, (list, tuple)):
+        if getattr(ids, "ndim", 1) != 1:
+            raise TypeError(f"ids must be one-dimensional, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(
+            f"ids must be a sequence with one id per example, got {type(ids).__name__}"
+        )
+    out: list[Id] = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, str, np.integer)):
+            hint = "" if isinstance(i, Hashable) else " (it is not even hashable)"
+            raise TypeError(
+                f"example ids must be int or str, got {type(i).__name__} {i!r}{hint}. "
+                "Use a stable index or key of the example in your dataset."
+            )
+        out.append(int(i) if isinstance(i, np.integer) else i)
+    return out

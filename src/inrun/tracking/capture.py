@@ -39,6 +39,7 @@ class Hooks:
         self.handles: list[Any] = []
         self.call_rng: dict[int, Tensor] = {}  # entry -> RNG state at its call's start (replaying handlers)
         self.call_buffers: dict[int, Any] = {}  # entry -> its buffers at its call's start (replaying handlers)
+        self.buffers_before: dict[int, dict[str, Tensor]] = {}  # entry -> what its last call changed, as before
         self.buffer_watch = BufferWatch()
 
     def install(self) -> None:
@@ -54,7 +55,7 @@ class Hooks:
 
     def _pre_hook(self, entry: Entry) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple) -> None:
-            if isinstance(self.active, TrainRecorder):
+            if isinstance(self.active, TrainRecorder) and entry.active:
                 self.call_rng[entry.index] = torch.get_rng_state()
                 self.call_buffers[entry.index] = self.buffer_watch.before(module)
 
@@ -62,6 +63,9 @@ class Hooks:
 
     def _hook(self, entry: Entry) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            seen = self.call_buffers.pop(entry.index, None)
+            if seen is not None:  # learned from every call, captured or not
+                self.buffers_before[entry.index] = self.buffer_watch.changed(module, seen)
             recorder = self.active
             if recorder is None or not entry.active:
                 return None
@@ -161,8 +165,7 @@ class TrainRecorder:
         flatten = False  # a [B, T, ...] call given to the handler as [B·T, ...] (one row per position)
         if handler.replays_calls:
             saved.rng = self.hooks.call_rng.pop(entry.index, None)
-            seen = self.hooks.call_buffers.pop(entry.index, None)
-            saved.buffers_before = self.hooks.buffer_watch.changed(entry.module, seen) if seen is not None else {}
+            saved.buffers_before = self.hooks.buffers_before.pop(entry.index, {})
             saved.outputs = index
             saved.rows = rows if seg is not None else [
                 Rows("batched", mb.size) if r is not None and r.shared else r for r in rows]

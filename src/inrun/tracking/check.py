@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConsistencyError, NonFiniteError
-from ..integrations.ddp import DDP_CHECK_HINT, DDPSync
 from .config import TrackerConfig
+from .ddp import DDP_CHECK_HINT, DDPSync
 from .params import ParamTable
 from .state import Window
 

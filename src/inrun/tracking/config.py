@@ -1,11 +1,17 @@
-"""The tracker's settings: one frozen dataclass, every choice a ``Literal``, validated on creation."""
+"""The tracker's settings: one frozen dataclass, every choice a ``Literal``, validated on creation.
+
+It is the one table of the value settings' defaults: each field carries its default, its choices
+(the ``Literal``) and a one-line help, and the run config's ``[values]`` section takes all three
+from here (:func:`option`), so ``inrun train`` and ``InRunShapley`` cannot disagree.
+"""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Literal, get_args
+from dataclasses import MISSING, dataclass, field, fields
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -21,46 +27,80 @@ Verify = Literal["on_change", "every_step"]
 ValThreads = Literal["auto", "all", "one"]
 
 
+def setting(default: Any, help: str) -> Any:
+    """A setting: its default and its one-line help (``inrun train --list-keys`` prints it)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of a settings dataclass: its default, its choices (``None``: any value of its
+    type) and its help."""
+
+    default: Any
+    choices: tuple[Any, ...] | None
+    help: str
+
+
+def option(cls: type, name: str) -> Option:
+    """The default, choices and help of setting ``name`` of ``cls`` (:class:`TrackerConfig`,
+    :class:`~inrun.AuditConfig`)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    return Option(default, _literal_choices(get_type_hints(cls)[name]), f.metadata.get("help", ""))
+
+
+def _literal_choices(tp: Any) -> tuple[Any, ...] | None:
+    """The values a ``Literal`` (or ``Literal | None``) type allows; ``None`` for other types."""
+    if get_origin(tp) is Literal:
+        return tuple(get_args(tp))
+    if get_origin(tp) in (Union, UnionType):
+        inner = [_literal_choices(a) for a in get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and inner[0] is not None:
+            return (*inner[0], None)
+    return None
+
+
 @dataclass(frozen=True)
 class TrackerConfig:
     """Settings of an :class:`~inrun.InRunShapley` tracker; every field is validated on creation."""
 
-    order: Order = 1
+    order: Order = setting(1, "1: first order; 2: with the interaction inside the batch")
     """1: first order ``η g_val·g_z``; 2: adds the interaction with the rest of the batch."""
-    second_order: SecondOrder = "trapezoid"
+    second_order: SecondOrder = setting("trapezoid", "order 2: 'trapezoid' (no Hessian) or 'hessian'")
     """Order-2 variant: ``"trapezoid"`` (g_val at θ_t and θ_t+1) or ``"hessian"`` (one HVP)."""
-    route: Route = "auto"
+    route: Route = setting("auto", "per-layer route: 'auto', 'vector' or 'gram'")
     """Ghost route of the layers that have several: ``"auto"`` picks the cheaper of the vector
     and Gram routes per layer; ``"vector"`` or ``"gram"`` force one wherever a layer has it."""
-    bookkeeping: Bookkeeping = "off"
+    bookkeeping: Bookkeeping = setting("off", "the book-keeping route of Linear layers: 'off', 'auto' or 'always'")
     """The book-keeping route (Linear and Conv1D layers): per-example weight gradients formed in
     place of autograd's weight-gradient GEMM, no extra FLOPs. ``"auto"``: where it is the
     cheapest route; ``"always"``: wherever a call allows it. It changes the order of the sums
     of the weight gradient, so the update equals the untracked one within float32 rounding
     instead of bit for bit: off by default."""
-    check: bool = True
+    check: bool = setting(True, "check every step that per-example values add up to the batch gradient")
     """Check every step that Σ_z of the per-example dots equals ``<grad, g_val>`` per parameter."""
-    check_rtol: float | None = None
+    check_rtol: float | None = setting(None, "that check's relative tolerance (default by dtype)")
     """Relative tolerance of that check; default by dtype (float64 1e-6, float32 1e-3, else 5e-2)."""
-    on_nonfinite: NonFinitePolicy = "raise"
+    on_nonfinite: NonFinitePolicy = setting("raise", "NaN/Inf at optimizer.step(): 'raise' or 'skip'")
     """NaN/Inf gradient or value at ``optimizer.step()``: ``"raise"`` (from the pre-step hook, so
     the update is not applied), or ``"skip"``: the step's values are dropped and the skip is
     recorded, but the optimizer still applies the step. To drop the update too, check the loss
     in your loop and call :meth:`InRunShapley.skip_step` instead of ``optimizer.step()``."""
-    val_mode: ValMode = "eval"
+    val_mode: ValMode = setting("eval", "module mode of the validation pass: 'eval' or 'train'")
     """Module mode during the validation pass: ``"eval"`` (no dropout) or ``"train"``."""
-    keep_trace: bool = False
+    keep_trace: bool = setting(False, "keep one row per (step, example)")
     """Keep one row per (step, example) with both value parts and the learning rate."""
-    adam: AdamLinearization = "secant"
+    adam: AdamLinearization = setting("secant", "Adam/AdamW linearization: 'secant' or 'fixed_state'")
     """Adam/AdamW linearization: ``"secant"`` (actual step / gradient) or ``"fixed_state"``."""
-    proxy: Proxy | None = None
+    proxy: Proxy | None = setting(None, "'sgd': value every step as SGD would (the paper's proxy)")
     """``"sgd"``: value every step with ``η g_val·g_z`` whatever the optimizer (the paper's proxy)."""
-    verify: Verify = "on_change"
+    verify: Verify = setting("on_change", "when rows are proven to belong to their examples: 'on_change' or 'every_step'")
     """When the rows of every tracked call are proven to belong to their examples (a replay of the
     model's call against exact per-example gradients, :mod:`inrun.tracking.plan`):
     ``"on_change"`` at the first step and whenever a call's row layout is new; ``"every_step"``
     for every micro-batch (about one more forward and two backward passes each)."""
-    val_threads: ValThreads = "all"
+    val_threads: ValThreads = setting("all", "CPU threads of the validation pass: 'all', 'one' or 'auto'")
     """CPU threads of the validation pass: ``"all"`` (torch's intra-op count), ``"one"``, or
     ``"auto"``: whichever of the two its measured wall time says is faster (timed at the first
     passes and re-timed now and then). A pass over a few validation rows is a sequence of small

@@ -1,9 +1,12 @@
-"""Which route valued each trainable parameter."""
+"""Which route valued each trainable parameter, and the tracker described (``tracker.json``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from torch import nn
 
 from .entries import Entry
 from .params import ParamTable
@@ -67,3 +70,57 @@ def coverage_of(entries: list[Entry], table: ParamTable, route_of: Callable[[Ent
         routes.setdefault(label, []).append(table.names[i])
         numel[label] = numel.get(label, 0) + table.params[i].numel()
     return Coverage(routes, numel, {table.names[i]: m for i, m in where.items()})
+
+
+class Described(Protocol):
+    """What :func:`describe` reads of the engine (:class:`~inrun.tracking.engine.StepEngine`)."""
+
+    module: nn.Module
+    entries: list[Entry]
+    table: ParamTable
+    config: Any
+    optimizer: Any
+    update: Any  # the optimizer's rule
+    rule: Any  # the value rule
+    ddp: Any
+    cost: Any
+    log: Any
+
+    def coverage(self) -> Coverage: ...
+
+
+def describe(engine: Described) -> dict[str, Any]:
+    """Settings, the route of every parameter and the valued modules: what ``tracker.json`` holds
+    and ``inrun inspect RUN_DIR`` prints."""
+    coverage = engine.coverage()
+    route_of = {p: r for r, names in coverage.routes.items() for p in names}
+    modules = []
+    for e in engine.entries:
+        names = [f"{e.name}.{n}" if e.name else n for n in e.param_names]
+        try:
+            d_in, d_out = e.handler.feature_sizes(e.module)
+        except Exception:  # a handler without fixed feature sizes (the fallback)
+            d_in, d_out = 0, 0
+        modules.append({
+            "name": e.name or type(e.module).__name__, "type": type(e.module).__name__,
+            "route": "+".join(sorted({route_of.get(n, "not reached yet") for n in names})),
+            "params": list(e.param_names), "numel": int(sum(engine.table.params[i].numel() for i in e.param_index)),
+            "d_in": int(d_in), "d_out": int(d_out),
+        })
+    unique = {id(p): p for p in engine.module.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
+    element = next((p.element_size() for p in unique.values() if p.requires_grad), 4)
+    return {
+        "step_count": engine.log.count,
+        "config": asdict(engine.config),
+        "optimizer": type(engine.optimizer).__name__,
+        "rule": type(engine.update).__name__,
+        "keeps_factors": bool(engine.rule.keeps_factors),
+        "world_size": 1 if engine.ddp is None else engine.ddp.world_size,
+        "coverage": {"routes": coverage.routes, "numel": coverage.numel},
+        "modules": modules,
+        "parameters": {"total": int(total), "trainable": int(trainable), "frozen": int(total - trainable),
+                       "element_size": int(element), "tensors": sum(1 for p in unique.values() if p.requires_grad)},
+        "cost": engine.cost.as_dict(),
+    }

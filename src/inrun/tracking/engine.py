@@ -30,8 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InRunError, StepOrderError
-from ..integrations.ddp import DDPSync
-from ..ledger import ValueLedger
 from ..optim import rule_for, unwrap_optimizer
 from . import segments as docs
 from .admission import WindowIds, admit_ids
@@ -42,13 +40,14 @@ from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
 from .cost import StepCost
 from .coverage import Coverage, coverage_of
+from .ddp import DDPSync
 from .entries import Entry, build_entries
 from .params import ParamTable
 from .plan import RowVerifier
 from .replay import RootCalls
 from .routes import RoutePolicy, contract_call, route_label
 from .rules import make_value_rule
-from .state import Capture, MicroBatch, Plan, StepLog, Window
+from .state import Capture, Ledger, MicroBatch, Plan, StepLog, Window
 from .validation import Validation, ValidationPass
 
 
@@ -65,7 +64,7 @@ class StepEngine:
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, val_loss: Any, config: TrackerConfig,
-        ledger: ValueLedger, audit: AuditConfig | None = None,
+        ledger: Ledger, audit: AuditConfig | None = None,
     ) -> None:
         self.config = config
         self.module = unwrap_model(model)
@@ -75,7 +74,7 @@ class StepEngine:
         self.entries = build_entries(self.module, self.table)
         self.table.warn_missing_from(self.optimizer)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        # DDP (see inrun.integrations.ddp): its process group; None for a single process.
+        # DDP (see inrun.tracking.ddp): its process group; None for a single process.
         self.ddp = DDPSync.of(model) if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self.policy = RoutePolicy(config)
         self.hooks = Hooks(self.entries)
@@ -348,7 +347,7 @@ class StepEngine:
             state["audit"] = self.audit.state()
         return state
 
-    def restore(self, state: dict[str, Any], ledger: ValueLedger | None) -> None:
+    def restore(self, state: dict[str, Any], ledger: Ledger | None) -> None:
         saved = TrackerConfig.from_state(state["config"])
         if saved != self.config:
             raise InRunError(f"checkpoint was made with {saved}, this tracker has {self.config}")
@@ -375,7 +374,7 @@ class StepEngine:
             cover.documents = docs.documents_note(self.entries, self.plan)
         return cover
 
-    def global_ledger(self) -> ValueLedger:
+    def global_ledger(self) -> Ledger:
         self.flush()
         return self.log.ledger if self.ddp is None else self.ddp.gather_ledger(self.log.ledger)
 

@@ -31,7 +31,7 @@ also runs one example alone and compares its outputs with its row of the batch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -48,14 +48,32 @@ from .rows import declared_batch_dim
 from .segments import Segments, mixed_documents, refuse_undocumented_gradient
 from .state import MicroBatch, Window
 
-if TYPE_CHECKING:
-    from .engine import StepEngine
-
 MAX_ROUNDS = 16
 
 
+class VerifiedEngine(Protocol):
+    """What the verification uses of the engine (:class:`~inrun.tracking.engine.StepEngine`):
+    its model, parameter table, tracked modules and hooks, plan, rule and validation pass, and
+    three of its operations. Moving a call to a site adds an entry and its hooks."""
+
+    module: nn.Module
+    table: Any
+    entries: list[Entry]
+    hooks: Any
+    plan: Any
+    rule: Any
+    validation: Any
+    config: Any
+
+    def make_recorder(self, mb: MicroBatch, keep_factors: bool, expand_shared: Any) -> Any: ...
+
+    def zero_dots(self, mb: MicroBatch, device: torch.device) -> Tensor: ...
+
+    def joint_groups(self) -> list[list[int]]: ...
+
+
 class RowVerifier:
-    def __init__(self, engine: StepEngine) -> None:
+    def __init__(self, engine: VerifiedEngine) -> None:
         self.engine = engine
         self.names = {id(m): n for n, m in engine.module.named_modules()}
         self.parent: dict[int, nn.Module] = {}

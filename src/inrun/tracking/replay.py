@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import BatchMismatchError, UnsupportedModuleError
 from ..layers.fallback import inline_checkpoints, is_kv_cache, without_caches
+from .rows import outputs_cut
 from .segments import Segments
 
 
@@ -135,8 +136,6 @@ def replayed_targets(call: RootCall) -> tuple[list[tuple[Tensor, Tensor]], list[
     """The call replayed: ``(output, the user's gradient of it)`` for the outputs the gradient of
     the loss reaches the parameters through (see :func:`inrun.tracking.rows.outputs_cut`), and
     every batched output of the replay."""
-    from .rows import outputs_cut
-
     outputs = call.replay()
     if len(outputs) != len(call.outputs):
         raise ReplayMismatch("the replay returned other outputs")

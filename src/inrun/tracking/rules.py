@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from .. import shapley
-from ..integrations.ddp import DDPSync
 from ..optim import UpdateRule
 from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
+from .ddp import DDPSync
 from .params import ParamTable
 from .routes import contract_window
 from .state import Window

@@ -17,14 +17,13 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..layers import Rows
-from ..ledger import ValueLedger
 from .entries import Entry
 from .segments import Segments, merge_by_id
 from .tokens import TokenValues
@@ -150,10 +149,24 @@ class Window:
         self.state = StepState.SKIPPED
 
 
+class Ledger(Protocol):
+    """What the engine needs of a ledger (:class:`inrun.ValueLedger` is one): it records a step's
+    values or its skip, and gives its state to be merged over DDP ranks."""
+
+    def add(self, step: int, ids: Any, first: Any, second: Any = None, *, lr: Any = None) -> None: ...
+
+    def record_skip(self, step: int, reason: str) -> None: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_states(cls, states: Any) -> Ledger: ...
+
+
 class StepLog:
     """Counts optimizer steps and settles windows into the ledger."""
 
-    def __init__(self, ledger: ValueLedger) -> None:
+    def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self.count = 0
         self.tokens = TokenValues()

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..files import atomic_write
+
 
 @dataclass(frozen=True)
 class TokenRecord:
@@ -76,8 +78,6 @@ class TokenValues:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_pandas` as one Parquet file, atomically."""
-        from ..storage import atomic_write
-
         frame = self.to_pandas()
         frame["id"] = frame["id"].astype(str) if frame["id"].map(type).eq(str).any() else frame["id"]
         atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))

@@ -1,0 +1,23 @@
+"""The store: what a run keeps, in memory and on disk.
+
+=================  =========================================================================
+``ledger``         the values: ``ValueLedger`` (added by id, rolled back, merged), its Parquet
+                   files, the trace parts; ``ValueTable`` and ``PerValidation`` to read them
+``rundir``         a run directory (``RunDir``): layout, metadata, status, checkpoints,
+                   verification, the curves (``Metrics``)
+``auditlog``       the audit's rows on disk (``audit.parquet``, ``audit.json``)
+``summary``        the headline numbers of a run (``summary.json``)
+``examples``       what the report shows of each training example (``examples.parquet``)
+``writer``         ``RunWriter``: the one writer of run directories, for every training loop
+=================  =========================================================================
+
+To add a storage format, start from ``ledger`` (the values) or ``rundir`` (the directory). It
+imports the ground floor (durable files: :mod:`inrun.files`) and :mod:`inrun.tracking` (the
+audit's settings and columns), never the tracker facade, the runner or the CLI.
+"""
+
+from .ledger import PerValidation, ValueLedger, ValueTable
+from .rundir import RunDir, RunDirError
+from .writer import RunWriter
+
+__all__ = ["PerValidation", "RunDir", "RunDirError", "RunWriter", "ValueLedger", "ValueTable"]
