@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LedgerError
-from .storage import IntegrityError, atomic_write, file_digest, verify_file
-from .valuestore import IdTable, hash_key, release_memory
+from ..errors import LedgerError
+from ..files import IntegrityError, atomic_write, file_digest, verify_file
+from .table import IdTable, hash_key, release_memory
 
 PARTITION_ROWS = 1 << 20
 VALUES_FILE = "values.parquet"
@@ -39,9 +39,11 @@ VALUES_DIR = "values"
 PER_VALIDATION_DIR = "per_validation"
 
 
-def _arrow_tables(cols: Mapping[str, Any], kind: str, validation_names: Sequence[str] | None) -> tuple[Any, Any]:
+def _arrow_tables(cols: Mapping[str, Any], kind: str, validation_names: Sequence[str] | None,
+                  keys: bool = True) -> tuple[Any, Any]:
     """A partition's columns (from :meth:`IdTable.partitions`) as the values table and the
-    per-validation table (or ``None``)."""
+    per-validation table (or ``None``); ``keys``: str ids' keys as a column (a partition of a
+    large table; the one file of a small table is as it always was, its ids hashed on load)."""
     import pyarrow as pa
 
     ids = cols["id"] if kind == "str" else pa.array(cols["id"], type=pa.int64())
@@ -54,7 +56,7 @@ def _arrow_tables(cols: Mapping[str, Any], kind: str, validation_names: Sequence
         source = pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), dictionary).cast(pa.string())
     table = {"id": ids, "value": first + second, "first_order": first, "second_order": second,
              "count": cols["count"], "source": source}
-    if kind == "str":
+    if kind == "str" and keys:
         table["key"] = pa.array(cols["key"], type=pa.int64())
     per_val = None
     if cols["per_val"] is not None:
@@ -75,14 +77,14 @@ def write_values(table: IdTable, directory: Path, *, validation_names: Sequence[
     single = len(table) <= rows
     files: dict[str, Any] = {}
     partitions: list[dict[str, Any]] = []
-    pieces: Iterator[dict[str, Any]] = table.partitions(rows if not single else max(1, len(table)))
+    pieces: Iterator[dict[str, Any]] = table.partitions(rows if not single else max(1, len(table)), by_id=True)
     kind = table.kind or "int"
     for k, cols in enumerate(pieces):
-        values, per_val = _arrow_tables(cols, kind, validation_names)
+        values, per_val = _arrow_tables(cols, kind, validation_names, keys=not single)
         name = VALUES_FILE if single else f"{VALUES_DIR}/part-{k:05d}.parquet"
         atomic_write(directory / name, lambda p, t=values: pq.write_table(t, p), fsync=fsync, sync_dir=False)
         files[name] = file_digest(directory / name)
-        entry = {"file": name, "rows": values.num_rows, "lo": int(cols["key"][0]), "hi": int(cols["key"][-1])}
+        entry = {"file": name, "rows": values.num_rows, "lo": int(cols["key"].min()), "hi": int(cols["key"].max())}
         if per_val is not None:
             pv_name = PER_VALIDATION_FILE if single else f"{PER_VALIDATION_DIR}/part-{k:05d}.parquet"
             atomic_write(directory / pv_name, lambda p, t=per_val: pq.write_table(t, p), fsync=fsync, sync_dir=False)
@@ -164,7 +166,10 @@ def partition_columns(directory: Path, entry: Mapping[str, Any], files: Mapping[
     if keys_in is not None:
         order = np.arange(len(keys)) if order is None else order
         chosen = keys[order]
-        order = order[(chosen >= keys_in[0]) & (chosen < keys_in[1])]
+        inside = chosen >= max(keys_in[0], -(2**63))
+        if keys_in[1] < 2**63:  # (a range open to the top ends past the largest int64)
+            inside &= chosen < keys_in[1]
+        order = order[inside]
     if order is not None:
         for k in ("key", "first", "second", "count", "source", "per_val"):
             if cols[k] is not None:

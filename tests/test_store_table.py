@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inrun import valuestore
 from inrun.errors import LedgerError
-from inrun.valuestore import IdTable
+from inrun.store import table as valuestore
+from inrun.store.table import IdTable
 
 
 @pytest.fixture
@@ -112,8 +112,8 @@ def test_sources_and_refusals() -> None:
 
 
 # ----------------------------------------------------------------------------- on disk
-from inrun import valuefiles  # noqa: E402
-from inrun.storage import IntegrityError  # noqa: E402
+from inrun.files import IntegrityError  # noqa: E402
+from inrun.store import partitions as valuefiles  # noqa: E402
 
 
 def filled(kind: str, steps: list, sources: bool = True) -> IdTable:
@@ -186,7 +186,7 @@ def test_dolma_attribute_files_mirror_the_documents(tmp_path) -> None:
     import gzip
     import json
 
-    from inrun.valueexport import annotate, write_dolma_attributes
+    from inrun.store.exports import annotate, write_dolma_attributes
 
     table = IdTable()
     table.add(["a", "c"], np.array([1.0, -2.0]), np.array([0.5, 0.0]))

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LedgerError
+from ..errors import LedgerError
 
 DELTA_ROWS = 1 << 16
 FANOUT = 4
@@ -250,10 +250,16 @@ class IdTable:
         loc = self.locate(keys, texts)
         new = np.nonzero(loc.run == -2)[0]
         if len(new):
-            if repeats:
-                raise LedgerError("an id new to the table appears twice in one addition; add each id once")
             loc.run[new] = -1
-            loc.row[new] = self._append(keys[new], None if texts is None else [texts[k] for k in new])
+            if not repeats:
+                loc.row[new] = self._append(keys[new], None if texts is None else [texts[k] for k in new])
+            else:  # an id twice in one addition: appended once, both positions pointing at it
+                first: dict[Any, int] = {}
+                inverse = np.array([first.setdefault(texts[k] if texts is not None else int(keys[k]), len(first))
+                                    for k in new], dtype=np.int64)
+                unique = new[np.unique(inverse, return_index=True)[1]]
+                rows = self._append(keys[unique], None if texts is None else [texts[k] for k in unique])
+                loc.row[new] = rows[inverse]
         return loc, repeats
 
     @staticmethod
@@ -483,12 +489,12 @@ class IdTable:
             "per_validation": None if part.per_val is None else part.per_val[row].copy(),
         }
 
-    def partitions(self, rows: int) -> Iterator[dict[str, Any]]:
+    def partitions(self, rows: int, by_id: bool = False) -> Iterator[dict[str, Any]]:
         """The table in key order, one key range of about ``rows`` ids at a time: ``key``, ``id``
         (int64 array, or ``pyarrow`` strings), ``first``, ``second``, ``count`` (int64), ``source``
         (int32 codes into ``source_names``, -1 unset; or ``None``), ``per_val``. Equal keys stay in
-        one range.
-        Peak memory: one range."""
+        one range. ``by_id``: each range's rows in id order (str ids sorted as text, for people
+        reading the files; int ids are in id order anyway). Peak memory: one range."""
         parts = [p for p in (*self.runs, self.delta) if p.n]
         total = sum(p.n for p in parts)
         if not total:
@@ -505,6 +511,10 @@ class IdTable:
             if not chosen:
                 continue
             run = self._gather(chosen, orders)
+            if by_id and self.kind == "str" and run.n > 1:
+                import pyarrow.compute as pc
+
+                run = _permuted(run, pc.sort_indices(run.text).to_numpy())
             yield self._columns_of(run)
 
     def _columns_of(self, run: Run) -> dict[str, Any]:
@@ -531,6 +541,14 @@ class IdTable:
         keys = np.asarray(columns["key"], dtype=np.int64)
         if not len(keys):
             return
+        if len(keys) > 1 and np.any(np.diff(keys) < 0):  # a partition in id order: sorted by key here
+            import pyarrow as pa
+
+            order = np.argsort(keys, kind="stable")
+            columns = {k: (v[order] if isinstance(v, np.ndarray) else v) for k, v in columns.items()}
+            if columns.get("text") is not None:
+                columns["text"] = columns["text"].take(pa.array(order))
+            keys = keys[order]
         kind = "str" if columns.get("text") is not None else "int"
         if self.kind is None:
             self.kind = kind
@@ -551,8 +569,8 @@ class IdTable:
                     part.source = np.full(len(part.keys), -1, dtype=np.int32)
         for a in range(0, len(keys), MAX_RUN_ROWS):
             b = min(len(keys), a + MAX_RUN_ROWS)
-            run = Run(keys=keys[a:b], first=np.asarray(columns["first"][a:b], dtype=np.float64),
-                      second=np.asarray(columns["second"][a:b], dtype=np.float64),
+            run = Run(keys=keys[a:b], first=np.array(columns["first"][a:b], dtype=np.float64),  # writable copies
+                      second=np.array(columns["second"][a:b], dtype=np.float64),
                       count=np.asarray(columns["count"][a:b], dtype=np.int32),
                       source=None if source is None else source[a:b],
                       per_val=None if columns.get("per_val") is None else columns["per_val"][a:b],
@@ -562,3 +580,14 @@ class IdTable:
             if self.columns and run.per_val is None:
                 run.per_val = np.zeros((run.n, self.columns))
             self.runs.append(run)
+
+
+def _permuted(run: Run, order: np.ndarray) -> Run:
+    """The run's rows in another order (a copy)."""
+    import pyarrow as pa
+
+    def take(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[order]
+
+    return Run(keys=run.keys[order], first=run.first[order], second=run.second[order], count=run.count[order],
+               source=take(run.source), per_val=take(run.per_val), text=run.text.take(pa.array(order)), tier=run.tier)

@@ -8,7 +8,7 @@
   value). Documents stream through in batches; the values come from the table in memory.
 * **Document metadata** (:func:`annotate`): objects with ``id`` and a ``metadata`` dict, such as
   datatrove's ``Document``, get ``metadata["inrun_value"]`` and ``["inrun_count"]``.
-* Parquet partitions keyed by id are the store's own format (:mod:`inrun.valuefiles`), and a
+* Parquet partitions keyed by id are the store's own format (:mod:`inrun.store.partitions`), and a
   ``datasets`` column is :meth:`ValueTable.to_dataset`.
 """
 
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LedgerError
-from .storage import atomic_write
-from .valuestore import IdTable
+from ..errors import LedgerError
+from ..files import atomic_write
+from .table import IdTable
 
 BATCH = 1 << 16
 
