@@ -68,7 +68,7 @@ BAD_HF = [
 
 @pytest.mark.parametrize(("override", "key", "message"), BAD_HF, ids=[b[0] for b in BAD_HF])
 def test_hf_config_keys_are_checked_against_the_transformers_config(override, key, message) -> None:
-    from inrun.run.config import check_model_config
+    from inrun.run.hf_config import check_model_config
 
     cfg = demo_config([override])
     if key is None:

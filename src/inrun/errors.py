@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class InRunError(Exception):
     """Base class of every error inrun raises on purpose."""
@@ -46,6 +49,19 @@ class NonFiniteValidationLossError(ValidationLossError, NonFiniteError):
 
 class LedgerError(InRunError, ValueError):
     """A saved ledger or run directory does not match what it is being combined with."""
+
+
+class RunDirError(LedgerError):
+    """A directory is not a run, or does not match the run it is combined with."""
+
+
+class RunInUseError(RunDirError):
+    """Another process is training in this run directory."""
+
+    def __init__(self, message: str, holder: Mapping[str, Any]) -> None:
+        super().__init__(message)
+        self.holder = dict(holder)
+        self.hint = "wait for it to finish, or stop it (Ctrl-C or kill) and then resume"
 
 
 def one_line(text: object, limit: int = 200) -> str:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -73,12 +74,28 @@ def atomic_write(
         if fsync:
             _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        named = _naming(exc, path)
+        if named is not None:
+            raise named from exc
         raise
     if fsync if sync_dir is None else sync_dir:
         fsync_dir(path.parent)
+
+
+def _naming(exc: BaseException, path: Path) -> OSError | None:
+    """The error of a failed write, naming the file it was writing: writers that open the file
+    themselves (pyarrow, ``torch.save``) report a full disk without the path, or as a
+    ``RuntimeError`` of their own."""
+    if isinstance(exc, OSError) and not exc.filename:
+        return OSError(exc.errno or errno.EIO, exc.strerror or one_line(exc, 160), str(path))
+    if isinstance(exc, RuntimeError) and "write" in str(exc).lower():
+        full = shutil.disk_usage(path.parent).free < (1 << 20)
+        return OSError(errno.ENOSPC if full else errno.EIO,
+                       "No space left on device" if full else f"writing failed ({one_line(exc, 160)})", str(path))
+    return None
 
 
 def _fsync_file(path: str | os.PathLike) -> None:

@@ -192,11 +192,8 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ results
     def values(self) -> ValueTable:
-        """id -> accumulated value (float64). Completes a pending order-2 step first.
-
-        With a DDP model this is the global table, merged over ranks by example id, and a
-        collective call: every rank must call it (see :meth:`global_ledger`).
-        """
+        """id -> accumulated value (float64); completes a pending order-2 step first. With a DDP
+        model: the global table, merged by id, and a collective call (see :meth:`global_ledger`)."""
         return self.global_ledger().values()
 
     def per_validation(self) -> PerValidation | None:
@@ -213,6 +210,11 @@ class InRunShapley:
         :class:`StepCost`); what the integrations log once as the validation set's cost."""
         return self._engine.cost.copy()
 
+    def validation_losses(self) -> dict[int, float]:
+        """Step -> validation loss at θ_step, where that step's validation pass measured it (at θ
+        itself: every step under plain SGD; a data-free shift moves momentum's and Adam's)."""
+        return self._engine.log.val_losses
+
     def save_run(
         self, path: str | os.PathLike, *, examples: Any = None, description: str = "",
         metadata: Mapping[str, Any] | None = None,
@@ -224,11 +226,8 @@ class InRunShapley:
                          description=description, metadata=metadata).finish()
 
     def global_ledger(self) -> ValueLedger:
-        """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, the
-        ledgers of every rank merged by example id (``self.ledger`` holds only this rank's
-        examples). Under DDP this is a collective: call it on every rank (each gets the merged
-        ledger), e.g. ``ledger = tracker.global_ledger()`` then save it on rank 0.
-        """
+        """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, every
+        rank's merged by example id, a collective: call it on every rank, then save on rank 0."""
         return self._engine.global_ledger()
 
     def flush(self) -> None:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -28,7 +29,7 @@ from ..analysis.curate import curate, retrain
 from ..analysis.inspect.run_dir import audit_line, inspect_run, is_run_dir, parse_window
 from ..analysis.inspect.target import inspect_run_dir, inspect_target
 from ..analysis.report import build_report
-from ..errors import InRunError, one_line
+from ..errors import InRunError, cause, one_line
 from ..files import read_json
 from ..run.config import (
     RunConfig,
@@ -329,6 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--list-keys", action="store_true", help="list every config key with its default and help")
     train.set_defaults(func=cmd_train)
 
+    _add_reading_commands(sub, set_help)
+
+    bench = sub.add_parser(
+        "bench", help="time plain training vs each method side by side (ratios, FLOP floors, memory)"
+    )
+    bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _add_reading_commands(sub: Any, set_help: str) -> None:
+    """The commands that read a run: report, baselines, curate, inspect."""
     report = sub.add_parser("report", help="write the self-contained HTML report of a run")
     report.add_argument("run_dir")
     report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
@@ -365,13 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--window", metavar="START:STOP", help="run directory: also the values over steps START..STOP-1")
     inspect.set_defaults(func=cmd_inspect)
 
-    bench = sub.add_parser(
-        "bench", help="time plain training vs each method side by side (ratios, FLOP floors, memory)"
-    )
-    bench_arguments(bench)
-    bench.set_defaults(func=cmd_bench)
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -399,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_error("stopped by Ctrl-C", label="interrupted")
         return 130
+    except (MemoryError, torch.OutOfMemoryError) as exc:  # the machine's: said in one line, like a full disk
+        print_error(f"out of memory: {cause(exc)}", "lower training.batch_size, data.length or the model's size; "
+                    "`inrun inspect CONFIG` predicts the memory the values add")
+        return EXIT_ERROR
 
 
 def _os_hint(exc: OSError, args: argparse.Namespace) -> str | None:

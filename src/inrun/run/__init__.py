@@ -2,6 +2,7 @@
 
 =================  =========================================================================
 ``config``         ``RunConfig``: the TOML config, its sections as frozen dataclasses, validated
+``hf_config``      ``model.hf_config`` checked against transformers' own config fields
 ``runner``         the training loop of a run: data order, schedule, non-finite steps, rewind
 ``models``         the models a config can build (a Hugging Face causal LM, an MLP, a CNN),
                    their optimizer, schedule and loss

@@ -68,8 +68,9 @@ from ..store.rundir import (
 from ..store.writer import RunWriter
 from ..tracker import InRunShapley
 from ..version import __version__
-from .config import ConfigError, RunConfig, check_model_config, heal_config, saved_config
+from .config import ConfigError, RunConfig, heal_config, saved_config
 from .data import ExampleSet, load_data
+from .hf_config import check_model_config
 from .models import build_model, build_optimizer, build_schedule, loss_function
 
 logger = logging.getLogger(__name__)
@@ -200,43 +201,53 @@ def train(
         meta = run_metadata(config, model, train_set, val_set)
         examples = Examples(train_set.ids, train_set.sources, train_set.locations, train_set.previews, _lengths(train_set))
         if resume:
-            rd.check_meta(meta)
-            rd.clean_temporary()
-            rd.heal_examples(*examples.columns())
-            problem = saved_config(rd)[1]
-            if problem is not None:  # run.json holds the config: write the file again
-                logger.warning("%s; rewriting it from the config saved in run.json", problem)
-                heal_config(rd, config)
+            _check_resumable(rd, config, meta, examples)
         else:
             lock = rd.lock()
         writer = RunWriter.for_config(rd, lock, examples=examples, keep=config.checkpoint.keep, total_steps=tc.steps)
         lock = None  # the writer holds it now, and releases it when the run ends
         if not resume:
             writer.create(meta, config.to_toml())
-        runner = _Runner(config, writer, train_set, val_set, device, progress)
-        forced: dict[int, str] = {}
-        restore, max_step = resume, None
-        while True:
-            try:
-                result = runner.session(model, forced, restore=restore, max_step=max_step)
-            except _Rewind as rewind:
-                if rewind.step in forced:  # pragma: no cover - would loop forever: a bug
-                    raise InRunError(f"step {rewind.step} was skipped and still fails: {rewind.reason}") from None
-                forced[rewind.step] = rewind.reason
-                rd.discard_checkpoints_after(rewind.step)
-                logger.warning(
-                    "step %d: %s; restarting from the newest checkpoint before it to skip it "
-                    "(values.on_nonfinite = 'skip')", rewind.step, rewind.reason,
-                )
-                model, restore, max_step = None, True, rewind.step
-                continue
-            result.seconds = time.perf_counter() - t0
-            return result
+        result = _sessions(_Runner(config, writer, train_set, val_set, device, progress), model, resume)
+        result.seconds = time.perf_counter() - t0
+        return result
     finally:
         if lock is not None:
             lock.release()
         if writer is not None:
             writer.close()
+
+
+def _check_resumable(rd: RunDir, config: RunConfig, meta: dict[str, Any], examples: Examples) -> None:
+    """A resume continues the run it finds: same metadata; what a killed writer left removed;
+    the examples and config files healed when damaged."""
+    rd.check_meta(meta)
+    rd.clean_temporary()
+    rd.heal_examples(*examples.columns())
+    problem = saved_config(rd)[1]
+    if problem is not None:  # run.json holds the config: write the file again
+        logger.warning("%s; rewriting it from the config saved in run.json", problem)
+        heal_config(rd, config)
+
+
+def _sessions(runner: _Runner, model: nn.Module | None, resume: bool) -> RunResult:
+    """Run the loop; a step whose update blew up under ``on_nonfinite = 'skip'`` rewinds it to
+    the newest checkpoint before that step, which is then skipped (forced)."""
+    forced: dict[int, str] = {}
+    restore, max_step = resume, None
+    while True:
+        try:
+            return runner.session(model, forced, restore=restore, max_step=max_step)
+        except _Rewind as rewind:
+            if rewind.step in forced:  # pragma: no cover - would loop forever: a bug
+                raise InRunError(f"step {rewind.step} was skipped and still fails: {rewind.reason}") from None
+            forced[rewind.step] = rewind.reason
+            runner.rd.discard_checkpoints_after(rewind.step)
+            logger.warning(
+                "step %d: %s; restarting from the newest checkpoint before it to skip it "
+                "(values.on_nonfinite = 'skip')", rewind.step, rewind.reason,
+            )
+            model, restore, max_step = None, True, rewind.step
 
 
 def _check_new_output(rd: RunDir) -> None:
@@ -445,37 +456,7 @@ class _Runner:
                 self._checkpoint(step + 1)
                 due = False
                 continue
-            rows = self.order.rows(step)
-            x = self.train_set.inputs[rows].to(self.device)
-            y = self.train_set.targets[rows].to(self.device)
-            if x.is_floating_point():
-                x = x.to(self.params[0].dtype)
-            ids = [self.train_set.ids[r] for r in rows]
-            try:
-                with tracker.step(ids) if tracker is not None else contextlib.nullcontext():
-                    loss = self.loss_fn(self.model, x, y)
-                    loss.backward()
-            except InRunError as exc:
-                if not _is_nonfinite(exc):
-                    raise
-                self._nonfinite_now(step, f"the validation pass failed ({cause(exc, 160)})")
-            loss_value = float(loss.detach())
-            norm = _grad_norm(self.params, tc.clip_grad_norm)
-            skip_reason = None
-            if not math.isfinite(loss_value) or not math.isfinite(norm):
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                skip_reason = f"non-finite {what} ({loss_value if what == 'loss' else norm}) at step {step}"
-            else:
-                if self.ledger is not None:
-                    self.ledger.mark()  # so that a later check can take this step out again
-                self.update = _Update(step, loss_value, lr)
-                try:
-                    self.optimizer.step()
-                except NonFiniteError as exc:
-                    if not self._parameters_finite(step):  # raised after the update was applied
-                        self._blame_update(f"the update of step {step} made the parameters non-finite ({cause(exc, 120)})")
-                    skip_reason = f"non-finite values at step {step} ({exc})"
-                    self.update = None
+            loss_value, skip_reason = self._train_step(step, lr)
             if skip_reason is not None:
                 self._log(step + 1, loss_value, lr, float("nan"), True)
                 if tracker is not None:
@@ -505,6 +486,42 @@ class _Runner:
                 self._checkpoint(step + 1)
                 due = False
         self.step = tc.steps
+
+    def _train_step(self, step: int, lr: float) -> tuple[float, str | None]:
+        """The forward, backward and optimizer step of ``step``: its loss, and why it was skipped
+        (``None``: the update was applied)."""
+        rows = self.order.rows(step)
+        x = self.train_set.inputs[rows].to(self.device)
+        y = self.train_set.targets[rows].to(self.device)
+        if x.is_floating_point():
+            x = x.to(self.params[0].dtype)
+        ids = [self.train_set.ids[r] for r in rows]
+        try:
+            with self.tracker.step(ids) if self.tracker is not None else contextlib.nullcontext():
+                loss = self.loss_fn(self.model, x, y)
+                loss.backward()
+        except InRunError as exc:
+            if not _is_nonfinite(exc):
+                raise
+            self._nonfinite_now(step, f"the validation pass failed ({cause(exc, 160)})")
+        loss_value = float(loss.detach())
+        norm = _grad_norm(self.params, self.config.training.clip_grad_norm)
+        skip_reason = None
+        if not math.isfinite(loss_value) or not math.isfinite(norm):
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            skip_reason = f"non-finite {what} ({loss_value if what == 'loss' else norm}) at step {step}"
+        else:
+            if self.ledger is not None:
+                self.ledger.mark()  # so that a later check can take this step out again
+            self.update = _Update(step, loss_value, lr)
+            try:
+                self.optimizer.step()
+            except NonFiniteError as exc:
+                if not self._parameters_finite(step):  # raised after the update was applied
+                    self._blame_update(f"the update of step {step} made the parameters non-finite ({cause(exc, 120)})")
+                skip_reason = f"non-finite values at step {step} ({exc})"
+                self.update = None
+        return loss_value, skip_reason
 
     # -- non-finite events --------------------------------------------------------------------
     def _nonfinite_now(self, step: int, reason: str) -> None:

@@ -9,8 +9,9 @@
                    reads of one id or a range; merges of ranks' saves range by range
 ``values``         ``ValueTable`` and ``PerValidation``: the values as read-only tables
 ``exports``        values keyed by document id for curators: Dolma attribute files, metadata
-``rundir``         a run directory (``RunDir``): layout, metadata, status, checkpoints,
-                   verification, the curves (``Metrics``)
+``rundir``         a run directory (``RunDir``): layout, metadata, status, results, verification
+``checkpoints``    its checkpoints: one schema for every loop, written atomically, restored
+``metrics``        its training curves (``metrics.parquet``)
 ``auditlog``       the audit's rows on disk (``audit.parquet``, ``audit.json``)
 ``summary``        the headline numbers of a run (``summary.json``)
 ``examples``       what the report shows of each training example (``examples.parquet``)

@@ -174,6 +174,10 @@ class ValueLedger:
                 self._seal(self.trace_dir)
         self.steps = max(self.steps, step + 1)
 
+    def id_kind(self) -> type | None:
+        """``int`` or ``str``: the kind of this ledger's ids (``None`` while it has none)."""
+        return {"int": int, "str": str}.get(self._table.kind or "") if len(self._table) else None
+
     def record_skip(self, step: int, reason: str) -> None:
         """Note a step whose values were not added (NaN loss, skipped optimizer step...)."""
         self.skipped.append({"step": int(step), "reason": reason})

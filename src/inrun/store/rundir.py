@@ -41,14 +41,11 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 try:
@@ -56,7 +53,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from ..errors import LedgerError, one_line
+from ..errors import LedgerError, RunDirError, RunInUseError, one_line
 from ..files import (
     DirLock,
     IntegrityError,
@@ -65,7 +62,6 @@ from ..files import (
     describe_holder,
     exclusive_lock,
     file_digest,
-    fsync_dir,
     is_locked,
     json_text,
     read_json,
@@ -74,121 +70,42 @@ from ..files import (
     write_json,
 )
 from .auditlog import AUDIT_FILE, AUDIT_FILES, load_audit, save_audit
+from .checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_STATE,
+    CHECKPOINTS,
+    DAMAGED_PREFIX,
+    RUN_FORMAT,
+    Checkpoints,
+    Restored,
+)
 from .ledger import LEDGER_META_FILE, TRACE_DIR, VALUES_FILE, ValueLedger
+from .metrics import METRICS_FILE, Metrics, read_parquet
 
 logger = logging.getLogger(__name__)
 
-RUN_FORMAT = 2
-CHECKPOINT_FORMAT = 3  # state.pt: step, tracker, objects, rng, extra (format 2: inrun train's own keys)
+__all__ = [  # what readers import from here; checkpoints and curves live in their own modules
+    "CHECKPOINTS", "CHECKPOINT_FORMAT", "CHECKPOINT_STATE", "DAMAGED_PREFIX", "METRICS_FILE", "RUN_FORMAT",
+    "Checkpoints", "Metrics", "Restored", "RunDir", "RunDirError", "RunInUseError", "config_diff",
+    "model_fingerprint",
+]
+
 READABLE_FORMATS = (1, 2)  # format 1: before checksums (read unverified, never resumed)
 META_FILE = "run.json"
 CONFIG_FILE = "config.toml"
 STATUS_FILE = "status.json"
 EXAMPLES_FILE = "examples.parquet"
-METRICS_FILE = "metrics.parquet"
 MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_STATE = "state.pt"
 LOCK_FILE = ".lock"
 RESULTS_LOCK_FILE = ".results.lock"
-DAMAGED_PREFIX = "damaged-"
 # Metadata that must match for a run to be resumed: anything else means different values.
 CHECKED_KEYS = ("format", "inrun_version", "config", "model_fingerprint", "train_hash", "validation_hash")
 
 
-class RunDirError(LedgerError):
-    """A directory is not a run, or does not match the run it is combined with."""
-
-
-class RunInUseError(RunDirError):
-    """Another process is training in this run directory."""
-
-    def __init__(self, message: str, holder: Mapping[str, Any]) -> None:
-        super().__init__(message)
-        self.holder = dict(holder)
-        self.hint = "wait for it to finish, or stop it (Ctrl-C or kill) and then resume"
-
-
 def _resume_hint(path: Path) -> str:
     return f"`inrun train --resume {path}` rewrites the results from the newest intact checkpoint"
-
-
-@dataclass
-class Metrics:
-    """Per-step training curves: one row per step; ``val_loss`` is NaN where not evaluated."""
-
-    step: list[int] = field(default_factory=list)
-    train_loss: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    skipped: list[bool] = field(default_factory=list)
-
-    COLUMNS = ("step", "train_loss", "lr", "val_loss", "skipped")
-
-    def append(self, step: int, train_loss: float, lr: float, val_loss: float, skipped: bool) -> None:
-        self.step.append(step)
-        self.train_loss.append(train_loss)
-        self.lr.append(lr)
-        self.val_loss.append(val_loss)
-        self.skipped.append(skipped)
-
-    def truncate(self, n: int) -> None:
-        """Keep the first ``n`` rows."""
-        for c in self.COLUMNS:
-            del getattr(self, c)[n:]
-
-    def save(self, path: Path, fsync: bool = True, sync_dir: bool | None = None) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        table = pa.table(
-            {
-                "step": pa.array(self.step, type=pa.int64()),
-                "train_loss": pa.array(self.train_loss, type=pa.float64()),
-                "lr": pa.array(self.lr, type=pa.float64()),
-                "val_loss": pa.array(self.val_loss, type=pa.float64()),
-                "skipped": pa.array(self.skipped, type=pa.bool_()),
-            }
-        )
-        atomic_write(path, lambda p: pq.write_table(table, p), fsync=fsync, sync_dir=sync_dir)
-
-    @classmethod
-    def load(cls, path: Path) -> Metrics:
-        t = _read_parquet(path).to_pydict()
-        try:
-            return cls(**{c: list(t[c]) for c in cls.COLUMNS})
-        except KeyError as exc:
-            raise IntegrityError(f"{path} is damaged: no column {exc}") from None
-
-    def final_val_loss(self) -> float:
-        vals = [v for v in self.val_loss if not np.isnan(v)]
-        return vals[-1] if vals else float("nan")
-
-
-def _read_parquet(path: Path) -> Any:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path)
-    except FileNotFoundError:
-        raise IntegrityError(f"{path} is missing") from None
-    except (OSError, pa.ArrowException) as exc:
-        raise IntegrityError(f"{path} cannot be read as Parquet ({' '.join(str(exc).split())[:160]})") from None
-
-
-@dataclass
-class Restored:
-    """What :meth:`RunDir.restore` found: the checkpoint used and those it set aside."""
-
-    step: int
-    path: Path | None
-    state: dict[str, Any] | None
-    ledger: ValueLedger | None
-    metrics: Metrics
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint, why)
 
 
 class RunDir:
@@ -529,137 +446,39 @@ class RunDir:
                 path = self._verified(EXAMPLES_FILE)
             if not path.exists():
                 return pd.DataFrame({"id": [], "source": [], "location": [], "preview": []})
-            return _read_parquet(path).to_pandas()
+            return read_parquet(path).to_pandas()
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    # -- checkpoints (store/checkpoints.py) -------------------------------------------------------
+    @property
+    def checkpoint_store(self) -> Checkpoints:
+        return Checkpoints(self.file(CHECKPOINTS), self.path)
+
     def checkpoints(self) -> list[tuple[int, Path]]:
         """Checkpoints, oldest first (a temporary, unfinished one is never listed)."""
-        root = self.file(CHECKPOINTS)
-        out = []
-        if root.exists():
-            for p in root.iterdir():
-                if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit():
-                    out.append((int(p.name[5:]), p))
-        return sorted(out)
+        return self.checkpoint_store.listed()
 
     def write_checkpoint(
         self, step: int, state: Mapping[str, Any], ledger: ValueLedger | None, metrics: Metrics, keep: int
     ) -> Path:
         """Write everything needed to continue after ``step`` steps, atomically, then prune."""
-        root = self.file(CHECKPOINTS)
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{step:06d}"
-        tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        # Every file is synced, each directory once, before the rename makes it a checkpoint:
-        # the checkpoint is what a resume trusts.
-        atomic_write(tmp / CHECKPOINT_STATE, lambda p: torch.save(dict(state), p), sync_dir=False)
-        files = {CHECKPOINT_STATE: file_digest(tmp / CHECKPOINT_STATE)}
-        if ledger is not None:
-            ledger.save(tmp / "ledger")
-            files[f"ledger/{LEDGER_META_FILE}"] = file_digest(tmp / "ledger" / LEDGER_META_FILE)
-        metrics.save(tmp / METRICS_FILE, sync_dir=False)
-        files[METRICS_FILE] = file_digest(tmp / METRICS_FILE)
-        write_json(tmp / "manifest.json", {"format": RUN_FORMAT, "step": step, "files": files}, sync_dir=False)
-        fsync_dir(tmp)
-        if final.exists():  # the same step again (a resumed run that had finished): replace it
-            _discard(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        for _, old in self.checkpoints()[:-keep]:
-            _discard(old)
-        return final
+        return self.checkpoint_store.write(step, state, ledger, metrics, keep)
 
     def verify_checkpoint(self, path: Path) -> dict[str, Any]:
-        """The checkpoint's manifest, after checking it and every file it lists.
-
-        Raises:
-            IntegrityError: something is missing, damaged or inconsistent (the message says what).
-        """
-        manifest = read_json(path / "manifest.json", "the checkpoint's file list")
-        step, files = manifest.get("step"), manifest.get("files")
-        if not isinstance(files, dict) or CHECKPOINT_STATE not in files or METRICS_FILE not in files:
-            raise IntegrityError(f"{path / 'manifest.json'} is damaged: its file list is incomplete")
-        if not isinstance(step, int) or path.name != f"step-{step:06d}":
-            raise IntegrityError(f"{path / 'manifest.json'} says step {step!r}, the directory is {path.name}")
-        for name, digest in files.items():
-            verify_file(path / name, digest, f"listed in {path / 'manifest.json'}")
-        return manifest
+        """The checkpoint's manifest, after checking it and every file it lists."""
+        return self.checkpoint_store.verify(path)
 
     def load_checkpoint(
         self, path: Path, device: torch.device, trace_dir: Path | None = None
     ) -> tuple[dict[str, Any], ValueLedger | None, Metrics]:
-        """``(state, ledger, metrics)`` of a checkpoint, every file verified first; tensors are
-        loaded with ``weights_only=True``.
-
-        Raises:
-            IntegrityError: the checkpoint is damaged (the message says which file and how).
-        """
-        manifest = self.verify_checkpoint(path)
-        try:
-            state = torch.load(path / CHECKPOINT_STATE, map_location=device, weights_only=True)
-        except Exception as exc:  # a file with the right checksum that torch cannot read
-            raise IntegrityError(f"{path / CHECKPOINT_STATE} cannot be loaded ({type(exc).__name__})") from None
-        if not isinstance(state, dict) or state.get("step") != manifest["step"]:
-            raise IntegrityError(f"{path / CHECKPOINT_STATE} does not hold step {manifest['step']}")
-        ledger = None
-        state = _one_schema(state)
-        if f"ledger/{LEDGER_META_FILE}" in manifest["files"]:
-            ledger = ValueLedger.load(path / "ledger", trace_dir=trace_dir)
-        elif state.get("tracker") is not None:
-            raise IntegrityError(f"{path} has tracker state but no ledger/")
-        return state, ledger, Metrics.load(path / METRICS_FILE)
+        """``(state, ledger, metrics)`` of a checkpoint, every file verified first."""
+        return self.checkpoint_store.load(path, device, trace_dir)
 
     def restore(self, device: torch.device, max_step: int | None = None, values: bool = True) -> Restored:
-        """The newest intact checkpoint (at most ``max_step``), its files verified; damaged
-        newer ones are moved aside as ``checkpoints/damaged-step-N`` and listed in ``skipped``.
-
-        With no checkpoint at all, the run starts from step 0 (nothing was lost: the values of
-        a run are a function of its config and data). Checkpoints that all fail verification
-        cannot restore the values exactly: refused.
-
-        Raises:
-            RunDirError: every checkpoint is damaged.
-        """
-        candidates = [(s, p) for s, p in self.checkpoints() if max_step is None or s <= max_step]
-        problems: list[tuple[Path, str]] = []
-        store = self.trace_store if values else None
-        for step, path in reversed(candidates):
-            try:
-                state, ledger, metrics = self.load_checkpoint(path, device, trace_dir=store)
-                if values and state.get("tracker") is not None and ledger is None:
-                    raise IntegrityError(f"{path} has no ledger")
-            except LedgerError as exc:
-                problems.append((path, str(exc)))
-                continue
-            skipped = [(p.name, why) for p, why in problems]
-            for p, _ in problems:
-                self._set_aside(p)
-            return Restored(step, path, state, ledger, metrics, skipped)
-        if problems:
-            first = problems[0][1]
-            raise RunDirError(
-                f"cannot resume {self.path}: none of its {len(problems)} checkpoint(s) is intact, so its "
-                f"values cannot be restored exactly (newest: {first}). Restore the files from a "
-                f"backup, or delete {self.file(CHECKPOINTS)} to recompute the run from step 0"
-            )
-        return Restored(0, None, None, None, Metrics())
-
-    def _set_aside(self, path: Path) -> None:
-        target = path.with_name(DAMAGED_PREFIX + path.name)
-        k = 1
-        while target.exists():
-            target = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{k}")
-            k += 1
-        os.replace(path, target)
-        fsync_dir(path.parent)
+        """The newest intact checkpoint (at most ``max_step``): :meth:`Checkpoints.restore`."""
+        return self.checkpoint_store.restore(device, max_step, trace_dir=self.trace_store if values else None)
 
     def discard_checkpoints_after(self, step: int) -> None:
-        for s, p in self.checkpoints():
-            if s > step:
-                _discard(p)
+        self.checkpoint_store.discard_after(step)
 
     def _prune_trace(self, ledger: ValueLedger | None) -> None:
         store = self.trace_store
@@ -673,11 +492,7 @@ class RunDir:
     def clean_temporary(self) -> None:
         """Remove what a killed writer left behind (unfinished checkpoints, temp files); only
         under :meth:`lock`, so that no live writer's files are touched."""
-        root = self.file(CHECKPOINTS)
-        if root.exists():
-            for p in root.iterdir():
-                if p.name.startswith((".tmp-", ".trash-")):
-                    shutil.rmtree(p, ignore_errors=True)
+        self.checkpoint_store.clean()
         for folder in (self.path, self.trace_store):
             for p in folder.glob(".*.tmp") if folder.is_dir() else ():
                 p.unlink(missing_ok=True)
@@ -731,18 +546,6 @@ class RunDir:
         return problems
 
 
-def _one_schema(state: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's state in the one schema every loop writes (format 3): ``step``, ``tracker``,
-    ``objects`` (state dicts by name), ``rng``, ``extra``. Format 2 checkpoints of ``inrun train``
-    kept ``model``, ``optimizer`` and ``schedule`` at the top and ``data``, ``forced_skips`` beside."""
-    if "objects" in state:
-        return state
-    objects = {k: state[k] for k in ("model", "optimizer", "schedule") if k in state}
-    extra = {k: state[k] for k in ("data", "forced_skips") if k in state}
-    return {"format": state.get("format"), "step": state.get("step"), "tracker": state.get("tracker"),
-            "objects": objects, "rng": state.get("rng"), "extra": extra}
-
-
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str, sort_keys=True) if not isinstance(value, str) else repr(value)
     return one_line(text, 120)
@@ -767,10 +570,3 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, p in model.named_parameters():
         desc.append([name, list(p.shape), str(p.dtype), p.requires_grad])
     return hashlib.sha256(json.dumps(desc).encode()).hexdigest()
-
-
-def _discard(path: Path) -> None:
-    """Delete a directory so that a kill half-way never leaves a checkpoint-looking remnant."""
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)

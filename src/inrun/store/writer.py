@@ -92,6 +92,8 @@ class Tracked(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
+    def validation_losses(self) -> dict[int, float]: ...
+
 
 def tracker_info(tracker: Tracked) -> dict[str, Any]:
     """What ``tracker.json`` holds: settings, the route of every parameter, the valued modules
@@ -209,6 +211,7 @@ class RunWriter:
         self.start_step = 0
         self.resumed = False
         self._rows: dict[int, list[Any]] = {}  # step -> [train_loss, lr, val_loss, skipped or None]
+        self._previous: dict[str, Any] = {}  # the status a resume found
         self._t0 = time.perf_counter()
         self._finished = False
         self._lock: DirLock | None = None
@@ -269,6 +272,9 @@ class RunWriter:
         self.start_step = self.tracker.step_count
         if external is not None:
             self._rows = _rows_of(external)
+        elif self.start_step > 0:  # opened after training (tracker.save_run): the losses it measured
+            for step, loss in sorted(self.tracker.validation_losses().items()):
+                self.log(val_loss=loss, step=step, lr=math.nan)
         if self.evaluate and self.start_step == 0:
             self.log(val_loss=self._validation_loss(), step=0)
         self._status("running", self.start_step)
@@ -316,6 +322,7 @@ class RunWriter:
         rd = self.rd
         restored = Restored(0, None, None, None, Metrics())
         if restore:
+            self._previous = rd.status()
             restored = rd.restore(torch.device("cpu"), max_step=at_step if at_step is not None else max_step,
                                   values=tracker is not None)
             if at_step is not None and restored.step != at_step:
@@ -427,7 +434,7 @@ class RunWriter:
         keep = self.keep if self.keep is not None else 1 << 30
         path = self.rd.write_checkpoint(step, state, ledger, self._metrics(ledger), keep)
         self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
-        self._write_tracker()
+        self._write_tracker(step)
         self._status("running", step)
         return path
 
@@ -441,8 +448,8 @@ class RunWriter:
         if ledger is not None:
             ledger.commit()
         self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
-        self._write_tracker()
         if step is not None:
+            self._write_tracker(step)
             self._status("running", step)
 
     def metrics(self) -> Metrics:
@@ -474,8 +481,13 @@ class RunWriter:
     def _audit(self) -> Any:
         return None if self.tracker is None else self.tracker.audit
 
-    def _write_tracker(self) -> None:
-        if self.tracker is not None:
+    def _ran(self, step: int) -> bool:
+        """Whether this writer saw steps of its own: a resume that runs none (a complete run
+        resumed) keeps what the run's own steps recorded (tracker.json, the session's seconds)."""
+        return not self.resumed or step > self.start_step
+
+    def _write_tracker(self, step: int) -> None:
+        if self.tracker is not None and (self._ran(step) or not self.rd.file(TRACKER_FILE).exists()):
             write_json(self.rd.file(TRACKER_FILE), {**tracker_info(self.tracker), **self.info}, fsync=False)
 
     def _status(self, state: str, step: int, message: str = "", **extra: Any) -> None:
@@ -506,8 +518,11 @@ class RunWriter:
             if ledger is not None:
                 ledger.commit()
             self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
-            self._write_tracker()
-            self.rd.write_status("complete", step, self.total_steps or step, seconds=time.perf_counter() - self._t0)
+            self._write_tracker(step)
+            seconds = time.perf_counter() - self._t0
+            if not self._ran(step) and self._previous.get("state") == "complete":
+                seconds = self._previous.get("seconds", seconds)  # nothing ran: the run's own time
+            self.rd.write_status("complete", step, self.total_steps or step, seconds=seconds)
             if ledger is not None:
                 write_summary(self.rd)
         finally:
@@ -528,8 +543,8 @@ class RunWriter:
             if ledger is not None:
                 ledger.commit()
             self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
-            if ledger is not None and ledger.steps > 0:
-                saved = f" Values of steps 0-{ledger.steps - 1} are saved."
+            if ledger is not None:
+                saved = f" Values of steps 0-{ledger.steps - 1} are saved." if ledger.steps else " No step was valued."
         except Exception as again:  # the error that ended the run is what the caller sees
             logger.warning("could not save the values after the failure: %s", one_line(again))
         self.stop(state, step, f"{state} at step {step}: {one_line(exc, 300)}.{saved} Fix the cause, then continue "

@@ -8,16 +8,24 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..errors import BatchMismatchError, UnsupportedModuleError
+from ..errors import BatchMismatchError, UnsupportedModuleError, one_line
 from ..layers.norm import batchnorm_message
 
 Id = int | str
+MAX_ID_CHARS = 1000  # an id is a key: printed in tables, stored once per value; the text goes elsewhere
 
 
 def admit_model(model: Any, val_loss: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     refuse_compiled(model)
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise UnsupportedModuleError(
+            f"the model's parameter {meta} is on the meta device (it has a shape but no data), so it "
+            "cannot be trained or valued. Materialize the model first (model.to_empty(device=...) and "
+            "load its weights, or build it outside torch.device('meta')), then make the tracker."
+        )
     if not callable(val_loss):
         raise TypeError("val_loss must be a callable taking the model and returning a loss")
 
@@ -72,6 +80,20 @@ class WindowIds:
         self._window: object = None
         self._rows: set = set()
         self._documents: set = set()
+        self.kind: type | None = None  # int or str: the run's ids are all of one kind
+
+    def admit_kind(self, ids: list, step: int) -> None:
+        """Refuse ids of the other kind than the run's so far (the ledger keeps them in one
+        column, so a mix would be refused only when the values are saved, after the compute)."""
+        kinds = {type(i) for i in ids} | ({self.kind} if self.kind is not None else set())
+        if len(kinds) > 1:
+            first = next(i for i in ids if type(i) is not (self.kind or type(ids[0])))
+            raise BatchMismatchError(
+                f"step {step}: example ids mix int and str (id {one_line(repr(first), 60)} among "
+                f"{'the run' if self.kind else 'this batch'}'s {(self.kind or type(ids[0])).__name__} ids): "
+                "a run's ids are all int or all str. Give every example an id of one kind (e.g. str(i) for all)."
+            )
+        self.kind = kinds.pop()
 
     def add(self, window: object, ids: list, documents: bool = False) -> None:
         if window is not self._window:
@@ -99,6 +121,12 @@ def check_ids(ids: Any) -> list[Id]:
             raise TypeError(
                 f"example ids must be int or str, got {type(i).__name__} {i!r}{hint}. "
                 "Use a stable index or key of the example in your dataset."
+            )
+        if isinstance(i, str) and len(i) > MAX_ID_CHARS:
+            raise ValueError(
+                f"an example id has {len(i):,} characters ({one_line(repr(i[:40]), 60)}...): ids are keys "
+                f"of at most {MAX_ID_CHARS} characters. Use a short key (an index or a hash of the text) and "
+                "give the text to the report as the examples' 'text' column."
             )
         out.append(int(i) if isinstance(i, np.integer) else i)
     return out

@@ -91,6 +91,7 @@ class StepEngine:
         self.recorder: TrainRecorder | None = None
         self.cost = StepCost()
         self.window_ids = WindowIds()
+        self.window_ids.kind = ledger.id_kind()
         self.bookkeeping = (
             Bookkeeping(self.entries, self.policy, self._bookkeeping_target, self._add_dots)
             if config.bookkeeping != "off" else None
@@ -118,6 +119,7 @@ class StepEngine:
         if self.recorder is not None:
             raise StepOrderError("tracker.step() blocks cannot be nested")
         id_list = admit_ids(ids, self.batchnorms)
+        self.window_ids.admit_kind(id_list, self.log.count)
         seg = docs.admit_documents(segments, id_list, self.table.device, token_values)
         timed = self.log.count >= 1
         t0 = time.perf_counter()
@@ -146,7 +148,8 @@ class StepEngine:
         if window is None:
             self.table.require_unchanged()
             self.flush()
-            self.validation.at_step_start(self.log.count)
+            if not (val := self.validation.at_step_start(self.log.count)).shifted:
+                self.log.measured(self.log.count, val.loss)
             self.table.require_zero_grads()
             self.window = self.log.open()
         mb = MicroBatch(ids=ids, size=len(ids), rows=len(ids) if segments is None else segments.shape[0],
@@ -295,6 +298,7 @@ class StepEngine:
         if window.doomed:
             window.skip(window.doomed)
             return
+        self.table.learning_rates(self.optimizer)  # a NaN one is refused before the update
         grads = self.table.grads()
         with torch.no_grad():
             # Clipping or unscaling between backward and the step multiplies each gradient by a
@@ -356,6 +360,7 @@ class StepEngine:
             self.audit.load_state(state["audit"])
         if ledger is not None:
             self.log.ledger = ledger
+            self.window_ids.kind = ledger.id_kind()
         self.validation.forget()
 
     def set_enabled(self, value: bool) -> None:

@@ -4,11 +4,12 @@ factor the loop applied to each gradient between backward and the step (clipping
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import InRunError, StepOrderError, UnsupportedModuleError
+from ..errors import InRunError, NonFiniteError, StepOrderError, UnsupportedModuleError
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class ParamTable:
             raise InRunError("the model has no trainable parameters (requires_grad=True)")
         self._module = module
         self._modules = {id(m): n for n, m in module.named_modules()}
+        self.outside: set[int] = set()  # trainable parameters the optimizer does not hold
 
     def require_unchanged(self) -> None:
         """Refuse a model whose trainable parameters or modules changed after the tracker was made:
@@ -94,6 +96,16 @@ class ParamTable:
         with torch.no_grad():
             nonzero = bool(torch.stack(torch._foreach_norm(grads)).any())
         if nonzero:
+            stale = [n for n, p in zip(self.names, self.params)
+                     if p.grad is not None and id(p) in self.outside and bool(p.grad.detach().ne(0).any())]
+            if stale:
+                raise StepOrderError(
+                    f"gradients of {len(stale)} trainable parameter(s) not held by the optimizer "
+                    f"({', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}) are not zero at the start of a "
+                    "step: optimizer.zero_grad() clears only the parameters it holds, and optimizer.step() "
+                    "never applies theirs. Give the optimizer every trainable parameter, or set "
+                    "requires_grad=False on those it should not train."
+                )
             raise StepOrderError(
                 "gradients are not zero at the start of a step: call optimizer.zero_grad() "
                 "after each optimizer.step(), so the update is exactly the valued examples' "
@@ -102,6 +114,7 @@ class ParamTable:
 
     def warn_missing_from(self, optimizer: torch.optim.Optimizer) -> None:
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self.outside = {id(p) for p in self.params if id(p) not in in_opt}
         missing = [n for n, p in zip(self.names, self.params) if id(p) not in in_opt]
         if missing:
             logger.warning(
@@ -112,5 +125,13 @@ class ParamTable:
 
     @staticmethod
     def learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
-        """The learning rate of every parameter group, in the optimizer's order."""
-        return [float(g["lr"]) for g in optimizer.param_groups]
+        """The learning rate of every parameter group, in the optimizer's order; a NaN or infinite
+        one is refused (it would make every parameter of its group NaN)."""
+        lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        bad = next((k for k, lr in enumerate(lrs) if not math.isfinite(lr)), None)
+        if bad is not None:
+            raise NonFiniteError(
+                f"the learning rate of parameter group {bad} is {lrs[bad]}: the update would make its "
+                "parameters non-finite. Check the optimizer's lr and the schedule that sets it."
+            )
+        return lrs

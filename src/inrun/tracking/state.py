@@ -157,6 +157,8 @@ class Ledger(Protocol):
 
     def record_skip(self, step: int, reason: str) -> None: ...
 
+    def id_kind(self) -> type | None: ...
+
     def state(self) -> dict[str, Any]: ...
 
     @classmethod
@@ -170,6 +172,28 @@ class StepLog:
         self.ledger = ledger
         self.count = 0
         self.tokens = TokenValues()
+        self._val_losses: dict[int, float] = {}
+        self._pending: list[tuple[int, Tensor]] = []
+
+    def measured(self, step: int, loss: Tensor) -> None:
+        """A validation pass at θ_``step`` measured ``loss``: read in batches, so that a GPU waits
+        for no extra host transfer per step."""
+        self._pending.append((step, loss.detach().double().sum()))
+        if len(self._pending) >= 256:
+            self._read_losses()
+
+    @property
+    def val_losses(self) -> dict[int, float]:
+        """Step -> the validation loss at the parameters after that many steps, where the step's
+        validation pass measured it (at θ_t itself: no data-free shift, e.g. plain SGD)."""
+        self._read_losses()
+        return dict(self._val_losses)
+
+    def _read_losses(self) -> None:
+        if self._pending:
+            values = torch.stack([v for _, v in self._pending]).tolist()
+            self._val_losses.update({s: float(v) for (s, _), v in zip(self._pending, values)})
+            self._pending.clear()
 
     def open(self) -> Window:
         return Window(step=self.count)

@@ -36,8 +36,9 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
-from ...run.config import ConfigError, check_model_config, load_config, saved_config
+from ...run.config import ConfigError, load_config, saved_config
 from ...run.data import load_data
+from ...run.hf_config import check_model_config
 from ...run.models import build_model, build_optimizer, loss_function
 from ...store.rundir import RunDir, RunDirError
 from ...store.writer import read_tracker_info
@@ -167,24 +168,8 @@ def inspect_config(config: Any, batch_size: int | None = None, order: int | None
         model, optimizer, val_loss=lambda m: loss_fn(m, vx, vy), order=v.order,
         second_order=v.second_order, route=v.route, check=v.check,
     )
-    shapes: dict[str, tuple[int, int, int]] = {}
-    handles = []
     tiny = 2
-
-    def record(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if isinstance(output, torch.Tensor) and x is not None and name not in shapes:
-                d_out = output.shape[-1] if output.dim() > 1 else 1
-                d_in = x.shape[-1] if x.dim() > 1 and x.is_floating_point() else d_out
-                tokens = max(1, output.numel() // max(1, tiny * d_out))
-                shapes[name] = (int(d_in), int(d_out), int(tokens))
-
-        return hook
-
-    for name, module in model.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            handles.append(module.register_forward_hook(record(name)))
+    shapes, handles = _record_shapes(model, tiny)
     x, y = train_set.inputs[:tiny], train_set.targets[:tiny]
     if x.is_floating_point():
         x = x.to(dtype)
@@ -198,6 +183,22 @@ def inspect_config(config: Any, batch_size: int | None = None, order: int | None
         for h in handles:
             h.remove()
         tracker.close()
+    modules = _module_infos(model, coverage, shapes)
+    B = batch_size or config.training.batch_size
+    n_val = int((val_set.targets != -100).sum()) if val_set.task == "lm" else len(val_set)
+    settings = f"batch {B}, {n_val:,} validation tokens, order {v.order}"
+    kind = config.model.hf_type or config.model.kind
+    title = f"{type(model).__name__} ({kind}{' + LoRA' if config.model.lora else ''}) as the run config builds it"
+    report = _report(title, model, coverage.routes,
+                     coverage.numel, modules, B, n_val, deferred, settings)
+    if config.model.lora is not None:
+        report.notes.append("LoRA: the base model is frozen; only the adapter parameters are valued.")
+    return report
+
+
+def _module_infos(model: nn.Module, coverage: Any, shapes: dict[str, tuple[int, int, int]]) -> list[ModuleInfo]:
+    """Each module with trainable parameters: the route(s) that valued them (at a site, if the
+    verification moved them there) and its recorded shapes."""
     route_of = {p: r for r, names in coverage.routes.items() for p in names}
     modules = []
     for name, module in model.named_modules():
@@ -212,16 +213,28 @@ def inspect_config(config: Any, batch_size: int | None = None, order: int | None
         d_in, d_out, tokens = shapes.get(name, (0, 0, 1))
         modules.append(ModuleInfo(name or type(module).__name__, type(module).__name__, "+".join(routes),
                                   [n for n, _ in own], sum(p.numel() for _, p in own), d_in, d_out, tokens))
-    B = batch_size or config.training.batch_size
-    n_val = int((val_set.targets != -100).sum()) if val_set.task == "lm" else len(val_set)
-    settings = f"batch {B}, {n_val:,} validation tokens, order {v.order}"
-    kind = config.model.hf_type or config.model.kind
-    title = f"{type(model).__name__} ({kind}{' + LoRA' if config.model.lora else ''}) as the run config builds it"
-    report = _report(title, model, coverage.routes,
-                     coverage.numel, modules, B, n_val, deferred, settings)
-    if config.model.lora is not None:
-        report.notes.append("LoRA: the base model is frozen; only the adapter parameters are valued.")
-    return report
+    return modules
+
+
+def _record_shapes(model: nn.Module, batch: int) -> tuple[dict[str, tuple[int, int, int]], list[Any]]:
+    """``(shapes, hooks)``: each valued module's ``(d_in, d_out, tokens per example)``, filled by
+    forward hooks at its first call on a batch of ``batch`` examples (remove the hooks after)."""
+    shapes: dict[str, tuple[int, int, int]] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if isinstance(output, torch.Tensor) and x is not None and name not in shapes:
+                d_out = output.shape[-1] if output.dim() > 1 else 1
+                d_in = x.shape[-1] if x.dim() > 1 and x.is_floating_point() else d_out
+                tokens = max(1, output.numel() // max(1, batch * d_out))
+                shapes[name] = (int(d_in), int(d_out), int(tokens))
+
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules()
+               if any(p.requires_grad for p in module.parameters(recurse=False))]
+    return shapes, handles
 
 
 def inspect_model_type(model_type: str, batch_size: int, length: int, val_tokens: int, order: int) -> InspectReport:
@@ -281,7 +294,9 @@ def inspect_run_dir(path: str | Path) -> InspectReport:
     memory = [("validation gradient g_val", int(params["trainable"]) * element)]
     notes = [f"Recorded by {meta.get('kind', 'cli')} at step {info['step_count']}: the routes that valued each parameter."]
     reason = _kept_because(int(cfg["order"]), bool(info["keeps_factors"]))
-    if reason is not None:
+    if rd.rerunnable:  # a run of inrun train: its config predicts what `inspect config.toml` predicts
+        memory = inspect_config(saved_config(rd)[0]).memory
+    elif reason is not None:
         notes.append(f"Each tracked layer's per-example inputs and output gradients are kept until the step's "
                      f"values are final ({reason}); their size depends on the batch: inspect the model's config "
                      "or type for an estimate.")
