@@ -85,12 +85,21 @@ def _key(table: IdTable, doc_id: Any) -> Any:
     return doc_id
 
 
+def _table_of(values: Any) -> IdTable:
+    """The id table of a :class:`~inrun.ValueLedger` (``tracker.ledger``, a loaded ledger), or the table."""
+    table = getattr(values, "table", values)
+    if not isinstance(table, IdTable):
+        raise TypeError(f"values must be a ValueLedger (tracker.ledger, ValueLedger.load(...)), got {type(values).__name__}")
+    return table
+
+
 def write_dolma_attributes(
-    table: IdTable, documents: str | os.PathLike | Sequence[str | os.PathLike], name: str = "inrun", *,
+    values: Any, documents: str | os.PathLike | Sequence[str | os.PathLike], name: str = "inrun", *,
     destination: str | os.PathLike | None = None, id_field: str = "id", batch: int = BATCH,
 ) -> list[Path]:
     """Attribute files for every document file (see the module docstring); returns their paths.
-    Each is written atomically (gzip if the document file is)."""
+    Each is written atomically (gzip if the document file is). ``values``: a ``ValueLedger``."""
+    table = _table_of(values)
     files = _document_files(documents)
     root = Path(documents) if isinstance(documents, (str, os.PathLike)) and Path(documents).is_dir() else None
     dest = Path(destination) if destination is not None else None
@@ -118,9 +127,10 @@ def write_dolma_attributes(
     return written
 
 
-def annotate(documents: Iterable[Any], table: IdTable, key: str = "inrun_value", batch: int = BATCH) -> Iterator[Any]:
+def annotate(documents: Iterable[Any], values: Any, key: str = "inrun_value", batch: int = BATCH) -> Iterator[Any]:
     """Each document (``.id``, ``.metadata``) with its value and count in its metadata, in order;
-    ``NaN`` and 0 for documents never valued."""
+    ``NaN`` and 0 for documents never valued. ``values``: a ``ValueLedger``."""
+    table = _table_of(values)
     pending: list[Any] = []
 
     def flush() -> Iterator[Any]:

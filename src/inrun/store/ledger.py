@@ -235,6 +235,12 @@ class ValueLedger:
     def __len__(self) -> int:
         return len(self._table)
 
+    @property
+    def table(self) -> IdTable:
+        """The values by id (:class:`~inrun.store.table.IdTable`): what exports and batched
+        lookups read (``table.lookup(ids)``), without a snapshot of the whole table."""
+        return self._table
+
     def nbytes(self) -> int:
         """Bytes of the value table's arrays (what the ledger holds per id, times the ids)."""
         return self._table.nbytes()
