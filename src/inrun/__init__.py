@@ -14,6 +14,7 @@ writer), :mod:`inrun.tracker` (the facade), :mod:`inrun.run` (``inrun train``),
 from .errors import (
     BatchMismatchError,
     ConsistencyError,
+    GradientChangeError,
     InRunError,
     LedgerError,
     NonFiniteError,
@@ -25,14 +26,16 @@ from .errors import (
 from .store.ledger import PerValidation, ValueLedger, ValueTable
 from .store.rundir import RunDir
 from .store.writer import RunWriter
-from .tracker import AuditConfig, Coverage, InRunShapley, StepCost, TrackerConfig
+from .tracker import AuditConfig, CoupledLoss, Coverage, InRunShapley, StepCost, TrackerConfig
 from .version import __version__
 
 __all__ = [
     "AuditConfig",
     "BatchMismatchError",
     "ConsistencyError",
+    "CoupledLoss",
     "Coverage",
+    "GradientChangeError",
     "InRunError",
     "InRunShapley",
     "LedgerError",

@@ -30,6 +30,11 @@ class StepOrderError(InRunError, RuntimeError):
     """``tracker.step`` / backward / ``optimizer.step`` were called in an order that cannot be valued."""
 
 
+class GradientChangeError(StepOrderError):
+    """A gradient was changed between the ``tracker.step`` block and ``optimizer.step()`` in a way
+    no rule values (not a rescaling, not value clipping, not inside ``tracker.unattributed()``)."""
+
+
 class ConsistencyError(InRunError, RuntimeError):
     """The per-example values of a step do not add up to the batch gradient autograd computed.
 

@@ -37,12 +37,13 @@ from .tracking.config import (
     Verify,
 )
 from .tracking.cost import StepCost
+from .tracking.coupled import CoupledLoss
 from .tracking.coverage import Coverage, describe
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
 from .tracking.tokens import TokenValues
 
-__all__ = ["AuditConfig", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
+__all__ = ["AuditConfig", "CoupledLoss", "Coverage", "InRunShapley", "StepCost", "TrackerConfig"]
 
 
 class InRunShapley:
@@ -58,7 +59,7 @@ class InRunShapley:
 
     Args:
         model: the model being trained (may be wrapped in DistributedDataParallel).
-        optimizer: its optimizer (see :mod:`inrun.optim` for what is supported).
+        optimizer: its optimizer, or a list of them (``docs/loops.md``; :mod:`inrun.optim`).
         val_loss: ``val_loss(model) -> Tensor``: a scalar validation loss, or a vector of
             per-validation-example losses (their sum is the utility, and a per-(train,
             validation) table is kept). Called in ``eval`` mode at the current parameters.
@@ -80,9 +81,9 @@ class InRunShapley:
             ``"fixed_state"``.
         proxy: ``"sgd"`` values every step with ``η g_val·g_z`` whatever the optimizer (the
             paper's proxy for AdamW runs).
-        verify: when the tracker proves that each layer's rows belong to their examples (a replay
-            of the model's call against exact per-example gradients): ``"on_change"`` (the first
-            step and whenever a layer's row layout is new) or ``"every_step"``.
+        verify: when each layer's rows are proven to be their examples' and interactions probed
+            (``docs/loops.md``): ``"on_change"`` (new layouts, and one example alone every step),
+            ``"layouts"`` or ``"every_step"``.
         val_threads: CPU threads of the validation pass: ``"all"`` (torch's), ``"one"``, or
             ``"auto"`` (the faster by measured time; last bits then depend on the load).
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
@@ -95,6 +96,7 @@ class InRunShapley:
 
     A repeated row id within one optimizer step raises :class:`~inrun.BatchMismatchError` (a
     document continued in a later micro-batch is one player). Padding: ``docs/guide-pytorch.md``.
+    Clipping, scaling, :meth:`unattributed`, several optimizers, coupled losses: ``docs/loops.md``.
     ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the module.
 
     Example:
@@ -109,7 +111,7 @@ class InRunShapley:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         val_loss: Callable[[nn.Module], Tensor],
         *,
         order: Order = 1,
@@ -148,7 +150,7 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
-    def step(self, ids: Any, *, segments: Any = None, token_values: bool = False) -> Iterator[InRunShapley]:
+    def step(self, ids: Any, *, segments: Any = None, token_values: bool = False, coupled_loss: Any = None) -> Iterator[InRunShapley]:
         """Value the examples of one (micro-)batch: run its forward and backward inside.
 
         Args:
@@ -156,13 +158,19 @@ class InRunShapley:
             segments: packed rows (``docs/documents.md``): ``[B, T]`` integers, each token's index
                 into ``ids`` (``-1``: no document); one value per document, proven exact by replay.
             token_values: keep each token's first-order value (:meth:`token_values`).
+            coupled_loss: a loss coupling the examples (a :class:`~inrun.CoupledLoss`; ``docs/loops.md``).
         """
-        with self._engine.microbatch(ids, segments, token_values):
+        with self._engine.microbatch(ids, segments, token_values, coupled_loss):
             yield self
 
     def token_values(self) -> TokenValues:
         """Token values of the ``token_values=True`` micro-batches (this process's, under DDP)."""
         return self._engine.log.tokens
+
+    def unattributed(self) -> contextlib.AbstractContextManager[None]:
+        """Changes to the gradients made inside (outside the blocks, before ``optimizer.step()``) are
+        nobody's, like weight decay: a regularizer's backward, noise (``docs/loops.md``)."""
+        return self._engine.unattributed()
 
     @property
     def enabled(self) -> bool:
@@ -174,11 +182,8 @@ class InRunShapley:
         self._engine.set_enabled(value)
 
     def skip_step(self, reason: str) -> None:
-        """Drop the current step without valuing it, recorded with ``reason`` in the ledger.
-
-        Call it after the ``tracker.step`` block(s), instead of ``optimizer.step()`` (NaN loss, a
-        ``GradScaler`` overflow), then zero the gradients; the step number is consumed.
-        """
+        """Drop the current step unvalued, recorded with ``reason``: after the block(s), instead of
+        ``optimizer.step()`` (NaN loss, a ``GradScaler`` overflow), then zero the gradients."""
         self._engine.skip(reason, by_user=True)
 
     @property
@@ -197,12 +202,9 @@ class InRunShapley:
         return self.global_ledger().values()
 
     def per_validation(self) -> PerValidation | None:
-        """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``.
-
-        A labelled table (:class:`~inrun.PerValidation`): ``.to_pandas()`` has one row per training
-        id and one column per validation example (``validation_ids``, default ``val_0``...); it
-        unpacks as ``(ids, [N, V] array)``. With a DDP model: global, a collective like :meth:`values`.
-        """
+        """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``: a
+        :class:`~inrun.PerValidation` (``.to_pandas()``: one row per training id, one column per
+        ``validation_ids``; unpacks as ``(ids, [N, V])``). With a DDP model: global, a collective."""
         return self.global_ledger().per_validation()
 
     def cost(self) -> StepCost:
@@ -273,11 +275,8 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Counters and settings to checkpoint beside ``self.ledger`` (saved as Parquet).
-
-        Only valid between optimizer steps; a pending order-2 step is completed first (at the
-        current parameters, which the resumed run would use anyway, so values are unchanged).
-        """
+        """Counters and settings to checkpoint beside ``self.ledger``, between optimizer steps (a
+        pending order-2 step is completed first, at the parameters the resumed run would use)."""
         return self._engine.checkpoint()
 
     def load_state_dict(self, state: dict[str, Any], ledger: ValueLedger | None = None) -> None:

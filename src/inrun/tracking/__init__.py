@@ -5,7 +5,7 @@ makes go into a ledger through the narrow ``Ledger`` interface of ``state``.
 
 ========================  ==================================================================
 ``config``                the settings (``TrackerConfig``), validated
-``params``                the parameter table: gradients, norms, clip ratio
+``params``                the parameter table: gradients, norms, learning rates
 ``entries``               tracked modules and their handlers; shared parameters detected
 ``capture``               forward hooks, what a call keeps, its output-gradient hook
 ``rows``                  which example each row of a call belongs to: a candidate, by shapes
@@ -16,6 +16,11 @@ makes go into a ledger through the narrow ``Ledger`` interface of ``state``.
 ``bookkeeping``           the book-keeping route's forward override
 ``rules``                 value rules (first order scalar/elementwise, Hessian, trapezoid)
 ``check``                 the consistency check and the step's one host transfer
+``gradmap``               what the loop did to the gradients before the step: scale, value clip,
+                          unattributed, or refused (``GradientChangeError``)
+``optimizers``            several optimizers: one rule per parameter, the step valued at the first
+``probes``                interactions between examples probed; one example alone every step
+``coupled``               coupled losses: declared (valued by their own game) or caught
 ``state``                 the step's states; the one place steps are counted and recorded
 ``admission``             what a model and a micro-batch must be (refusals: compiled, repeated ids)
 ``cost``                  the time of the validation passes next to the training blocks

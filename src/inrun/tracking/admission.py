@@ -76,11 +76,11 @@ class WindowIds:
     of micro-batches with segments) may continue in a later micro-batch: it is one player, its
     parts added; a row's id may not repeat."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: type | None = None) -> None:
         self._window: object = None
         self._rows: set = set()
         self._documents: set = set()
-        self.kind: type | None = None  # int or str: the run's ids are all of one kind
+        self.kind = kind  # int or str: the run's ids are all of one kind (None: none seen yet)
 
     def admit_kind(self, ids: list, step: int) -> None:
         """Refuse ids of the other kind than the run's so far (the ledger keeps them in one

@@ -35,6 +35,18 @@ def column_sum(v: Tensor) -> Tensor:
     return v[0] if v.shape[0] == 1 else v.sum(dim=0)
 
 
+def refuse_hooks(table: ParamTable, rows: Sequence[int], prefix: str = "") -> None:
+    """A parameter among ``rows`` (whose values do not add up) that has a gradient hook: the hook is
+    the likely cause, said as such."""
+    hooked = [table.names[i] for i in rows if getattr(table.params[i], "_backward_hooks", None)]
+    if hooked:
+        raise ConsistencyError(
+            f"{prefix}parameter {hooked[0]!r} has a gradient hook (register_hook) that changes its gradient "
+            "during backward, which the per-example values cannot follow: make the change after the block, "
+            "before optimizer.step(), where rescaling and value clipping are valued"
+        )
+
+
 class ConsistencyCheck:
     def __init__(self, config: TrackerConfig, table: ParamTable, ddp: DDPSync | None) -> None:
         self.config, self.table, self.ddp = config, table, ddp
@@ -126,6 +138,7 @@ class ConsistencyCheck:
             return
         if bad.any():
             names = [self.table.names[i] for i in np.flatnonzero(bad)[:5]]
+            refuse_hooks(self.table, np.flatnonzero(bad).tolist(), f"step {window.step}: ")
             raise ConsistencyError(
                 f"step {window.step}: the per-example values of parameter(s) {names} do not add "
                 "up to the gradient autograd computed. A parameter is used outside the forward "

@@ -23,7 +23,7 @@ ValMode = Literal["eval", "train"]
 NonFinitePolicy = Literal["raise", "skip"]
 AdamLinearization = Literal["secant", "fixed_state"]
 Proxy = Literal["sgd"]
-Verify = Literal["on_change", "every_step"]
+Verify = Literal["layouts", "on_change", "every_step"]
 ValThreads = Literal["auto", "all", "one"]
 
 
@@ -95,11 +95,15 @@ class TrackerConfig:
     """Adam/AdamW linearization: ``"secant"`` (actual step / gradient) or ``"fixed_state"``."""
     proxy: Proxy | None = setting(None, "'sgd': value every step as SGD would (the paper's proxy)")
     """``"sgd"``: value every step with ``η g_val·g_z`` whatever the optimizer (the paper's proxy)."""
-    verify: Verify = setting("on_change", "when rows are proven to belong to their examples: 'on_change' or 'every_step'")
+    verify: Verify = setting("on_change", "when rows are proven to belong to their examples: 'on_change', 'layouts' or 'every_step'")
     """When the rows of every tracked call are proven to belong to their examples (a replay of the
-    model's call against exact per-example gradients, :mod:`inrun.tracking.plan`):
-    ``"on_change"`` at the first step and whenever a call's row layout is new; ``"every_step"``
-    for every micro-batch (about one more forward and two backward passes each)."""
+    model's call against exact per-example gradients, :mod:`inrun.tracking.plan`, on the batch and
+    on a shuffled copy of it, with probes of interactions between examples,
+    :mod:`inrun.tracking.probes`): ``"on_change"`` at the first step and whenever a call's row
+    layout is new, and at every micro-batch one example run alone and compared with its row of the
+    batch (an interaction caught when it happens); ``"layouts"``: the same without the per-step
+    example; ``"every_step"``: every micro-batch proven and probed (about two more forwards and
+    four backward passes each)."""
     val_threads: ValThreads = setting("all", "CPU threads of the validation pass: 'all', 'one' or 'auto'")
     """CPU threads of the validation pass: ``"all"`` (torch's intra-op count), ``"one"``, or
     ``"auto"``: whichever of the two its measured wall time says is faster (timed at the first

@@ -22,10 +22,11 @@ compares ``(1/W) Σ_r Σ_{z∈B_r} <g_z, g_val>`` with ``<p.grad, g_val>`` per p
 
 Gradient accumulation with ``model.no_sync()`` for the first ``k−1`` micro-batches: inside
 ``no_sync`` the gradients are local and unaveraged; the last micro-batch's backward all-reduces
-the accumulated sum, so after it ``p.grad = (1/W) Σ_r Σ_micro g``. The tracker reads gradient
-norms (for clip-factor detection) and the check's ``<p.grad, g_val>`` at the end of every
-micro-batch but only the last reading is used, which is the synchronized one: clip factors are
-those of the global gradient, identical on all ranks, and the coefficients stay ``η·clip/W``.
+the accumulated sum, so after it ``p.grad = (1/W) Σ_r Σ_micro g``. The tracker copies the
+gradients (the reference the step's clipping is judged against, :mod:`inrun.tracking.gradmap`) and
+reads the check's ``<p.grad, g_val>`` at the end of every micro-batch but only the last reading is
+used, which is the synchronized one: clip factors are those of the global gradient, identical on
+all ranks, and the coefficients stay ``η·clip/W``.
 Accumulating *without* ``no_sync`` (an all-reduce every micro-batch) gives the same averaged
 sum and the same values.
 

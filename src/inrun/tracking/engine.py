@@ -8,12 +8,13 @@ The life of one step (see :mod:`inrun.tracking.state` for its states)::
     user's backward       _on_gradient: contract_call with g_val (immediate rules), factors kept
                           (deferred rules)
     close_microbatch      a call not yet proven: RowVerifier.verify replays the micro-batch and
-                          proves its rows (or moves a layer to a site); gradient norms (clip
-                          detection); ConsistencyCheck.terms (immediate)
-    pre_step              clip ratio; ValueRule.at_step; ConsistencyCheck.finalize: the one host
-                          transfer, the window VALUED or SKIPPED
-    post_step             StepLog.end: COMMITTED into the ledger, or PENDING (trapezoid), or the
-                          skip recorded; the step counted
+                          proves its rows (or moves a layer to a site), else RowProbes.alone;
+                          GradientReference.sync; ConsistencyCheck.terms (immediate)
+    StepOptimizers.pre    the first optimizer's pre-step hook: GradientReference.classify (what the
+                          loop did to the gradients); ValueRule.at_step; ConsistencyCheck.finalize:
+                          the one host transfer, the window VALUED or SKIPPED
+    StepOptimizers.post   the last optimizer's post-step hook: StepLog.end: COMMITTED into the
+                          ledger, or PENDING (trapezoid), or the skip recorded; the step counted
     next open / flush     ValueRule.finish with g_val(θ_t+1); StepLog.settle: COMMITTED
 """
 
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InRunError, StepOrderError
-from ..optim import rule_for, unwrap_optimizer
+from ..optim import rule_for
 from . import segments as docs
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
@@ -39,11 +40,16 @@ from .capture import Hooks, TrainRecorder
 from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
 from .cost import StepCost
+from .coupled import CoupledLoss, CouplingWatch, attach
 from .coverage import Coverage, coverage_of
 from .ddp import DDPSync
 from .entries import Entry, build_entries
+from .gradmap import GradientReference
+from .kept import keep_for_window
+from .optimizers import RuleSet, StepOptimizers, optimizer_list
 from .params import ParamTable
 from .plan import RowVerifier
+from .probes import RowProbes
 from .replay import RootCalls
 from .routes import RoutePolicy, contract_call, route_label
 from .rules import make_value_rule
@@ -68,11 +74,14 @@ class StepEngine:
     ) -> None:
         self.config = config
         self.module = unwrap_model(model)
-        self.optimizer = unwrap_optimizer(optimizer)
-        self.update = rule_for(self.optimizer, proxy=config.proxy, adam=config.adam)
+        self.optimizers = optimizer_list(optimizer)
+        self.optimizer = self.optimizers[0]
+        options = {"proxy": config.proxy, "adam": config.adam}
+        self.update = (rule_for(self.optimizer, **options) if len(self.optimizers) == 1
+                       else RuleSet(self.optimizers, **options))
         self.table = ParamTable(self.module)
         self.entries = build_entries(self.module, self.table)
-        self.table.warn_missing_from(self.optimizer)
+        self.table.warn_missing_from(self.optimizers)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # DDP (see inrun.tracking.ddp): its process group; None for a single process.
         self.ddp = DDPSync.of(model) if isinstance(model, nn.parallel.DistributedDataParallel) else None
@@ -90,8 +99,7 @@ class StepEngine:
         self.pending: Window | None = None
         self.recorder: TrainRecorder | None = None
         self.cost = StepCost()
-        self.window_ids = WindowIds()
-        self.window_ids.kind = ledger.id_kind()
+        self.window_ids = WindowIds(ledger.id_kind())
         self.bookkeeping = (
             Bookkeeping(self.entries, self.policy, self._bookkeeping_target, self._add_dots)
             if config.bookkeeping != "off" else None
@@ -100,17 +108,16 @@ class StepEngine:
         self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads, on_call=self._on_root_call)
         self.documents_seen = False  # a micro-batch had segments (coverage says how documents were valued)
         self.verifier = RowVerifier(self)
+        self.probes = RowProbes(self)
+        self.declared: CoupledLoss | None = None  # the coupled loss of the block being recorded
         self.hooks.install()
-        # The audit (exact Shapley values of sampled steps) only reads: see tracking/audit.py.
-        self.audit = StepAudit(audit, self, val_loss) if audit is not None else None
-        self._optimizer_hooks = [
-            self.optimizer.register_step_pre_hook(self.pre_step),
-            self.optimizer.register_step_post_hook(self.post_step),
-        ]
+        self.audit = StepAudit(audit, self, val_loss) if audit is not None else None  # only reads (tracking/audit/)
+        self.gradients = GradientReference(self.table.params, self.table.names)
+        self.steps = StepOptimizers(self)  # the optimizers' step hooks: the step valued at the first
 
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
-    def microbatch(self, ids: Any, segments: Any = None, token_values: bool = False) -> Iterator[None]:
+    def microbatch(self, ids: Any, segments: Any = None, token_values: bool = False, coupled_loss: Any = None) -> Iterator[None]:
         """One ``tracker.step(ids)`` block: admitted, recorded, closed, and timed (from the
         second optimizer step on: the first also proves the rows by a replay)."""
         if not self.enabled:
@@ -121,39 +128,47 @@ class StepEngine:
         id_list = admit_ids(ids, self.batchnorms)
         self.window_ids.admit_kind(id_list, self.log.count)
         seg = docs.admit_documents(segments, id_list, self.table.device, token_values)
+        self.declared = CoupledLoss.of(coupled_loss)
+        if self.declared is not None and (self.rule.order != 1 or seg is not None):
+            raise ValueError("a coupled_loss is valued at first order, one example per row: order=1, no segments")
         timed = self.log.count >= 1
         t0 = time.perf_counter()
         opening = self.window is None
         recorder = self.open_microbatch(id_list, seg, token_values)
         t1 = time.perf_counter()
+        # a loss that couples the rows, undeclared: watched while rows are being proven
+        watch = (CouplingWatch(self.root_calls.inside, len(id_list)) if self.declared is None and seg is None
+                 and (not self.plan.verified or self.config.verify == "every_step") else None)
+        self.root_calls.coupling = watch
         try:
             self.window_ids.add(self.window, id_list, documents=seg is not None)
-            with self.hooks.recording(recorder):
+            with self.hooks.recording(recorder), watch or contextlib.nullcontext():
                 yield
         except BaseException as exc:
+            self.root_calls.coupling = None
             self.close_microbatch(recorder, exc)
             raise
         t2 = time.perf_counter()
+        self.root_calls.coupling = None
         self.close_microbatch(recorder, None)
         if timed:
             self.cost.add(opening, t1 - t0, t2 - t1)
 
     def open_microbatch(self, ids: list, segments: docs.Segments | None = None, token_values: bool = False) -> TrainRecorder:
         window = self.window
+        if window is not None and self.steps.valued:
+            self.steps.require_complete()  # an optimizer valued in the last step did not step
         if window is not None and window.micro and self.table.all_grads_none():
             # The previous micro-batches were zeroed away without an optimizer step
             # (e.g. GradScaler skipped it): nothing they computed was applied.
             self.log.skip(window, "gradients were zeroed without an optimizer step", warn=True)
             window = self.window = None
         if window is None:
-            self.table.require_unchanged()
-            self.flush()
-            if not (val := self.validation.at_step_start(self.log.count)).shifted:
-                self.log.measured(self.log.count, val.loss)
-            self.table.require_zero_grads()
-            self.window = self.log.open()
+            self.open_window()
+        else:
+            self.gradients.require_unchanged("between two tracker.step() blocks of one optimizer step")
         mb = MicroBatch(ids=ids, size=len(ids), rows=len(ids) if segments is None else segments.shape[0],
-                        segments=segments)
+                        segments=segments, factors=self.rule.keeps_factors)
         if segments is not None:
             self.documents_seen = True
             self._require_layout(mb, segments.layout())
@@ -164,6 +179,31 @@ class StepEngine:
         if self.audit is not None:
             self.audit.open_microbatch(self.window, ids)  # audit: is this step audited?
         return self.recorder
+
+    def open_window(self) -> None:
+        """A new optimizer step: the model as it was made, a pending step finished, the validation
+        gradient at the step's start, zero gradients."""
+        self.table.require_unchanged()
+        self.flush()
+        if not (val := self.validation.at_step_start(self.log.count)).shifted:
+            self.log.measured(self.log.count, val.loss)
+        self.table.require_zero_grads()
+        self.window = self.log.open()
+        self.gradients.start()
+        self.steps.start()
+
+    @contextlib.contextmanager
+    def unattributed(self) -> Iterator[None]:
+        """Every change made to the gradients inside is nobody's (see :mod:`.gradmap`)."""
+        if self.enabled and self.recorder is not None:
+            raise StepOrderError("tracker.unattributed() goes outside the tracker.step() blocks, not inside one")
+        if self.enabled and self.window is not None and self.steps.valued:
+            self.steps.require_complete()
+        if self.enabled:
+            self.gradients.require_unchanged("before a tracker.unattributed() block") if self.window else self.open_window()
+        yield
+        if self.enabled:
+            self.gradients.add_unattributed()
 
     def _require_layout(self, mb: MicroBatch, key: tuple) -> None:
         """``key`` is part of what this micro-batch's values rely on: verified unless proven."""
@@ -191,7 +231,7 @@ class StepEngine:
 
     def _wants_output_grads(self) -> bool:
         """The model's output gradients are kept for the row verification, and on audited steps."""
-        return self._verifying() or (self.audit is not None and self.audit.recording)
+        return self._verifying() or self.declared is not None or (self.audit is not None and self.audit.recording)
 
     def close_microbatch(self, recorder: TrainRecorder, error: BaseException | None) -> None:
         verify = self._verifying()
@@ -212,21 +252,25 @@ class StepEngine:
                 "no backward pass reached a tracked layer inside tracker.step(ids): call "
                 "loss.backward() inside the `with tracker.step(ids):` block"
             )
-        if verify:
-            try:
+        try:
+            if verify:
                 verified = self.verifier.verify(mb, calls)
-            except BaseException:
-                window.doomed = "the row verification refused the model"
-                raise
-            if verified is not mb:
-                mb.captures.clear()  # the replay's micro-batch replaces it: its factors go now
-            mb = verified
-            self.check.groups = self.joint_groups()
+                if verified is not mb:
+                    mb.captures.clear()  # the replay's micro-batch replaces it: its factors go now
+                mb = verified
+                self.check.groups = self.joint_groups()
+            elif self.config.verify == "on_change":
+                self.probes.alone(calls, window.step, len(window.micro))  # one example, alone
+            attach(mb, self.declared, calls)
+        except BaseException:
+            window.doomed = "the row verification refused the model"
+            raise
         val = self.validation.current
         if mb.dots is None:
             mb.dots = self.zero_dots(mb, self.table.device)
         window.micro.append(mb)
-        grads = self.table.grads()
+        self.gradients.sync()
+        grads = self.gradients.batch_grads()  # the examples' gradient: without unattributed parts
         with torch.no_grad():
             window.exit_norms = self.table.norms(grads)
             if self.rule.immediate:
@@ -243,11 +287,8 @@ class StepEngine:
                 e.route = route_label(e, factors is not None)
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
                 positions = None if mb.tokens is None else docs.position_sink(mb.tokens, e)
-                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions))
-        if self.rule.keeps_factors:
-            cap.grad = grad.detach()
-        else:
-            cap.saved = None
+                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions, cap.part))
+            keep_for_window(cap, grad.detach(), mb.factors, condense=mb.segments is None)
 
     def joint_groups(self) -> list[list[int]]:
         """Parameter rows valued together (the fallback values a module's parameters jointly):
@@ -279,48 +320,6 @@ class StepEngine:
             return None
         return recorder, self.validation.current
 
-    # ------------------------------------------------------------------ optimizer hooks
-    def pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self.enabled:
-            return
-        window = self.window
-        if self.recorder is not None:
-            raise StepOrderError("optimizer.step() was called inside a tracker.step() block")
-        if window is None or not window.micro:
-            if window is not None and window.doomed:
-                window.skip(window.doomed)
-                return
-            raise StepOrderError(
-                "optimizer.step() was called with no `with tracker.step(ids):` block since the "
-                "last step, so the update has no examples to credit. Wrap the forward/backward "
-                "in tracker.step(ids), or set tracker.enabled = False to train untracked."
-            )
-        if window.doomed:
-            window.skip(window.doomed)
-            return
-        self.table.learning_rates(self.optimizer)  # a NaN one is refused before the update
-        grads = self.table.grads()
-        with torch.no_grad():
-            # Clipping or unscaling between backward and the step multiplies each gradient by a
-            # factor: the optimizer sees x_S = ratio · Σ_S g_z.
-            ratio = ParamTable.ratios(self.table.norms(grads), window.exit_norms)
-            if self.ddp is not None:
-                # DDP averages over ranks: each rank's example adds g_z / W to the update.
-                ratio = ratio / self.ddp.world_size
-        first, second = self.rule.at_step(window, grads, ratio)
-        window.token_values = docs.token_values_of(window)
-        self.check.finalize(window, first, second, lr=self.table.learning_rates(self.optimizer))
-        if self.audit is not None:
-            self.audit.at_step(window, ratio)  # audit: θ_t and the optimizer state before the step
-
-    def post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self.validation.parameters_changed()  # any cached validation gradient is stale
-        window = self.window
-        if not self.enabled or window is None:
-            return
-        self.window = None
-        self.pending = self.log.end(window, pending=self.rule.pending)
-
     # ------------------------------------------------------------------ the rest
     def flush(self) -> None:
         """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
@@ -339,6 +338,7 @@ class StepEngine:
         if by_user and self.recorder is not None:
             raise StepOrderError("skip_step() must be called after the tracker.step() block, not inside it")
         window, self.window = self.window, None
+        self.steps.start()
         self.log.skip(window, reason)
 
     def checkpoint(self) -> dict[str, Any]:
@@ -390,9 +390,7 @@ class StepEngine:
             self.audit.close()
         self.hooks.remove()
         self.root_calls.remove()
-        for h in self._optimizer_hooks:
-            h.remove()
-        self._optimizer_hooks.clear()
+        self.steps.remove()
         if self.bookkeeping is not None:
             self.bookkeeping.remove()
         self.enabled = False

@@ -1,10 +1,11 @@
-"""The parameter table: the trainable parameters in one order, their gradients, norms and the
-factor the loop applied to each gradient between backward and the step (clipping, unscaling)."""
+"""The parameter table: the trainable parameters in one order, their gradients and norms (what the
+loop did to the gradients before the step: :mod:`inrun.tracking.gradmap`)."""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -79,13 +80,6 @@ class ParamTable:
         zero = torch.zeros((), dtype=torch.float64, device=device)
         return torch.stack([next(values).double().to(device) if g is not None else zero for g in grads])
 
-    @staticmethod
-    def ratios(now: Tensor, before: Tensor) -> Tensor:
-        """Per-parameter factor applied to the gradient between backward and the step (clipping,
-        unscaling): ``‖grad now‖ / ‖grad after backward‖``, 1 where the gradient was zero."""
-        safe = torch.where(before > 0, before, torch.ones_like(before))
-        return torch.where(before > 0, now / safe, torch.ones_like(before))
-
     def all_grads_none(self) -> bool:
         return all(p.grad is None for p in self.params)
 
@@ -112,8 +106,8 @@ class ParamTable:
                 "gradients"
             )
 
-    def warn_missing_from(self, optimizer: torch.optim.Optimizer) -> None:
-        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    def warn_missing_from(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        in_opt = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
         self.outside = {id(p) for p in self.params if id(p) not in in_opt}
         missing = [n for n, p in zip(self.names, self.params) if id(p) not in in_opt]
         if missing:
@@ -124,10 +118,10 @@ class ParamTable:
             )
 
     @staticmethod
-    def learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
-        """The learning rate of every parameter group, in the optimizer's order; a NaN or infinite
+    def learning_rates(optimizers: Sequence[torch.optim.Optimizer]) -> list[float]:
+        """The learning rate of every parameter group, in the optimizers' order; a NaN or infinite
         one is refused (it would make every parameter of its group NaN)."""
-        lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        lrs = [float(g["lr"]) for o in optimizers for g in o.param_groups]
         bad = next((k for k, lr in enumerate(lrs) if not math.isfinite(lr)), None)
         if bad is not None:
             raise NonFiniteError(

@@ -18,15 +18,15 @@ inputs and random numbers) and checks the fast routes against an independent exa
 Why a coincidence cannot pass it: the right side never looks at a layer's rows or sizes, only at
 the model's outputs, whose row ``z`` is example ``z`` by the id contract; the weights are drawn
 afresh at each verification, so no fixed arrangement of rows can match them by construction. A
-reordering that depends on the data and is the identity on the verified batch is caught only at
-a later verification (``verify="every_step"`` verifies every micro-batch).
+reordering that depends on the data and is the identity on the verified batch is caught by the
+same proof on a shuffled copy of the batch (:mod:`.probes`, with the interaction probes).
 
 A call that fails is moved to a *site*: the smallest enclosing module whose inputs and outputs
 carry the batch, where the fallback (:mod:`inrun.layers.fallback`) values its parameters by a
 directional derivative; then the micro-batch is replayed and verified again. Once it passes, the
 replay's values are the micro-batch's values, and calls of the same kinds need no verification.
-Examples that interact inside the model (batch statistics) are refused: the first verification
-also runs one example alone and compares its outputs with its row of the batch.
+Examples that interact inside the model (batch statistics, a capacity over the batch) are
+refused: every verification also runs parts of the batch alone (:func:`.probes.refuse_interactions`).
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ..errors import UnsupportedModuleError
+from ..errors import InRunError, UnsupportedModuleError
 from ..layers import FALLBACK
-from ..modes import evaluating
-from .check import STEP_FLOOR, column_sum
+from .check import STEP_FLOOR, column_sum, refuse_hooks
 from .entries import Entry
-from .replay import ReplayMismatch, RootCall, batched_leaves, buffers_kept, replayed_targets
+from .probes import refuse_interactions, shuffled
+from .replay import ReplayMismatch, RootCall, buffers_kept, replayed_targets
 from .routes import contract_window
 from .rows import declared_batch_dim
 from .segments import Segments, mixed_documents, refuse_undocumented_gradient
@@ -99,24 +99,38 @@ class RowVerifier:
             return mb  # not a step to prove anything on: its values are refused or skipped at the step
         if mb.segments is not None:
             refuse_undocumented_gradient([g for c in calls for g in c.grads], mb.segments)
-        if not engine.plan.interactions_tested and mb.rows > 1:
-            engine.plan.interactions_tested = self._refuse_interactions(calls[0])
+        if mb.rows > 1:
+            engine.plan.interactions_tested |= refuse_interactions(engine, calls[0])
         history: list[str] = []
         for _ in range(MAX_ROUNDS):
             replayed, moves = self._round(mb, calls)
             if moves is None:  # expanding a shared call broke the replay: again without expanding it
                 continue
+            if not moves and mb.rows > 1 and mb.segments is None:
+                moves = self._shuffled_round(mb, calls)
             if not moves:
                 engine.plan.verified.update(k for k in replayed.signature if k[1] is not None)
                 engine.plan.verified.update(mb.layout)
-                if not engine.rule.keeps_factors:  # the replay kept every layer's factors to verify
-                    replayed.captures = [c for c in replayed.captures if c.entry.handler.multi_output]
-                return replayed
+                return replayed  # with every layer's factors, kept until the step
             history += [f"{engine.entries[i].name}: {why}" for i, why in moves.items()]
             self._move(moves, documents=mb.segments is not None)
         raise UnsupportedModuleError("rows could not be verified after moving: " + "; ".join(history[-5:]))
 
-    def _round(self, mb: MicroBatch, calls: list[RootCall]) -> tuple[MicroBatch, dict[int, str] | None]:
+    def _shuffled_round(self, mb: MicroBatch, calls: list[RootCall]) -> dict[int, str]:
+        """The proof on a shuffled copy of the batch (:mod:`.probes`): a reordering by the data that
+        is the identity on the batch shows there. A shuffle the model cannot run proves nothing."""
+        try:
+            probe, moves = self._round(mb, shuffled(calls, self.generator), same_outputs=False)
+        except InRunError:
+            raise
+        except Exception:
+            return {}
+        probe.captures.clear()
+        return {i: why.replace("(its rows", "on a shuffled copy of the batch (its rows") for i, why in (moves or {}).items()}
+
+    def _round(
+        self, mb: MicroBatch, calls: list[RootCall], same_outputs: bool = True,
+    ) -> tuple[MicroBatch, dict[int, str] | None]:
         engine = self.engine
         new = mb.replica()
         expanded: set[int] = set()
@@ -129,10 +143,11 @@ class RowVerifier:
 
         recorder = engine.make_recorder(new, keep_factors=True, expand_shared=may_expand)
         with buffers_kept(engine.module):
-            return self._replayed_round(mb, calls, new, recorder, expanded)
+            return self._replayed_round(mb, calls, new, recorder, expanded, same_outputs)
 
     def _replayed_round(
         self, mb: MicroBatch, calls: list[RootCall], new: MicroBatch, recorder: Any, expanded: set[int],
+        same_outputs: bool,
     ) -> tuple[MicroBatch, dict[int, str] | None]:
         engine = self.engine
         params = engine.table.params
@@ -150,7 +165,7 @@ class RowVerifier:
                         outputs.append(t)
                         grads_out.append(g)
                         weighs.append(call.player_weights)
-                    if not all(_same(t, o) for t, o in zip(replayed, call.outputs)):
+                    if same_outputs and not all(_same(t, o) for t, o in zip(replayed, call.outputs)):
                         raise ReplayMismatch("the outputs differ")
         except Exception as exc:
             if not expanded:
@@ -235,6 +250,7 @@ class RowVerifier:
                 v[g[1:]] = 0
         rtol = engine.config.check_tolerance(engine.table.dtype)
         bad = (ours - theirs).abs() > rtol * (scale + STEP_FLOOR * scale.sum()) + 1e-300
+        refuse_hooks(engine.table, torch.nonzero(bad).flatten().tolist())
         moves = {}
         called = {k[0] for k in new.signature}
         for i in torch.nonzero(bad).flatten().tolist():
@@ -248,41 +264,6 @@ class RowVerifier:
                         "documents attend to each other)"
                     )
         return moves
-
-    def _refuse_interactions(self, call: RootCall) -> bool:
-        """Parts of the batch run alone must give their rows of the batch's outputs (eval mode: no
-        dropout): the even and odd examples, and the first and second halves, so an influence
-        between any two examples in different parts shows. Returns whether a test could run
-        (a part too small for the model, e.g. a norm over one value, is skipped)."""
-        engine = self.engine
-        B = call.outputs[0].shape[0]
-        index = torch.arange(B)
-        parts = [index[0::2], index[1::2], index[: B // 2], index[B // 2 :]]
-        tol = 1e-9 if engine.table.dtype == torch.float64 else 1e-4
-        tested = False
-        with buffers_kept(engine.module), engine.hooks.paused(), torch.no_grad(), evaluating(engine.module):
-            full = batched_leaves(call.module(*call.args, **call.kwargs), B)
-            for rows in parts:
-                if len(rows) == 0 or len(rows) == B:
-                    continue
-                pick = _rows_of(rows, B)
-                try:
-                    alone = batched_leaves(call.module(*pick(call.args), **pick(call.kwargs)), len(rows))
-                except Exception:
-                    continue
-                tested = True
-                for f, a in zip(full, alone):
-                    f = f[rows.to(f.device)]
-                    if f.shape == a.shape and not torch.allclose(f, a, rtol=tol, atol=tol * float(f.abs().max())):
-                        raise UnsupportedModuleError(
-                            "examples interact inside the model: the outputs of an example change when the other "
-                            "examples of its batch change, or when it sits at another position in the batch "
-                            "(statistics over the batch such as batch-mean centering or BatchNorm in training "
-                            "mode, one example's data used for the others, a layer applied to a slice of the "
-                            "batch), so an example's own gradient is not defined and per-example values would "
-                            "be wrong. Compute everything within each example."
-                        )
-        return tested
 
     def _mixing_tolerance(self) -> float:
         """Relative tolerance of the documents' gradient comparison: rounding of two backward
@@ -342,7 +323,7 @@ class RowVerifier:
                            handler=FALLBACK, param_names=(), param_index=(), gram_capable=False)
             engine.entries.append(target)
             engine.hooks.add(target)
-        for name, row in zip(entry.param_names, entry.param_index):
+        for name, row in zip(entry.paths, entry.param_index):
             if row not in target.param_index:
                 target.param_names += (f"{prefix}.{name}" if prefix else name,)
                 target.param_index += (row,)
@@ -353,8 +334,10 @@ class RowVerifier:
                 continue
             if e.module is site and e.handler is not FALLBACK:
                 continue
-            keep = [(n, r) for n, r in zip(e.param_names, e.param_index) if r not in target.param_index]
-            e.param_names, e.param_index = tuple(n for n, _ in keep), tuple(r for _, r in keep)
+            keep = [(n, p, r) for n, p, r in zip(e.param_names, e.paths, e.param_index) if r not in target.param_index]
+            e.param_names, e.param_index = tuple(n for n, _, _ in keep), tuple(r for _, _, r in keep)
+            if e.param_paths:
+                e.param_paths = tuple(p for _, p, _ in keep)
             if not keep:
                 e.active, e.gram_capable, e.residual_from = False, False, ()
         for e in engine.entries:
@@ -375,19 +358,3 @@ def _same(a: Tensor, b: Tensor) -> bool:
     if a.device.type == "cpu":
         return torch.equal(a, b)
     return torch.allclose(a, b, rtol=1e-6, atol=1e-7 * float(b.abs().max()))
-
-
-
-def _rows_of(rows: Tensor, batch: int) -> Any:
-    """Select ``rows`` of every tensor in a structure whose leading dimension is the batch."""
-
-    def pick(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            return value[rows.to(value.device)]
-        if isinstance(value, dict):
-            return {k: pick(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(pick(v) for v in value)
-        return value
-
-    return pick

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,16 @@ from ..errors import BatchMismatchError, UnsupportedModuleError
 from ..layers.fallback import inline_checkpoints, is_kv_cache, without_caches
 from .rows import outputs_cut
 from .segments import Segments
+
+
+class ReplayingEngine(Protocol):
+    """What a replay of the model's calls reads of the engine
+    (:class:`~inrun.tracking.engine.StepEngine`): its model, parameter table, hooks and validation."""
+
+    module: nn.Module
+    table: Any
+    hooks: Any
+    validation: Any
 
 
 @dataclass
@@ -49,6 +59,10 @@ class RootCall:
     """The batched output tensors (leading dimension = the micro-batch), detached."""
     grads: list[Tensor | None] = field(default_factory=list)
     """The user's backward's gradient of each batched output (``None`` if none arrived)."""
+    positions: list[int] = field(default_factory=list)
+    """Which of the output's batched float tensors are :attr:`outputs` (those with a gradient)."""
+    random: bool = False
+    """The call drew random numbers (dropout): it cannot be re-run on part of the batch alike."""
     buffers_before: dict[str, Tensor] = field(default_factory=dict)
     """The buffers the call changed in place (``spectral_norm``'s power iteration), as they were
     before it: the replay starts from them."""
@@ -73,6 +87,13 @@ class RootCall:
         """The batched outputs of the call run again (with a graph), in the same order. Run it
         inside :func:`buffers_kept` (after every backward through it) so that running statistics
         the forward updates are put back."""
+        out = self.rerun(self.args, self.kwargs)
+        return batched_leaves(out, self.outputs[0].shape[0] if self.outputs else None)
+
+    def rerun(self, args: tuple, kwargs: dict, forward: Callable[..., Any] | None = None) -> Any:
+        """The call's module (or ``forward``, e.g. a functional call of it) on ``args`` and ``kwargs``
+        as the call ran: its random numbers, autocast, checkpoints inlined, buffers as they were
+        before it (inside :func:`buffers_kept`)."""
         devices = list(range(len(self.rng[1])))
         with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
             torch.set_rng_state(self.rng[0])
@@ -82,8 +103,7 @@ class RootCall:
                 stack.enter_context(torch.autocast(device, dtype=dtype))
             stack.enter_context(inline_checkpoints())
             restore_buffers(self.module, self.buffers_before)
-            out = self.module(*self.args, **self.kwargs)
-        return batched_leaves(out, self.outputs[0].shape[0] if self.outputs else None)
+            return (forward or self.module)(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -180,6 +200,8 @@ class RootCalls:
         self._starting: list[RootCall] = []
         self._buffers: list[tuple[dict[str, tuple[int, int]], dict[str, Tensor]]] = []
         self.watch = BufferWatch()
+        self.coupling: Any = None
+        """Told the model's batched outputs (:class:`inrun.tracking.coupled.CouplingWatch`)."""
         self._handles = [
             module.register_forward_pre_hook(self._pre, with_kwargs=True),
             module.register_forward_hook(self._post, with_kwargs=True),
@@ -197,6 +219,10 @@ class RootCalls:
     @property
     def armed(self) -> bool:
         return self.batch is not None
+
+    def inside(self) -> bool:
+        """Whether a call of the model is running now."""
+        return bool(self._starting)
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.batch is None or not torch.is_grad_enabled():
@@ -225,7 +251,11 @@ class RootCalls:
             return
         call = self._starting.pop()
         call.buffers_before = self.watch.changed(module, self._buffers.pop())
-        outputs = [t for t in batched_leaves(output, self.batch) if t.requires_grad]
+        call.random = not torch.equal(torch.get_rng_state(), call.rng[0]) or any(
+            not torch.equal(torch.cuda.get_rng_state(i), state) for i, state in enumerate(call.rng[1]))
+        leaves = batched_leaves(output, self.batch)
+        call.positions = [i for i, t in enumerate(leaves) if t.requires_grad]
+        outputs = [leaves[i] for i in call.positions]
         if not outputs:
             rows = sorted({t.shape[0] for t in batched_leaves(output, None) if t.requires_grad})
             if not rows:
@@ -248,6 +278,9 @@ class RootCalls:
                 f"those positions ({[list(t.shape) for t in outputs]}): give segments one entry per token "
                 "of the model's output (the logits' first two dimensions)"
             )
+        if self.coupling is not None:
+            for t in outputs:
+                self.coupling.output(t)
         call.outputs = [t.detach() for t in outputs]
         call.grads = [None] * len(outputs)
         for k, t in enumerate(outputs):

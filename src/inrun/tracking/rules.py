@@ -16,22 +16,28 @@ The formulas themselves are in :mod:`inrun.shapley`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from .. import shapley
+from ..errors import StepOrderError
 from ..optim import UpdateRule
 from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
 from .ddp import DDPSync
+from .gradmap import StepMap
 from .params import ParamTable
 from .routes import contract_window
 from .state import Window
 from .validation import Validation, ValidationPass
 
 Correction = Literal["none", "hessian", "trapezoid"]
+
+
+class MissingFactors(Exception):
+    """Value clipping under an SGD-type rule needs each layer's factors, and this step kept none."""
 
 
 class ValueRule:
@@ -49,30 +55,50 @@ class ValueRule:
     def order(self) -> int:
         return 1 if self.correction == "none" else 2
 
-    def at_step(self, window: Window, grads: list[Tensor | None], ratio: Tensor) -> tuple[Tensor, Tensor | None]:
+    def at_step(self, window: Window, smap: StepMap) -> tuple[Tensor, Tensor | None]:
         """``[B, K]`` values (first order, and the Hessian correction) at ``optimizer.step()``,
-        on the device; sets the window's coefficients and its check terms."""
+        on the device; sets the window's coefficients and its check terms. ``smap``: how the
+        gradient the optimizer reads came from the examples' (:mod:`inrun.tracking.gradmap`)."""
         val = self.validation.current
         with torch.no_grad():
             if self.update.elementwise:
-                first = self._first_order_elementwise(window, grads, ratio, val)
+                first = self._first_order_elementwise(window, smap, val)
             else:
-                first = self._first_order_scalar(window, grads, ratio, val)
+                first = self._first_order_scalar(window, smap, val)
         second = None
         if self.correction == "hessian":
-            second = self._hessian(window, grads, val)
+            second = self._hessian(window, smap, val)
         elif self.correction == "trapezoid":
             window.base_values = first  # the data part's start: g_val at θ_t + f(0)
         return first, second
 
-    def _first_order_scalar(self, window: Window, grads: list[Tensor | None], ratio: Tensor, val: Validation) -> Tensor:
+    def _first_order_scalar(self, window: Window, smap: StepMap, val: Validation) -> Tensor:
+        ratio = smap.ratio * smap.share
         window.rates = self.update.scalar_coefficients(self.table.params).to(ratio.device)
         window.coef = window.rates * ratio
-        window.multipliers = list(window.coef)
+        # value clipping: a per-coordinate factor, contracted now from the kept factors
+        coordinate = {i: window.rates[i] * smap.share * R for i, R in smap.coordinate.items()}
+        window.multipliers = [coordinate.get(i, c) for i, c in enumerate(window.coef)]
         if self.ddp is not None and window.check_terms is not None:
             # the check's terms become the group's: one all-reduce per step
             window.check_terms = self.ddp.reduce_check_terms(window.check_terms)
-        first = shapley.first_order(window.coef, window.dots())
+        coef = window.coef
+        extra = None
+        if coordinate:
+            if any(mb.tokens is not None for mb in window.micro):
+                raise StepOrderError("token values of a step whose gradients were value-clipped are not computed")
+            self.keeps_factors = True  # the loop clips values: later steps keep each layer's factors
+            if not all(mb.factors for mb in window.micro):
+                raise MissingFactors
+            coef = coef.clone()
+            coef[list(coordinate)] = 0
+            weights = [coordinate.get(i) for i in range(len(self.table))]
+            extra = contract_window(window, len(self.table), shapley.weighted(weights, val.grads), joint=False)
+            self._check_rows(window, sorted(coordinate), extra, weights, smap, val)
+        first = shapley.first_order(coef, window.dots())
+        if extra is not None:
+            first = first + shapley.first_order_weighted(extra)
+            window.coef = None  # the trapezoid's end takes the vector route: no Gram factor per coordinate
         if not self.check.groups and not any(c.entry.handler.multi_output for mb in window.micro for c in mb.captures):
             return first
         # Modules valued jointly (the fallback) are contracted now, along each parameter's step.
@@ -81,30 +107,59 @@ class ValueRule:
         if window.check_terms is not None:
             rows = sorted({i for mb in window.micro for c in mb.captures if c.entry.handler.multi_output
                            for i in c.entry.param_index})
-            weights = [m.to(v.dtype) * column_sum(v) if i in rows else None
-                       for i, (m, v) in enumerate(zip(window.multipliers, val.grads))]
             # Those rows' check is on the weighted dots, the other modules' uses of a shared (tied)
             # parameter included.
-            both = joint + window.coef.to(joint).view(-1, 1, 1) * window.dots()
-            terms = self.check.terms([both], grads, weights, ratio=ratio, sum_over_ranks=True)
-            index = torch.tensor(rows, device=joint.device, dtype=torch.long)
-            window.check_terms = tuple(t.index_copy(0, index, j[index]) for t, j in zip(window.check_terms, terms))
+            both = joint + coef.to(joint).view(-1, 1, 1) * window.dots()
+            if extra is not None:
+                both = both + extra
+            self._check_rows(window, rows, both, window.multipliers, smap, val)
         return first + shapley.first_order_weighted(joint)
 
-    def _first_order_elementwise(
-        self, window: Window, grads: list[Tensor | None], ratio: Tensor, val: Validation,
-    ) -> Tensor:
-        slopes = self.update.slopes(self.table.params, grads)
-        window.multipliers = [None if s is None else s * (-ratio[i]).to(s.dtype) for i, s in enumerate(slopes)]
+    def _check_rows(
+        self, window: Window, rows: list[int], dots: Tensor, weights: list[Any], smap: StepMap, val: Validation,
+    ) -> None:
+        """Replace the check's terms of ``rows`` by those of ``dots`` (weighted by ``weights``)
+        against the examples' summed gradient."""
+        if window.check_terms is None or not rows:
+            return
+        vectors = [None if w is None or i not in rows else w.to(v.dtype) * column_sum(v)
+                   for i, (w, v) in enumerate(zip(weights, val.grads))]
+        terms = self.check.terms([dots], smap.batch, vectors, ratio=smap.share_tensor(), sum_over_ranks=True)
+        index = torch.tensor(rows, device=dots.device, dtype=torch.long)
+        window.check_terms = tuple(t.index_copy(0, index, j[index]) for t, j in zip(window.check_terms, terms))
+
+    def _first_order_elementwise(self, window: Window, smap: StepMap, val: Validation) -> Tensor:
+        params = self.table.params
+        grads = self.table.grads()
+        slopes = self.update.slopes(params, grads)
+        if smap.offset:
+            # nobody's part E' of what the optimizer reads: the data part is f(x) − f(E')
+            at_offset = self.update.slopes(params, [smap.offset.get(i) for i in range(len(params))])
+        multipliers: list[Tensor | None] = []
+        for i, s in enumerate(slopes):
+            if s is None:
+                multipliers.append(None)
+                continue
+            factor = smap.factor(i)
+            if i in smap.offset and at_offset[i] is not None and smap.batch[i] is not None:
+                x, e, g_b = grads[i].to(s.dtype), smap.offset[i].to(s.dtype), smap.batch[i].to(s.dtype)
+                step = s * x - at_offset[i] * e
+                nonzero = g_b != 0
+                m = torch.where(nonzero, step / torch.where(nonzero, g_b, torch.ones_like(g_b)), s * factor.to(s.dtype))
+                multipliers.append(-m * smap.share)
+            else:
+                multipliers.append(s * (-factor * smap.share).to(s.dtype))
+        window.multipliers = multipliers
         dots = contract_window(window, len(self.table), shapley.weighted(window.multipliers, val.grads),
                                record_route=True, tokens=True)
         weights = [None if m is None else m.to(v.dtype) * column_sum(v) for m, v in zip(window.multipliers, val.grads)]
-        # p.grad / ratio is the sum of the per-example gradients over the (global) batch, so
-        # under DDP this rank's sums are added over the ranks (one all-reduce)
-        window.check_terms = self.check.terms([dots], grads, weights, ratio=ratio, sum_over_ranks=True)
+        # g_B is the sum of the per-example gradients over the (global) batch, so under DDP this
+        # rank's sums are added over the ranks (one all-reduce)
+        window.check_terms = self.check.terms([dots], smap.batch, weights, ratio=smap.share_tensor(),
+                                              sum_over_ranks=True)
         return shapley.first_order_weighted(dots)
 
-    def _hessian(self, window: Window, grads: list[Tensor | None], val: Validation) -> Tensor:
+    def _hessian(self, window: Window, smap: StepMap, val: Validation) -> Tensor:
         """Second-order term with one Hessian-vector product.
 
         The step is ``Δ(S) = δ0 − c ⊙ g_S`` (``c`` = learning rate × clip factor, ``δ0 = f(0)``
@@ -116,8 +171,8 @@ class ValueRule:
         """
         with torch.no_grad():
             direction = [
-                (g if g is not None else torch.zeros_like(p)) * window.rates[i].to(p.dtype)
-                for i, (g, p) in enumerate(zip(grads, self.table.params))
+                (smap.data_part(i, g) if g is not None else torch.zeros_like(p)) * window.rates[i].to(p.dtype)
+                for i, (g, p) in enumerate(zip(self.table.grads(), self.table.params))
             ]
         vectors = self.validation.hessian_vector_products(direction, val.shift, window.step)
         with torch.no_grad():

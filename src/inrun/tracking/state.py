@@ -68,6 +68,10 @@ class MicroBatch:
     """A call the row verification has not proven: the micro-batch is replayed and verified."""
     unresolved: dict[int, str] = field(default_factory=dict)
     """Entries with a call that could not be captured, and why."""
+    factors: bool = False
+    """Its captures hold every tracked call's factors (a contraction at the step can use them)."""
+    coupled: Any = None
+    """A declared coupled loss: what its game needs at the step (:mod:`inrun.tracking.coupled`)."""
     layout: list[tuple] = field(default_factory=list)
     """What else the row verification must have proven for this micro-batch (documents' layout,
     the model's inputs that keep them apart)."""
@@ -76,9 +80,10 @@ class MicroBatch:
         self.rows = self.rows or self.size
 
     def replica(self) -> MicroBatch:
-        """An empty micro-batch of the same players (the row verification's replay)."""
+        """An empty micro-batch of the same players (the row verification's replay), which keeps
+        every layer's factors."""
         return MicroBatch(ids=self.ids, size=self.size, rows=self.rows, segments=self.segments,
-                          layout=list(self.layout),
+                          layout=list(self.layout), factors=True,
                           tokens=None if self.tokens is None else torch.zeros_like(self.tokens),
                           tokens_weighted=None if self.tokens_weighted is None else torch.zeros_like(self.tokens_weighted))
 
@@ -97,6 +102,8 @@ class Capture:
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
     weighted_grad: Any = None
     """With segments, the row verification's weighted backward's output gradient (as ``grad``)."""
+    part: Any = None
+    """A linear part's call (:class:`~inrun.layers.parts.PartCall`): what of its weight it used."""
 
 
 @dataclass

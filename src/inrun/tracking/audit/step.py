@@ -157,12 +157,13 @@ class StepAudit:
             player.grads = [g[r] for g in got]
 
     # ------------------------------------------------------------------ the step
-    def at_step(self, window: Window, ratio: Tensor) -> None:
-        """Audit ``window`` if due: called with the parameters and optimizer state before the step."""
+    def at_step(self, window: Window, ratio: Tensor, refused: str | None = None) -> None:
+        """Audit ``window`` if due, before the step; ``refused``: why its game cannot be audited."""
         sample = self._sample
         if sample is None or sample.step != window.step:
             return
         self._sample = None
+        sample.refused = sample.refused or refused
         if window.state is not StepState.VALUED:
             return
         players = sorted(sample.slots, key=lambda p: p.position)
