@@ -8,7 +8,8 @@ saving (sampled every 5 ms), minus before the save. Ids arrive 4096 per step in 
 (one epoch over a corpus); ``--via tracker`` fills through ``InRunShapley.step`` on a one-layer
 model (every id through the tracker's public API), ``--via ledger`` through ``tracker.ledger.add``
 (the same store path without the model's step, for sizes where the model's steps dominate).
-Prints the load average beside the figures: the machine may be shared.
+Then the figures at 1e9 ids, linear from the two largest sizes. Prints the load average beside
+the figures: the machine may be shared.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def load(out: str, probe: object) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
+    import pyarrow.parquet  # noqa: F401  (the library's own memory is not the store's)
+
     if args.child == "fill":
         print(json.dumps(fill_and_save(int(args.n), args.kind, args.via, args.out)))
     else:
@@ -128,6 +131,29 @@ def run(n: int, kind: str, via: str) -> dict:
                                    "--via", via, "--out", out], capture_output=True, text=True, check=True)
             result.update(json.loads(done.stdout.strip().splitlines()[-1]))
         return result
+
+
+def extrapolate(kind: str, results: list[dict], n: float = 1e9) -> str:
+    """The figures at ``n`` ids, linear from the two largest sizes measured (their difference
+    per id, so that what every process holds whatever its size, the libraries' own memory and
+    thread pools, does not count per id); from one size, that size's figures per id."""
+    b = results[-1]
+    a = results[-2] if len(results) > 1 else {"n": 0}
+
+    def total(r: dict, key: str) -> float:
+        if r["n"] == 0:
+            return 0.0
+        return r[key] * r["n"] if key.endswith("per_id") else r[key]
+
+    def at(key: str) -> float:
+        return total(b, key) + (total(b, key) - total(a, key)) / (b["n"] - a["n"]) * (n - b["n"])
+
+    sizes = f"{a['n']:,} and {b['n']:,}" if a["n"] else f"{b['n']:,}"
+    return (f"{n:.0e} {kind} ids (from {sizes}): resident {at('resident_per_id') / 1e9:.0f} GB "
+            f"({at('resident_per_id') / n:.1f} B/id), save {at('save_s') / 60:.0f} min (peak: one partition, "
+            f"{b['save_peak_bytes'] / 2**20:.0f} MB at {b['n']:,}), disk {at('disk_bytes') / 2**30:.0f} GiB, "
+            f"load {at('load_s') / 60:.0f} min ({at('load_resident_per_id') / 1e9:.0f} GB resident after), "
+            f"one id read in {b['read_one_s']:.2f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"{'ids':>12} {'kind':>4} {'via':>8} {'fill s':>8} {'B/id':>6} {'arrays':>7} {'save s':>7} "
             f"{'save peak':>10} {'disk B/id':>9} {'load s':>7} {'load B/id':>9} {'read 1 s':>9}")
     print(head)
+    done: dict[str, list[dict]] = {}
     for size in [int(float(s)) for s in args.sizes.split(",")]:
         for kind in args.kinds.split(","):
             r = run(size, kind, args.via)
@@ -155,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['arrays_per_id']:>7.1f} {r['save_s']:>7.2f} {r['save_peak_bytes'] / 2**20:>8.0f}MB "
                   f"{r['disk_bytes'] / r['n']:>9.1f} {r['load_s']:>7.2f} {r['load_resident_per_id']:>9.1f} "
                   f"{r['read_one_s']:>9.3f}", flush=True)
+            done.setdefault(kind, []).append(r)
+    for kind, rs in done.items():
+        print(extrapolate(kind, rs))
     return 0
 
 
