@@ -156,3 +156,18 @@ def _owned_below(name: str, owners: list[str]) -> bool:
     share one bias): the parameter is valued once, where it is used, at the innermost owner."""
     prefix = f"{name}." if name else ""
     return any(o != name and o.startswith(prefix) for o in owners)
+
+
+def joint_groups(entries: list[Entry]) -> list[list[int]]:
+    """Parameter rows valued together (the fallback values a module's parameters jointly): the
+    per-step check and the row verification judge each group as one. Groups that share a row (a
+    tied parameter) are merged."""
+    groups: list[set[int]] = []
+    for e in entries:
+        if e.active and e.handler.multi_output and len(e.param_index) > 1:
+            rows = set(e.param_index)
+            for g in [g for g in groups if g & rows]:
+                rows |= g
+                groups.remove(g)
+            groups.append(rows)
+    return [sorted(g) for g in groups]

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import InRunError, UnsupportedModuleError
 from ..layers import FALLBACK
 from .check import STEP_FLOOR, column_sum, refuse_hooks
-from .entries import Entry
+from .entries import Entry, joint_groups
 from .probes import refuse_interactions, shuffled
 from .replay import ReplayMismatch, RootCall, buffers_kept, replayed_targets
 from .routes import contract_window
@@ -68,8 +68,6 @@ class VerifiedEngine(Protocol):
     def make_recorder(self, mb: MicroBatch, keep_factors: bool, expand_shared: Any) -> Any: ...
 
     def zero_dots(self, mb: MicroBatch, device: torch.device) -> Tensor: ...
-
-    def joint_groups(self) -> list[list[int]]: ...
 
 
 class RowVerifier:
@@ -243,7 +241,7 @@ class RowVerifier:
             v = column_sum(val.grads[i]).to(torch.float64)
             theirs[i] = (g.to(torch.float64) * v).sum()
             scale[i] += g.to(torch.float64).norm() * v.norm()
-        groups = engine.joint_groups()
+        groups = joint_groups(engine.entries)
         for g in groups:  # modules valued jointly are judged as one
             for v in (ours, theirs, scale):
                 v[g[0]] = v[g].sum()
