@@ -18,14 +18,12 @@ the tests.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
-import time
 
 import torch
 
-from inrun.cli.bench import BASELINE_OF, METHODS, Workload, gpt2_workload
+from inrun.cli.bench import BASELINE_OF, METHODS, Clock, Workload, gpt2_workload, on_device
 
 DEFAULT_METHODS = ("plain", "order 1", "plain AdamW", "Adam-aware order 1", "order 2 trapezoid")
 
@@ -36,47 +34,36 @@ def workload(tiny: bool, device: torch.device) -> Workload:
         w = gpt2_workload("G", 1, 32, 2, 2, 16, 16, vocab=64)
     else:
         w = gpt2_workload("G", 12, 768, 12, 16, 1024, 1024, vocab=50257)
-    make = w.make_model
-    val = tuple(t.to(device) for t in w.val)
-    return dataclasses.replace(
-        w,
-        make_model=lambda: make().to(device),
-        batches=[tuple(t.to(device) for t in b) for b in w.batches],
-        val=val,
-        val_loss=lambda m: w.loss(m, val),
-    )
+    return on_device(w, device)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_step(method: object, w: Workload, index: int, device: torch.device) -> tuple[float, float]:
-    """(seconds, bytes allocated above the step's start at its peak) of one optimizer step."""
+def timed_step(method: object, w: Workload, index: int, clock: Clock) -> tuple[float, float]:
+    """(seconds, bytes allocated above the step's start at its peak) of one optimizer step; the
+    clock waits for the device's queued work before each reading."""
     batch = w.batches[index % len(w.batches)]
     B = w.examples
-    sync(device)
+    device = clock.device
+    clock.read()
     base = 0
     if device.type == "cuda":
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    start = clock.read()
     method.step(batch, list(range(index * B, (index + 1) * B)))
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = clock.read() - start
     peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
     return seconds, float(peak)
 
 
 def measure(w: Workload, names: list[str], steps: int, warmup: int, device: torch.device) -> dict[str, dict[str, float]]:
     methods = {n: METHODS[n](w) for n in names}
+    clock = Clock(device)
     counter = dict.fromkeys(names, 0)
     times: dict[str, list[float]] = {n: [] for n in names}
     peaks = dict.fromkeys(names, 0.0)
 
     def run(n: str) -> tuple[float, float]:
-        out = timed_step(methods[n], w, counter[n], device)
+        out = timed_step(methods[n], w, counter[n], clock)
         counter[n] += 1
         return out
 

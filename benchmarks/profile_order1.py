@@ -66,7 +66,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     w = bench.WORKLOADS[args.workload]()
     bench.METHODS.update(ABLATION)
-    times = bench.time_methods(w, list(ABLATION), args.steps, warmup=2, rounds=4)
+    times = {n: t.wall for n, t in bench.time_methods(w, list(ABLATION), args.steps, warmup=2, rounds=4).items()}
     plain = statistics.median(times["plain"])
     print(f"### Ablation, workload {args.workload} ({w.notes}), {args.threads} threads, medians of {args.steps} steps\n")
     print("| method | median step (ms) | ratio to plain |")

@@ -145,6 +145,7 @@ def table_of(tracker: Any) -> dict[str, Any]:
         "count": values.counts.tolist(),
         "per_validation": None if per_val is None else per_val[1].tolist(),
         "local_ids": tracker.ledger.values().ids(),
+        "drop_values": [r["values"] for r in tracker.drops()],
     }
 
 

@@ -56,6 +56,22 @@ class GatedScale(nn.Module):
         return x * self.scale + torch.tanh(x * self.gate) * self.scale**2
 
 
+class SelfAttend(nn.Module):
+    """``nn.MultiheadAttention`` on ``[B, T, d]``: self-attention, or attention from the first
+    ``queries`` positions to all (``query`` is not ``key``: the in-projection's weight in two row
+    slices, as in encoder-decoder attention). Its output only."""
+
+    def __init__(self, dim: int, heads: int, bias: bool = True, queries: int | None = None,
+                 need_weights: bool = False) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, bias=bias, batch_first=True)
+        self.queries, self.need_weights = queries, need_weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = x if self.queries is None else x[:, : self.queries]
+        return self.attn(q, x, x, need_weights=self.need_weights)[0]
+
+
 def llama_rmsnorm(dim: int) -> nn.Module:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -114,6 +130,8 @@ class LayerRow:
     make_module: Callable[[], nn.Module]
     make_input: Callable[[torch.Generator, int], Tensor]
     layout: Layout = Layout.BATCHED
+    at: str = ""
+    """The submodule the row's handler is for (``""``: the module itself)."""
 
 
 LAYERS: list[LayerRow] = [
@@ -141,6 +159,12 @@ LAYERS: list[LayerRow] = [
     LayerRow("batchnorm1d eval", "batchnorm_eval", lambda: eval_batchnorm(nn.BatchNorm1d(6)), floats(6)),
     LayerRow("batchnorm2d eval", "batchnorm_eval", lambda: eval_batchnorm(nn.BatchNorm2d(3)), floats(3, 4, 4)),
     LayerRow("unknown module (torch.func fallback)", "fallback", lambda: GatedScale(6), floats(3, 6)),
+    LayerRow("multihead attention (packed in-projection)", "multihead_attention", lambda: SelfAttend(6, 2),
+             floats(4, 6), at="attn"),
+    LayerRow("multihead attention no bias, attention weights", "multihead_attention",
+             lambda: SelfAttend(6, 3, bias=False, need_weights=True), floats(3, 6), at="attn"),
+    LayerRow("multihead attention query != key (in-projection in row slices)", "multihead_attention",
+             lambda: SelfAttend(6, 2, queries=2), floats(4, 6), at="attn"),
 ]
 
 BATCHED_LAYERS = [row for row in LAYERS if row.layout is Layout.BATCHED]

@@ -24,3 +24,38 @@ def test_floors_count_the_added_work() -> None:
     # Every method adds the validation pass (32 rows against a batch of 256: 1/8 of training).
     assert f["order 1 + book-keeping"] == 1 + 32 / 256
     assert f["plain"] == 1.0 < f["order 1 + book-keeping"] < f["order 1"] < f["order 2 trapezoid"]
+
+
+def test_bench_waits_for_the_device_before_each_clock_reading() -> None:
+    """On CUDA a step's kernels finish after the Python that launched them: the clock synchronizes
+    before reading (checked with a stand-in for torch.cuda.synchronize; no GPU needed)."""
+    import torch
+
+    from inrun.cli.bench import Clock, time_methods
+
+    calls = []
+    clock = Clock(torch.device("cuda"), synchronize=lambda: calls.append(1))
+    times = time_methods(mlp_workload(), ["plain"], steps=2, warmup=1, rounds=1, clock=clock)
+    steps = 1 + 2  # the warm-up step and the timed ones
+    assert len(calls) == 2 * steps and len(times["plain"].wall) == 2
+    assert Clock(torch.device("cpu")).synchronize is None
+
+
+def test_targets_read_the_tables_bench_prints(capsys) -> None:
+    """benchmarks/targets.py (perf_tables.sh's last table) parses the rows inrun bench prints."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("targets", Path(__file__).parents[1] / "benchmarks" / "targets.py")
+    targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(targets)
+    assert main(["--workloads", "M", "--steps", "1", "--rounds", "1", "--warmup", "0", "--threads", "1",
+                 "--no-memory", "--methods", "plain,order 1"]) == 0
+    tables = targets.parse(capsys.readouterr().out)
+    assert set(tables["M"]) == {"plain", "order 1"}
+    assert float(tables["M"]["plain"]["time"]) == 1.0 and float(tables["M"]["order 1"]["floor"]) > 1
+    fake = {"R": {"order 1": {**tables["M"]["order 1"], "time": "1.10", "floor": "1.27"}}}
+    lines = targets.table(fake).splitlines()
+    assert any(line.startswith("| R: GPT-2 4x256, 16x128, order 1 | 1.20x | 1.10x") and line.endswith("| yes |")
+               for line in lines)
+    assert any("T: nn.TransformerEncoder" in line and "not measured" in line for line in lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -148,6 +149,9 @@ def test_ddp_equals_single_process_and_oracle(ddp_results: dict[str, Any], s: Sc
     all_ids = [i for t in range(s.steps) for i in s.global_ids(t, WORLD)]
     assert sorted(rank0["ids"]) == all_ids and set(rank0["count"]) == {1}
     assert sorted(rank0["local_ids"] + rank1["local_ids"]) == all_ids, "each rank values its own"
+    # each step's drop row sums the values of every rank's examples of the step
+    assert len(rank0["drop_values"]) == s.steps
+    assert math.isclose(sum(rank0["drop_values"]), sum(rank0["value"]), rel_tol=1e-9, abs_tol=1e-12)
 
     ref = reference(s)
     tol = TOLERANCE[s.dtype]

@@ -22,8 +22,9 @@ from inrun import InRunShapley, RunWriter
 from inrun.cli import main
 from inrun.integrations.metrics import TensorBoardWriter, ValueMonitor
 from inrun.store.rundir import RunDir
+from inrun.tracking.drop import decompose
 
-ALL_PLOTS = ("distribution", "sources", "stages", "cumulative", "loss")
+ALL_PLOTS = ("drop", "distribution", "sources", "stages", "cumulative", "loss")
 N, BATCH, STEPS, EVERY = 96, 16, 12, 4
 
 
@@ -103,13 +104,19 @@ def check_run_dir(path: Path, tmp_path: Path, capsys: Any, plots: tuple[str, ...
     values = RunDir(path).ledger().values()
     top = values.top(1)[0][0]
     assert f"<td class='num id'>{top}</td>" in page, "the report shows the example ids"
+    # every loop records each step's drop: its decomposition adds up to the run's measured drop
+    rows = RunDir(path).drops()
+    d = decompose(rows)
+    assert len(rows) == RunDir(path).ledger().steps and d.measured == pytest.approx(
+        d.data_free + d.utility + d.untracked, rel=1e-9, abs=1e-12)
+    assert 'class="headline"' in page and "What the values explain" in page
     browser = chromium()
     if browser is not None:
         assert_renders(browser, path / "report.html", tmp_path, plots)
     capsys.readouterr()
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "Routes" in out and "not reached" not in out
+    assert "Routes" in out and "not reached" not in out and "Drop: Validation loss" in out
     assert main(["curate", str(path), "--drop", "negative"]) == 0
     out = capsys.readouterr().out
     dropped = pd.read_parquet(path / "curate" / "negative" / "dropped_ids.parquet")

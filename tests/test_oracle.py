@@ -195,7 +195,7 @@ def test_lora_values_only_the_adapter() -> None:
 @pytest.mark.parametrize("row", LAYERS, ids=lambda r: r.name)
 def test_registry_picks_the_rows_handler(row: LayerRow) -> None:
     """The registry routes each family to its own handler (none silently to the fallback)."""
-    handler = handler_for(row.make_module())
+    handler = handler_for(row.make_module().get_submodule(row.at))
     assert (handler.name if handler is not None else "fallback") == row.handler
 
 

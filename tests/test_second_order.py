@@ -69,25 +69,22 @@ def test_handler_dot_matches_torch_func(case: LayerRow, K: int) -> None:
     torch.manual_seed(0)
     B = 4
     module = case.make_module().double()
-    handler = handler_for(module) or FALLBACK
+    target = module.get_submodule(case.at)
+    handler = handler_for(target) or FALLBACK
     assert handler.name == case.handler
 
     x = case.make_input(gen, B)
     output = module(x)
     out_shape = output.shape if case.layout is Layout.UNBATCHED else output.shape[1:]
     cotangent = torch.randn(B, *out_shape, generator=gen, dtype=torch.float64)  # grad_out [B, *out]
-    saved = handler.capture(module, (x,), {})
-    if case.layout is Layout.UNBATCHED and isinstance(saved, Tensor):
-        saved = saved.unsqueeze(0)  # what the tracker does for a call without a batch dim
     vectors = {
         n: torch.randn(K, *p.shape, generator=gen, dtype=torch.float64)
         for n, p in module.named_parameters() if p.requires_grad
     }
-    if handler.multi_output:  # the fallback: one gradient per output tensor, rows per example
-        saved.rows, saved.outputs = [Rows("batched", B)], [0]
-        got = handler.dot(module, saved, [cotangent], vectors)
+    if handler.parts(target):  # valued by its F.linear calls, each by its part's handler
+        got = part_dots(module, case.at, handler, x, cotangent, vectors)
     else:
-        got = handler.dot(module, saved, cotangent, vectors)
+        got = whole_module_dots(module, handler, x, cotangent, vectors, case.layout)
 
     per_example = oracle_per_example_grads(module, x, cotangent, case.layout)
     if handler.multi_output:
@@ -106,6 +103,56 @@ def test_handler_dot_matches_torch_func(case: LayerRow, K: int) -> None:
             f"{case.name} {name}: max error {(got[name] - expected).abs().max():.3e}"
         )
         assert scale.min() > 0  # the comparison is not 0 == 0
+
+
+def whole_module_dots(
+    module: nn.Module, handler: object, x: Tensor, cotangent: Tensor, vectors: dict[str, Tensor], layout: Layout,
+) -> dict[str, Tensor]:
+    """The handler's dots of the module's one call (the fallback: one gradient per output)."""
+    saved = handler.capture(module, (x,), {})
+    if layout is Layout.UNBATCHED and isinstance(saved, Tensor):
+        saved = saved.unsqueeze(0)  # what the tracker does for a call without a batch dim
+    if handler.multi_output:
+        saved.rows, saved.outputs = [Rows("batched", cotangent.shape[0])], [0]
+        return handler.dot(module, saved, [cotangent], vectors)
+    return handler.dot(module, saved, cotangent, vectors)
+
+
+def part_dots(
+    module: nn.Module, at: str, handler: object, x: Tensor, cotangent: Tensor, vectors: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """A module valued by linear parts (nn.MultiheadAttention): each ``F.linear`` call of the
+    forward dotted by its part's handler with the vector cut to the call's weight rows, its rows
+    (sequence-first: ``[S, B, ·]`` or ``[S·B, ·]``) summed per example, added up per parameter."""
+    from inrun.layers.parts import LinearTaps, PartHandler, row_slice
+    from inrun.layers.registry import reduce_rows
+
+    target = module.get_submodule(at)
+    calls: list[tuple[Tensor, Tensor, Tensor | None, Tensor]] = []
+    with LinearTaps(lambda xi, w, b, y: calls.append((xi, w, b, y))):
+        out = module(x)
+    grads = torch.autograd.grad((out * cotangent).sum(), [y for *_, y in calls])
+    B = x.shape[0]
+    got: dict[str, Tensor] = {}
+    for part in handler.parts(target):
+        part_handler = PartHandler(part)
+        paths = {"weight": part.weight, "bias": part.bias}
+        weight = target.get_parameter(part.weight)
+        for (xi, w, b, _), g in zip(calls, grads):
+            rows = row_slice(w, weight)
+            if rows is None:
+                continue
+            names = ["weight"] + (["bias"] if b is not None else [])
+            vecs = {n: vectors[f"{at}.{paths[n]}"][:, rows[0] : rows[1]] for n in names}
+            if xi.dim() == 3:  # [S, B, d]
+                dots = part_handler.dot(target, xi.detach().movedim(1, 0), g.movedim(1, 0), vecs)
+            else:  # [S·B, d]: row s·B + b
+                dots = {n: reduce_rows(d, Rows("strided", B))
+                        for n, d in part_handler.dot(target, xi.detach(), g, vecs).items()}
+            for n, d in dots.items():
+                key = f"{at}.{paths[n]}"
+                got[key] = got[key] + d if key in got else d
+    return got
 
 
 # ============================================================================ whole models

@@ -132,6 +132,7 @@ def test_report_shows_the_fidelity_panel_and_the_views(audited_run) -> None:
     page = audited_run.file("report.html").read_text()
     assert re.search(r'id="plot-fidelity"[^>]*src="data:image/png;base64,', page)
     assert "Fidelity: the run&#x27;s audit" in page and "median Pearson" in page
+    assert 'id="plot-drop"' in page and 'class="headline"' in page  # the drop, decomposed
     assert "Views of the values (not the value)" in page and "step-normalized view" in page
     assert "Values over steps 20–39 only" in page
 
@@ -146,7 +147,8 @@ def test_report_of_an_unaudited_run_says_so(tmp_path) -> None:
 def test_inspect_a_run_directory(audited_run, capsys) -> None:
     assert main(["inspect", str(audited_run.path), "--window", "30:", "--top", "3"]) == 0
     out = capsys.readouterr().out
-    assert "Audit: 3 step(s) checked against exact Shapley values (4 examples each)" in out
+    assert "Audit: 3 step(s) checked against exact Shapley values (sub-games of 4 of 16 examples" in out
+    assert "Drop: Validation loss" in out and "The drop by stage" in out  # the decomposition, one line and by stage
     assert "of the run's time" in out  # the audit's cost as a share of the run (status.json's seconds)
     assert "Audited steps" in out and "Step-normalized view" in out and "Value per source and stage" in out
     assert "Values over steps 30-end only" in out
@@ -179,3 +181,25 @@ def test_the_audit_of_a_run_resumes_where_it_stopped(tmp_path) -> None:
 
     a, b = load_audit(whole.path), load_audit(RunDir(tmp_path / "cut").path)
     assert strip(a.steps) == strip(b.steps) and a.values == b.values
+    # each step's drop row too: the resumed run starts from the L(θ_t) its checkpoint saved
+    rows_whole, rows_cut = whole.drops(), RunDir(tmp_path / "cut").drops()
+    assert [r["step"] for r in rows_cut] == list(range(40))
+    assert json.dumps(rows_cut) == json.dumps(rows_whole)  # NaN-safe, bit for bit
+
+
+def test_a_runs_drop_adds_up_to_the_validation_loss_it_measured(audited_run) -> None:
+    """The CLI run's drop rows, decomposed, against the validation loss the run itself logged at
+    its start and end (metrics.parquet): plain SGD, so no data-free part; the steps' games sum to
+    the drop, and the values to the games less the Taylor remainder."""
+    from inrun.tracking.drop import decompose
+
+    rows = audited_run.drops()
+    metrics = audited_run.metrics()
+    logged = [v for v in metrics.val_loss if math.isfinite(v)]
+    d = decompose(rows)
+    assert d.steps == 40 and d.data_free == 0.0 and d.untracked == 0.0
+    assert d.loss_first == pytest.approx(logged[0], rel=1e-6) and d.loss_last == pytest.approx(logged[-1], rel=1e-6)
+    assert d.utility == pytest.approx(d.measured, rel=1e-9)
+    assert d.values + d.remainder == pytest.approx(d.utility_valued, rel=1e-9)
+    trace = views.trace_frame(audited_run.path)
+    assert d.values == pytest.approx(float(trace["value"].sum()), rel=1e-6)  # every step counted (SGD: none left out)

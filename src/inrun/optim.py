@@ -81,6 +81,22 @@ class UpdateRule:
         """``f(0)`` per parameter, or ``None`` when the step without data is zero or negligible."""
         return None
 
+    def nonlinear_step(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> str | None:
+        """Why no linearization follows this step's update (``None``: one does), from the state
+        before the step."""
+        return None
+
+    def momentum(self, params: Sequence[Tensor]) -> tuple[list[float], list[float]] | None:
+        """How this step's gradient ``x`` enters the momentum state ``m`` (for carry): per parameter
+        its weight ``share`` in ``m`` after the step and ``m``'s decay per step (``None``: no momentum),
+        from the state before the step."""
+        return None
+
+    def carried_direction(self, params: Sequence[Tensor], g_val: Sequence[Tensor]) -> list[Tensor | None]:
+        """Per parameter ``u = −(∂f(0)/∂m) ⊙ g_val`` (``[K, *shape]``): the first-order loss decrease
+        per unit of momentum content that this step's data-free move ``f(0)`` makes (for carry)."""
+        return [None for _ in params]
+
     @staticmethod
     def _lr(group: dict) -> float:
         lr = group["lr"]
@@ -120,6 +136,26 @@ class SGDRule(UpdateRule):
             sign = -1.0 if group.get("maximize") else 1.0
             out.append(sign * self._lr(group) * factor)
         return torch.tensor(out, dtype=torch.float64)
+
+    def momentum(self, params: Sequence[Tensor]) -> tuple[list[float], list[float]] | None:
+        share, decay = [], []
+        for p, group in zip(params, self._groups(params)):
+            mu = 0.0 if group is None else group.get("momentum", 0.0)
+            sign = -1.0 if group is not None and group.get("maximize") else 1.0
+            share.append(0.0 if not mu else sign * (1.0 if self._first_step(p) else 1.0 - group.get("dampening", 0.0)))
+            decay.append(float(mu))
+        return (share, decay) if any(share) else None
+
+    def carried_direction(self, params: Sequence[Tensor], g_val: Sequence[Tensor]) -> list[Tensor | None]:
+        out: list[Tensor | None] = []
+        for p, g, group in zip(params, g_val, self._groups(params)):
+            mu = 0.0 if group is None else group.get("momentum", 0.0)
+            if not mu or self._first_step(p):
+                out.append(None)  # no momentum content moves this step
+                continue
+            # f(0) ∋ −η μ m (Nesterov: −η μ² m)
+            out.append(g * (self._lr(group) * mu * (mu if group.get("nesterov") else 1.0)))
+        return out
 
     def data_free_step(self, params: Sequence[Tensor]) -> list[Tensor] | None:
         steps, any_shift = [], False
@@ -244,6 +280,30 @@ class AdamRule(UpdateRule):
                 slope = torch.where(nonzero, (f_x - f_0) / torch.where(nonzero, x, torch.ones_like(x)), -q["s"] * q["b"] / den0)
             out.append(slope.to(p.dtype))
         return out
+
+    def momentum(self, params: Sequence[Tensor]) -> tuple[list[float], list[float]] | None:
+        groups = self._groups(params)
+        share = [0.0 if g is None else (1 - float(g["betas"][0])) * (-1.0 if g.get("maximize") else 1.0) for g in groups]
+        decay = [0.0 if g is None else float(g["betas"][0]) for g in groups]
+        return share, decay
+
+    def carried_direction(self, params: Sequence[Tensor], g_val: Sequence[Tensor]) -> list[Tensor | None]:
+        out: list[Tensor | None] = []
+        for p, g, group in zip(params, g_val, self._groups(params)):
+            if group is None or "exp_avg" not in self.optimizer.state.get(p, {}):
+                out.append(None)
+                continue
+            # f(0) = −s (β1 m + ...) / den(0): the first moment's content moves by −s β1 / den(0)
+            q = self._pieces(p, group, g.dtype)
+            out.append(g * (q["s"] * float(group["betas"][0]) / self._den(q, q["V0"])))
+        return out
+
+    def nonlinear_step(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> str | None:
+        for p, g, group in zip(params, grads, self._groups(params)):
+            if g is not None and group is not None and "exp_avg_sq" not in self.optimizer.state.get(p, {}):
+                return ("Adam's first step: its second moment comes from this batch alone, so the update "
+                        "is about -lr sign(gradient), which no linearization follows")
+        return None
 
     def data_free_step(self, params: Sequence[Tensor]) -> list[Tensor] | None:
         steps, any_shift = [], False

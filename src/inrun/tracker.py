@@ -23,9 +23,11 @@ from .store.rundir import RunDir
 from .store.writer import RunWriter
 from .tracking.admission import admit_model
 from .tracking.audit import AuditConfig, StepAudit
+from .tracking.carry import carried_values
 from .tracking.config import (
     AdamLinearization,
     Bookkeeping,
+    CarryMode,
     NonFinitePolicy,
     Order,
     Proxy,
@@ -39,6 +41,7 @@ from .tracking.config import (
 from .tracking.cost import StepCost
 from .tracking.coupled import CoupledLoss
 from .tracking.coverage import Coverage, describe
+from .tracking.drop import loss_curve
 from .tracking.engine import StepEngine
 from .tracking.rules import ValueRule
 from .tracking.tokens import TokenValues
@@ -49,13 +52,10 @@ __all__ = ["AuditConfig", "CoupledLoss", "Coverage", "InRunShapley", "StepCost",
 class InRunShapley:
     """In-Run Data Shapley values of every training example, computed during training.
 
-    Wrap the forward and backward of each step in ``with tracker.step(ids):`` and call your own
-    ``optimizer.step()`` as usual. At every optimizer step each example in the batch gets
-    ``φ_z = η · g_val · g_z`` (order 1, helpful = positive), where ``g_z`` is the gradient of the
-    example's share of the loss you back-propagated and ``g_val`` the gradient of ``val_loss`` at
-    the same parameters; values add up by id over the run. Per-example gradients of the whole
-    model are never formed: each layer contributes exact dot products from its inputs and
-    output gradients.
+    Wrap each step's forward and backward in ``with tracker.step(ids):``; call ``optimizer.step()``
+    as usual. Each example gets ``φ_z = η · g_val · g_z`` per step (order 1, helpful = positive; ``g_z``
+    its share of the loss's gradient, ``g_val`` val_loss's), added up by id. No per-example gradient of
+    the model is formed: each layer gives exact dot products from its inputs and output gradients.
 
     Args:
         model: the model being trained (may be wrapped in DistributedDataParallel).
@@ -66,33 +66,30 @@ class InRunShapley:
         order: 1 (``η g_val·g_z``) or 2 (adds the interaction with the rest of the batch).
         second_order: order-2 variant, ``"trapezoid"`` (g_val at θ_t and θ_t+1, no Hessian) or
             ``"hessian"`` (one Hessian-vector product per step; SGD-type optimizers only).
-        route: ``"auto"`` (the cheaper of the vector and Gram routes per layer), or force
-            ``"vector"`` or ``"gram"`` wherever a layer has it. Values are the same.
-        bookkeeping: ``"off"``, ``"auto"`` (where cheapest) or ``"always"``: form per-example
-            weight gradients of Linear/Conv1D layers in place of the weight-gradient GEMM (no
-            extra FLOPs; the update then equals the untracked one within float32 rounding).
+        route: ``"auto"`` (the cheaper of vector and Gram per layer), ``"vector"`` or ``"gram"``: same values.
+        bookkeeping: ``"off"``, ``"auto"`` or ``"always"``: Linear/Conv1D weight gradients formed per
+            example in place of the GEMM (no extra FLOPs; the update equal within float32 rounding).
         check: check every step that the per-example dots add up to ``<grad, g_val>``.
         check_rtol: that check's relative tolerance (default by dtype: 1e-6, 1e-3, 5e-2).
-        on_nonfinite: NaN/Inf at ``optimizer.step()``: ``"raise"`` before the update, or
-            ``"skip"`` (values dropped and the skip recorded; the optimizer still steps).
+        on_nonfinite: NaN/Inf at ``optimizer.step()``: ``"raise"`` before the update, or ``"skip"`` (recorded).
         val_mode: module mode of the validation pass, ``"eval"`` or ``"train"``.
         keep_trace: keep one row per (step, example) with both value parts.
-        adam: Adam/AdamW linearization, ``"secant"`` (actual step / gradient) or
-            ``"fixed_state"``.
-        proxy: ``"sgd"`` values every step with ``η g_val·g_z`` whatever the optimizer (the
-            paper's proxy for AdamW runs).
+        adam: Adam/AdamW linearization, ``"secant"`` (actual step / gradient) or ``"fixed_state"``.
+        proxy: ``"sgd"``: every step valued as ``η g_val·g_z`` whatever the optimizer (the paper's proxy).
         verify: when each layer's rows are proven to be their examples' and interactions probed
             (``docs/loops.md``): ``"on_change"`` (new layouts, and one example alone every step),
             ``"layouts"`` or ``"every_step"``.
         val_threads: CPU threads of the validation pass: ``"all"`` (torch's), ``"one"``, or
             ``"auto"`` (the faster by measured time; last bits then depend on the load).
+        carry: ``"momentum"``: also credit each batch for its gradient's later effect through
+            momentum (:meth:`carried`, :mod:`inrun.tracking.carry`); ``"off"``.
+        carry_window: at most this many later steps per carry window (``None``: until β1^n < 1%).
         ledger: a :class:`~inrun.ValueLedger` to add to (e.g. one loaded to resume a run).
-        audit: check the values during the run against exact Shapley values of sampled steps
-            (an :class:`~inrun.AuditConfig`, a dict of its settings, or ``True`` for the defaults:
-            every 100 steps, 6 examples; see :mod:`inrun.tracking.audit`). Off by default. It
-            never changes training; its cost is measured (:attr:`audit`).
-        validation_ids: one label per validation example when ``val_loss`` returns a vector:
-            the columns of :meth:`per_validation` (default ``val_0``, ``val_1``...).
+        audit: the values checked during the run against exact Shapley values of sampled steps' games
+            (an :class:`~inrun.AuditConfig`, its settings as a dict, or ``True``: every 100 steps, the whole
+            game up to 32 examples; :mod:`inrun.tracking.audit`). Off by default; never changes training.
+        validation_ids: one label per validation example (``val_loss`` a vector): :meth:`per_validation`'s columns.
+        **options: none today; an unknown name is refused with the nearest field's name.
 
     A repeated row id within one optimizer step raises :class:`~inrun.BatchMismatchError` (a
     document continued in a later micro-batch is one player). Padding: ``docs/guide-pytorch.md``.
@@ -127,16 +124,18 @@ class InRunShapley:
         proxy: Proxy | None = None,
         verify: Verify = "on_change",
         val_threads: ValThreads = "all",
+        carry: CarryMode = "off", carry_window: int | None = None,
         ledger: ValueLedger | None = None,
         audit: AuditConfig | Mapping[str, Any] | bool | None = None,
         validation_ids: Sequence[Any] | None = None,
-        **unknown: Any,
+        **options: Any,
     ) -> None:
         admit_model(model, val_loss)
         self.config = TrackerConfig.from_options(dict(
             order=order, second_order=second_order, route=route, bookkeeping=bookkeeping, check=check,
             check_rtol=check_rtol, on_nonfinite=on_nonfinite, val_mode=val_mode, keep_trace=keep_trace,
-            adam=adam, proxy=proxy, verify=verify, val_threads=val_threads, **unknown,
+            adam=adam, proxy=proxy, verify=verify, val_threads=val_threads, carry=carry,
+            carry_window=carry_window, **options,
         ))
         self.model = model
         self.val_loss = val_loss
@@ -144,7 +143,8 @@ class InRunShapley:
         if validation_ids is not None:
             self.ledger.validation_names = [str(v) for v in validation_ids]
         self.audit_config = AuditConfig.of(audit)
-        self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger, audit=self.audit_config)
+        carry = ValueLedger(keep_trace=self.config.keep_trace) if self.config.carry != "off" else None
+        self._engine = StepEngine(model, optimizer, val_loss, self.config, self.ledger, self.audit_config, carry)
         self.module = self._engine.module
         self.optimizer = self._engine.optimizer
 
@@ -182,8 +182,8 @@ class InRunShapley:
         self._engine.set_enabled(value)
 
     def skip_step(self, reason: str) -> None:
-        """Drop the current step unvalued, recorded with ``reason``: after the block(s), instead of
-        ``optimizer.step()`` (NaN loss, a ``GradScaler`` overflow), then zero the gradients."""
+        """Drop the current step unvalued, recorded with ``reason``: call it instead of ``optimizer.step()``
+        (NaN loss, a ``GradScaler`` overflow), then zero the gradients; the step number is consumed."""
         self._engine.skip(reason, by_user=True)
 
     @property
@@ -197,48 +197,52 @@ class InRunShapley:
 
     # ------------------------------------------------------------------ results
     def values(self) -> ValueTable:
-        """id -> accumulated value (float64); completes a pending order-2 step first. With a DDP
-        model: the global table, merged by id, and a collective call (see :meth:`global_ledger`)."""
+        """id -> accumulated value (float64); under DDP the global table, a collective (:meth:`global_ledger`)."""
         return self.global_ledger().values()
 
     def per_validation(self) -> PerValidation | None:
-        """The per-(train, validation) values when ``val_loss`` returns a vector, else ``None``: a
-        :class:`~inrun.PerValidation` (``.to_pandas()``: one row per training id, one column per
-        ``validation_ids``; unpacks as ``(ids, [N, V])``). With a DDP model: global, a collective."""
+        """Per-(train, validation) values when ``val_loss`` returns a vector, else ``None``: a :class:`~inrun.PerValidation`
+        (``.to_pandas()``: a row per id, a column per validation id). Under DDP global, a collective."""
         return self.global_ledger().per_validation()
 
+    def drops(self) -> list[dict[str, Any]]:
+        """Each optimizer step's drop, decomposed (:mod:`inrun.tracking.drop`); a collective under DDP."""
+        self._engine.flush()
+        return self._engine.accounts.drops.global_rows(self._engine.ddp)
+
+    def carried(self, final: bool = True) -> ValueTable:
+        """id -> credit for its gradient's later effect through momentum (:mod:`inrun.tracking.carry`)."""
+        self._engine.flush()
+        return carried_values(self._engine.accounts.carry, final)
+
     def cost(self) -> StepCost:
-        """How long the validation passes took next to your forward and backward (see
-        :class:`StepCost`); what the integrations log once as the validation set's cost."""
+        """How long the validation passes took next to your forward and backward (:class:`StepCost`)."""
         return self._engine.cost.copy()
 
     def validation_losses(self) -> dict[int, float]:
-        """Step -> validation loss at θ_step, where that step's validation pass measured it (at θ
-        itself: every step under plain SGD; a data-free shift moves momentum's and Adam's)."""
-        return self._engine.log.val_losses
+        """Step -> validation loss at θ_step: every step's L(θ_t) and L after the last (:meth:`drops`)."""
+        self._engine.flush()
+        return loss_curve(self._engine.accounts.drops.rows)
 
     def save_run(
         self, path: str | os.PathLike, *, examples: Any = None, description: str = "",
         metadata: Mapping[str, Any] | None = None,
     ) -> RunDir:
-        """A complete run directory of the values so far at a new ``path``, as ``inrun train`` writes
-        (``report``, ``inspect``, ``curate`` work on it); ``examples``, ``description``, ``metadata``
-        as for :class:`inrun.RunWriter`, which writes as training goes, with checkpoints."""
+        """A run directory of the values so far at a new ``path``, as ``inrun train`` writes (``report``,
+        ``inspect``, ``curate`` read it); the arguments as for :class:`inrun.RunWriter`."""
         return RunWriter(Path(path), self, examples=examples, state={}, rng=False,
                          description=description, metadata=metadata).finish()
 
     def global_ledger(self) -> ValueLedger:
-        """The ledger of the whole run: ``self.ledger`` in one process; with a DDP model, every
-        rank's merged by example id, a collective: call it on every rank, then save on rank 0."""
+        """The whole run's ledger: ``self.ledger``; under DDP every rank's merged by id (a collective)."""
         return self._engine.global_ledger()
 
     def flush(self) -> None:
-        """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
+        """Finish a step waiting for ``g_val(θ_t+1)`` (trapezoid) or ``L(θ_t+1)`` (:meth:`drops`)."""
         self._engine.flush()
 
     def coverage(self) -> Coverage:
-        """Which route valued each trainable parameter (a tied one: its uses' routes joined by
-        ``+``), and how documents were valued."""
+        """Which route valued each trainable parameter (a tied one: ``+``-joined), and documents."""
         return self._engine.coverage()
 
     def describe(self) -> dict[str, Any]:
@@ -262,10 +266,8 @@ class InRunShapley:
 
     @property
     def audit(self) -> StepAudit | None:
-        """The run's audit (``None`` unless ``audit=`` was given): per audited step the exact
-        Shapley values of a sampled sub-batch next to the tracker's, with Pearson, Spearman,
-        relative RMSE, efficiency gap and cost (``audit.steps``, ``audit.values``,
-        ``audit.summary()``; as tables: :func:`inrun.analysis.views.audit_frames`)."""
+        """The run's audit (``None`` without ``audit=``): per audited step its game's exact Shapley values
+        beside the tracker's, their agreement and cost (``audit.steps``, ``.values``, ``.summary()``)."""
         return self._engine.audit
 
     @property
@@ -276,7 +278,7 @@ class InRunShapley:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Counters and settings to checkpoint beside ``self.ledger``, between optimizer steps (a
-        pending order-2 step is completed first, at the parameters the resumed run would use)."""
+        pending order-2 step is completed at the current parameters, as the resumed run would)."""
         return self._engine.checkpoint()
 
     def load_state_dict(self, state: dict[str, Any], ledger: ValueLedger | None = None) -> None:

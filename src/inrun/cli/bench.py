@@ -15,8 +15,8 @@ little below its floor). docs/performance.md explains the counts.
 Workloads: R = GPT-2 n_layer=4, n_embd=256, n_head=4, vocab 4096, 16 x 128 tokens, 1 validation
 sequence; S = GPT-2 n_layer=2, n_embd=768, vocab 4096, 8 x 256 tokens, 1 validation sequence of
 128 tokens; M = MLP 784-512-512-10, batch 256, 32 validation rows; E = Mixtral 2x256 with 8 experts
-(top-2), 8 x 128 tokens; T = ``nn.TransformerEncoder`` 4x256 LM (its attention valued by the
-fallback), 16 x 128 tokens; A = R's GPT-2 trained the way people train it: AdamW (and SGD for
+(top-2), 8 x 128 tokens; T = ``nn.TransformerEncoder`` 4x256 LM (its attention valued by its linear
+parts, inrun.layers.attention), 16 x 128 tokens; A = R's GPT-2 trained the way people train it: AdamW (and SGD for
 comparison), gradient accumulation of 4 micro-batches of 8 x 128 per optimizer step, 1 validation
 sequence; L = R's GPT-2 with LoRA adapters of rank 8 on attention and MLP, the base frozen (only
 the adapters train and are valued). A method that cannot run on a workload (per-example ``vmap``
@@ -71,7 +71,9 @@ class Workload:
     val_tokens: int  # positions in the whole validation set
     lr: float = 1e-3
     notes: str = ""
-    linears: list[tuple[int, int, bool]] = field(default_factory=list)  # (d, p, gram-capable)
+    linears: list[tuple[int, int, float]] = field(default_factory=list)
+    """``(d, p, gram)`` per linear map and position: ``gram`` is the share of the validation positions
+    the layer's Gram route meets (1 or True: all; an expert: top-k / experts; 0 or False: none)."""
     frozen: list[tuple[int, int]] = field(default_factory=list)
     """Linear layers of a frozen base: forward and input gradient only, nothing to value."""
     micro: int = 1
@@ -206,9 +208,12 @@ def moe_workload() -> Workload:
         logits = f(input_ids=ids).logits
         return F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum") / (batch_size * (seq - 1))
 
-    # attention q, k, v, o; the router; the experts (2 of 8 per token: gate-up and down); the LM head
-    linears = [(d, d, True), (d, d // 2, True), (d, d // 2, True), (d, d, True), (d, 8, True),
-               (d, 2 * 2 * inter, False), (2 * inter, 2 * d, False)] * n_layer + [(d, vocab, True)]
+    # attention q, k, v, o; the router (the fallback); the experts, 2 of 8 per token (gate-up and
+    # down, each on the Gram route against the validation tokens routed to its expert: 2/8 of them);
+    # the LM head
+    expert = [(d, 2 * inter, 2 / 8), (inter, d, 2 / 8)]
+    linears = [(d, d, True), (d, d // 2, True), (d, d // 2, True), (d, d, True), (d, 8, False), *expert, *expert] * n_layer
+    linears += [(d, vocab, True)]
     return Workload(
         "E", make_model, batches, val, loss, example_loss, lambda m: loss(m, val), seq, seq, notes=(
             f"Mixtral {n_layer}x{d}, 8 experts top-2 (intermediate {inter}), vocab {vocab}, {batch}x{seq}, "
@@ -249,8 +254,9 @@ def encoder_workload() -> Workload:
         logits = f(ids)
         return F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum") / (batch_size * (seq - 1))
 
-    # MultiheadAttention (in_proj, out_proj: valued by the fallback), the MLP, the LM head
-    linears = [(d, 3 * d, False), (d, d, False), (d, 4 * d, True), (4 * d, d, True)] * n_layer + [(d, vocab, True)]
+    # MultiheadAttention (its packed in-projection and out-projection, valued as linear parts), the
+    # MLP, the LM head
+    linears = [(d, 3 * d, True), (d, d, True), (d, 4 * d, True), (4 * d, d, True)] * n_layer + [(d, vocab, True)]
     return Workload(
         "T", make_model, batches, val, loss, example_loss, lambda m: loss(m, val), seq, seq,
         notes=f"nn.TransformerEncoder {n_layer}x{d}, vocab {vocab}, {batch}x{seq}, 1 val x {seq}", linears=linears,
@@ -422,7 +428,7 @@ def floors(w: Workload) -> dict[str, float]:
     train = sum(3 * T * d * p for d, p, _ in w.linears) + sum(2 * T * d * p for d, p in w.frozen)
     val_pass = (N / (B * T)) * train  # forward + backward on the validation set, per example
     vector = sum(T * d * p for d, p, _ in w.linears)
-    best = sum(min(T * d * p, T * N * (d + p)) if gram else T * d * p for d, p, gram in w.linears)
+    best = sum(min(T * d * p, T * N * float(gram) * (d + p)) if gram else T * d * p for d, p, gram in w.linears)
     out = {
         "plain": 1.0,
         "plain AdamW": 1.0,
@@ -440,24 +446,66 @@ def floors(w: Workload) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- measurement
-def time_methods(w: Workload, names: list[str], steps: int, warmup: int, rounds: int) -> dict[str, list[float]]:
+class Clock:
+    """Reads the wall clock at a step's start and end. On a CUDA device a step's kernels run after
+    the Python that launched them returns, so the device's queue is waited for
+    (``torch.cuda.synchronize``) before each reading; on the CPU nothing is waited for."""
+
+    def __init__(self, device: torch.device, synchronize: Callable[[], None] | None = None) -> None:
+        self.device = device
+        if synchronize is None and device.type == "cuda":
+            synchronize = lambda: torch.cuda.synchronize(device)  # noqa: E731
+        self.synchronize = synchronize
+
+    def read(self) -> float:
+        if self.synchronize is not None:
+            self.synchronize()
+        return time.perf_counter()
+
+
+@dataclass
+class StepTimes:
+    """Per timed step of one method: wall seconds, CPU seconds of this process (all its threads:
+    steadier than the wall time when other processes take the cores) and minor page faults (memory
+    the step touched for the first time: a step that frees what the allocator had kept makes the
+    next step, whichever method it is, fault its memory in again)."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)
+
+
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_methods(
+    w: Workload, names: list[str], steps: int, warmup: int, rounds: int, clock: Clock | None = None,
+) -> dict[str, StepTimes]:
+    clock = clock or Clock(torch.device("cpu"))
     methods = {n: METHODS[n](w) for n in names}
     B = w.batches[0][0].shape[0]
     counter = {n: 0 for n in names}
+    times: dict[str, StepTimes] = {n: StepTimes() for n in names}
 
-    def run(n: str) -> float:
+    def run(n: str, record: bool = True) -> None:
         batch = w.batches[counter[n] % len(w.batches)]
         ids = list(range(counter[n] * B, (counter[n] + 1) * B))
         counter[n] += 1
-        start = time.perf_counter()
+        faults, cpu, start = _minor_faults(), time.process_time(), clock.read()
         methods[n].step(batch, ids)
-        return time.perf_counter() - start
+        end = clock.read()
+        if record:
+            times[n].wall.append(end - start)
+            times[n].cpu.append(time.process_time() - cpu)
+            times[n].faults.append(_minor_faults() - faults)
 
-    times: dict[str, list[float]] = {n: [] for n in names}
     for n in list(names):
         try:
             for _ in range(warmup):
-                run(n)
+                run(n, record=False)
         except Exception as exc:
             FAILURES[(w.name, n)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             names = [m for m in names if m != n]
@@ -466,9 +514,23 @@ def time_methods(w: Workload, names: list[str], steps: int, warmup: int, rounds:
         order = names if r % 2 == 0 else list(reversed(names))
         for n in order:
             for _ in range(per_round):
-                times[n].append(run(n))
+                run(n)
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    return times
+    return {n: t for n, t in times.items() if n in names}
+
+
+def on_device(w: Workload, device: torch.device) -> Workload:
+    """The workload with its model, batches and validation data on ``device``."""
+    if device.type == "cpu":
+        return w
+    import dataclasses
+
+    make = w.make_model
+    val = tuple(t.to(device) for t in w.val)
+    return dataclasses.replace(
+        w, make_model=lambda: make().to(device), batches=[tuple(t.to(device) for t in b) for b in w.batches], val=val,
+        val_loss=lambda m: w.loss(m, val),
+    )
 
 
 FAILURES: dict[tuple[str, str], str] = {}
@@ -483,7 +545,7 @@ def _status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def memory_probe(workload: str, method: str, steps: int, warmup: int = 2) -> float:
+def memory_probe(workload: str, method: str, steps: int, warmup: int = 2, device: torch.device | None = None) -> float:
     """Peak memory (bytes) of ``method``'s steady-state steps above what the process held before
     its first step, in this fresh process: ``warmup`` steps run first (the first step's row
     verification replays the model once, a cost of the first step only), then the peak is reset
@@ -492,10 +554,11 @@ def memory_probe(workload: str, method: str, steps: int, warmup: int = 2) -> flo
     (``VmHWM``, reset to the current size after the warm-up) minus the resident size before the
     first step; the parent runs this with glibc mapping every large block separately, so that
     freed tensors leave the resident set."""
-    w = WORKLOADS[workload]()
+    device = device or torch.device("cpu")
+    cuda = device.type == "cuda"
+    w = on_device(WORKLOADS[workload](), device)
     m = METHODS[method](w)
     B = w.batches[0][0].shape[0]
-    cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -516,14 +579,14 @@ def memory_probe(workload: str, method: str, steps: int, warmup: int = 2) -> flo
     return float(_status_kib("VmHWM") * 1024 - base)
 
 
-def measure_memory(workload: str, names: list[str]) -> dict[str, float]:
+def measure_memory(workload: str, names: list[str], device: torch.device) -> dict[str, float]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = {}
     for n in names:
         if (workload, n) in FAILURES:
             continue
         res = subprocess.run(
-            [sys.executable, "-m", "inrun.cli.bench", "--memory-probe", workload, n],
+            [sys.executable, "-m", "inrun.cli.bench", "--memory-probe", workload, n, "--device", str(device)],
             capture_output=True, text=True, check=True, env=env,
         )
         out[n] = json.loads(res.stdout.strip().splitlines()[-1])["bytes"]
@@ -539,6 +602,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--rounds", type=positive_int, default=4, help="alternation rounds")
     parser.add_argument("--warmup", type=non_negative_int, default=2)
     parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: models and data on the GPU, clocks read "
+                        "after torch.cuda.synchronize()")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     return parser
@@ -547,8 +612,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed ``args``; prints the tables."""
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
     if args.memory_probe:
-        print(json.dumps({"bytes": memory_probe(*args.memory_probe, steps=3)}))
+        print(json.dumps({"bytes": memory_probe(*args.memory_probe, steps=3, device=device)}))
         return 0
     unknown = [n for n in (args.methods or "").split(",") if n.strip() and n.strip() not in METHODS]
     unknown += [w for w in args.workloads.split(",") if w not in WORKLOADS]
@@ -556,31 +624,34 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown method or workload {unknown}; methods: {list(METHODS)}, workloads: {list(WORKLOADS)}")
     chosen = None if args.methods is None else [n.strip() for n in args.methods.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}; medians of {args.steps} steps per method; "
+          f"{device}; medians of {args.steps} steps per method; "
           f"load average {os.getloadavg()[0]:.2f} at the start\n")
     for wname in args.workloads.split(","):
         w = WORKLOADS[wname]()
         names = chosen or list(w.methods or METHODS)
         print(f"### Workload {wname}: {w.notes}", file=sys.stderr)
-        times = time_methods(w, names, args.steps, args.warmup, args.rounds)
-        memory = {} if args.no_memory else measure_memory(wname, names)
+        times = time_methods(on_device(w, device), names, args.steps, args.warmup, args.rounds, Clock(device))
+        memory = {} if args.no_memory else measure_memory(wname, names, device)
         floor = floors(w)
         print(f"### Workload {wname}: {w.notes}\n")
         print(f"(load average {os.getloadavg()[0]:.2f} after the timing)\n")
-        print("| method | median step (ms) | time ratio | FLOP floor | peak memory (MiB) | memory ratio |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| method | median step (ms) | time ratio | CPU-time ratio | FLOP floor | ratio / floor "
+              "| page faults per step | peak memory (MiB) | memory ratio |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n in names:
             if (wname, n) in FAILURES:
-                print(f"| {n} | cannot run: {FAILURES[(wname, n)]} | | | | |")
+                print(f"| {n} | cannot run: {FAILURES[(wname, n)]} | | | | | | | |")
                 continue
             base = BASELINE_OF.get(n, "plain")
-            med = statistics.median(times[n])
-            ratio = med / statistics.median(times[base]) if base in times else float("nan")
+            med = statistics.median(times[n].wall)
+            ratio = med / statistics.median(times[base].wall) if base in times else float("nan")
+            cpu = statistics.median(times[n].cpu) / statistics.median(times[base].cpu) if base in times else float("nan")
             mem = memory[n] / memory[base] if memory and base in memory else float("nan")
             mib = memory[n] / 2**20 if memory else float("nan")
-            print(f"| {n} | {med * 1000:.0f} | {ratio:.2f}x | {floor[n]:.2f}x | {mib:.0f} | {mem:.2f}x |")
+            print(f"| {n} | {med * 1000:.0f} | {ratio:.2f}x | {cpu:.2f}x | {floor[n]:.2f}x | {ratio / floor[n]:.2f} "
+                  f"| {statistics.median(times[n].faults):.0f} | {mib:.0f} | {mem:.2f}x |")
         if "plain + validation pass" in times and "plain" in times:
-            share = statistics.median(times["plain + validation pass"]) / statistics.median(times["plain"]) - 1
+            share = statistics.median(times["plain + validation pass"].wall) / statistics.median(times["plain"].wall) - 1
             print(f"\nValidation pass: measured {100 * share:+.1f}% of a plain step, FLOP share "
                   f"{100 * (floor['plain + validation pass'] - 1):+.1f}%.")
         print()

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from ..analysis.baseline_run import compute_baselines
 from ..analysis.curate import curate, retrain
-from ..analysis.inspect.run_dir import audit_line, inspect_run, is_run_dir, parse_window
+from ..analysis.inspect.run_dir import audit_line, drop_line, inspect_run, is_run_dir, parse_window
 from ..analysis.inspect.target import inspect_run_dir, inspect_target
 from ..analysis.report import build_report
 from ..errors import InRunError, cause, one_line
@@ -282,6 +282,8 @@ def print_summary(summary: dict[str, Any], console: Console, rows: int = 5) -> N
         for source, s in summary["per_source"].items():
             table.add_row(escape(source), str(s["examples"]), f"{s['total']:+.3e}", f"{s['mean']:+.2e}", f"{s['negative_share']:.0%}")
         console.print(table)
+    if summary.get("drop") is not None:
+        console.print(escape(drop_line(summary["drop"])), soft_wrap=True)
     if "audit" in summary:
         console.print(escape(audit_line(summary["audit"], summary.get("seconds"))), soft_wrap=True)
 

@@ -366,8 +366,9 @@ class InRunTrainer(Trainer):
             logger.warning("no training step was valued: nothing written to %s", Path(self.args.output_dir) / self.inrun_args.subdir)
             return
         ledger = tracker.global_ledger()
+        drops = tracker.drops()  # also a collective under DDP: every rank's values of each step
         if self.inrun_run is not None:
-            self.inrun_run.finish(checkpoint=False, ledger=ledger)
+            self.inrun_run.finish(checkpoint=False, ledger=ledger, drops=drops)
             self.inrun_run = None
             logger.info("In-Run Data Shapley values of %d examples written to %s", len(ledger),
                         Path(self.args.output_dir) / self.inrun_args.subdir)

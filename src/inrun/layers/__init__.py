@@ -1,6 +1,6 @@
 """Layer handlers and their registry. Importing this package registers the built-in handlers."""
 
-from . import conv, embedding, experts, linear, norm  # noqa: F401  (registration side effects)
+from . import attention, conv, embedding, experts, linear, norm  # noqa: F401  (registration side effects)
 from .fallback import FALLBACK, JVPHandler
 from .registry import (
     LayerHandler,

@@ -18,6 +18,7 @@ from .registry import LayerHandler, as_float, first_input, register_handler, sta
 
 class ConvHandler(LayerHandler):
     name = "conv"
+    autocast_input = True
     math_methods = ("forward", "_conv_forward")
     param_names = ("weight", "bias")
 

@@ -9,6 +9,13 @@ tokens routed to it, their inputs ``x``, the expert's hidden ``h`` and the outpu
 so it also runs in float64), then the vector route of each of its two linear maps:
 ``<δ, U_down[e] h>`` and ``<δ_gate_up, U_gate_up[e] x>`` per token, summed into the token's row.
 The tracker's row map then gives each token to its example (rows are batch × sequence, flattened).
+
+That route re-runs each expert on its tokens (about 7 of the 9 multiply-adds per routed token and
+weight element that training spends). With transformers' default ``grouped_mm`` implementation the
+experts are instead valued as two *linear parts* (:mod:`inrun.layers.parts`): the grouped matmuls
+of ``gate_up_proj`` and ``down_proj`` are seen as they run, each expert's rows contracted like an
+``nn.Linear`` call (vector route, or Gram against the validation tokens routed to that expert),
+nothing re-run. Experts with biases (added in place to the grouped output) keep the re-running route.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
+from .parts import LinearPart
 from .registry import LayerHandler, register_predicate
 
 
@@ -41,6 +49,15 @@ class ExpertsHandler(LayerHandler):
                 f"{type(module).__name__} runs expert-parallel (experts sharded over ranks): per-example "
                 "values of sharded experts are not supported"
             )
+
+    def parts(self, module: nn.Module) -> list[LinearPart] | None:
+        """The grouped matmuls' weights as linear parts, when transformers runs them (``grouped_mm``)."""
+        config = getattr(module, "config", None)
+        if getattr(config, "_experts_implementation", None) != "grouped_mm" or module.has_bias:
+            return None
+        up = "gate_up_proj" if module.has_gate else "up_proj"
+        return [LinearPart(name, name, None, grouped=True, transposed=bool(module.is_transposed))
+                for name in (up, "down_proj")]
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
         values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]

@@ -60,6 +60,7 @@ class LinearHandler(LayerHandler):
     param_names = ("weight", "bias")
     supports_gram = True
     supports_bookkeeping = True
+    autocast_input = True
     transposed = False
 
     @staticmethod
@@ -77,7 +78,7 @@ class LinearHandler(LayerHandler):
     def dot(
         self, module: nn.Module, saved: Tensor, grad_out: Tensor, vectors: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        d, p = self.in_out_features(module)
+        d, p = saved.shape[-1], grad_out.shape[-1]  # a part's call may use some rows of its weight
         out: dict[str, Tensor] = {}
         batch = grad_out.shape[0]
         if "weight" in vectors:
@@ -114,12 +115,19 @@ class LinearHandler(LayerHandler):
     # -- Gram route -------------------------------------------------------------------------
     def gram_factors(self, module: nn.Module, saved: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
         """``(A [B, T, d], D [B, T, p])`` with per-example weight gradient ``D_zᵀ A_z``."""
-        d, p = self.in_out_features(module)
+        d, p = saved.shape[-1], grad_out.shape[-1]
         batch = grad_out.shape[0]
         A = saved.reshape(saved.shape[0], -1, d)
         if A.shape[0] != batch:
             A = A.expand(batch, *A.shape[1:])
         return A, grad_out.reshape(batch, -1, p)
+
+    def gram_dots(
+        self, module: nn.Module, saved: Tensor, grad_out: Tensor, factors: GramFactors, part: Any = None,
+    ) -> Tensor:
+        """``[B]`` Gram-route dots of one call's per-example weight gradients with the validation's."""
+        A, D = self.gram_factors(module, saved, grad_out)
+        return gram_dot(A, D, factors)
 
     def validation_gram(self, module: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> GramFactors:
         """The validation factors from every ``(input, output gradient)`` call of the layer, in

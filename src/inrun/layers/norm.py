@@ -24,6 +24,7 @@ from torch.func import functional_call
 from ..errors import UnsupportedModuleError
 from .registry import (
     LayerHandler,
+    PerExampleGradients,
     as_float,
     first_input,
     register_handler,
@@ -64,6 +65,18 @@ class _AffineNormHandler(LayerHandler):
             out["weight"] = stack_dot(self.sum_to_features(module, D * x_hat), vectors["weight"])
         if "bias" in vectors:
             out["bias"] = stack_dot(self.sum_to_features(module, D), vectors["bias"])
+        return out
+
+    def condense(self, module: nn.Module, saved: Tensor, grad_out: Tensor) -> PerExampleGradients:
+        """``[rows, *features]`` per parameter, in at least float32: ``2·T`` times smaller than the
+        input and output gradient of a call of ``T`` positions."""
+        dtype = torch.promote_types(grad_out.dtype, torch.float32)
+        D = grad_out.to(dtype)
+        out = PerExampleGradients()
+        if getattr(module, "weight", None) is not None:
+            out["weight"] = self.sum_to_features(module, D * self.normalized(module, saved).to(dtype))
+        if getattr(module, "bias", None) is not None:
+            out["bias"] = self.sum_to_features(module, D)
         return out
 
 

@@ -26,6 +26,8 @@ class Rows(NamedTuple):
     * ``batched``: dimension ``dim`` is the batch (``dim`` from the module, e.g. ``batch_first``);
     * ``blocked``: dimension 0 holds ``batch · k`` rows, ``k`` consecutive ones per example (batch
       and sequence flattened together);
+    * ``strided``: dimension 0 holds ``k · batch`` rows, row ``r`` of example ``r mod batch``
+      (sequence-first tensors flattened: ``nn.MultiheadAttention``'s out-projection);
     * ``broadcast`` / ``unbatched``: the call does not depend on the batch (positions, a bias
       table), its output is shared by every example (leading 1, or no batch dimension);
     * ``segmented``: dimension ``dim`` holds the micro-batch's token positions (``[B·T]``
@@ -47,6 +49,8 @@ def reduce_rows(dots: Tensor, rows: Rows) -> Tensor:
     """``[L, K]`` dots per row of a call -> ``[B, K]`` per example (per document: segmented)."""
     if rows.kind == "blocked":
         return dots.reshape(rows.batch, -1, dots.shape[-1]).sum(dim=1)
+    if rows.kind == "strided":
+        return dots.reshape(-1, rows.batch, dots.shape[-1]).sum(dim=0)
     if rows.kind == "segmented":
         # One extra slot takes the positions of no document; it is dropped.
         out = dots.new_zeros(rows.batch + 1, dots.shape[-1])
@@ -80,6 +84,9 @@ class LayerHandler:
     row_sparse: ClassVar[bool] = False
     multi_output: ClassVar[bool] = False
     """The handler takes any output structure: ``dot`` gets one gradient per output tensor."""
+    autocast_input: ClassVar[bool] = False
+    """Under autocast the module's op multiplies its input cast to the autocast dtype (linear maps,
+    convolutions): its kept input is stored at that precision."""
     replays_calls: ClassVar[bool] = False
     """``dot`` re-runs the module's call (it needs the random-number state the call started from)."""
     param_names: ClassVar[tuple[str, ...] | None] = None
@@ -89,6 +96,18 @@ class LayerHandler:
 
     def check(self, module: nn.Module) -> None:
         """Raise :class:`~inrun.errors.UnsupportedModuleError` if the module cannot be valued now."""
+
+    def condense(self, module: nn.Module, saved: Any, grad_out: Tensor) -> PerExampleGradients | None:
+        """For contractions after the backward (Adam, order 2): this call's per-example gradients,
+        kept instead of its input and output gradient when they are much smaller (feature-sized
+        parameters read at every position: norms), or ``None`` (keep the factors)."""
+        return None
+
+    def parts(self, module: nn.Module) -> list[Any] | None:
+        """A module valued as several linear maps applied inside its forward
+        (:mod:`inrun.layers.attention`): its :class:`~inrun.layers.attention.LinearPart` list, or
+        ``None`` (valued as one module, or by the fallback if this handler has no other route)."""
+        return None
 
     def __deepcopy__(self, memo: dict) -> LayerHandler:
         """A handler is the registry's one instance (what it remembers is about modules, by weak
@@ -146,6 +165,14 @@ class LayerHandler:
     def gradient_rows(self, module: nn.Module, saved: Any) -> Tensor:
         """``row_sparse`` handlers: the weight rows this call's gradient can touch."""
         raise NotImplementedError
+
+
+class PerExampleGradients(dict):
+    """``{param name: [rows, *shape]}``: a call's per-example gradients (:meth:`LayerHandler.condense`),
+    dotted with any vectors by :func:`stack_dot`."""
+
+    def dots(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: stack_dot(g, vectors[n]) for n, g in self.items() if n in vectors}
 
 
 def first_input(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
@@ -228,6 +255,7 @@ def as_float(t: Tensor, like: Tensor) -> Tensor:
 
 __all__ = [
     "LayerHandler",
+    "PerExampleGradients",
     "Rows",
     "as_float",
     "first_input",

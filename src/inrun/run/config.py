@@ -311,6 +311,8 @@ class ValuesConfig:
     second_order: str = _library(TrackerConfig, "second_order")
     route: str = _library(TrackerConfig, "route")
     check: bool = _library(TrackerConfig, "check")
+    carry: str = _library(TrackerConfig, "carry")
+    carry_window: int | None = _library(TrackerConfig, "carry_window")
     on_nonfinite: str = _help(
         "NaN/Inf loss or gradient: 'stop' the run (default) or 'skip' the step; either way it is "
         "recorded as a skipped step and never reaches the values",
@@ -322,8 +324,9 @@ class ValuesConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("order", "second_order", "route"):
+        for name in ("order", "second_order", "route", "carry"):
             _choice(self, name, option(TrackerConfig, name).choices or ())
+        _positive(self, "carry_window")
         _choice(self, "on_nonfinite", ON_NONFINITE)
 
 

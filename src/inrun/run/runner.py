@@ -410,7 +410,7 @@ class _Runner:
         return InRunShapley(
             self.model, self.optimizer, val_loss=lambda m: self.loss_fn(m, self.val_x, self.val_y),
             order=v.order, second_order=v.second_order, route=v.route, check=v.check,
-            on_nonfinite="raise", keep_trace=v.trace, ledger=ledger,
+            on_nonfinite="raise", keep_trace=v.trace, ledger=ledger, carry=v.carry, carry_window=v.carry_window,
             audit=self.config.audit.audit_config(seed=self.config.seed),
         )
 

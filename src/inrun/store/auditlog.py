@@ -87,12 +87,21 @@ def load_audit(directory: str | os.PathLike) -> AuditLog | None:
     return AuditLog(steps, values, config)
 
 
+LATER_COLUMNS = ("game", "noise", "data_free", "step_utility", "step_values")
+"""Step columns that audits written before the full-game audit lack (read as unknown)."""
+
+
 def _rows(columns: Mapping[str, Sequence[Any]], names: Sequence[str]) -> list[dict[str, Any]]:
-    missing = [c for c in names if c not in columns]
+    missing = [c for c in names if c not in columns and c not in LATER_COLUMNS]
     if missing:
         raise LedgerError(f"audit table lacks columns {missing}")
     n = len(columns[names[0]])
-    return [{c: _nan(columns[c][k]) for c in names} for k in range(n)]
+    rows = [{c: _nan(columns[c][k]) for c in names if c in columns} for k in range(n)]
+    for r in rows:
+        for c in names:
+            if c not in r:
+                r[c] = ("full" if r["players"] == r["batch"] else "sub") if c == "game" else math.nan
+    return rows
 
 
 def _nan(x: Any) -> Any:
@@ -103,7 +112,7 @@ def _types() -> tuple[dict[str, Any], dict[str, Any]]:
     import pyarrow as pa
 
     ints = {"step", "players", "batch", "order", "evaluations"}
-    strs = {"status", "reason", "method", "variant", "rule"}
+    strs = {"status", "reason", "method", "variant", "rule", "game"}
     steps = {c: pa.int64() if c in ints else pa.string() if c in strs else pa.bool_() if c == "flagged" else pa.float64()
              for c in STEP_COLUMNS}
     values = {c: pa.int64() if c == "step" else pa.float64() for c in VALUE_COLUMNS if c != "id"}

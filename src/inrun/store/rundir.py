@@ -13,8 +13,11 @@ Layout (every file written atomically: to a temporary name, flushed to disk, the
     metrics.parquet    step, train_loss, lr, val_loss, skipped
     audit.parquet      the audit: one row per audited step; audit_values.parquet: per audited
                        example; audit.json: its settings (inrun.store.auditlog)
-    manifest.json      SHA-256 and size of ledger.json, metrics.parquet, examples.parquet and the
-                       audit's files
+    drops.parquet      one row per optimizer step: L(θ_t), L(θ_t + f(0)), L(θ_t+1), data-free
+                       part, the step game's utility, Σ values, remainder, efficiency, flags
+    carried.parquet    carry="momentum": id, carried value, steps (inrun.store.drops)
+    manifest.json      SHA-256 and size of ledger.json, metrics.parquet, examples.parquet, the
+                       audit's files, drops.parquet and carried.parquet
     summary.json       totals, top and bottom examples, per-source table (end of run)
     checkpoints/step-000100/   state.pt (model, optimizer, schedule, RNG, data position; loaded
                                with torch.load(weights_only=True)), ledger/, metrics.parquet,
@@ -79,6 +82,7 @@ from .checkpoints import (
     Checkpoints,
     Restored,
 )
+from .drops import CARRIED_FILE, DROPS_FILE, load_carried, load_drops, save_carried, save_drops
 from .ledger import LEDGER_META_FILE, TRACE_DIR, VALUES_FILE, ValueLedger
 from .metrics import METRICS_FILE, Metrics, read_parquet
 
@@ -318,6 +322,7 @@ class RunDir:
 
     def save_results(
         self, ledger: ValueLedger | None, metrics: Metrics, prune_trace: bool = False, audit: Any = None,
+        drops: Any = None, carried: Any = None,
     ) -> None:
         """Values (if any) and curves at the top of the run directory, then the manifest that
         lists them; readers wait meanwhile (:meth:`reading`). Atomic but not synced to disk:
@@ -329,6 +334,8 @@ class RunDir:
                 rows of steps past its checkpoint, which the resumed run writes again).
             audit: the tracker's audit (:class:`inrun.tracking.audit.StepAudit`), if any: its
                 rows are written and listed too.
+            drops: the tracker's drop rows (:meth:`inrun.InRunShapley.drops`), if any; and
+            carried: its carried table (``carry="momentum"``), if any: written and listed too.
         """
         with exclusive_lock(self.file(RESULTS_LOCK_FILE)):
             if prune_trace:
@@ -346,6 +353,10 @@ class RunDir:
             if audit is not None:
                 save_audit(self.path, audit, fsync=False)
                 files.update({name: file_digest(self.file(name)) for name in AUDIT_FILES})
+            if drops is not None:
+                files[DROPS_FILE] = file_digest(save_drops(self.path, drops, fsync=False))
+            if carried is not None:
+                files[CARRIED_FILE] = file_digest(save_carried(self.path, carried, fsync=False))
             steps = metrics.step[-1] if metrics.step else 0
             write_json(self.file(MANIFEST_FILE), {"format": RUN_FORMAT, "step": steps, "files": files}, fsync=False)
 
@@ -424,6 +435,33 @@ class RunDir:
             for name in AUDIT_FILES:
                 self._verified(name)
             return load_audit(self.path)
+
+    def drops(self) -> list[dict[str, Any]] | None:
+        """Each step's drop rows (:mod:`inrun.store.drops`), verified; ``None`` for a run without them."""
+        path = self._listed(DROPS_FILE)
+        return None if path is None else load_drops(path)
+
+    def carried(self) -> Any:
+        """The carried values (``pandas.DataFrame``: id, carried, steps), verified; ``None`` without carry."""
+        path = self._listed(CARRIED_FILE)
+        return None if path is None else load_carried(path)
+
+    def _listed(self, name: str) -> Path | None:
+        """An optional result file, verified against the manifest; ``None`` when the run has none."""
+        with self.reading():
+            if self.legacy:
+                return self.file(name) if self.file(name).exists() else None
+            try:
+                listed = name in self._manifest()["files"]
+            except IntegrityError:
+                if not self.file(name).exists():
+                    return None
+                raise
+            if not listed:
+                if self.file(name).exists():
+                    raise IntegrityError(f"{self.file(name)} is not listed in {self.file(MANIFEST_FILE)}; {_resume_hint(self.path)}")
+                return None
+            return self._verified(name)
 
     def metrics(self) -> Metrics:
         with self.reading():

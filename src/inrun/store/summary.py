@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..files import write_json
+from ..tracking.drop import decompose
 from .rundir import SUMMARY_FILE, RunDir
 
 NO_SOURCE = "(no source)"
@@ -86,6 +87,7 @@ def summarize(rd: RunDir, top: int = 8) -> dict[str, Any]:
         }
     per_source = dict(sorted(per_source.items(), key=lambda kv: -kv[1]["total"]))
     audit = rd.audit()
+    drops = rd.drops()
     rho = length_correlation(valued)
     warnings = []
     if rho is not None and abs(rho) >= LENGTH_WARNING:
@@ -112,6 +114,7 @@ def summarize(rd: RunDir, top: int = 8) -> dict[str, Any]:
         "most_harmful": rows(ranked[ranked["value"] < 0].head(top)),
         "per_source": per_source,
         "audit": None if audit is None else _finite(audit.summary()),
+        "drop": None if drops is None else _finite(decompose(drops).to_dict()),
         "length_correlation": rho,
         "warnings": warnings,
     }

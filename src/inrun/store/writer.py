@@ -92,6 +92,13 @@ class Tracked(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
+    @property
+    def world_size(self) -> int: ...
+
+    def drops(self) -> list[dict[str, Any]]: ...
+
+    def carried(self, final: bool = True) -> Any: ...
+
     def validation_losses(self) -> dict[int, float]: ...
 
 
@@ -215,6 +222,7 @@ class RunWriter:
         self._t0 = time.perf_counter()
         self._finished = False
         self._lock: DirLock | None = None
+        self._drops: list[dict[str, Any]] | None = None  # under DDP: gathered by the integration
 
     def _attach(self, tracker: Tracked | None, state: Mapping[str, Any] | None) -> None:
         self.tracker = tracker
@@ -304,7 +312,7 @@ class RunWriter:
             self.resumed = True
             self._rows = {s: r for s, r in _rows_of(external).items() if s <= self.tracker.step_count}
             self.start_step = self.tracker.step_count
-            self.rd.save_results(self.tracker.ledger, self._metrics(), prune_trace=True, audit=self.tracker.audit)
+            self.rd.save_results(self.tracker.ledger, self._metrics(), prune_trace=True, **self._results())
             self._status("running", self.start_step)
             return
         self.begin(self.tracker, None, restore=True, at_step=at_step)
@@ -342,7 +350,7 @@ class RunWriter:
         if restored.state is not None:
             self._load(restored)
         if restore:  # the top-level results are those of the restored checkpoint again
-            rd.save_results(self.ledger, self._metrics(), prune_trace=True, audit=self._audit())
+            rd.save_results(self.ledger, self._metrics(), prune_trace=True, **self._results())
         self._status("running", self.start_step)
         return restored
 
@@ -433,7 +441,7 @@ class RunWriter:
             ledger.commit()  # a checkpointed step is good for good
         keep = self.keep if self.keep is not None else 1 << 30
         path = self.rd.write_checkpoint(step, state, ledger, self._metrics(ledger), keep)
-        self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
+        self.rd.save_results(ledger, self._metrics(ledger), **self._results())
         self._write_tracker(step)
         self._status("running", step)
         return path
@@ -447,7 +455,7 @@ class RunWriter:
             self._evaluate_at(step)
         if ledger is not None:
             ledger.commit()
-        self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
+        self.rd.save_results(ledger, self._metrics(ledger), **self._results())
         if step is not None:
             self._write_tracker(step)
             self._status("running", step)
@@ -481,6 +489,17 @@ class RunWriter:
     def _audit(self) -> Any:
         return None if self.tracker is None else self.tracker.audit
 
+    def _results(self, final: bool = False) -> dict[str, Any]:
+        """The tracker's audit, drop rows and carried values for the results at the top. Under DDP
+        the drop rows are a collective: the integrations gather them on every rank and pass them
+        to :meth:`finish` (``drops=``); the writer of one rank writes none of its own."""
+        t = self.tracker
+        if t is None:
+            return {"audit": None}
+        one = t.world_size == 1
+        carried = t.carried(final=final) if one and t.config.carry != "off" else None
+        return {"audit": t.audit, "drops": t.drops() if one else self._drops, "carried": carried}
+
     def _ran(self, step: int) -> bool:
         """Whether this writer saw steps of its own: a resume that runs none (a complete run
         resumed) keeps what the run's own steps recorded (tracker.json, the session's seconds)."""
@@ -500,11 +519,14 @@ class RunWriter:
         return "your loop, opening it with RunWriter(..., resume=True)"
 
     # -- the end --------------------------------------------------------------------------------------
-    def finish(self, checkpoint: bool = True, ledger: ValueLedger | None = None, step: int | None = None) -> RunDir:
+    def finish(self, checkpoint: bool = True, ledger: ValueLedger | None = None, step: int | None = None,
+               drops: list[dict[str, Any]] | None = None) -> RunDir:
         """Complete the run: final values and curves, ``summary.json``, status ``complete``, and
-        (with ``checkpoint``) a last checkpoint, so that a longer run can resume from it."""
+        (with ``checkpoint``) a last checkpoint, so that a longer run can resume from it.
+        ``drops``: under DDP, the drop rows gathered on every rank (:meth:`InRunShapley.drops`)."""
         if self._finished:
             return self.rd
+        self._drops = drops
         try:
             t = self.tracker
             if t is not None:
@@ -517,7 +539,7 @@ class RunWriter:
             self._evaluate_at(step)
             if ledger is not None:
                 ledger.commit()
-            self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
+            self.rd.save_results(ledger, self._metrics(ledger), **self._results(final=True))
             self._write_tracker(step)
             seconds = time.perf_counter() - self._t0
             if not self._ran(step) and self._previous.get("state") == "complete":
@@ -542,7 +564,7 @@ class RunWriter:
                 self.tracker.flush()
             if ledger is not None:
                 ledger.commit()
-            self.rd.save_results(ledger, self._metrics(ledger), audit=self._audit())
+            self.rd.save_results(ledger, self._metrics(ledger), **self._results())
             if ledger is not None:
                 saved = f" Values of steps 0-{ledger.steps - 1} are saved." if ledger.steps else " No step was valued."
         except Exception as again:  # the error that ended the run is what the caller sees

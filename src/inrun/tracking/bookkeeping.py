@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import TrainRecorder, own_leaf_tensors, versions
+from .capture import TrainRecorder
 from .entries import Entry
+from .kept import own_leaf_tensors, versions
 from .routes import RoutePolicy
 from .state import Capture, MicroBatch
 from .validation import Validation

@@ -20,14 +20,19 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import StepOrderError
 from ..layers import Rows
+from ..layers.parts import PartCall, PartHandler, PartInput
+from . import rows as row_maps
 from .entries import Entry
+from .kept import activation_storages, at_compute_dtype, own_leaf_tensors, versions
 from .replay import BufferWatch
 from .rows import depends_on_batch, leaf_rows, output_leaves, outputs_cut, row_key
 from .state import Capture, MicroBatch, Plan
+from .taps import ModuleTaps
 
 
 class Recorder(Protocol):
-    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any) -> Any: ...
+    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any, part: PartCall | None = None,
+                   rows_like: Tensor | None = None) -> Any: ...
 
 
 class Hooks:
@@ -38,6 +43,7 @@ class Hooks:
         self.active: Recorder | None = None
         self.handles: list[Any] = []
         self.call_rng: dict[int, Tensor] = {}  # entry -> RNG state at its call's start (replaying handlers)
+        self.taps: dict[int, ModuleTaps] = {}  # module -> the taps of the parts valued inside it
         self.call_buffers: dict[int, Any] = {}  # entry -> its buffers at its call's start (replaying handlers)
         self.buffers_before: dict[int, dict[str, Tensor]] = {}  # entry -> what its last call changed, as before
         self.buffer_watch = BufferWatch()
@@ -49,6 +55,12 @@ class Hooks:
     def add(self, entry: Entry) -> None:
         """Hook one more entry (a site made by the row verification)."""
         module = entry.module
+        if isinstance(entry.handler, PartHandler):
+            taps = self.taps.get(id(module))
+            if taps is None:
+                taps = self.taps[id(module)] = ModuleTaps(self, module)
+            taps.add(entry)
+            return
         if entry.handler.replays_calls:
             self.handles.append(module.register_forward_pre_hook(self._pre_hook(entry)))
         self.handles.append(module.register_forward_hook(self._hook(entry), with_kwargs=True))
@@ -89,6 +101,9 @@ class Hooks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for taps in self.taps.values():
+            taps.remove()
+        self.taps.clear()
 
 
 class TrainRecorder:
@@ -116,7 +131,13 @@ class TrainRecorder:
         self.open = True  # False once the block has ended: later gradients are refused
         self.muted = False  # True while a verification runs a second backward through the replay
 
-    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any) -> Any:
+    def on_forward(
+        self, entry: Entry, args: tuple, kwargs: dict, output: Any, part: PartCall | None = None,
+        rows_like: Tensor | None = None,
+    ) -> Any:
+        """One tracked call; ``part``: a call of a module's linear part (:mod:`inrun.layers.parts`),
+        whose dots come in the rows of ``rows_like`` (the module's input a grouped call gathered
+        from), or else in the call's own rows, sequence-first (``nn.MultiheadAttention``)."""
         mb = self.microbatch
         if entry.index in self.bookkeeping_calls:
             self.bookkeeping_calls.discard(entry.index)  # this call went through the Function
@@ -133,17 +154,25 @@ class TrainRecorder:
             mb.signature.append((entry.index, None))
             return None
         independent = not depends_on_batch(args, kwargs, self.root_storages)
-        declared = handler.batch_dims(entry.module, len(leaves)) or [entry.batch_dim] * len(leaves)
-        rows = [leaf_rows(t, mb.rows, independent, d) for t, d in zip(leaves, declared)]
+        if rows_like is not None:
+            rows = [leaf_rows(rows_like, mb.rows, independent, entry.batch_dim)]
+        elif part is not None:
+            rows = [row_maps.sequence_first_rows(leaves[0], mb.rows)]
+        else:
+            declared = handler.batch_dims(entry.module, len(leaves)) or [entry.batch_dim] * len(leaves)
+            rows = [leaf_rows(t, mb.rows, independent, d) for t, d in zip(leaves, declared)]
         shared = all(r is not None and r.shared for r in rows)
-        root = entry.module is self.root
+        root = entry.module is self.root and part is None
         if root:
             # The model's own outputs: rows by the id contract; a loss computed inside the model
             # has no rows and reaches the parameters only through the batched outputs.
             rows = [Rows("batched", mb.rows) if t.dim() > 0 and t.shape[0] == mb.rows else None for t in leaves]
         by_row, seg = rows, mb.segments
+        unstride = seg is not None and rows[0] is not None and rows[0].kind == "strided"
         if seg is not None:
-            rows = seg.split(rows, leaves)
+            # A strided call ([S·B, ...], row s·B + b) is given to the handler in position order.
+            rows = [seg.rows if seg.positions == leaves[0].shape[0] else None] if unstride else \
+                seg.split(rows, [rows_like] if rows_like is not None else leaves)
         key = (entry.index, row_key(rows))
         mb.signature.append(key)
         if key not in self.plan.verified:
@@ -174,7 +203,9 @@ class TrainRecorder:
                 saved = saved.unsqueeze(0)
             elif by_row[0].dim:
                 saved = saved.movedim(by_row[0].dim, 0)
-            if seg is not None and by_row[0].kind != "blocked":
+            if unstride:
+                saved = row_maps.from_strided(saved, mb.rows)
+            elif seg is not None and by_row[0].kind != "blocked":
                 saved = seg.flatten_positions(saved, handler, entry.module)
                 if saved is None:
                     mb.unresolved[entry.index] = "its handler cannot split a call by token position"
@@ -186,12 +217,13 @@ class TrainRecorder:
         if self.keep_factors:
             # The factors are read again after the step: copy inputs that are the user's data
             # (a loop may refill one input buffer in place) and remember activations' versions.
-            saved = handler.keep(entry.module, own_leaf_tensors(saved, activation_storages(args, kwargs)))
+            saved = own_leaf_tensors(saved, activation_storages(args, kwargs))
+            saved = handler.keep(entry.module, at_compute_dtype(handler, saved))
         if seg is not None:
             reduce = seg.rows
         else:
             reduce = None if handler.multi_output else (Rows("batched", mb.size) if rows[0].shared else rows[0])
-        cap = Capture(entry=entry, saved=saved, rows=reduce)
+        cap = Capture(entry=entry, saved=saved, rows=reduce, part=part)
         if self.keep_factors or handler.multi_output:
             cap.versions = versions(saved)
             mb.captures.append(cap)
@@ -206,14 +238,16 @@ class TrainRecorder:
             keep = {k for k, c in zip(rowed, cut) if c}
             rows = [r if k in keep else None for k, r in enumerate(rows)]
         if shared:
-            leaves = [expand_shared(t, r) for t, r in zip(leaves, by_row)]
+            leaves = [row_maps.expand_shared(t, r) for t, r in zip(leaves, by_row)]
         if handler.multi_output:
             cap.grad = [None] * len(leaves)
             for k, t in enumerate(leaves):
                 t.register_hook(self._slot(cap, k, rows[k]))
         else:
             dim = rows[0].dim
-            if flatten:
+            if unstride:
+                leaves[0].register_hook(lambda g: self._deliver(cap, row_maps.from_strided(g, mb.rows)))
+            elif flatten:
                 leaves[0].register_hook(lambda g: self._deliver(cap, g.movedim(dim, 0).flatten(0, 1)))
             else:
                 leaves[0].register_hook(lambda g: self._deliver(cap, g.movedim(dim, 0) if dim else g))
@@ -281,14 +315,6 @@ AFTER_BLOCK = (
 )
 
 
-def expand_shared(t: Tensor, rows: Rows) -> Tensor:
-    """A shared call's output as a view with the batch in front (no copy), so that the gradient
-    of each example reaches it separately."""
-    if rows.kind == "broadcast":
-        return t.expand(rows.batch, *t.shape[1:])
-    return t.unsqueeze(0).expand(rows.batch, *t.shape)
-
-
 class ValidationRecorder:
     """Keeps the inputs and output gradients of the Gram-capable layers' validation calls, and
     the rows that row-sparse layers sharing a Gram weight (a tied embedding) looked up."""
@@ -299,12 +325,16 @@ class ValidationRecorder:
         self.saved_rows: dict[int, list[Any]] = {}
         self.handles: list[Any] = []
 
-    def on_forward(self, entry: Entry, args: tuple, kwargs: dict, output: Any) -> None:
+    def on_forward(
+        self, entry: Entry, args: tuple, kwargs: dict, output: Any, part: PartCall | None = None,
+        rows_like: Tensor | None = None,
+    ) -> None:
         if entry.index in self.residual_sources:
             self.saved_rows.setdefault(entry.index, []).append(entry.handler.capture(entry.module, args, kwargs))
         if not entry.gram_capable or not isinstance(output, Tensor) or not output.requires_grad:
             return None
-        call = [entry.handler.capture(entry.module, args, kwargs), None]
+        saved = entry.handler.capture(entry.module, args, kwargs)
+        call = [saved if part is None else PartInput(saved, part), None]
         self.calls.setdefault(entry.index, []).append(call)
 
         def keep(grad: Tensor) -> None:
@@ -336,34 +366,3 @@ class ValidationRecorder:
             for src in sources for saved in self.saved_rows.get(src, [])
         ]
         return torch.unique(torch.cat(rows)) if rows else torch.zeros(0, dtype=torch.long)
-
-
-def activation_storages(args: tuple, kwargs: dict) -> set[int]:
-    """Storages of a call's inputs that have autograd history: activations the model computed
-    (``capture`` detaches what it keeps, so this is read from the call's own arguments)."""
-    leaves, _ = tree_flatten((args, kwargs))
-    return {
-        x.untyped_storage().data_ptr() for x in leaves
-        if isinstance(x, Tensor) and (x.requires_grad or x.grad_fn is not None)
-    }
-
-
-def own_leaf_tensors(saved: Any, activations: set[int] = frozenset()) -> Any:
-    """Copies of the tensors in ``saved`` that may be user data: every tensor but those whose
-    storage is in ``activations`` (inputs with autograd history, which no loop refills)."""
-    if isinstance(saved, Tensor):
-        if saved.grad_fn is not None or saved.requires_grad:
-            return saved
-        return saved if saved.untyped_storage().data_ptr() in activations else saved.clone()
-    if isinstance(saved, (list, tuple)):
-        items = [own_leaf_tensors(x, activations) for x in saved]
-        return type(saved)(items) if isinstance(saved, tuple) else items
-    return saved
-
-
-def versions(saved: Any) -> list[tuple[Tensor, int]]:
-    if isinstance(saved, Tensor):
-        return [(saved, saved._version)]
-    if isinstance(saved, (list, tuple)):
-        return [tv for x in saved for tv in versions(x)]
-    return []

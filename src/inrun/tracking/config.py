@@ -25,6 +25,7 @@ AdamLinearization = Literal["secant", "fixed_state"]
 Proxy = Literal["sgd"]
 Verify = Literal["layouts", "on_change", "every_step"]
 ValThreads = Literal["auto", "all", "one"]
+CarryMode = Literal["off", "momentum"]
 
 
 def setting(default: Any, help: str) -> Any:
@@ -113,6 +114,12 @@ class TrackerConfig:
     rounding of a reduction: under ``"auto"`` the values depend on the machine's load in their
     last bits, so two runs, or a run and its resumed copy, are no longer bit for bit equal.
     Without effect on GPU."""
+    carry: CarryMode = setting("off", "'momentum': also credit each batch for its gradient's later effect through momentum")
+    """``"momentum"``: also credit each batch for its gradient's later effect through momentum
+    (first order, over a window set by β1 or μ; :mod:`inrun.tracking.carry`), in a table of its own
+    (:meth:`~inrun.InRunShapley.carried`). Costs memory: the window's steps of per-layer factors."""
+    carry_window: int | None = setting(None, "at most this many later steps per carry window (none: until beta1^n < 1%)")
+    """At most this many later steps per carry window (``None``: until β1^n < 1%, 44 at β1 = 0.9)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -122,6 +129,10 @@ class TrackerConfig:
                 raise ValueError(f"{f.name}={value!r} is not one of {allowed}")
         if self.check_rtol is not None and not (0 < self.check_rtol < 1):
             raise ValueError(f"check_rtol={self.check_rtol!r} must be in (0, 1)")
+        if self.carry_window is not None and self.carry_window < 1:
+            raise ValueError(f"carry_window={self.carry_window!r} must be at least 1 (or None)")
+        if self.carry != "off" and self.bookkeeping != "off":
+            raise ValueError("carry needs every layer's factors kept, which bookkeeping does not: use bookkeeping='off'")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> TrackerConfig:
@@ -169,5 +180,5 @@ def _choices(annotation: Any) -> tuple[Any, ...] | None:
 _LITERALS = {
     "Order": Order, "SecondOrder": SecondOrder, "Route": Route, "Bookkeeping": Bookkeeping,
     "ValMode": ValMode, "NonFinitePolicy": NonFinitePolicy, "AdamLinearization": AdamLinearization,
-    "Proxy": Proxy, "Verify": Verify, "ValThreads": ValThreads,
+    "Proxy": Proxy, "Verify": Verify, "ValThreads": ValThreads, "CarryMode": CarryMode,
 }

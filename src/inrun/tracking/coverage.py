@@ -96,7 +96,7 @@ def describe(engine: Described) -> dict[str, Any]:
     route_of = {p: r for r, names in coverage.routes.items() for p in names}
     modules = []
     for e in engine.entries:
-        names = [f"{e.name}.{n}" if e.name else n for n in e.param_names]
+        names = [engine.table.names[i] for i in e.param_index]
         try:
             d_in, d_out = e.handler.feature_sizes(e.module)
         except Exception:  # a handler without fixed feature sizes (the fallback)
@@ -104,7 +104,7 @@ def describe(engine: Described) -> dict[str, Any]:
         modules.append({
             "name": e.name or type(e.module).__name__, "type": type(e.module).__name__,
             "route": "+".join(sorted({route_of.get(n, "not reached yet") for n in names})),
-            "params": list(e.param_names), "numel": int(sum(engine.table.params[i].numel() for i in e.param_index)),
+            "params": list(e.paths), "numel": int(sum(engine.table.params[i].numel() for i in e.param_index)),
             "d_in": int(d_in), "d_out": int(d_out),
         })
     unique = {id(p): p for p in engine.module.parameters()}

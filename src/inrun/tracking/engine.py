@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..errors import InRunError, StepOrderError
 from ..optim import rule_for
 from . import segments as docs
+from .accounts import StepAccounts
 from .admission import WindowIds, admit_ids
 from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
@@ -43,8 +44,9 @@ from .cost import StepCost
 from .coupled import CoupledLoss, CouplingWatch, attach
 from .coverage import Coverage, coverage_of
 from .ddp import DDPSync
-from .entries import Entry, build_entries
+from .entries import Entry, build_entries, joint_groups
 from .gradmap import GradientReference
+from .kept import keep_for_window
 from .optimizers import RuleSet, StepOptimizers, optimizer_list
 from .params import ParamTable
 from .plan import RowVerifier
@@ -69,7 +71,7 @@ class StepEngine:
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, val_loss: Any, config: TrackerConfig,
-        ledger: Ledger, audit: AuditConfig | None = None,
+        ledger: Ledger, audit: AuditConfig | None = None, carry_ledger: Ledger | None = None,
     ) -> None:
         self.config = config
         self.module = unwrap_model(model)
@@ -90,9 +92,10 @@ class StepEngine:
             self.module, self.table, self.entries, self.hooks, val_loss, config, self.update, self.policy,
         )
         self.check = ConsistencyCheck(config, self.table, self.ddp)
-        self.check.groups = self.joint_groups()
+        self.check.groups = joint_groups(self.entries)
         self.rule = make_value_rule(config, self.update, self.table, self.validation, self.check, self.ddp)
         self.log = StepLog(ledger)
+        self.accounts = StepAccounts(self.update, self.table, self.validation, carry_ledger, config.carry_window, self.ddp)
         self.enabled = True
         self.window: Window | None = None
         self.pending: Window | None = None
@@ -160,6 +163,7 @@ class StepEngine:
         if window is not None and window.micro and self.table.all_grads_none():
             # The previous micro-batches were zeroed away without an optimizer step
             # (e.g. GradScaler skipped it): nothing they computed was applied.
+            self.accounts.drops.end(window, stepped=False)
             self.log.skip(window, "gradients were zeroed without an optimizer step", warn=True)
             window = self.window = None
         if window is None:
@@ -183,11 +187,12 @@ class StepEngine:
         """A new optimizer step: the model as it was made, a pending step finished, the validation
         gradient at the step's start, zero gradients."""
         self.table.require_unchanged()
-        self.flush()
-        if not (val := self.validation.at_step_start(self.log.count)).shifted:
-            self.log.measured(self.log.count, val.loss)
+        self._settle_pending()
+        moved = self.accounts.drops.moved()  # before a pass shifts the parameters (and back)
+        val = self.validation.at_step_start(self.log.count)
         self.table.require_zero_grads()
         self.window = self.log.open()
+        self.accounts.open(self.window, val, moved)
         self.gradients.start()
         self.steps.start()
 
@@ -257,7 +262,7 @@ class StepEngine:
                 if verified is not mb:
                     mb.captures.clear()  # the replay's micro-batch replaces it: its factors go now
                 mb = verified
-                self.check.groups = self.joint_groups()
+                self.check.groups = joint_groups(self.entries)
             elif self.config.verify == "on_change":
                 self.probes.alone(calls, window.step, len(window.micro))  # one example, alone
             attach(mb, self.declared, calls)
@@ -286,25 +291,8 @@ class StepEngine:
                 e.route = route_label(e, factors is not None)
                 vectors = {n: val.grads[i] for n, i in zip(e.param_names, e.param_index)}
                 positions = None if mb.tokens is None else docs.position_sink(mb.tokens, e)
-                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions))
-        if mb.factors:
-            cap.grad = grad.detach()
-        else:
-            cap.saved = None
-
-    def joint_groups(self) -> list[list[int]]:
-        """Parameter rows valued together (the fallback values a module's parameters jointly):
-        the per-step check and the row verification judge each group as one. Groups that share
-        a row (a tied parameter) are merged."""
-        groups: list[set[int]] = []
-        for e in self.entries:
-            if e.active and e.handler.multi_output and len(e.param_index) > 1:
-                rows = set(e.param_index)
-                for g in [g for g in groups if g & rows]:
-                    rows |= g
-                    groups.remove(g)
-                groups.append(rows)
-        return [sorted(g) for g in groups]
+                self._add_dots(mb, e, contract_call(e, cap.saved, grad, vectors, factors, cap.rows, positions, cap.part))
+            keep_for_window(cap, grad.detach(), mb.factors, condense=mb.segments is None)
 
     def zero_dots(self, mb: MicroBatch, device: torch.device) -> Tensor:
         columns = self.validation.current.columns
@@ -324,7 +312,11 @@ class StepEngine:
 
     # ------------------------------------------------------------------ the rest
     def flush(self) -> None:
-        """Finish a step still waiting for ``g_val(θ_t+1)`` (trapezoid) at the current parameters."""
+        """Finish a step waiting for ``g_val(θ_t+1)`` (trapezoid) or ``L(θ_t+1)`` (its drop row), here."""
+        self._settle_pending()
+        self.accounts.drops.finish()
+
+    def _settle_pending(self) -> None:
         if self.pending is None:
             return
         window, self.pending = self.pending, None
@@ -340,6 +332,7 @@ class StepEngine:
         if by_user and self.recorder is not None:
             raise StepOrderError("skip_step() must be called after the tracker.step() block, not inside it")
         window, self.window = self.window, None
+        self.accounts.drops.end(window, stepped=False)
         self.steps.start()
         self.log.skip(window, reason)
 
@@ -351,6 +344,7 @@ class StepEngine:
         state: dict[str, Any] = {"step_count": self.log.count, "config": asdict(self.config)}
         if self.audit is not None:
             state["audit"] = self.audit.state()
+        state.update(self.accounts.state())
         return state
 
     def restore(self, state: dict[str, Any], ledger: Ledger | None) -> None:
@@ -360,6 +354,7 @@ class StepEngine:
         self.log.count = int(state["step_count"])
         if self.audit is not None and state.get("audit") is not None:
             self.audit.load_state(state["audit"])
+        self.accounts.load_state(state)
         if ledger is not None:
             self.log.ledger = ledger
             self.window_ids.kind = ledger.id_kind()
@@ -390,6 +385,7 @@ class StepEngine:
             self.flush()
         if self.audit is not None:
             self.audit.close()
+        self.accounts.close()
         self.hooks.remove()
         self.root_calls.remove()
         self.steps.remove()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..layers import FALLBACK, LayerHandler, handler_for
+from ..layers.parts import GroupedPartHandler, LinearPart, PartHandler
 from .params import ParamTable
 from .rows import inherited_batch_dims
 
@@ -37,6 +38,14 @@ class Entry:
     """``False`` once every parameter was moved to an enclosing site."""
     site_of: tuple[str, ...] = ()
     """For a site: the modules whose parameters it values (their qualified names)."""
+    param_paths: tuple[str, ...] = ()
+    """A part of a module (:mod:`inrun.layers.attention`): the paths of ``param_names`` relative
+    to ``module`` (its parameters are named ``weight`` and ``bias`` for the routes)."""
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The parameters' paths relative to ``module``."""
+        return self.param_paths or self.param_names
 
     def row(self, param_name: str) -> int:
         """The parameter table row of one of this module's parameters."""
@@ -60,11 +69,14 @@ def build_entries(module: nn.Module, table: ParamTable) -> list[Entry]:
             owners.setdefault(id(p), []).append(m)
             owner_names.setdefault(id(p), []).append(name)
     seq_first = inherited_batch_dims(module)
+    parts_of, claimed = _linear_parts(module)
     entries: list[Entry] = []
     for name, mod in module.named_modules():
+        if id(mod) in parts_of:
+            entries += _part_entries(name, mod, parts_of[id(mod)], table, owners, len(entries))
         own = [
             (n, p) for n, p in mod.named_parameters(recurse=False)
-            if p.requires_grad and not _owned_below(name, owner_names[id(p)])
+            if p.requires_grad and not _owned_below(name, owner_names[id(p)]) and id(p) not in claimed
         ]
         if not own:
             continue
@@ -98,8 +110,64 @@ def build_entries(module: nn.Module, table: ParamTable) -> list[Entry]:
     return entries
 
 
+def _linear_parts(module: nn.Module) -> tuple[dict[int, list[LinearPart]], set[int]]:
+    """Modules valued by their linear parts (``id(module) -> parts``) and the parameters the parts
+    claim (a submodule's too: ``nn.MultiheadAttention`` applies ``out_proj``'s weight itself)."""
+    parts_of: dict[int, list[LinearPart]] = {}
+    claimed: set[int] = set()
+    for _, mod in module.named_modules():
+        handler = handler_for(mod)
+        parts = handler.parts(mod) if handler is not None else None
+        if not parts:
+            continue
+        parts_of[id(mod)] = parts
+        for part in parts:
+            claimed.update(id(mod.get_parameter(path)) for path in (part.weight, part.bias) if path is not None)
+    return parts_of, claimed
+
+
+def _part_entries(
+    name: str, mod: nn.Module, parts: list[LinearPart], table: ParamTable, owners: dict[int, list[nn.Module]],
+    start: int,
+) -> list[Entry]:
+    out = []
+    for part in parts:
+        named = [(alias, path, mod.get_parameter(path)) for alias, path in (("weight", part.weight), ("bias", part.bias))
+                 if path is not None]
+        named = [(alias, path, p) for alias, path, p in named if p.requires_grad]
+        if not named:
+            continue
+        weight = mod.get_parameter(part.weight)
+        out.append(Entry(
+            index=start + len(out),
+            name=f"{name}.{part.name}" if name else part.name,
+            module=mod,
+            handler=GroupedPartHandler(part) if part.grouped else PartHandler(part),
+            param_names=tuple(alias for alias, _, _ in named),
+            param_index=tuple(table.row(p) for _, _, p in named),
+            gram_capable=weight.requires_grad and len(owners[id(weight)]) == 1,
+            param_paths=tuple(path for _, path, _ in named),
+        ))
+    return out
+
+
 def _owned_below(name: str, owners: list[str]) -> bool:
     """Whether a module inside ``name`` also owns the parameter (BERT's MLM head and its decoder
     share one bias): the parameter is valued once, where it is used, at the innermost owner."""
     prefix = f"{name}." if name else ""
     return any(o != name and o.startswith(prefix) for o in owners)
+
+
+def joint_groups(entries: list[Entry]) -> list[list[int]]:
+    """Parameter rows valued together (the fallback values a module's parameters jointly): the
+    per-step check and the row verification judge each group as one. Groups that share a row (a
+    tied parameter) are merged."""
+    groups: list[set[int]] = []
+    for e in entries:
+        if e.active and e.handler.multi_output and len(e.param_index) > 1:
+            rows = set(e.param_index)
+            for g in [g for g in groups if g & rows]:
+                rows |= g
+                groups.remove(g)
+            groups.append(rows)
+    return [sorted(g) for g in groups]

@@ -105,6 +105,12 @@ class RuleSet:
         for rule in self.rules:
             rule.validate()
 
+    def nonlinear_step(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> str | None:
+        for rule, rows in self._parts(params):
+            if reason := rule.nonlinear_step([params[i] for i in rows], [grads[i] for i in rows]):
+                return reason
+        return None
+
 
 def _hyperparameters(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
     return [{k: (float(v) if isinstance(v, Tensor) and v.numel() == 1 else v) for k, v in g.items() if k != "params"}
@@ -128,6 +134,7 @@ class SteppedEngine(Protocol):
     log: Any
     validation: Any
     pending: Any
+    accounts: Any
     module: Any
     hooks: Any
 
@@ -195,6 +202,8 @@ class StepOptimizers:
         first = value_coupled(eng, window, first)
         window.token_values = docs.token_values_of(window)
         eng.check.finalize(window, first, second, lr=lrs)
+        eng.accounts.at_step(window, smap.batch, smap.ratio * smap.share if smap.plain else None,
+                             eng.validation.current.grads)
         self.value_at(k, smap)
         if eng.audit is not None:
             # audit: θ_t and the optimizer state before the step
@@ -217,6 +226,7 @@ class StepOptimizers:
         if not eng.enabled or window is None or not self.done(k):
             return
         eng.window = None
+        eng.accounts.drops.end(window, stepped=True)
         eng.pending = eng.log.end(window, pending=eng.rule.pending)
 
     # ------------------------------------------------------------------ one step's optimizers

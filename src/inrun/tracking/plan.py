@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import InRunError, UnsupportedModuleError
 from ..layers import FALLBACK
 from .check import STEP_FLOOR, column_sum, refuse_hooks
-from .entries import Entry
+from .entries import Entry, joint_groups
 from .probes import refuse_interactions, shuffled
 from .replay import ReplayMismatch, RootCall, buffers_kept, replayed_targets
 from .routes import contract_window
@@ -68,8 +68,6 @@ class VerifiedEngine(Protocol):
     def make_recorder(self, mb: MicroBatch, keep_factors: bool, expand_shared: Any) -> Any: ...
 
     def zero_dots(self, mb: MicroBatch, device: torch.device) -> Tensor: ...
-
-    def joint_groups(self) -> list[list[int]]: ...
 
 
 class RowVerifier:
@@ -243,7 +241,7 @@ class RowVerifier:
             v = column_sum(val.grads[i]).to(torch.float64)
             theirs[i] = (g.to(torch.float64) * v).sum()
             scale[i] += g.to(torch.float64).norm() * v.norm()
-        groups = engine.joint_groups()
+        groups = joint_groups(engine.entries)
         for g in groups:  # modules valued jointly are judged as one
             for v in (ours, theirs, scale):
                 v[g[0]] = v[g].sum()
@@ -323,7 +321,7 @@ class RowVerifier:
                            handler=FALLBACK, param_names=(), param_index=(), gram_capable=False)
             engine.entries.append(target)
             engine.hooks.add(target)
-        for name, row in zip(entry.param_names, entry.param_index):
+        for name, row in zip(entry.paths, entry.param_index):
             if row not in target.param_index:
                 target.param_names += (f"{prefix}.{name}" if prefix else name,)
                 target.param_index += (row,)
@@ -334,8 +332,10 @@ class RowVerifier:
                 continue
             if e.module is site and e.handler is not FALLBACK:
                 continue
-            keep = [(n, r) for n, r in zip(e.param_names, e.param_index) if r not in target.param_index]
-            e.param_names, e.param_index = tuple(n for n, _ in keep), tuple(r for _, r in keep)
+            keep = [(n, p, r) for n, p, r in zip(e.param_names, e.paths, e.param_index) if r not in target.param_index]
+            e.param_names, e.param_index = tuple(n for n, _, _ in keep), tuple(r for _, _, r in keep)
+            if e.param_paths:
+                e.param_paths = tuple(p for _, p, _ in keep)
             if not keep:
                 e.active, e.gram_capable, e.residual_from = False, False, ()
         for e in engine.entries:

@@ -16,14 +16,16 @@ immediate dots during backward and every deferred contraction (Adam, order 2) go
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import InRunError
 from ..layers import FALLBACK, Rows
-from ..layers.linear import GramFactors, gram_dot
-from ..layers.registry import reduce_rows
+from ..layers.linear import GramFactors
+from ..layers.parts import PartCall
+from ..layers.registry import PerExampleGradients, reduce_rows
 from .config import TrackerConfig
 from .entries import Entry
 from .state import Capture, Window
@@ -40,28 +42,33 @@ def route_label(entry: Entry, gram: bool) -> str:
 
 
 def contract_call(
-    entry: Entry, saved: object, grad: Tensor, vectors: Mapping[str, Tensor], gram: GramFactors | None,
-    rows: Rows | None = None, positions: Callable[[str, Tensor], None] | None = None,
+    entry: Entry, saved: object, grad: Tensor, vectors: Mapping[str, Tensor], gram: Any | None,
+    rows: Rows | None = None, positions: Callable[[str, Tensor], None] | None = None, part: PartCall | None = None,
 ) -> dict[str, Tensor]:
     """``{param name: [B, K]}`` dots of one call's per-example gradients with ``vectors``
     (``[K, *shape]`` by name); with ``gram`` the weight's dots take the Gram route (``K = 1``);
     ``rows``: how the call's rows map to examples (``None``: one row per example). With
     ``segmented`` rows, ``positions(name, [B·T, K])`` first receives each position's dots (token
-    values) before they are summed by document."""
+    values) before they are summed by document. ``part``: what a linear part's call used
+    (:mod:`inrun.layers.parts`)."""
     handler = entry.handler
     out: dict[str, Tensor] = {}
     names = entry.param_names
-    if gram is not None:
-        A, D = handler.gram_factors(entry.module, saved, grad)
-        out["weight"] = gram_dot(A, D, gram).unsqueeze(1)
-        names = tuple(n for n in names if n != "weight")
-    rest = {n: vectors[n] for n in names}
-    if rest:
-        out.update(handler.dot(entry.module, saved, grad, rest))
+    if isinstance(grad, PerExampleGradients):  # condensed when kept (norms)
+        out = grad.dots({n: vectors[n] for n in names})
+    elif part is not None:
+        out = handler.part_dots(entry.module, saved, grad, {n: vectors[n] for n in names}, gram, part)
+    else:
+        if gram is not None:
+            out["weight"] = handler.gram_dots(entry.module, saved, grad, gram).unsqueeze(1)
+            names = tuple(n for n in names if n != "weight")
+        rest = {n: vectors[n] for n in names}
+        if rest:
+            out.update(handler.dot(entry.module, saved, grad, rest))
     if rows is not None and rows.kind == "segmented" and positions is not None:
         for n, d in out.items():
             positions(n, d)
-    if rows is not None and rows.kind in ("blocked", "segmented"):
+    if rows is not None:
         out = {n: reduce_rows(d, rows) for n, d in out.items()}
     return out
 
@@ -104,7 +111,7 @@ def contract_window(
             sink = None
             if tokens and mb.tokens_weighted is not None:
                 sink = _token_sink(mb.tokens_weighted, e, coef if factors is not None else None)
-            for name, d in contract_call(e, cap.saved, cap.grad, by_name, factors, cap.rows, sink).items():
+            for name, d in contract_call(e, cap.saved, cap.grad, by_name, factors, cap.rows, sink, cap.part).items():
                 row = e.row(name)
                 if factors is not None and name == "weight":
                     out[row] += d.to(out.dtype) * coef[row].to(out.dtype)

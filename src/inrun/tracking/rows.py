@@ -130,3 +130,26 @@ def outputs_cut(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[boo
             if i != j and other is not None and other in seen:
                 keep[i] = False
     return keep
+
+
+def from_strided(t: Tensor, batch: int) -> Tensor:
+    """``[S·B, ...]`` rows ``s·B + b`` as ``[B·S, ...]`` rows ``b·S + s`` (the micro-batch's positions)."""
+    return t.reshape(-1, batch, *t.shape[1:]).transpose(0, 1).flatten(0, 1)
+
+
+def sequence_first_rows(t: Tensor, batch: int) -> Rows | None:
+    """The candidate rows of a linear part's call inside a sequence-first module: ``[S, B, ...]``
+    (the batch at dimension 1) or ``[S·B, ...]`` (row ``s·B + b``: *strided*)."""
+    if t.dim() >= 3 and t.shape[1] == batch:
+        return Rows("batched", batch, 1)
+    if t.dim() == 2 and t.shape[0] % batch == 0:
+        return Rows("strided", batch)
+    return None
+
+
+def expand_shared(t: Tensor, rows: Rows) -> Tensor:
+    """A shared call's output as a view with the batch in front (no copy), so that the gradient
+    of each example reaches it separately."""
+    if rows.kind == "broadcast":
+        return t.expand(rows.batch, *t.shape[1:])
+    return t.unsqueeze(0).expand(rows.batch, *t.shape)

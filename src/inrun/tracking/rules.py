@@ -43,12 +43,12 @@ class MissingFactors(Exception):
 class ValueRule:
     def __init__(
         self, update: UpdateRule, correction: Correction, table: ParamTable, validation: ValidationPass,
-        check: ConsistencyCheck, ddp: DDPSync | None,
+        check: ConsistencyCheck, ddp: DDPSync | None, carry: bool = False,
     ) -> None:
         self.update, self.correction, self.table = update, correction, table
         self.validation, self.check, self.ddp = validation, check, ddp
         self.immediate = not update.elementwise
-        self.keeps_factors = update.elementwise or correction != "none"
+        self.keeps_factors = update.elementwise or correction != "none" or carry
         self.pending = correction == "trapezoid"
 
     @property
@@ -205,4 +205,4 @@ def make_value_rule(
                 f"second_order='hessian' is defined for SGD-type steps; for {type(update.optimizer).__name__} "
                 "use second_order='trapezoid' (g_val averaged at θ + f(0) and at θ_t+1)"
             )
-    return ValueRule(update, correction, table, validation, check, ddp)
+    return ValueRule(update, correction, table, validation, check, ddp, carry=config.carry != "off")

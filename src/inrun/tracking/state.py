@@ -102,6 +102,8 @@ class Capture:
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
     weighted_grad: Any = None
     """With segments, the row verification's weighted backward's output gradient (as ``grad``)."""
+    part: Any = None
+    """A linear part's call (:class:`~inrun.layers.parts.PartCall`): what of its weight it used."""
 
 
 @dataclass
@@ -130,6 +132,8 @@ class Window:
     """The learning rate of each parameter group at the step."""
     token_values: list[Any] = field(default_factory=list)
     """Token values of the micro-batches that asked (:mod:`inrun.tracking.tokens`)."""
+    carrying: bool = False
+    """Its factors are kept after it settles: a carry window is open (:mod:`.carry`)."""
 
     @property
     def ids(self) -> list:
@@ -177,28 +181,6 @@ class StepLog:
         self.ledger = ledger
         self.count = 0
         self.tokens = TokenValues()
-        self._val_losses: dict[int, float] = {}
-        self._pending: list[tuple[int, Tensor]] = []
-
-    def measured(self, step: int, loss: Tensor) -> None:
-        """A validation pass at θ_``step`` measured ``loss``: read in batches, so that a GPU waits
-        for no extra host transfer per step."""
-        self._pending.append((step, loss.detach().double().sum()))
-        if len(self._pending) >= 256:
-            self._read_losses()
-
-    @property
-    def val_losses(self) -> dict[int, float]:
-        """Step -> the validation loss at the parameters after that many steps, where the step's
-        validation pass measured it (at θ_t itself: no data-free shift, e.g. plain SGD)."""
-        self._read_losses()
-        return dict(self._val_losses)
-
-    def _read_losses(self) -> None:
-        if self._pending:
-            values = torch.stack([v for _, v in self._pending]).tolist()
-            self._val_losses.update({s: float(v) for (s, _), v in zip(self._pending, values)})
-            self._pending.clear()
 
     def open(self) -> Window:
         return Window(step=self.count)
@@ -221,7 +203,8 @@ class StepLog:
             self.ledger.add(window.step, ids, first, second, lr=window.lr)
             self.tokens.records.extend(window.token_values)
             window.state = StepState.COMMITTED
-        window.release()
+        if not window.carrying:
+            window.release()
 
     def skip(self, window: Window | None, reason: str, warn: bool = False) -> None:
         """End a window that no optimizer step will value (or the step with no window at all)."""

@@ -118,12 +118,14 @@ class ValidationPass:
         self.version = 0
         self.current: Validation | None = None
         self.threads = ThreadChoice(config.val_threads)
+        self._plain_loss: tuple[int, Tensor] | None = None  # (version, L_val summed) at θ unshifted
 
     def parameters_changed(self) -> None:
         self.version += 1
 
     def forget(self) -> None:
         self.current = None
+        self._plain_loss = None
 
     def at_step_start(self, step: int) -> Validation:
         """The validation gradient the coming step's values use, at θ_t + f(0).
@@ -148,6 +150,19 @@ class ValidationPass:
             self.current = self._pass(None, step)
         return self.current
 
+    def loss_here(self, step: int) -> Tensor:
+        """``L_val`` summed over its columns at the current parameters (a 0-d tensor on the device):
+        from a pass already run at them, else one forward without gradient (cached by version).
+        A non-finite loss is a measurement here (the drop row of an update that blew up), not an
+        error: the step's own validation pass refuses it."""
+        if self._plain_loss is not None and self._plain_loss[0] == self.version:
+            return self._plain_loss[1]
+        with self.threads.applied(self.table.device, timed=False), torch.no_grad(), \
+                self._evaluate(None, None, step, measuring=True) as loss:
+            total = loss.detach().sum()
+        self._plain_loss = (self.version, total)
+        return total
+
     def _pass(self, shift: list[Tensor] | None, step: int) -> Validation:
         params = self.table.params
         recorder = ValidationRecorder(self.entries) if self.captures_gram else None
@@ -161,6 +176,8 @@ class ValidationPass:
             else:
                 grads = _per_validation_grads(loss, params)
             grads = [g.detach() for g in grads]
+        if shift is None:
+            self._plain_loss = (self.version, loss.detach().sum())
         gram: dict[int, GramFactors] = {}
         if recorder is not None:
             for idx, calls in recorder.complete_calls().items():
@@ -206,17 +223,20 @@ class ValidationPass:
         return [torch.stack([col[i] for col in hvps]) for i in range(len(params))]
 
     @contextlib.contextmanager
-    def _evaluate(self, shift: list[Tensor] | None, recorder: ValidationRecorder | None, step: int) -> Iterator[Tensor]:
+    def _evaluate(
+        self, shift: list[Tensor] | None, recorder: ValidationRecorder | None, step: int, measuring: bool = False,
+    ) -> Iterator[Tensor]:
         """``val_loss`` of the model at ``θ + shift``, checked, in the validation mode and RNG."""
         params = self.table.params
         with _parameters_shifted(params, shift), evaluating(self.module, self.config.val_mode == "eval"), \
                 _fork_rng(params):
             with self.hooks.recording(recorder), inline_checkpoints():
                 loss = self.val_loss(self.module)
-            yield _check_val_loss(loss, step)
+            yield _check_val_loss(loss, step, measuring)
 
 
-def _check_val_loss(loss: Any, step: int) -> Tensor:
+def _check_val_loss(loss: Any, step: int, measuring: bool = False) -> Tensor:
+    """``measuring``: a loss read without gradient for the drop rows, which record NaN as it is."""
     if not isinstance(loss, Tensor):
         raise ValidationLossError(
             f"val_loss(model) must return a tensor (a scalar, or a vector of per-validation-"
@@ -229,12 +249,12 @@ def _check_val_loss(loss: Any, step: int) -> Tensor:
         )
     if loss.dim() == 1 and loss.numel() == 0:
         raise ValidationLossError("val_loss(model) returned an empty vector")
-    if not loss.requires_grad:
+    if not measuring and not loss.requires_grad:
         raise ValidationLossError(
             "val_loss(model) returned a tensor without a gradient: compute it from the model's "
             "output without torch.no_grad() (the tracker needs its gradient)"
         )
-    if not bool(torch.isfinite(loss.detach()).all()):
+    if not measuring and not bool(torch.isfinite(loss.detach()).all()):
         raise NonFiniteValidationLossError(
             f"step {step}: val_loss(model) is not finite: {loss.detach()}. The parameters or the "
             "validation data hold NaN/Inf (a learning rate too large diverges)."

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ...store.rundir import RunDir
 from ...store.summary import summarize
+from ...tracking.drop import EFFICIENCY_BAND, by_stage
 from .. import views
 
 
@@ -27,7 +28,13 @@ def audit_line(summary: dict[str, Any] | None, run_seconds: float | None) -> str
     if not summary["audited_steps"]:
         refused = f" ({summary['refused_steps']} refused)" if summary["refused_steps"] else ""
         return f"Audit: no step audited yet{refused}."
-    players = (summary.get("config") or {}).get("players")
+    if summary.get("full_games") == summary["audited_steps"]:
+        players = f"each step's full game, all {summary.get('players')} examples"
+    elif summary.get("full_games") is None:  # an audit written before the full game
+        players = f"{(summary.get('config') or {}).get('players')} examples each"
+    else:
+        players = (f"sub-games of {summary.get('players')} of {summary.get('batch')} examples: optimistic; the "
+                   "steps' own U_t(B) beside each in inspect")
     flagged = summary["flagged_steps"]
     verdict = f"unfaithful at step(s) {', '.join(map(str, flagged))}" if flagged else "no step unfaithful"
     cost = f"{summary['seconds']:.0f} s"
@@ -35,10 +42,17 @@ def audit_line(summary: dict[str, Any] | None, run_seconds: float | None) -> str
         cost += f" = {summary['seconds'] / run_seconds:.0%} of the run's time"
     return (
         f"Audit: {summary['audited_steps']} step(s) checked against exact Shapley values "
-        f"({players} examples each): median Pearson {summary['median_pearson']:.3f} (worst "
+        f"({players}): median Pearson {summary['median_pearson']:.3f} (worst "
         f"{summary['worst_pearson']:.3f} at step {summary['worst_step']}), median relative RMSE "
         f"{summary['median_rel_rmse']:.3f}; {verdict}. Cost {cost} ({summary['evaluations']:,} utility evaluations)."
     )
+
+
+def drop_line(drop: dict[str, Any] | None) -> str:
+    """One sentence: the run's measured drop decomposed (``summary.json``'s ``drop``)."""
+    if drop is None:
+        return "Drop: this run recorded no per-step drop (written by an inrun before the drop rows)."
+    return "Drop: " + drop["headline"]
 
 
 def inspect_run(
@@ -57,20 +71,27 @@ def inspect_run(
         f"{summary['negative_share']:.1%} negative; validation loss {summary['val_loss_first']:.4g} -> "
         f"{summary['val_loss_final']:.4g}."
     )
+    console.print(escape(drop_line(summary.get("drop"))), soft_wrap=True)
+    drops = rd.drops()
+    if drops:
+        _drop_table(console, drops, stages)
     audit = rd.audit()
     console.print(audit_line(None if audit is None else audit.summary(), summary.get("seconds")), soft_wrap=True)
     if audit is not None and audit.steps:
-        table = Table(title="Audited steps (tracker's values vs exact Shapley values of the step's game)", title_justify="left")
-        for col in ("step", "players", "method", "Pearson", "Spearman", "rel. RMSE", "eff. gap", "seconds", ""):
+        table = Table(title="Audited steps: the tracker's values against the exact Shapley values of the step's "
+                      "game (enumerated, or Monte Carlo with its noise); beside: what the game cannot see "
+                      "(D_t) and the whole step (U_t(B), Σ values)", title_justify="left")
+        for col in ("step", "players", "Pearson", "rel. RMSE", "noise", "gap", "D_t", "U_t(B)", "Σφ", "s", ""):
             table.add_column(col, justify="right")
         for r in audit.steps:
             if r["status"] != "ok":
-                table.add_row(str(r["step"]), "", escape(r["status"]), "", "", "", "", "", escape(r["reason"][:40]))
+                table.add_row(str(r["step"]), "", escape(r["status"]), *[""] * 7, escape(r["reason"][:40]))
                 continue
             table.add_row(
-                str(r["step"]), f"{r['players']}/{r['batch']}", r["method"], _f(r["pearson"]), _f(r["spearman"]),
-                _f(r["rel_rmse"]), _f(r["efficiency_gap"], "+.3f"), f"{r['seconds_gradients'] + r['seconds_game']:.1f}",
-                "[red]unfaithful[/]" if r["flagged"] else "",
+                str(r["step"]), f"{r['players']}/{r['batch']}", _f(r["pearson"]), _f(r["rel_rmse"], ".2f"),
+                _f(r["noise"]), _f(r["efficiency_gap"], "+.2f"), _f(r["data_free"], "+.1e"),
+                _f(r["step_utility"], "+.1e"), _f(r["step_values"], "+.1e"),
+                f"{r['seconds_gradients'] + r['seconds_game']:.0f}", "[red]unfaithful[/]" if r["flagged"] else "",
             )
         console.print(table)
     if not rd.ledger().keep_trace:
@@ -106,6 +127,21 @@ def inspect_run(
         for _, r in [*w.head(top).iterrows(), *w.tail(top).iloc[::-1].iterrows()]:
             table.add_row(f"{r['value']:+.3e}", str(r["count"]), escape(str(r["source"])), escape(previews.get(r["id"], "")))
         console.print(table)
+
+
+def _drop_table(console: Console, drops: list[dict[str, Any]], stages: int) -> None:
+    """The decomposition by stage of training, with each stage's efficiency and steps outside its band."""
+    staged = by_stage(drops, stages)
+    untracked = " + untracked" if any(d.untracked for _, d in staged) else ""
+    table = Table(title=f"The drop by stage: measured = games Σ U_t + momentum and decay Σ D_t{untracked}; "
+                  f"Σ U_t = Σ values + remainder; steps whose Σ values / U_t leaves "
+                  f"{EFFICIENCY_BAND[0]:g}-{EFFICIENCY_BAND[1]:g} are out of the band", title_justify="left")
+    for col in ("steps", "drop", "Σ D_t", "Σ U_t", "Σ values", "remainder", "values/U", "out", "left out"):
+        table.add_column(col, justify="right")
+    for label, d in staged:
+        table.add_row(label, f"{d.measured:+.3f}", f"{d.data_free:+.3f}", f"{d.utility:+.3f}", f"{d.values:+.3f}",
+                      f"{d.remainder:+.3f}", _f(d.explained, ".0%"), str(d.flagged), ", ".join(map(str, d.left_out)))
+    console.print(table)
 
 
 def parse_window(text: str | None) -> tuple[int, int | None] | None:

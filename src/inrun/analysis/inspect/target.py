@@ -256,7 +256,7 @@ def inspect_model_type(model_type: str, batch_size: int, length: int, val_tokens
     modules = []
     for e in entries:
         d_in, d_out = e.handler.feature_sizes(e.module)
-        modules.append(ModuleInfo(e.name, type(e.module).__name__, policy.predict(e, val_tokens), list(e.param_names),
+        modules.append(ModuleInfo(e.name, type(e.module).__name__, policy.predict(e, val_tokens), list(e.paths),
                                   sum(table.params[i].numel() for i in e.param_index), d_in, d_out, length))
     routes, numel = coverage.routes, coverage.numel
     settings = f"batch {batch_size}, {length} tokens per example, {val_tokens:,} validation tokens, order {order}"

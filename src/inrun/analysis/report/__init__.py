@@ -3,15 +3,20 @@
 The page has no external resources (no scripts, fonts or stylesheets; the PNG plots are embedded
 as base64), so it can be mailed or archived as one file. Sections:
 
-* headline numbers: examples valued, share of negative values, validation loss;
+* headline numbers: examples valued, share of negative values, validation loss, and the run's
+  measured drop decomposed in one line (data-free parts + the steps' games; games = values +
+  Taylor remainder);
+* what the values explain: a waterfall from the values to the measured drop, each step's
+  efficiency against its band, the decomposition by stage;
 * value distribution;
 * the most helpful and most harmful examples, with previews of their text;
 * value per data source, and how each source's share changes over training stages (the
   paper's Fig. 3: per stage, the share of value among sources with a positive total);
 * cumulative value over steps next to the measured drop of validation loss;
 * training and validation loss; curation results when ``inrun curate --retrain`` ran;
-* fidelity: the run's audit (exact Shapley values of sampled steps against the tracker's) over
-  training steps, with a table of the audited steps;
+* fidelity: the run's audit (exact Shapley values of the full game of sampled steps against the
+  tracker's) over training steps, with a table of the audited steps and, beside each, what its
+  game cannot see (the step's data-free part) and the whole step's U_t(B);
 * views (not the value): the step-normalized view's top and bottom examples, value per source
   and stage as numbers, and the value of a window of steps (``--window``).
 """
@@ -22,6 +27,7 @@ import base64
 import html
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +39,11 @@ from ...store.auditlog import AuditLog
 from ...store.ledger import atomic_write
 from ...store.rundir import REPORT_FILE, RunDir
 from ...store.summary import NO_SOURCE, summarize, value_frame
+from ...tracking.drop import decompose
 from .. import views
 from ..baseline_run import SCORES, read_baselines
 from . import plots
+from .dropplot import drop_figure, drop_section
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +112,11 @@ def build_report(
         "Loss", plots.loss_curves(train_steps, train_loss, eval_steps, val_loss),
         "Training loss of each batch and validation loss at the evaluation steps.",
     )
+    drops = rd.drops()
+    drop_html: list[str] = []
+    if drops:
+        decomposition = decompose(drops)
+        drop_html = drop_section(decomposition, drops, drop_figure(decomposition, drops), stages=min(stages, 4))
     audit = rd.audit()
     if audit is not None:
         figure = _fidelity_figure(audit)
@@ -119,7 +132,7 @@ def build_report(
         )
     config_text = _config_text(meta)
     views_html = _views_html(rd, trace, total_steps if trace is not None and len(trace) else 0, top, window)
-    page = _page(rd, meta, summary, figures, curation, config_text, audit, views_html)
+    page = _page(rd, meta, summary, figures, curation, config_text, audit, views_html, drop_html)
     path = Path(out) if out is not None else rd.file(REPORT_FILE)
     atomic_write(path, lambda p: Path(p).write_text(page, encoding="utf-8"))
     return path
@@ -221,6 +234,7 @@ th,td{border-bottom:1px solid #eee;padding:4px 8px;text-align:left;vertical-alig
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 pre{margin:0;font-size:11px;line-height:1.25;white-space:pre-wrap;word-break:break-all;max-height:12.5em;overflow:hidden}
 .pos{color:#1e7a46}.neg{color:#b3263a}
+.headline{font-size:15px;background:#eef4fb;border-left:4px solid #4c72b0;padding:8px 12px}
 .warn{background:#fff4e0;border-left:4px solid #e0a030;padding:6px 10px;font-size:13px}
 details pre{max-height:none;background:#f6f6f6;padding:8px}
 .cols{display:grid;grid-template-columns:1fr 1fr;gap:16px}
@@ -231,6 +245,7 @@ details pre{max-height:none;background:#f6f6f6;padding:8px}
 def _page(
     rd: RunDir, meta: dict[str, Any], summary: dict[str, Any], figures: dict[str, tuple[str, bytes, str]],
     curation: list[dict[str, Any]], config_text: str, audit: AuditLog | None = None, views_html: str = "",
+    drop_html: Sequence[str] = (),
 ) -> str:
     e = html.escape
     cfg = meta.get("config", {})
@@ -253,11 +268,14 @@ def _page(
     cards = [
         (f"{summary['examples_valued']:,} / {summary['examples']:,}", "examples valued / in training set"),
         (f"{summary['negative_share']:.1%}", "of valued examples are negative"),
-        (f"{summary['total_value']:+.4g}", "sum of all values"),
+        (f"{summary['total_value']:+.4g}", "sum of all values (every step)"),
         (f"{summary['val_loss_first']:.4g} → {summary['val_loss_final']:.4g}", "validation loss, start → end"),
         (f"{summary['steps']:,}", f"steps ({summary['state']})"),
         (f"{len(summary['skipped_steps'])}", "skipped steps (NaN/Inf)"),
     ]
+    drop = summary.get("drop")
+    if drop is not None and drop["explained"] is not None:
+        cards.insert(3, (f"{drop['explained']:.0%}", "values / their steps' games Σ U_t (the drop they attribute)"))
     fidelity = audit.summary() if audit is not None else None
     if fidelity is not None and fidelity["audited_steps"]:
         cards.append((f"{fidelity['median_pearson']:.3f}", f"median Pearson with exact Shapley ({fidelity['audited_steps']} audited steps)"))
@@ -274,6 +292,9 @@ def _page(
     ]
     for warning in summary.get("warnings", []):
         parts.append(f'<p class="warn" id="warning-length"><b>Warning:</b> {e(warning)}</p>')
+    if drop is not None:
+        parts.append(f'<p class="headline" id="headline">{e(drop["headline"])}</p>')
+    parts += drop_html
     parts += _figure_html("distribution", figures)
     parts += _fidelity_html(audit, figures)
     parts.append('<h2>Most helpful and most harmful examples</h2><div class="cols">')
@@ -400,7 +421,7 @@ def _fidelity_figure(audit: AuditLog) -> tuple[str, bytes, str] | None:
         return None
     steps = np.array([r["step"] for r in ok])
     value_rows = [v for v in audit.values if np.isfinite(v["exact"])]
-    warn = audit.config.warn_below if audit.config is not None else 0.7
+    warn = audit.config.warn_rmse if audit.config is not None else 0.3
     png = plots.fidelity_panel(
         steps, np.array([r["pearson"] for r in ok], dtype=float), np.array([r["spearman"] for r in ok], dtype=float),
         np.array([r["rel_rmse"] for r in ok], dtype=float), np.array([bool(r["flagged"]) for r in ok]),
@@ -408,13 +429,18 @@ def _fidelity_figure(audit: AuditLog) -> tuple[str, bytes, str] | None:
         np.array([v["step"] for v in value_rows]), warn,
     )
     first = ok[0]
+    full = all(r.get("game") == "full" for r in ok)
+    players = (f"all {first['players']} examples of the step (its full game)" if full else
+               f"{first['players']} of the step's {first['batch']} examples (a sub-game, which can be optimistic: "
+               "the whole step's U_t(B) and Σ values are in the table)")
     return (
         "Fidelity: the run's audit against exact Shapley values", png,
-        f"At each audited step, {first['players']} examples of the batch were drawn and the exact Shapley values of "
-        "that step's game computed (U(S) = L_val(θ_t) − L_val(θ_t + Δ(S)), Δ the real optimizer step on the players' "
-        "summed gradients; every subset enumerated, or Monte Carlo with a standard error), next to the tracker's "
-        f"value rule on the same game ({_rule_label(first)}). A value is faithful where the correlation is near 1 and "
-        "the relative RMSE small; see the table for each step.",
+        f"At each audited step the players are {players}, and the exact Shapley values of that step's game are "
+        "computed (U(S) = L_val(θ_t) − L_val(θ_t + Δ(S)), Δ the real optimizer step on the players' summed "
+        "gradients; every subset enumerated, or Monte Carlo in antithetic pairs with its noise), next to the "
+        f"tracker's value rule on the same game ({_rule_label(first)}). A step is unfaithful when the relative RMSE "
+        "exceeds 0.3 beyond twice the noise, whatever the correlation (values uniformly too large rank well and "
+        "still misstate the step). No game sees the step's data-free part D_t (momentum, decay): it is shown beside.",
     )
 
 
@@ -441,22 +467,27 @@ def _fidelity_html(audit: AuditLog | None, figures: dict[str, tuple[str, bytes, 
         )
     else:
         parts.append("<p>No step was audited successfully.</p>")
-    head = ("step", "players / batch", "method", "Pearson", "Spearman", "rel. RMSE", "efficiency gap",
-            "Σ exact φ", "evaluations", "seconds", "")
+    head = ("step", "players / batch", "method", "Pearson", "Spearman", "rel. RMSE", "noise", "efficiency gap",
+            "Σ exact φ", "D_t (no game's)", "U_t(B) of the step", "Σ values of the step", "evaluations", "seconds", "")
     rows = []
     for r in audit.steps:
         if r["status"] != "ok":
             rows.append(f"<tr><td class=num>{r['step']}</td><td colspan={len(head) - 1}>{e(r['status'])}: {e(r['reason'])}</td></tr>")
             continue
         cells = [
-            str(r["step"]), f"{r['players']} / {r['batch']}", e(r["method"]) + (f" (±{r['stderr']:.1e})" if r["stderr"] else ""),
-            f"{r['pearson']:.3f}", f"{r['spearman']:.3f}", f"{r['rel_rmse']:.3f}", f"{r['efficiency_gap']:+.3f}",
-            f"{r['utility']:+.3e}", f"{r['evaluations']:,}", f"{r['seconds_gradients'] + r['seconds_game']:.1f}",
-            "<span class=neg>unfaithful</span>" if r["flagged"] else "",
+            str(r["step"]), f"{r['players']} / {r['batch']}", e(r["method"].replace("_", " ")),
+            f"{r['pearson']:.3f}", f"{r['spearman']:.3f}", f"{r['rel_rmse']:.3f}", _num(r.get("noise"), ".3f"),
+            f"{r['efficiency_gap']:+.3f}", f"{r['utility']:+.3e}", _num(r.get("data_free"), "+.3e"),
+            _num(r.get("step_utility"), "+.3e"), _num(r.get("step_values"), "+.3e"), f"{r['evaluations']:,}",
+            f"{r['seconds_gradients'] + r['seconds_game']:.1f}", "<span class=neg>unfaithful</span>" if r["flagged"] else "",
         ]
         rows.append("<tr>" + "".join(f"<td class=num>{c}</td>" for c in cells) + "</tr>")
     parts.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
     return parts
+
+
+def _num(x: Any, fmt: str) -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
 
 
 def _views_html(rd: RunDir, trace: Any, total_steps: int, top: int, window: tuple[int, int | None] | None) -> str:

@@ -189,23 +189,26 @@ def curation_curves(
 
 def fidelity_panel(
     steps: np.ndarray, pearson: np.ndarray, spearman: np.ndarray, rel_rmse: np.ndarray, flagged: np.ndarray,
-    exact_values: np.ndarray, tracker_values: np.ndarray, value_steps: np.ndarray, warn_below: float,
+    exact_values: np.ndarray, tracker_values: np.ndarray, value_steps: np.ndarray, warn_rmse: float,
 ) -> bytes:
     """The audit over training: left, correlation of the tracker's values with the exact Shapley
-    values per audited step (and the threshold); middle, relative RMSE; right, every audited
-    example's tracker value against its exact value, coloured by step."""
+    values per audited step; middle, relative RMSE and the threshold above which a step is
+    unfaithful; right, every audited example's tracker value against its exact value, by step."""
     fig, (a, b, c) = _figure(12.0, 3.6, ncols=3)
     a.plot(steps, pearson, "o-", color=NEUTRAL, ms=4, label="Pearson")
     a.plot(steps, spearman, "s--", color="#8c8c8c", ms=3, lw=1, label="Spearman")
     if flagged.any():
         a.plot(steps[flagged], pearson[flagged], "o", ms=9, mfc="none", mec=NEGATIVE, mew=1.5, label="unfaithful")
-    a.axhline(warn_below, color=NEGATIVE, lw=0.8, ls=":", label=f"warning below {warn_below:g}")
     low = float(np.nanmin(np.concatenate([pearson, spearman]))) if len(pearson) else 1.0
-    a.set_ylim(min(warn_below - 0.1, low - 0.05), 1.02)
+    a.set_ylim(min(0.6, low - 0.05), 1.02)
     a.set_xlabel("step")
     a.set_title("Correlation with exact Shapley")
     a.legend(fontsize=7, frameon=False, loc="lower left")
     b.semilogy(steps, np.maximum(rel_rmse, 1e-6), "o-", color=NEUTRAL, ms=4)
+    if flagged.any():
+        b.plot(steps[flagged], np.maximum(rel_rmse[flagged], 1e-6), "o", ms=9, mfc="none", mec=NEGATIVE, mew=1.5)
+    b.axhline(warn_rmse, color=NEGATIVE, lw=0.8, ls=":", label=f"unfaithful above {warn_rmse:g}")
+    b.legend(fontsize=7, frameon=False, loc="lower left")
     b.set_xlabel("step")
     b.set_title("Relative RMSE (tracker vs exact)")
     if len(exact_values):

@@ -7,9 +7,10 @@ inside the run, on the run's own steps, without changing them.
 **Which steps.** Every ``every`` optimizer steps (steps ``every, 2·every, ...``; step 0 only if
 named) and at the steps named in ``at``.
 
-**The players.** ``m = min(players, B)`` examples of the step's ``B``, drawn uniformly (reservoir
-sampling over the step's micro-batches, seeded by ``(seed, step)``: the same players whenever the
-run is repeated or resumed).
+**The players.** Every example of the step (its own game) when the batch has at most ``players``;
+else ``players`` of them, drawn uniformly (reservoir sampling over the step's micro-batches, seeded
+by ``(seed, step)``: the same players whenever the run is repeated or resumed), with the full
+step's utility and values shown beside the sub-game's.
 
 **It never changes training.** Parameters are read, never written (the game runs on a float64
 copy of the model by default, or functionally); the replay restores buffers and uses its own copy

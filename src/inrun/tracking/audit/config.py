@@ -18,9 +18,9 @@ Precision = Literal["float64", "model"]
 PRECISIONS = ("float64", "model")
 
 STEP_COLUMNS = (
-    "step", "status", "reason", "method", "players", "batch", "order", "variant", "rule", "lr",
-    "utility", "rms_exact", "stderr", "pearson", "spearman", "rel_rmse", "efficiency_gap",
-    "evaluations", "seconds_gradients", "seconds_game", "flagged",
+    "step", "status", "reason", "method", "game", "players", "batch", "order", "variant", "rule", "lr",
+    "utility", "rms_exact", "stderr", "pearson", "spearman", "rel_rmse", "noise", "efficiency_gap",
+    "evaluations", "seconds_gradients", "seconds_game", "flagged", "data_free", "step_utility", "step_values",
 )
 VALUE_COLUMNS = ("step", "id", "exact", "stderr", "tracker", "ledger")
 
@@ -37,18 +37,26 @@ class AuditConfig:
     """Audit steps ``every, 2·every, ...`` (0: only the steps in ``at``)."""
     at: tuple[int, ...] = setting((), "further steps to audit (0-based; step 0 only if named)")
     """Further steps to audit (0-based optimizer steps; step 0 is audited only if named here)."""
-    players: int = setting(6, "examples drawn from the step's batch (all of them if the batch is smaller): 2^players validation losses per audit")
-    """Examples drawn from the step's batch (all of them if the batch is smaller)."""
+    players: int = setting(32, "the players of an audited step: all of its examples when it has at most this many "
+                               "(its full game), else this many drawn (a sub-game, its distance to the full game shown)")
+    """The players of an audited step: every example of the step when it has at most this many
+    (the step's own game, whose exact values the ledger's are compared with), else this many
+    drawn uniformly (a sub-game: the step as if only they were in the batch; its distance to the
+    full game is shown beside it: the full step's utility ``U_t(B)`` and Σ of its values)."""
     max_exact: int = setting(12, "enumerate every subset up to this many players; Monte Carlo beyond")
     """Enumerate every subset up to this many players; Monte Carlo beyond."""
-    permutations: int = setting(256, "Monte-Carlo permutations beyond max_exact players")
-    """Monte-Carlo permutations when the players are more than ``max_exact``."""
+    permutations: int = setting(16, "Monte-Carlo permutations beyond max_exact players (even: antithetic pairs)")
+    """Monte-Carlo permutations when the players are more than ``max_exact``: an even number,
+    sampled in antithetic pairs (each with its reverse: exact for the quadratic part of the game;
+    on the ``make demo`` run 32 of them left a noise of 0.2-0.7% of the values' scale)."""
     seed: int = setting(0, "seed of the players' draw and of the permutations (with the step)")
     """Seed of the players' draw and of the permutations (with the step number)."""
-    warn_below: float = setting(0.7, "a step is unfaithful when Pearson is below this and relative RMSE above warn_rmse")
-    """A step is unfaithful when Pearson is below this and relative RMSE above ``warn_rmse``."""
-    warn_rmse: float = setting(0.3, "see warn_below")
-    """See ``warn_below``."""
+    warn_below: float = setting(0.7, "a flagged step's warning names the ranking when Pearson is below this")
+    """A flagged step's warning names the ranking when Pearson is below this (see ``warn_rmse``)."""
+    warn_rmse: float = setting(0.3, "a step is unfaithful when the relative RMSE exceeds this by more than twice the noise")
+    """A step is unfaithful when the relative RMSE of the tracker's values against the game's exact
+    ones exceeds this by more than twice the Monte-Carlo noise (``noise``; 0 when enumerated):
+    a uniform overshoot is as unfaithful as a wrong ranking."""
     precision: Precision = setting("float64", "'float64' (the game on a float64 copy of the model) or 'model' (its dtype)")
     """``"float64"``: the game on a float64 copy of the model (a utility is a difference of two
     nearby losses: float32 rounding would blur small steps); ``"model"``: in the model's dtype."""
@@ -66,8 +74,9 @@ class AuditConfig:
             raise AuditError(f"audit.players={self.players}: must be at least 2 (a game of one player has no ranking)")
         if not 1 <= self.max_exact <= exact.MAX_ENUMERATION:
             raise AuditError(f"audit.max_exact={self.max_exact}: must be in [1, {exact.MAX_ENUMERATION}]")
-        if self.permutations < 2:
-            raise AuditError(f"audit.permutations={self.permutations}: must be at least 2 (for a standard error)")
+        if self.permutations < 4 or self.permutations % 2:
+            raise AuditError(f"audit.permutations={self.permutations}: an even number, at least 4 (antithetic "
+                             "pairs, at least two for a standard error)")
         if not -1 <= self.warn_below <= 1:
             raise AuditError(f"audit.warn_below={self.warn_below}: a correlation, in [-1, 1]")
         if not self.warn_rmse > 0:

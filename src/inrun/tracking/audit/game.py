@@ -21,29 +21,36 @@ the float64 twin of the model, gradients and Hessian-vector products of the vali
   and leaves the Shapley values unchanged.
 * ``L_val``: the tracker's ``val_loss`` (summed over columns), in the tracker's validation mode.
 
-The examples of the batch that are not players are *absent* from this game: it is the step as it
-would have been taken with only the players' gradients (each still its share of the full batch's
-loss). Its Shapley values are the exact ones (enumeration of all ``2^m`` subsets for
-``m ≤ max_exact``, else ``permutations`` Monte-Carlo permutations with a standard error per
-value: :mod:`inrun.exact`).
+**The players** are every example of the step when the batch has at most ``players`` of them (the
+default 32): this is the step's own game, whose utility ``U(B) − U(∅)`` is the ``U_t(B)`` of the
+step's drop row, and its exact Shapley values are those the ledger's values approximate. Exact by
+enumeration of all ``2^m`` subsets for ``m ≤ max_exact``, else estimated from ``permutations``
+Monte-Carlo permutations in antithetic pairs with a standard error per value
+(:func:`inrun.exact.monte_carlo_shapley`; the efficiency ``Σ φ = U(B) − U(∅)`` holds exactly for
+them too).
+
+With a larger batch, ``players`` examples are drawn and the others are *absent*: a sub-game, the
+step as it would have been taken with only the players' gradients (each still its share of the
+full batch's loss). It is shorter than the real step (about ``m/B`` of it with SGD), so its Taylor
+error is smaller and it can be optimistic; its distance to the full game is shown beside it: the
+whole step's ``U_t(B)`` and Σ of the ledger's values of the step (``step_utility``,
+``step_values``, from the drop row, :mod:`inrun.tracking.drop`). The game cannot see the step's
+data-free part (momentum, decay): it is shown beside too (``data_free``).
 
 **The tracker's side** of the comparison is the tracker's own value rule applied to *the same
 game*: the same order and variant (first order; trapezoid with ``g_val`` at ``θ_t + F_t(0)`` and at
 ``θ_t + Δ(P)``; Hessian), the same update rule (SGD coefficient; Adam's secant or fixed-state slope
-at ``x_P = r ⊙ Σ_{z∈P} g_z``; the SGD proxy), from the players' exact gradients. When the players
-are the whole batch this *is* the ledger's value of each example for the step, and so it is for
-first-order values of SGD-type rules with any players; the ledger's value is stored beside it.
-Why not compare with the ledger when ``m < B``: the exact game of the whole batch needs ``2^B``
-evaluations, and the ledger's second-order and Adam values depend on the rest of the batch. The
-sub-batch step is shorter than the real one (about ``m/B`` of it with SGD), so its Taylor error is
-smaller: with ``m < B`` the audit can be optimistic; ``players ≥ B`` audits the real step (exact up
-to ``max_exact`` examples, Monte Carlo beyond).
+at ``x_P = r ⊙ Σ_{z∈P} g_z``; the SGD proxy), from the players' exact gradients. In the full game
+this *is* the ledger's value of each example for the step (stored beside it: an independent check
+of the ghost routes), and so it is for first-order values of SGD-type rules in any game.
 
 **Numbers per audited step**: Pearson and Spearman correlation of the tracker's values with the
-exact ones, relative RMSE ``‖φ̂ − φ‖ / ‖φ‖``, the efficiency gap ``(Σ φ̂ − Σ φ) / Σ |φ|``
-(``Σ φ = U(P) − U(∅)``), and the cost (utility evaluations, seconds). A step is *unfaithful*
-when Pearson ``< warn_below`` and relative RMSE ``> warn_rmse``; the first one is logged as a
-warning, once, with the numbers.
+exact ones, relative RMSE ``‖φ̂ − φ‖ / ‖φ‖``, the Monte-Carlo noise on that scale
+``‖stderr‖ / ‖φ‖``, the efficiency gap ``(Σ φ̂ − Σ φ) / Σ |φ|`` (``Σ φ = U(P) − U(∅)``), and the
+cost (utility evaluations, seconds). A step is *unfaithful* when the relative RMSE exceeds
+``warn_rmse`` by more than twice the noise, whatever the correlation: values uniformly 40% too
+large rank well and still misstate what the step did. The first one is logged as a warning, once,
+with the numbers.
 
 """
 
@@ -68,15 +75,18 @@ from .config import AuditConfig
 logger = logging.getLogger(__name__)
 
 
-def fidelity(exact_values: np.ndarray, approx: np.ndarray) -> dict[str, float]:
-    """Pearson, Spearman, relative RMSE and efficiency gap of ``approx`` against ``exact_values``."""
+def fidelity(exact_values: np.ndarray, approx: np.ndarray, stderr: np.ndarray | None = None) -> dict[str, float]:
+    """Pearson, Spearman, relative RMSE and efficiency gap of ``approx`` against ``exact_values``,
+    and ``noise``: the exact values' Monte-Carlo standard error on the scale of the relative RMSE."""
     e, a = np.asarray(exact_values, np.float64), np.asarray(approx, np.float64)
     scale = float(np.sqrt(np.mean(e**2)))
     abs_sum = float(np.abs(e).sum())
+    se = np.zeros_like(e) if stderr is None else np.asarray(stderr, np.float64)
     return {
         "pearson": pearson(e, a),
         "spearman": pearson(ranks(e), ranks(a)),
         "rel_rmse": float(np.sqrt(np.mean((a - e) ** 2)) / scale) if scale > 0 else math.nan,
+        "noise": float(np.sqrt(np.mean(se**2)) / scale) if scale > 0 else math.nan,
         "efficiency_gap": float((a.sum() - e.sum()) / abs_sum) if abs_sum > 0 else math.nan,
         "rms_exact": scale,
     }
@@ -169,8 +179,38 @@ def audit_summary(steps: Sequence[Mapping[str, Any]], config: AuditConfig | None
         "worst_step": min(ok, key=lambda r: r["pearson"] if np.isfinite(r["pearson"]) else math.inf)["step"] if ok else None,
         "evaluations": int(sum(r["evaluations"] for r in steps)),
         "seconds": float(sum(r["seconds_gradients"] + r["seconds_game"] for r in steps)),
+        "full_games": sum(1 for r in ok if r.get("game") == "full"),
+        "players": max((int(r["players"]) for r in ok), default=0),
+        "batch": max((int(r["batch"]) for r in ok), default=0),
         "config": None if config is None else config.to_dict(),
     }
+
+
+def unfaithful_message(row: Mapping[str, Any], nonlinear: str | None, warn_below: float) -> str:
+    """The warning for the first unfaithful audited step, with advice for its case (``nonlinear``:
+    why no linearization follows the step, if none does; ``warn_below``: the Pearson under which
+    the ranking is named)."""
+    what = f"order-{row['order']} values"
+    if row["rule"] == "sgd_proxy":
+        what += " (SGD proxy)"
+    elif row["rule"] == "adam":
+        what += " (Adam-aware)"
+    if row["rule"] == "sgd_proxy":
+        advice = "the SGD proxy does not follow this optimizer's step; value it with its own rule (proxy=None)"
+    elif nonlinear:
+        advice = f"{nonlinear}; later steps are audited as they come"
+    elif row["order"] == 1:
+        advice = "use order=2 or a smaller learning rate"
+    else:
+        advice = "use a smaller learning rate"
+    players = (f"all {row['players']} examples of the step" if row["game"] == "full"
+               else f"{row['players']} of the step's {row['batch']} examples")
+    how = "rank them poorly" if row["pearson"] < warn_below else "are off in scale"
+    return (
+        f"{what} {how} against the exact Shapley values of step {row['step']}'s game (relative RMSE "
+        f"{row['rel_rmse']:.2f}, Pearson {row['pearson']:.2f}, Spearman {row['spearman']:.2f}, efficiency gap "
+        f"{row['efficiency_gap']:+.2f}; {players}, lr {row['lr']:.3g}): {advice}"
+    )
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -27,6 +27,7 @@ from .game import (
     float64_twin,
     gradient,
     hessian_vector,
+    unfaithful_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -191,16 +192,13 @@ class StepAudit:
             return
         exact_values, stderr, approx, method, evaluations = result
         self._spent += time.perf_counter() - t0
-        numbers = fidelity(exact_values, approx)
-        flagged = (
-            len(players) >= 4 and numbers["pearson"] < self.config.warn_below
-            and numbers["rel_rmse"] > self.config.warn_rmse
-        )
+        numbers = fidelity(exact_values, approx, stderr)
+        flagged = len(players) >= 4 and numbers["rel_rmse"] > self.config.warn_rmse + 2 * numbers["noise"]
         row.update(
             status="ok", method=method, utility=float(exact_values.sum()),
             stderr=float(np.mean(stderr)) if len(stderr) else 0.0, evaluations=evaluations,
             seconds_gradients=sample.seconds, seconds_game=time.perf_counter() - t0, flagged=bool(flagged),
-            **{k: numbers[k] for k in ("pearson", "spearman", "rel_rmse", "efficiency_gap", "rms_exact")},
+            **{k: numbers[k] for k in ("pearson", "spearman", "rel_rmse", "noise", "efficiency_gap", "rms_exact")},
         )
         self.steps.append(row)
         first_row = len(self._values)
@@ -217,6 +215,8 @@ class StepAudit:
         rule = self.engine.rule
         return {
             "step": window.step, "status": "", "reason": "", "method": "", "players": players, "batch": batch,
+            "game": "full" if players == batch else "sub", "noise": math.nan, "data_free": math.nan,
+            "step_utility": math.nan, "step_values": math.nan,
             "order": rule.order, "variant": "first order" if rule.correction == "none" else rule.correction,
             "rule": self.engine.update.name, "lr": float(self.engine.optimizer.param_groups[0]["lr"]),
             "utility": math.nan, "rms_exact": math.nan, "stderr": math.nan, "pearson": math.nan,
@@ -225,31 +225,9 @@ class StepAudit:
         }
 
     def _message(self, row: dict[str, Any]) -> str:
-        what = f"order-{row['order']} values"
-        if row["rule"] == "sgd_proxy":
-            what += " (SGD proxy)"
-        elif row["rule"] == "adam":
-            what += " (Adam-aware)"
-        if row["rule"] == "sgd_proxy":
-            advice = "the SGD proxy does not follow this optimizer's step; value it with its own rule (proxy=None)"
-        elif self._first_adam_step():
-            advice = ("it is the optimizer's first Adam step, whose update (the second moment from this batch "
-                      "alone) no linearization follows; later steps are audited as they come")
-        elif row["order"] == 1:
-            advice = "use order=2 or a smaller learning rate"
-        else:
-            advice = "use a smaller learning rate"
-        return (
-            f"{what} correlate r = {row['pearson']:.2f} with exact Shapley at step {row['step']} "
-            f"(Spearman {row['spearman']:.2f}, relative RMSE {row['rel_rmse']:.2f}, {row['players']} examples, "
-            f"lr {row['lr']:.3g}): {advice}"
-        )
-
-    def _first_adam_step(self) -> bool:
-        opt = self.engine.optimizer
-        if self.engine.update.name != "adam":
-            return False
-        return all("step" not in opt.state.get(p, {}) or float(opt.state[p]["step"]) == 0 for p in self.engine.table.params)
+        table = self.engine.table
+        nonlinear = self.engine.update.nonlinear_step(table.params, table.grads())
+        return unfaithful_message(row, nonlinear, self.config.warn_below)
 
     def _tell(self, message: str) -> None:
         key = message.split(":", 1)[-1]
@@ -259,7 +237,15 @@ class StepAudit:
 
     def fill_ledger(self) -> None:
         """Copy the ledger's values of audited examples once their steps are final (trapezoid:
-        after the next validation pass)."""
+        after the next validation pass), and beside each audited step what its game cannot see:
+        the step's data-free part, its whole batch's utility ``U_t(B)`` and Σ values (its drop row)."""
+        missing = {r["step"] for r in self.steps if r["status"] == "ok" and math.isnan(r["step_utility"])}
+        if missing:
+            drops = {d["step"]: d for d in self.engine.accounts.drops.rows if d["step"] in missing}
+            for r in self.steps:
+                if r["step"] in drops and r["status"] == "ok":
+                    d = drops[r["step"]]
+                    r.update(data_free=d["data_free"], step_utility=d["utility"], step_values=d["values"])
         still = []
         for window, positions, first_row in self._waiting:
             if window.state is StepState.COMMITTED:
@@ -290,7 +276,7 @@ class StepAudit:
             stderr = torch.zeros_like(values)
             method, evaluations = "enumeration", 2**m
         else:
-            est = exact.monte_carlo_shapley(game.utility, m, self.config.permutations,
+            est = exact.monte_carlo_shapley(game.utility, m, self.config.permutations, antithetic=True,
                                             seed=self.config.seed * 1_000_003 + window.step)
             values, stderr, method, evaluations = est.values, est.stderr, est.method, est.evaluations
         approx = self._tracker_values(model, theta, per_example, ratio, update, eval_mode)
