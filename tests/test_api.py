@@ -1,6 +1,6 @@
 """The tracker's surface: every option in help(), "did you mean", coverage under AdamW, exports
 (pandas, Parquet, CSV, a datasets.Dataset column), the labelled per-validation table, repeated
-ids refused, torch.compile refused, the Trainer passing Hugging Face's own error through."""
+ids refused, the Trainer passing Hugging Face's own error through for a compiled model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import inrun
-from inrun import BatchMismatchError, InRunShapley, TrackerConfig, UnsupportedModuleError
+from inrun import BatchMismatchError, InRunShapley, TrackerConfig
 
 
 def tiny(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -124,13 +124,7 @@ def test_repeated_ids_in_a_step_are_refused() -> None:
         F.cross_entropy(model(x), y).backward()
 
 
-def test_torch_compile_is_refused_with_what_to_do() -> None:
-    model, opt = tiny()
-    with pytest.raises(UnsupportedModuleError, match=r"torch.compile.*model._orig_mod"):
-        InRunShapley(torch.compile(model), opt, val_loss=per_example_val)
-
-
-def test_trainer_passes_the_trainers_own_error_for_a_compiled_model(tmp_path) -> None:
+def test_trainer_values_a_compiled_model_past_the_trainers_own_error(tmp_path) -> None:
     import datasets
     from test_hf import TRAIN, VAL, gpt2, sgd, training_args
 
@@ -139,7 +133,8 @@ def test_trainer_passes_the_trainers_own_error_for_a_compiled_model(tmp_path) ->
     ds = datasets.Dataset.from_dict({"id": list(range(len(TRAIN))), "input_ids": TRAIN.tolist(), "labels": TRAIN.tolist()})
 
     def trainer(model: nn.Module, **args) -> InRunTrainer:
-        return InRunTrainer(model=model, args=training_args(tmp_path, max_steps=1, save_strategy="no", **args),
+        args = {"max_steps": 1, "save_strategy": "no", **args}
+        return InRunTrainer(model=model, args=training_args(tmp_path, **args),
                             train_dataset=ds, optimizers=sgd(model),
                             inrun_val_loss=lambda m: m(input_ids=VAL, labels=VAL).loss)
 
@@ -148,9 +143,12 @@ def test_trainer_passes_the_trainers_own_error_for_a_compiled_model(tmp_path) ->
     # collator then failed with KeyError: 'input_ids').
     with pytest.raises(ValueError, match="No columns in the dataset match the model's forward method signature"):
         trainer(torch.compile(gpt2())).train()
-    # Past it, the tracker refuses the compiled model and says what to do.
-    with pytest.raises(UnsupportedModuleError, match=r"torch.compile.*torch_compile=False"):
-        trainer(torch.compile(gpt2()), remove_unused_columns=False).train()
+    # Past it, the compiled model is valued: every example of the two steps.
+    model = gpt2()
+    model.loss_type = "ForCausalLM"  # unset, transformers warns inside forward: a graph break per call
+    tr = trainer(torch.compile(model, backend="aot_eager"), remove_unused_columns=False, max_steps=2)
+    tr.train()
+    assert sorted(tr.inrun_values().keys()) == list(range(8))  # 2 steps of 2 micro-batches of 2
 
 
 def test_public_names() -> None:

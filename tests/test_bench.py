@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from inrun.cli import bench
 from inrun.cli.bench import floors, main, mlp_workload
 
 
@@ -24,6 +25,20 @@ def test_floors_count_the_added_work() -> None:
     # Every method adds the validation pass (32 rows against a batch of 256: 1/8 of training).
     assert f["order 1 + book-keeping"] == 1 + 32 / 256
     assert f["plain"] == 1.0 < f["order 1 + book-keeping"] < f["order 1"] < f["order 2 trapezoid"]
+
+
+def test_bench_compiled_workload_prints_its_ratios(capsys, monkeypatch) -> None:
+    """Workload C at a tiny size, on the aot_eager backend: the four rows, compiled order 1's ratio
+    to compiled plain, and the compiled-against-eager line."""
+    tiny = bench.gpt2_workload("C", 1, 16, 2, 4, 8, 8, methods=bench.COMPILED_METHODS, vocab=40)
+    monkeypatch.setitem(bench.WORKLOADS, "C", lambda: tiny)
+    assert main(["--workloads", "C", "--steps", "2", "--rounds", "1", "--warmup", "2", "--threads", "1",
+                 "--no-memory", "--compile-backend", "aot_eager"]) == 0
+    out = capsys.readouterr().out
+    rows = {m.group(1): m for m in re.finditer(r"^\| ([^|]+?) \| (\d+) \| ([\d.]+)x \| ([\d.]+)x \|", out, re.M)}
+    assert set(rows) == set(bench.COMPILED_METHODS)
+    assert float(rows["plain"].group(3)) == 1.0 and float(rows["compiled order 1"].group(3)) > 0
+    assert re.search(r"Compiled against eager: plain [\d.]+x, tracked [\d.]+x", out)
 
 
 def test_bench_waits_for_the_device_before_each_clock_reading() -> None:

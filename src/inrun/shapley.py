@@ -17,7 +17,7 @@ The second-order term gives the diagonal ``g_zᵀHg_z`` to ``z`` and splits each
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -43,15 +43,28 @@ def trapezoid(start: Tensor, end: Tensor) -> Tensor:
     return (start + end) / 2
 
 
-def weighted(weights: Sequence[Tensor | None], vectors: Sequence[Tensor]) -> list[Tensor]:
+def weighted(weights: Sequence[Tensor | Callable[[Tensor], Tensor] | None], vectors: Sequence[Tensor]) -> list[Tensor]:
     """Per parameter ``w ⊙ vector``, ``[K, *shape]``: ``w`` is a 0-dim tensor (a scalar rule's
     coefficient), a per-coordinate tensor (an elementwise rule's slope) or ``None`` (the
     parameter does not move). Stays on the device: no host sync."""
-    out = []
-    for w, v in zip(weights, vectors):
-        if w is None:
-            out.append(torch.zeros_like(v))
-        else:
-            w = w.to(device=v.device, dtype=v.dtype)
-            out.append((w.unsqueeze(0) if w.dim() > 0 else w) * v)
-    return out
+    return [weigh(w, v) for w, v in zip(weights, vectors)]
+
+
+def weigh(w: Tensor | Callable[[Tensor], Tensor] | None, v: Tensor) -> Tensor:
+    """One parameter's ``[K, *shape]`` vectors through its weight: a scalar, a per-coordinate
+    slope, a function (``v -> Jᵀ v``, a step that is a map of the whole gradient) or ``None``."""
+    if w is None:
+        return torch.zeros_like(v)
+    if callable(w):
+        return w(v).to(v.dtype)
+    w = w.to(device=v.device, dtype=v.dtype)
+    return (w.unsqueeze(0) if w.dim() > 0 else w) * v
+
+
+def scaled(weight: Tensor | Callable[[Tensor], Tensor] | None, factor: Tensor) -> Tensor | Callable[[Tensor], Tensor] | None:
+    """A rule's slope or pull-back (``v -> Jᵀ v``) times a scalar factor (``−`` the clip ratio)."""
+    if weight is None:
+        return None
+    if callable(weight):
+        return lambda v: weight(v) * factor.to(device=v.device, dtype=v.dtype)
+    return weight * factor.to(weight.dtype)

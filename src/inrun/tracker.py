@@ -94,7 +94,7 @@ class InRunShapley:
     A repeated row id within one optimizer step raises :class:`~inrun.BatchMismatchError` (a
     document continued in a later micro-batch is one player). Padding: ``docs/guide-pytorch.md``.
     Clipping, scaling, :meth:`unattributed`, several optimizers, coupled losses: ``docs/loops.md``.
-    ``torch.compile`` is refused (:class:`~inrun.UnsupportedModuleError`): pass the module.
+    ``torch.compile`` (the model compiled before or after the tracker is made): ``docs/compile.md``.
 
     Example:
         >>> tracker = InRunShapley(model, opt, val_loss=lambda m: loss_fn(m(xv), yv))  # doctest: +SKIP

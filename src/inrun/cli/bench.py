@@ -19,7 +19,11 @@ sequence; S = GPT-2 n_layer=2, n_embd=768, vocab 4096, 8 x 256 tokens, 1 validat
 parts, inrun.layers.attention), 16 x 128 tokens; A = R's GPT-2 trained the way people train it: AdamW (and SGD for
 comparison), gradient accumulation of 4 micro-batches of 8 x 128 per optimizer step, 1 validation
 sequence; L = R's GPT-2 with LoRA adapters of rank 8 on attention and MLP, the base frozen (only
-the adapters train and are valued). A method that cannot run on a workload (per-example ``vmap``
+the adapters train and are valued); C = R's GPT-2 under ``torch.compile`` (inductor): compiled
+plain training, the compiled model tracked (its dots taken inside the graph, the tracker made
+first), beside eager plain and eager tracked training; compiled order 1's ratio is to compiled
+plain, and the line under the table compares the compiled and eager tracked steps (compile time
+is spent in the warm-up steps, not timed). A method that cannot run on a workload (per-example ``vmap``
 over data-dependent expert routing) is listed with the reason; A and L run their own list of
 methods by default. GPT-2 runs its default attention (SDPA); the Hessian variant's
 Hessian-vector products run SDPA's math backend, which has a double backward.
@@ -81,6 +85,8 @@ class Workload:
     equal parts, each its own forward/backward (and ``tracker.step``) of the loss / ``micro``."""
     methods: tuple[str, ...] | None = None
     """The methods run by default (``None``: all)."""
+    compile_backend: str = "inductor"
+    """``torch.compile``'s backend for the compiled methods."""
 
     @property
     def examples(self) -> int:
@@ -267,12 +273,14 @@ ACCUMULATION_METHODS = ("plain", "order 1", "order 1 + book-keeping", "order 2 t
                         "Adam-aware order 1", "plain + validation pass")
 LORA_METHODS = ("plain", "order 1", "plain AdamW", "Adam-aware order 1", "torch.func per-example",
                 "plain + validation pass")
+COMPILED_METHODS = ("plain", "order 1", "compiled plain", "compiled order 1")
 
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "R": lambda: gpt2_workload("R", 4, 256, 4, 16, 128, 128),
     "S": lambda: gpt2_workload("S", 2, 768, 12, 8, 256, 128),
     "A": lambda: gpt2_workload("A", 4, 256, 4, 32, 128, 128, micro=4, methods=ACCUMULATION_METHODS),
     "L": lambda: gpt2_workload("L", 4, 256, 4, 16, 128, 128, lora=8, methods=LORA_METHODS),
+    "C": lambda: gpt2_workload("C", 4, 256, 4, 16, 128, 128, methods=COMPILED_METHODS),
     "M": mlp_workload,
     "E": moe_workload,
     "T": encoder_workload,
@@ -290,6 +298,8 @@ class Method:
         self.w = w
         self.model = w.make_model()
         self.model.train()
+        self.runner = self.model
+        """What the loop calls: the model, or its compiled wrapper."""
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.optimizer == "adamw":
             self.opt: torch.optim.Optimizer = torch.optim.AdamW(trainable, lr=w.lr)
@@ -307,7 +317,7 @@ class Method:
         self.opt.zero_grad(set_to_none=True)
 
     def backward(self, batch: tuple, ids: list[int]) -> None:
-        (self.w.loss(self.model, batch) / self.w.micro).backward()
+        (self.w.loss(self.runner, batch) / self.w.micro).backward()
 
 
 class PlainAdam(Method):
@@ -347,6 +357,26 @@ class PlainPlusValidation(Method):
 
 def tracked(name: str, optimizer: str = "sgd", **options: Any) -> type[Tracked]:
     return type(name, (Tracked,), {"name": name, "optimizer": optimizer, "options": options})
+
+
+class CompiledPlain(Method):
+    """Plain training of ``torch.compile(model)`` (inductor)."""
+
+    name = "compiled plain"
+
+    def setup(self) -> None:
+        super().setup()
+        self.runner = torch.compile(self.model, backend=self.w.compile_backend)
+
+
+class CompiledTracked(Tracked):
+    """The tracker made on the model, then the model compiled: the dots inside the graph."""
+
+    name = "compiled order 1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.runner = torch.compile(self.model, backend=self.w.compile_backend)
 
 
 class TorchFuncBaseline(Method):
@@ -410,8 +440,10 @@ METHODS: dict[str, type[Method]] = {
     "torch.func per-example": TorchFuncBaseline,
     "batch-size-1 loop": BatchOneBaseline,
     "plain + validation pass": PlainPlusValidation,
+    "compiled plain": CompiledPlain,
+    "compiled order 1": CompiledTracked,
 }
-BASELINE_OF = {"Adam-aware order 1": "plain AdamW"}
+BASELINE_OF = {"Adam-aware order 1": "plain AdamW", "compiled order 1": "compiled plain"}
 
 
 # ----------------------------------------------------------------------------- FLOP floors
@@ -439,6 +471,9 @@ def floors(w: Workload) -> dict[str, float]:
         "order 2 trapezoid": 1 + (val_pass + 2 * best) / train,
         "order 2 hessian": 1 + (3 * val_pass + best + vector) / train,
         "Adam-aware order 1": 1 + (val_pass + vector) / train,
+        "compiled plain": 1.0,
+        # inside the graph the dots take the vector route (the validation pass runs eagerly)
+        "compiled order 1": 1 + (val_pass + vector) / train,
         "torch.func per-example": 1 + val_pass / train,
         "batch-size-1 loop": 1 + val_pass / train,
     }
@@ -545,7 +580,9 @@ def _status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def memory_probe(workload: str, method: str, steps: int, warmup: int = 2, device: torch.device | None = None) -> float:
+def memory_probe(
+    workload: str, method: str, steps: int, warmup: int = 2, device: torch.device | None = None, backend: str = "inductor",
+) -> float:
     """Peak memory (bytes) of ``method``'s steady-state steps above what the process held before
     its first step, in this fresh process: ``warmup`` steps run first (the first step's row
     verification replays the model once, a cost of the first step only), then the peak is reset
@@ -557,6 +594,7 @@ def memory_probe(workload: str, method: str, steps: int, warmup: int = 2, device
     device = device or torch.device("cpu")
     cuda = device.type == "cuda"
     w = on_device(WORKLOADS[workload](), device)
+    w.compile_backend = backend
     m = METHODS[method](w)
     B = w.batches[0][0].shape[0]
     if cuda:
@@ -579,14 +617,15 @@ def memory_probe(workload: str, method: str, steps: int, warmup: int = 2, device
     return float(_status_kib("VmHWM") * 1024 - base)
 
 
-def measure_memory(workload: str, names: list[str], device: torch.device) -> dict[str, float]:
+def measure_memory(workload: str, names: list[str], device: torch.device, backend: str = "inductor") -> dict[str, float]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = {}
     for n in names:
         if (workload, n) in FAILURES:
             continue
         res = subprocess.run(
-            [sys.executable, "-m", "inrun.cli.bench", "--memory-probe", workload, n, "--device", str(device)],
+            [sys.executable, "-m", "inrun.cli.bench", "--memory-probe", workload, n, "--device", str(device),
+             "--compile-backend", backend],
             capture_output=True, text=True, check=True, env=env,
         )
         out[n] = json.loads(res.stdout.strip().splitlines()[-1])["bytes"]
@@ -605,6 +644,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: models and data on the GPU, clocks read "
                         "after torch.cuda.synchronize()")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled methods")
     parser.add_argument("--memory-probe", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     return parser
 
@@ -616,7 +656,7 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     if args.memory_probe:
-        print(json.dumps({"bytes": memory_probe(*args.memory_probe, steps=3, device=device)}))
+        print(json.dumps({"bytes": memory_probe(*args.memory_probe, steps=3, device=device, backend=args.compile_backend)}))
         return 0
     unknown = [n for n in (args.methods or "").split(",") if n.strip() and n.strip() not in METHODS]
     unknown += [w for w in args.workloads.split(",") if w not in WORKLOADS]
@@ -628,10 +668,11 @@ def run(args: argparse.Namespace) -> int:
           f"load average {os.getloadavg()[0]:.2f} at the start\n")
     for wname in args.workloads.split(","):
         w = WORKLOADS[wname]()
+        w.compile_backend = args.compile_backend
         names = chosen or list(w.methods or METHODS)
         print(f"### Workload {wname}: {w.notes}", file=sys.stderr)
         times = time_methods(on_device(w, device), names, args.steps, args.warmup, args.rounds, Clock(device))
-        memory = {} if args.no_memory else measure_memory(wname, names, device)
+        memory = {} if args.no_memory else measure_memory(wname, names, device, args.compile_backend)
         floor = floors(w)
         print(f"### Workload {wname}: {w.notes}\n")
         print(f"(load average {os.getloadavg()[0]:.2f} after the timing)\n")
@@ -650,12 +691,21 @@ def run(args: argparse.Namespace) -> int:
             mib = memory[n] / 2**20 if memory else float("nan")
             print(f"| {n} | {med * 1000:.0f} | {ratio:.2f}x | {cpu:.2f}x | {floor[n]:.2f}x | {ratio / floor[n]:.2f} "
                   f"| {statistics.median(times[n].faults):.0f} | {mib:.0f} | {mem:.2f}x |")
+        if "compiled order 1" in times and "order 1" in times:
+            print(f"\nCompiled against eager: plain {ratio_of(times, 'compiled plain', 'plain'):.2f}x, "
+                  f"tracked {ratio_of(times, 'compiled order 1', 'order 1'):.2f}x (median step times).")
         if "plain + validation pass" in times and "plain" in times:
             share = statistics.median(times["plain + validation pass"].wall) / statistics.median(times["plain"].wall) - 1
             print(f"\nValidation pass: measured {100 * share:+.1f}% of a plain step, FLOP share "
                   f"{100 * (floor['plain + validation pass'] - 1):+.1f}%.")
         print()
     return 0
+
+
+def ratio_of(times: dict[str, Any], method: str, base: str) -> float:
+    if method not in times or base not in times:
+        return float("nan")
+    return statistics.median(times[method].wall) / statistics.median(times[base].wall)
 
 
 def main(argv: list[str] | None = None) -> int:

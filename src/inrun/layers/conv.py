@@ -20,6 +20,7 @@ class ConvHandler(LayerHandler):
     name = "conv"
     autocast_input = True
     math_methods = ("forward", "_conv_forward")
+    traceable = True
     param_names = ("weight", "bias")
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:

@@ -22,6 +22,7 @@ class EmbeddingHandler(LayerHandler):
     name = "embedding"
     param_names = ("weight",)
     row_sparse = True
+    traceable = True
 
     def check(self, module: nn.Module) -> None:
         if module.scale_grad_by_freq:

@@ -60,6 +60,7 @@ class LinearHandler(LayerHandler):
     param_names = ("weight", "bias")
     supports_gram = True
     supports_bookkeeping = True
+    traceable = True
     autocast_input = True
     transposed = False
 

@@ -82,6 +82,7 @@ class _AffineNormHandler(LayerHandler):
 
 class LayerNormHandler(_AffineNormHandler):
     name = "layernorm"
+    traceable = True
 
     def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
         return x.dim() - len(module.normalized_shape) >= 2
@@ -92,6 +93,7 @@ class LayerNormHandler(_AffineNormHandler):
 
 class RMSNormHandler(_AffineNormHandler):
     name = "rmsnorm"
+    traceable = True
 
     def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
         return x.dim() - len(module.normalized_shape) >= 2
@@ -104,6 +106,7 @@ class GroupNormHandler(_AffineNormHandler):
     """``[B, C, *spatial]``: per-channel parameters, summed over the spatial positions."""
 
     name = "groupnorm"
+    traceable = True
 
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.group_norm(x, module.num_groups, None, None, module.eps)

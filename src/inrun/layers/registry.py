@@ -89,6 +89,9 @@ class LayerHandler:
     convolutions): its kept input is stored at that precision."""
     replays_calls: ClassVar[bool] = False
     """``dot`` re-runs the module's call (it needs the random-number state the call started from)."""
+    traceable: ClassVar[bool] = False
+    """:meth:`capture` returns one tensor and :meth:`dot` is tensor math dynamo can trace: under
+    ``torch.compile`` the dots are taken inside the graph (:mod:`inrun.tracking.compiled`)."""
     param_names: ClassVar[tuple[str, ...] | None] = None
     """The parameters the handler values (``None``: any). A module with other parameters of its own
     (a legacy ``weight_norm``'s ``weight_g``/``weight_v``, whose ``weight`` a forward pre-hook

@@ -28,6 +28,8 @@ class StepAccounts:
         if carry_ledger is not None and isinstance(update, RuleSet):
             raise UnsupportedOptimizerError(
                 "carry='momentum' follows one optimizer's momentum and this run steps several: use carry='off'")
+        if carry_ledger is not None and getattr(update, "carry_refusal", None):
+            raise UnsupportedOptimizerError(update.carry_refusal)
         self.drops = DropLog(validation.loss_here, table.params)
         self.carry = None if carry_ledger is None else Carry(update, table, carry_ledger, self.drops, carry_window, ddp)
 

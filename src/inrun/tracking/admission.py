@@ -18,7 +18,6 @@ MAX_ID_CHARS = 1000  # an id is a key: printed in tables, stored once per value;
 def admit_model(model: Any, val_loss: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    refuse_compiled(model)
     meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
     if meta is not None:
         raise UnsupportedModuleError(
@@ -28,22 +27,6 @@ def admit_model(model: Any, val_loss: Any) -> None:
         )
     if not callable(val_loss):
         raise TypeError("val_loss must be a callable taking the model and returning a loss")
-
-
-def refuse_compiled(model: nn.Module) -> None:
-    """``torch.compile`` and the tracker's hooks: refused, with what to do instead."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    where = [name or "the model" for name, m in model.named_modules()
-             if isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None]
-    if where:
-        raise UnsupportedModuleError(
-            f"{where[0]} is compiled with torch.compile: the tracker's per-layer hooks see a new "
-            "micro-batch every step, so the compiled graph would be recompiled at every step until "
-            "torch's recompile limit and then run eagerly anyway. Pass the module before "
-            "torch.compile (for a compiled model: model._orig_mod) to InRunShapley and train "
-            "with it; with the Hugging Face Trainer set TrainingArguments(torch_compile=False)."
-        )
 
 
 def repeated_id_error(ids: list, where: str) -> BatchMismatchError:

@@ -57,6 +57,8 @@ class Bookkeeping:
         self.overrides.append((module, previous))
 
     def _maybe_call(self, entry: Entry, x: Any) -> Tensor | None:
+        if torch.compiler.is_compiling():
+            return None  # a compiled graph taps the call instead (tracking/compiled.py)
         active = self.active()
         if active is None or not torch.is_grad_enabled() or torch.is_autocast_enabled():
             return None

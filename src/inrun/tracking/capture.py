@@ -1,6 +1,7 @@
 """Capture hooks: what each tracked module's forward call keeps, and its output-gradient hook.
 
-One forward hook per tracked module, installed once; it hands each call to the *active
+One forward hook per tracked module, installed once; traced by ``torch.compile`` it taps the
+call inside the graph (:mod:`inrun.tracking.compiled`); run eagerly it hands each call to the *active
 recorder*, which is what the tracker is doing right now: ``None`` (nothing: the user's own
 evaluation, a handler re-running a module), a :class:`TrainRecorder` (inside
 ``tracker.step(ids)``) or a :class:`ValidationRecorder` (the validation pass keeping the
@@ -22,6 +23,7 @@ from ..errors import StepOrderError
 from ..layers import Rows
 from ..layers.parts import PartCall, PartHandler, PartInput
 from . import rows as row_maps
+from .compiled import GraphTaps, traced_call
 from .entries import Entry
 from .kept import activation_storages, at_compute_dtype, own_leaf_tensors, versions
 from .replay import BufferWatch
@@ -43,6 +45,7 @@ class Hooks:
         self.active: Recorder | None = None
         self.handles: list[Any] = []
         self.call_rng: dict[int, Tensor] = {}  # entry -> RNG state at its call's start (replaying handlers)
+        self.graph = GraphTaps()  # what a hook reads when dynamo traces it
         self.taps: dict[int, ModuleTaps] = {}  # module -> the taps of the parts valued inside it
         self.call_buffers: dict[int, Any] = {}  # entry -> its buffers at its call's start (replaying handlers)
         self.buffers_before: dict[int, dict[str, Tensor]] = {}  # entry -> what its last call changed, as before
@@ -67,6 +70,8 @@ class Hooks:
 
     def _pre_hook(self, entry: Entry) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple) -> None:
+            if torch.compiler.is_compiling():
+                return
             if isinstance(self.active, TrainRecorder) and entry.active:
                 self.call_rng[entry.index] = torch.get_rng_state()
                 self.call_buffers[entry.index] = self.buffer_watch.before(module)
@@ -74,7 +79,11 @@ class Hooks:
         return hook
 
     def _hook(self, entry: Entry) -> Callable[..., Any]:
+        key = self.graph.key  # traced, the hook reaches its taps through a global, not self
+
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if torch.compiler.is_compiling():
+                return traced_call(key, entry, args, kwargs, output)
             seen = self.call_buffers.pop(entry.index, None)
             if seen is not None:  # learned from every call, captured or not
                 self.buffers_before[entry.index] = self.buffer_watch.changed(module, seen)
@@ -101,6 +110,7 @@ class Hooks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.graph.close()
         for taps in self.taps.values():
             taps.remove()
         self.taps.clear()

@@ -39,6 +39,7 @@ from .audit import AuditConfig, StepAudit
 from .bookkeeping import Bookkeeping
 from .capture import Hooks, TrainRecorder
 from .check import ConsistencyCheck, column_sum
+from .compiled import STALE_GRAPH, add_graph_dots, graph_probe, is_compiled, unwrap
 from .config import TrackerConfig
 from .cost import StepCost
 from .coupled import CoupledLoss, CouplingWatch, attach
@@ -58,14 +59,6 @@ from .state import Capture, Ledger, MicroBatch, Plan, StepLog, Window
 from .validation import Validation, ValidationPass
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel."""
-    inner = model
-    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        inner = inner.module
-    return inner
-
-
 class StepEngine:
     """Every part of the tracker, wired together; :class:`~inrun.InRunShapley` is its facade."""
 
@@ -74,7 +67,7 @@ class StepEngine:
         ledger: Ledger, audit: AuditConfig | None = None, carry_ledger: Ledger | None = None,
     ) -> None:
         self.config = config
-        self.module = unwrap_model(model)
+        self.module, ddp = unwrap(model)
         self.optimizers = optimizer_list(optimizer)
         self.optimizer = self.optimizers[0]
         options = {"proxy": config.proxy, "adam": config.adam}
@@ -85,7 +78,8 @@ class StepEngine:
         self.table.warn_missing_from(self.optimizers)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # DDP (see inrun.tracking.ddp): its process group; None for a single process.
-        self.ddp = DDPSync.of(model) if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        self.ddp = DDPSync.of(ddp) if ddp is not None else None
+        self.compiled = is_compiled(model)
         self.policy = RoutePolicy(config)
         self.hooks = Hooks(self.entries)
         self.validation = ValidationPass(
@@ -137,6 +131,7 @@ class StepEngine:
         t0 = time.perf_counter()
         opening = self.window is None
         recorder = self.open_microbatch(id_list, seg, token_values)
+        probe, reason = graph_probe(self, len(id_list), documents=seg is not None)
         t1 = time.perf_counter()
         # a loss that couples the rows, undeclared: watched while rows are being proven
         watch = (CouplingWatch(self.root_calls.inside, len(id_list)) if self.declared is None and seg is None
@@ -144,7 +139,9 @@ class StepEngine:
         self.root_calls.coupling = watch
         try:
             self.window_ids.add(self.window, id_list, documents=seg is not None)
-            with self.hooks.recording(recorder), watch or contextlib.nullcontext():
+            with self.hooks.recording(recorder), watch or contextlib.nullcontext(), self.hooks.graph.block(
+                probe, self.validation.current.grads, reason, self.compiled,
+            ):
                 yield
         except BaseException as exc:
             self.root_calls.coupling = None
@@ -152,7 +149,7 @@ class StepEngine:
             raise
         t2 = time.perf_counter()
         self.root_calls.coupling = None
-        self.close_microbatch(recorder, None)
+        self.close_microbatch(recorder, None, probe)
         if timed:
             self.cost.add(opening, t1 - t0, t2 - t1)
 
@@ -237,7 +234,7 @@ class StepEngine:
         """The model's output gradients are kept for the row verification, and on audited steps."""
         return self._verifying() or self.declared is not None or (self.audit is not None and self.audit.recording)
 
-    def close_microbatch(self, recorder: TrainRecorder, error: BaseException | None) -> None:
+    def close_microbatch(self, recorder: TrainRecorder, error: BaseException | None, probe: Tensor | None = None) -> None:
         verify = self._verifying()
         recorder.open = False
         self.recorder = None
@@ -250,11 +247,13 @@ class StepEngine:
                 window.doomed = f"{type(error).__name__} inside tracker.step()"
             return
         mb = recorder.microbatch
+        if probe is not None and probe.grad is not None:
+            add_graph_dots(self, mb, probe.grad)
         if mb.fired == 0 and not any(g is not None for c in calls for g in c.grads):
             window.doomed = "no backward pass reached a tracked layer inside tracker.step()"
             raise StepOrderError(
                 "no backward pass reached a tracked layer inside tracker.step(ids): call "
-                "loss.backward() inside the `with tracker.step(ids):` block"
+                "loss.backward() inside the `with tracker.step(ids):` block" + ("" if probe is None else STALE_GRAPH)
             )
         try:
             if verify:

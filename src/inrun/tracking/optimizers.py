@@ -90,6 +90,13 @@ class RuleSet:
                 out[i] = s
         return out
 
+    def pullbacks(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Any]:
+        out: list[Any] = [None] * len(params)
+        for rule, rows in self._parts(params):
+            for i, s in zip(rows, rule.pullbacks([params[i] for i in rows], [grads[i] for i in rows])):
+                out[i] = s
+        return out
+
     def data_free_step(self, params: Sequence[Tensor]) -> list[Tensor] | None:
         out = [torch.zeros_like(p) for p in params]
         moved = False

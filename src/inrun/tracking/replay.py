@@ -225,7 +225,7 @@ class RootCalls:
         return bool(self._starting)
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.batch is None or not torch.is_grad_enabled():
+        if torch.compiler.is_compiling() or self.batch is None or not torch.is_grad_enabled():
             return
         cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
         autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
@@ -247,7 +247,7 @@ class RootCalls:
         self._buffers.append(self.watch.before(module))
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.batch is None or not self._starting:
+        if torch.compiler.is_compiling() or self.batch is None or not self._starting:
             return
         call = self._starting.pop()
         call.buffers_before = self.watch.changed(module, self._buffers.pop())

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import shapley
-from ..errors import StepOrderError
+from ..errors import StepOrderError, UnsupportedOptimizerError
 from ..optim import UpdateRule
 from .check import ConsistencyCheck, column_sum
 from .config import TrackerConfig
@@ -122,7 +122,7 @@ class ValueRule:
         against the examples' summed gradient."""
         if window.check_terms is None or not rows:
             return
-        vectors = [None if w is None or i not in rows else w.to(v.dtype) * column_sum(v)
+        vectors = [None if w is None or i not in rows else shapley.weigh(w, column_sum(v).unsqueeze(0))[0]
                    for i, (w, v) in enumerate(zip(weights, val.grads))]
         terms = self.check.terms([dots], smap.batch, vectors, ratio=smap.share_tensor(), sum_over_ranks=True)
         index = torch.tensor(rows, device=dots.device, dtype=torch.long)
@@ -131,8 +131,14 @@ class ValueRule:
     def _first_order_elementwise(self, window: Window, smap: StepMap, val: Validation) -> Tensor:
         params = self.table.params
         grads = self.table.grads()
-        slopes = self.update.slopes(params, grads)
+        slopes = self.update.pullbacks(params, grads)  # a slope D, or v -> Jᵀ v (Muon, Adafactor)
         if smap.offset:
+            if mapped := [self.table.names[i] for i in smap.offset if callable(slopes[i])]:
+                raise UnsupportedOptimizerError(
+                    f"{mapped[0]}: a gradient changed by nobody's part (tracker.unattributed, an extra loss) "
+                    f"under {self.update.name}, whose step is a map of the whole gradient, is not valued. "
+                    "Call backward of that part inside tracker.step(ids), or use SGD/Adam for this run"
+                )
             # nobody's part E' of what the optimizer reads: the data part is f(x) − f(E')
             at_offset = self.update.slopes(params, [smap.offset.get(i) for i in range(len(params))])
         multipliers: list[Tensor | None] = []
@@ -148,11 +154,12 @@ class ValueRule:
                 m = torch.where(nonzero, step / torch.where(nonzero, g_b, torch.ones_like(g_b)), s * factor.to(s.dtype))
                 multipliers.append(-m * smap.share)
             else:
-                multipliers.append(s * (-factor * smap.share).to(s.dtype))
+                multipliers.append(shapley.scaled(s, -factor * smap.share))
         window.multipliers = multipliers
         dots = contract_window(window, len(self.table), shapley.weighted(window.multipliers, val.grads),
                                record_route=True, tokens=True)
-        weights = [None if m is None else m.to(v.dtype) * column_sum(v) for m, v in zip(window.multipliers, val.grads)]
+        weights = [None if m is None else shapley.weigh(m, column_sum(v).unsqueeze(0))[0]
+                   for m, v in zip(window.multipliers, val.grads)]
         # g_B is the sum of the per-example gradients over the (global) batch, so under DDP this
         # rank's sums are added over the ranks (one all-reduce)
         window.check_terms = self.check.terms([dots], smap.batch, weights, ratio=smap.share_tensor(),

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ... import exact
 from ...modes import evaluating
+from ...shapley import scaled, weigh
 from ..replay import RootCall, weighted_gradients
 from ..state import StepState, Window
 from .config import AuditConfig, AuditError, Precision
@@ -313,22 +314,22 @@ class StepAudit:
         start = {n: theta[n] + (0 if shift is None else shift[i].to(dtype)) for i, n in enumerate(names)}
         with evaluating(model, eval_mode):
             g_start = gradient(loss_module, start)
-        # per parameter: the weight w_p of the dot <g_z, w_p ⊙ g_val> (a scalar c_p, or −r D_p)
+        # per parameter: the weight w_p of the dot <g_z, w_p(g_val)>: a scalar c_p, −r D_p, or −r Jᵀ
         if upd.elementwise:
             x = [(ratio[i].to(p.dtype) * summed[n].to(p.dtype)) for i, (n, p) in enumerate(zip(names, table.params))]
-            slopes = upd.slopes(table.params, x)
+            slopes = upd.pullbacks(table.params, x)
             weights: list[Any] = [
-                torch.zeros_like(theta[n]) if s is None else (-ratio[i].to(dtype) * s.to(dtype))
+                torch.zeros_like(theta[n]) if s is None else scaled(s if callable(s) else s.to(dtype), -ratio[i].to(dtype))
                 for i, (n, s) in enumerate(zip(names, slopes))
             ]
         else:
             coef = upd.scalar_coefficients(table.params) * ratio.to(torch.float64).cpu()
-            weights = [float(c) for c in coef]
+            weights = list(coef)
 
         def values_with(vectors: Mapping[str, Tensor]) -> Tensor:
             total = torch.zeros(next(iter(per_example.values())).shape[0], dtype=torch.float64)
             for i, n in enumerate(names):
-                v = weights[i] * vectors[n]
+                v = weigh(weights[i], vectors[n].unsqueeze(0))[0]
                 total += (per_example[n].flatten(1).double() @ v.flatten().double()).cpu()
             return total
 
