@@ -11,7 +11,7 @@
 # and the load average; each workload's wall time goes to stderr and the file.
 #
 # Time on an idle 2-core machine: about 25 minutes for R S A T E (R ~6, S ~6, A ~8, T ~2, E ~2);
-# add L and M (~5 more) with WORKLOADS="R S A T E L M". STEPS=N overrides the step count (>= 20
+# add L and M (~5 more) with WORKLOADS="R S A T E L M", C (torch.compile, issue 25) with "... C". STEPS=N overrides the step count (>= 20
 # for results). REGRESSION=1 also runs benchmarks/regression_a.py against 2ad8569 (~10 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,7 @@ declare -A METHODS=(
   [M]="$order1,order 2 trapezoid,order 2 hessian,plain AdamW,Adam-aware order 1,torch.func per-example,batch-size-1 loop"
   [E]="plain,order 1,plain + validation pass,torch.func per-example"  # against per-example gradients
   [T]="plain,order 1,plain + validation pass,torch.func per-example"
+  [C]=""  # the workload's own list: compiled plain and order 1 beside eager plain and order 1 (issue 25)
 )
 
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)

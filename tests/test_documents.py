@@ -244,10 +244,13 @@ def test_segments_are_checked() -> None:
         model(input_ids=b["input_ids"][:, :5]).logits.sum().backward()
 
 
-def test_the_documents_page_runs() -> None:
+def test_the_documents_page_runs(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gzip
+    import json
     import re
     from pathlib import Path
 
+    monkeypatch.chdir(tmp_path)  # (its export writes a corpus and its attribute files)
     page = Path(__file__).resolve().parents[1] / "docs" / "documents.md"
     code = "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
     scope: dict = {"__name__": "documents_page"}
@@ -257,3 +260,8 @@ def test_the_documents_page_runs() -> None:
     (step, rows, positions, token) = scope["tracker"].token_values().of("b")[0]
     assert step == 0 and list(positions) == [3, 4, 5, 6, 7]
     np.testing.assert_allclose(token.sum(), values["b"], rtol=1e-6)
+    with gzip.open(tmp_path / "corpus/attributes/inrun/2024/part-0.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["id"] for r in rows] == ["doc-a", "doc-b", "doc-c"]
+    assert rows[2]["attributes"] == {"inrun__count": [[0, 5, 1]], "inrun__value": [[0, 5, -0.25]]}
+    assert rows[1]["attributes"] == {"inrun__count": [[0, 9, 0]]}

@@ -58,11 +58,14 @@ def test_refuses_non_finite_and_bad_shapes() -> None:
     assert len(ledger) == 0
 
 
-def test_mixed_id_types_cannot_be_saved(tmp_path) -> None:
+def test_mixed_id_types_are_refused() -> None:
+    """One id type per ledger (they share one Parquet column): refused when added, not at save."""
     ledger = ValueLedger()
-    ledger.add(0, [1, "x"], np.ones((2, 1)))
     with pytest.raises(LedgerError, match="mix int and str"):
-        ledger.save(tmp_path)
+        ledger.add(0, [1, "x"], np.ones((2, 1)))
+    ledger.add(0, [1, 2], np.ones((2, 1)))
+    with pytest.raises(LedgerError, match="mix int and str"):
+        ledger.add(1, ["x"], np.ones((1, 1)))
 
 
 def test_load_refuses_a_directory_that_is_not_a_ledger(tmp_path) -> None:

@@ -309,7 +309,7 @@ LOOPS = [
     Loop("two optimizers, each clipped after the first stepped", optimizers=two, finish=lambda c: _clip_each(c),
          refused=(StepOrderError, "changed after the first optimizer.step()")),
     Loop("two optimizers stepping at different times (GAN-style)", optimizers=two, finish=lambda c: _alternate(c),
-         refused=(StepOrderError, "did not step before the next tracker.step()")),
+         refused=(StepOrderError, r"\(head.weight, head.bias\) when the step was valued but did not step")),
     Loop("a layer on the batch sorted by a key, sorted at the first step", model=Sorted,
          inputs=lambda x, t: x[x[:, 0].argsort()] if t == 0 else x),
     Loop("an expert capacity over the batch, filled from step 1", model=CapacityMoE, inputs=lambda x, t: _signs(x, t),

@@ -40,6 +40,7 @@ from ..run.config import (
 )
 from ..run.runner import RunInterrupted, RunStopped, train
 from ..store.rundir import SUMMARY_FILE, RunDir, config_diff
+from ..store.summary import packed_line, unit
 from ..tracking.config import TrackerConfig, option
 from .args import (
     EXIT_ERROR,
@@ -255,11 +256,13 @@ def print_summary(summary: dict[str, Any], console: Console, rows: int = 5) -> N
     seconds = summary.get("seconds")
     took = f" in {seconds:.0f} s" if seconds else ""
     console.print(
-        f"\n{summary['examples_valued']:,} examples valued{took}; training loss "
+        f"\n{summary['examples_valued']:,} {unit(summary)} valued{took}; training loss "
         f"{summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f}, validation loss "
         f"{summary['val_loss_first']:.3f} -> {summary['val_loss_final']:.3f}; "
-        f"{summary['negative_share']:.1%} of the examples have a negative value."
+        f"{summary['negative_share']:.1%} of the {unit(summary)} have a negative value."
     )
+    if summary.get("packed"):
+        console.print(escape(packed_line(summary) + "."))
     if summary["skipped_steps"]:
         console.print(f"[yellow]{len(summary['skipped_steps'])} step(s) skipped (non-finite loss or gradient)[/]")
     for title, key in (("Most helpful", "most_helpful"), ("Most harmful", "most_harmful")):

@@ -69,14 +69,12 @@ from ..files import write_json
 from ..store.examples import Examples, examples_from
 from ..store.ledger import ValueLedger, ValueTable
 from ..store.rundir import METRICS_FILE, Metrics, RunDir
-from ..store.writer import RunWriter, tracker_info
+from ..store.writer import TRACKER_FILE, RunWriter, tracker_info
 from ..tracker import InRunShapley, TrackerConfig
 from ..tracking.fsdp import FSDP2_HINT
 from .metrics import value_scalars
 
 logger = logging.getLogger(__name__)
-
-TRACKER_FILE = "tracker.json"
 
 
 @dataclass(frozen=True)

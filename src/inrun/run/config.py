@@ -184,6 +184,12 @@ class DataConfig:
         "stdlib: top-level packages to use (the data sources); default: a fixed list of 16", None
     )
     max_per_source: int | None = _help("keep at most this many training examples per source", None)
+    pack: bool | None = _help(
+        "stdlib: documents of whole lines and varying length (up to length bytes) packed several "
+        "to a row of length tokens, as pretraining packs them; each document is valued (its own "
+        "position_ids, so it attends only to itself)",
+        None,
+    )
     dataset: str | None = _help("sklearn: 'digits', 'iris', 'wine' or 'breast_cancer'", None)
     path: str | None = _help("file: a .jsonl, .txt (one example per line) or .parquet file", None)
     id_field: str = _help("file: the column with a unique int or str id per example", "id")
@@ -206,7 +212,7 @@ class DataConfig:
                 raise ConfigError(name, "must not be empty")
         if self.features is not None and (not self.features or len(set(self.features)) != len(self.features)):
             raise ConfigError("features", f"must name distinct columns, got {list(self.features)}")
-        _only_for(self, "kind", ("stdlib",), "packages")
+        _only_for(self, "kind", ("stdlib",), "packages", "pack")
         _only_for(self, "kind", ("sklearn",), "dataset")
         _only_for(self, "kind", ("file",), "path", "features", "label_field")
         if self.kind == "sklearn":

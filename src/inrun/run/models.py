@@ -121,6 +121,12 @@ def loss_function(data: ExampleSet) -> Callable[[nn.Module, Tensor, Tensor], Ten
     return classify_loss
 
 
+def packed_lm_loss(model: nn.Module, x: Tensor, y: Tensor, positions: Tensor) -> Tensor:
+    """The batch-mean loss of rows of packed documents: ``position_ids`` restart per document and
+    no cache is built, so that a Hugging Face causal LM attends only within each document."""
+    return model(input_ids=x, position_ids=positions, labels=y, use_cache=False).loss
+
+
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The torch optimizer over the model's trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]

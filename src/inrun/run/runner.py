@@ -70,8 +70,9 @@ from ..tracker import InRunShapley
 from ..version import __version__
 from .config import ConfigError, RunConfig, heal_config, saved_config
 from .data import ExampleSet, load_data
+from .data.packing import document_lengths, packed_batch
 from .hf_config import check_model_config
-from .models import build_model, build_optimizer, build_schedule, loss_function
+from .models import build_model, build_optimizer, build_schedule, loss_function, packed_lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def pick_device(name: str) -> torch.device:
 
 def run_metadata(config: RunConfig, model: nn.Module, train_set: ExampleSet, val_set: ExampleSet) -> dict[str, Any]:
     """What ``run.json`` records (and a resume checks)."""
+    packed = {} if train_set.packed is None else {"packed_rows": len(train_set.packed)}
     return {
         "format": RUN_FORMAT,
         "inrun_version": __version__,
@@ -152,6 +154,7 @@ def run_metadata(config: RunConfig, model: nn.Module, train_set: ExampleSet, val
         "validation_hash": val_set.fingerprint(),
         "n_train": len(train_set),
         "n_validation": len(val_set),
+        **packed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -370,7 +373,9 @@ class _Runner:
             self.val_x = self.val_x.to(next(model.parameters()).dtype)
         self.optimizer = build_optimizer(config.optimizer, model)
         self.schedule = build_schedule(config.schedule, self.optimizer, tc.steps)
-        self.order = DataOrder(len(self.train_set), tc.batch_size, config.seed)
+        packed = self.train_set.packed
+        self.order = DataOrder(len(packed) if packed is not None else len(self.train_set), tc.batch_size, config.seed)
+        self.lengths = document_lengths(self.train_set) if packed is not None else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.forced = forced
         self.update: _Update | None = None
@@ -491,14 +496,21 @@ class _Runner:
         """The forward, backward and optimizer step of ``step``: its loss, and why it was skipped
         (``None``: the update was applied)."""
         rows = self.order.rows(step)
-        x = self.train_set.inputs[rows].to(self.device)
-        y = self.train_set.targets[rows].to(self.device)
-        if x.is_floating_point():
-            x = x.to(self.params[0].dtype)
-        ids = [self.train_set.ids[r] for r in rows]
+        segments = None
+        if self.lengths is not None:  # rows of packed documents: one id per document
+            batch = packed_batch(self.train_set, rows, self.lengths)
+            ids, x, y, segments = batch.ids, batch.inputs.to(self.device), batch.targets.to(self.device), batch.segments
+            positions = batch.positions.to(self.device)
+            loss_fn: Any = lambda m, x, y: packed_lm_loss(m, x, y, positions)  # noqa: E731
+        else:
+            x = self.train_set.inputs[rows].to(self.device)
+            y = self.train_set.targets[rows].to(self.device)
+            if x.is_floating_point():
+                x = x.to(self.params[0].dtype)
+            ids, loss_fn = [self.train_set.ids[r] for r in rows], self.loss_fn
         try:
-            with self.tracker.step(ids) if self.tracker is not None else contextlib.nullcontext():
-                loss = self.loss_fn(self.model, x, y)
+            with self.tracker.step(ids, segments=segments) if self.tracker is not None else contextlib.nullcontext():
+                loss = loss_fn(self.model, x, y)
                 loss.backward()
         except InRunError as exc:
             if not _is_nonfinite(exc):

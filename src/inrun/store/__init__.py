@@ -1,8 +1,14 @@
 """The store: what a run keeps, in memory and on disk.
 
 =================  =========================================================================
-``ledger``         the values: ``ValueLedger`` (added by id, rolled back, merged), its Parquet
-                   files, the trace parts; ``ValueTable`` and ``PerValidation`` to read them
+``ledger``         the values: ``ValueLedger`` (added by id, rolled back, merged, saved across
+                   ranks), its Parquet files, the trace parts
+``table``          ``IdTable``: the values by id in numeric arrays, a small constant per id, for
+                   a billion ids (sorted runs, appends that never copy the table)
+``partitions``     the values on disk: Parquet partitions by id range, written one at a time;
+                   reads of one id or a range; merges of ranks' saves range by range
+``values``         ``ValueTable`` and ``PerValidation``: the values as read-only tables
+``exports``        values keyed by document id for curators: Dolma attribute files, metadata
 ``rundir``         a run directory (``RunDir``): layout, metadata, status, results, verification
 ``checkpoints``    its checkpoints: one schema for every loop, written atomically, restored
 ``metrics``        its training curves (``metrics.parquet``)

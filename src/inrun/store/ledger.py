@@ -5,12 +5,20 @@ normalization) and increments its count. Values are float64 on the host. The fir
 and the second-order correction are kept apart so both can be reported. Optionally a per-step
 trace (step, lr, id, both parts) and a per-(train, validation) table are kept.
 
+The values live in an :class:`~inrun.store.table.IdTable`: numeric arrays keyed by id, a small
+constant per id (28 bytes per int id), no Python object per id, appends that never copy it.
+
 A saved ledger is a directory (:meth:`ValueLedger.save`)::
 
     values.parquet           id, value, first_order, second_order, count, source
     per_validation.parquet   id and one column per validation example (vector val_loss only)
     trace/part-A-B.parquet   trace rows of steps A..B: step, lr, id, first_order, second_order
     ledger.json              steps, skipped steps, and the SHA-256 and size of every file above
+
+Beyond a million ids the values are Parquet partitions by id range instead,
+``values/part-00000.parquet`` ... (:mod:`inrun.store.partitions`), written one at a time, and
+one id or an id range can be read without loading the rest (:meth:`ValueLedger.read`,
+:meth:`ValueLedger.read_range`).
 
 Every file is written atomically and flushed to disk; ``ledger.json`` is written last and
 checks itself, and :meth:`ValueLedger.load` refuses a file whose bytes are not the ones
@@ -27,7 +35,7 @@ memory is bounded and a checkpoint writes only the rows since the previous one. 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,176 +54,17 @@ from ..files import (
     write_json,
 )
 from ..tracking.admission import Id
+from . import partitions
+from .table import IdTable
+from .values import PerValidation, ValueTable, id_array
 
 VALUES_FILE = "values.parquet"
 PER_VALIDATION_FILE = "per_validation.parquet"
 TRACE_FILE = "trace.parquet"  # format 1 (one file, rewritten at every save)
 TRACE_DIR = "trace"
 LEDGER_FORMAT = 2
+PARTITIONED_FORMAT = 3  # values cut into partitions by id range
 LEDGER_META_FILE = "ledger.json"
-
-
-class ValueTable(Mapping):
-    """Read-only mapping id -> accumulated value (float64), with a few conveniences.
-
-    Example:
-        >>> values = tracker.values()          # doctest: +SKIP
-        >>> values[17], values.count(17)       # doctest: +SKIP
-        >>> values.top(10), values.to_pandas() # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        ids: Sequence[Id],
-        value: np.ndarray,
-        first_order: np.ndarray,
-        second_order: np.ndarray,
-        count: np.ndarray,
-        sources: Sequence[str | None],
-    ) -> None:
-        self._ids = list(ids)
-        self._index = {i: r for r, i in enumerate(self._ids)}
-        self.value = value
-        self.first_order = first_order
-        self.second_order = second_order
-        self.counts = count
-        self.sources = list(sources)
-
-    def __getitem__(self, key: Id) -> float:
-        return float(self.value[self._index[key]])
-
-    def __iter__(self) -> Iterator[Id]:
-        return iter(self._ids)
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __repr__(self) -> str:
-        return f"ValueTable({len(self)} examples, total={self.value.sum():.6g})"
-
-    def count(self, key: Id) -> int:
-        """How many times the example was in a valued step."""
-        return int(self.counts[self._index[key]])
-
-    def ids(self) -> list[Id]:
-        return list(self._ids)
-
-    def top(self, k: int = 10) -> list[tuple[Id, float]]:
-        """The ``k`` most helpful examples, highest value first."""
-        order = np.argsort(-self.value, kind="stable")[:k]
-        return [(self._ids[r], float(self.value[r])) for r in order]
-
-    def bottom(self, k: int = 10) -> list[tuple[Id, float]]:
-        """The ``k`` most harmful examples, lowest value first."""
-        order = np.argsort(self.value, kind="stable")[:k]
-        return [(self._ids[r], float(self.value[r])) for r in order]
-
-    def to_pandas(self) -> Any:
-        """``pandas.DataFrame``: id, value, first_order, second_order, count, source."""
-        import pandas as pd
-
-        return pd.DataFrame(
-            {
-                "id": self._ids,
-                "value": self.value,
-                "first_order": self.first_order,
-                "second_order": self.second_order,
-                "count": self.counts,
-                "source": self.sources,
-            }
-        )
-
-    def to_arrow(self) -> Any:
-        """``pyarrow.Table`` with the columns of :meth:`to_pandas` (ids keep their type)."""
-        import pyarrow as pa
-
-        return pa.table({
-            "id": _id_array(self._ids), "value": self.value, "first_order": self.first_order,
-            "second_order": self.second_order, "count": self.counts,
-            "source": pa.array(self.sources, type=pa.string()),
-        })
-
-    def to_parquet(self, path: str | os.PathLike) -> Path:
-        """Write the table as one Parquet file (atomically); returns its path."""
-        import pyarrow.parquet as pq
-
-        table = self.to_arrow()
-        atomic_write(path, lambda p: pq.write_table(table, p))
-        return Path(path)
-
-    def to_csv(self, path: str | os.PathLike) -> Path:
-        """Write the table as CSV (atomically): values with 17 significant digits, so they read
-        back as the same float64 numbers; returns its path."""
-        frame = self.to_pandas()
-        atomic_write(path, lambda p: frame.to_csv(p, index=False, float_format="%.17g"))
-        return Path(path)
-
-    def to_dataset(self, dataset: Any, id_column: str = "id", column: str = "inrun_value",
-                   count_column: str | None = "inrun_count") -> Any:
-        """``dataset`` (a ``datasets.Dataset``) with the values as a new column, matched by id.
-
-        Examples never valued get ``NaN`` (and count 0). The dataset is not changed: a new one
-        is returned, as ``datasets`` does.
-
-        Args:
-            id_column: the dataset's column of example ids (the ids given to ``tracker.step``).
-            column: name of the new value column.
-            count_column: name of a column with how often each example was valued (``None``: none).
-
-        Raises:
-            KeyError: the dataset has no ``id_column``, or already has ``column``.
-        """
-        names = getattr(dataset, "column_names", None)
-        if names is None:
-            raise TypeError(f"to_dataset takes a datasets.Dataset, got {type(dataset).__name__}; for a table use to_pandas()")
-        if id_column not in names:
-            raise KeyError(f"the dataset has no {id_column!r} column (it has {names}); pass id_column=")
-        for c in (column, count_column):
-            if c is not None and c in names:
-                raise KeyError(f"the dataset already has a {c!r} column; pass another column= name")
-        ids = dataset[id_column]
-        rows = [self._index.get(int(i) if isinstance(i, np.integer) else i) for i in ids]
-        values = [float(self.value[r]) if r is not None else float("nan") for r in rows]
-        out = dataset.add_column(column, values)
-        if count_column is not None:
-            out = out.add_column(count_column, [int(self.counts[r]) if r is not None else 0 for r in rows])
-        return out
-
-
-class PerValidation(tuple):
-    """Per-(train, validation) values: ``values[i, k]`` is training example ``ids[i]``'s value for
-    validation example ``validation[k]``; they add up over ``k`` to the example's value.
-
-    It is the ``(ids, values)`` pair :meth:`ValueLedger.per_validation` always returned (so
-    ``ids, matrix = tracker.per_validation()`` still works), with labels and a table form.
-    """
-
-    ids: list
-    values: np.ndarray
-    validation: list[str]
-
-    def __new__(cls, ids: Sequence[Id], values: np.ndarray, validation: Sequence[str]) -> PerValidation:
-        obj = super().__new__(cls, (list(ids), values))
-        obj.ids, obj.values, obj.validation = list(ids), values, list(validation)
-        return obj
-
-    def __getnewargs__(self) -> tuple[Any, ...]:  # pickling (DDP gathers, multiprocessing)
-        return (self.ids, self.values, self.validation)
-
-    def to_pandas(self) -> Any:
-        """``pandas.DataFrame``: index the training ids (``"id"``), one column per validation example."""
-        import pandas as pd
-
-        return pd.DataFrame(self.values, index=pd.Index(self.ids, name="id"),
-                            columns=pd.Index(self.validation, name="validation"))
-
-    def column(self, validation: str) -> dict[Id, float]:
-        """id -> value for one validation example."""
-        k = self.validation.index(str(validation))
-        return {i: float(v) for i, v in zip(self.ids, self.values[:, k])}
-
-    def __repr__(self) -> str:
-        return f"PerValidation({len(self.ids)} training x {len(self.validation)} validation examples)"
 
 
 @dataclass(frozen=True)
@@ -257,13 +106,7 @@ class ValueLedger:
         self.keep_trace = keep_trace
         self.trace_dir = Path(trace_dir) if trace_dir is not None else None
         self.spill_rows = int(spill_rows or self.SPILL_ROWS)
-        self._index: dict[Id, int] = {}
-        self._ids: list[Id] = []
-        self._sources: list[str | None] = []
-        self._first = np.zeros(0, dtype=np.float64)
-        self._second = np.zeros(0, dtype=np.float64)
-        self._count = np.zeros(0, dtype=np.int64)
-        self._per_val: np.ndarray | None = None
+        self._table = IdTable()
         self.validation_names: list[str] | None = None
         self._trace: list[dict[str, np.ndarray]] = []  # rows not yet in a part
         self._trace_rows = 0
@@ -276,34 +119,6 @@ class ValueLedger:
         (the trace's ``lr`` column is the first group's)."""
 
     # -- accumulation -------------------------------------------------------------------------
-    def _rows(self, ids: Sequence[Id]) -> np.ndarray:
-        rows = np.empty(len(ids), dtype=np.int64)
-        for k, i in enumerate(ids):
-            r = self._index.get(i)
-            if r is None:
-                r = len(self._ids)
-                self._index[i] = r
-                self._ids.append(i)
-                self._sources.append(None)
-            rows[k] = r
-        self._grow(len(self._ids))
-        return rows
-
-    def _grow(self, n: int) -> None:
-        cap = self._first.shape[0]
-        if n <= cap:
-            return
-        new = max(n, 2 * cap, 1024)
-
-        def grow(a: np.ndarray) -> np.ndarray:
-            b = np.zeros((new, *a.shape[1:]), dtype=a.dtype)
-            b[: a.shape[0]] = a
-            return b
-
-        self._first, self._second, self._count = grow(self._first), grow(self._second), grow(self._count)
-        if self._per_val is not None:
-            self._per_val = grow(self._per_val)
-
     def add(
         self,
         step: int,
@@ -337,30 +152,19 @@ class ValueLedger:
             )
         if not (np.isfinite(first).all() and np.isfinite(second).all()):
             raise LedgerError(f"non-finite values at step {step}; refusing to add them")
-        rows = self._rows(ids)
         K = first.shape[1]
-        if K > 1 and self._per_val is not None and self._per_val.shape[1] != K:
+        if K > 1 and self._table.columns and self._table.columns != K:
             raise LedgerError(
-                f"step {step} has {K} validation columns, earlier steps had {self._per_val.shape[1]}"
+                f"step {step} has {K} validation columns, earlier steps had {self._table.columns}"
             )
-        if self._undo is not None:
-            self._undo["rows"].append((
-                rows, self._first[rows], self._second[rows], self._count[rows],
-                None if self._per_val is None else self._per_val[rows],
-            ))
-        if K > 1:
-            if self._per_val is None:
-                self._per_val = np.zeros((self._first.shape[0], K), dtype=np.float64)
-            np.add.at(self._per_val, rows, first + second)
-        np.add.at(self._first, rows, first.sum(axis=1))
-        np.add.at(self._second, rows, second.sum(axis=1))
-        np.add.at(self._count, rows, 1)
+        ids = list(ids)
+        self._table.add(ids, first.sum(axis=1), second.sum(axis=1), per_val=first + second if K > 1 else None)
         if self.keep_trace:
             self._trace.append(
                 {
                     "step": np.full(len(ids), step, dtype=np.int64),
                     "lr": np.full(len(ids), np.nan if lr is None else lr, dtype=np.float64),
-                    "row": rows,
+                    "id": _id_column(ids),
                     "first_order": first.sum(axis=1),
                     "second_order": second.sum(axis=1),
                 }
@@ -372,7 +176,7 @@ class ValueLedger:
 
     def id_kind(self) -> type | None:
         """``int`` or ``str``: the kind of this ledger's ids (``None`` while it has none)."""
-        return type(self._ids[0]) if self._ids else None
+        return {"int": int, "str": str}.get(self._table.kind or "") if len(self._table) else None
 
     def record_skip(self, step: int, reason: str) -> None:
         """Note a step whose values were not added (NaN loss, skipped optimizer step...)."""
@@ -381,9 +185,7 @@ class ValueLedger:
 
     def set_sources(self, sources: Mapping[Id, str]) -> None:
         """Attach a data-source label (e.g. a package or domain) to ids, seen or not yet seen."""
-        for i, s in sources.items():
-            self._rows([i])
-            self._sources[self._index[i]] = s
+        self._table.set_sources(list(sources), list(sources.values()))
 
     # -- undoing the last step ------------------------------------------------------------------
     def mark(self) -> None:
@@ -396,15 +198,16 @@ class ValueLedger:
         """
         if self.trace_dir is not None and self._trace_rows >= self.spill_rows:
             self._seal(self.trace_dir)  # spill before the mark: a rollback never crosses a part
+        self._table.mark()
         self._undo = {
-            "rows": [], "n_ids": len(self._ids), "trace": len(self._trace), "trace_rows": self._trace_rows,
+            "trace": len(self._trace), "trace_rows": self._trace_rows,
             "parts": len(self._parts), "skipped": len(self.skipped), "steps": self.steps,
-            "per_val": self._per_val is not None,
         }
 
     def commit(self) -> None:
         """Forget the mark: what was added since is kept for good."""
         self._undo = None
+        self._table.commit()
 
     @property
     def marked(self) -> bool:
@@ -415,20 +218,7 @@ class ValueLedger:
         undo, self._undo = self._undo, None
         if undo is None:
             raise LedgerError("rollback() without a mark(): nothing to return to")
-        for rows, first, second, count, per_val in reversed(undo["rows"]):
-            self._first[rows], self._second[rows], self._count[rows] = first, second, count
-            if per_val is not None and self._per_val is not None:
-                self._per_val[rows] = per_val
-        n = undo["n_ids"]
-        for i in self._ids[n:]:
-            del self._index[i]
-        del self._ids[n:], self._sources[n:]
-        for a in (self._first, self._second, self._count):
-            a[n:] = 0
-        if not undo["per_val"]:
-            self._per_val = None
-        elif self._per_val is not None:
-            self._per_val[n:] = 0
+        self._table.rollback()
         del self._trace[undo["trace"]:]
         self._trace_rows = undo["trace_rows"]
         del self._parts[undo["parts"]:]  # (parts are never sealed while a mark is held)
@@ -443,22 +233,43 @@ class ValueLedger:
         return [p.path.name for p in self._parts]
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._table)
+
+    @property
+    def table(self) -> IdTable:
+        """The values by id (:class:`~inrun.store.table.IdTable`): what exports and batched
+        lookups read (``table.lookup(ids)``), without a snapshot of the whole table."""
+        return self._table
+
+    def nbytes(self) -> int:
+        """Bytes of the value table's arrays (what the ledger holds per id, times the ids)."""
+        return self._table.nbytes()
+
+    def _columns(self) -> dict[str, Any] | None:
+        """The whole table in id order, one set of arrays (``None``: empty)."""
+        return next(iter(self._table.partitions(max(1, len(self._table)), by_id=True)), None)
 
     def values(self) -> ValueTable:
-        """A snapshot: id -> accumulated value (first order + second-order correction)."""
-        n = len(self._ids)
-        first, second = self._first[:n].copy(), self._second[:n].copy()
-        return ValueTable(self._ids, first + second, first, second, self._count[:n].copy(), self._sources)
+        """A snapshot: id -> accumulated value (first order + second-order correction), in id
+        order (int ids ascending, str ids as text). Its arrays are the whole table's: for tables larger than memory, read saved
+        ledgers by id or range (:meth:`read`, :meth:`read_range`)."""
+        cols = self._columns()
+        if cols is None:
+            empty = np.zeros(0)
+            return ValueTable([], empty, empty, empty.copy(), np.zeros(0, dtype=np.int64), [])
+        sources = None if cols["source"] is None else (cols["source"], cols["source_names"])
+        return ValueTable(cols["id"], cols["first"] + cols["second"], cols["first"], cols["second"], cols["count"],
+                          sources, keys=cols["key"])
 
     def per_validation(self) -> PerValidation | None:
         """Per-(train, validation) values (:class:`PerValidation`, which unpacks as
         ``(ids, [N, V])``), if the validation loss was a vector; else ``None``."""
-        if self._per_val is None:
+        cols = self._columns() if self._table.columns else None
+        if cols is None:
             return None
-        pv = self._per_val[: len(self._ids)].copy()
+        pv = cols["per_val"]
         names = self.validation_names or [f"val_{k}" for k in range(pv.shape[1])]
-        return PerValidation(self._ids, pv, names)
+        return PerValidation(_as_list(cols["id"]), pv, names)
 
     def trace(self) -> dict[str, np.ndarray] | None:
         """Column arrays of the per-step trace (``keep_trace=True``), ids resolved.
@@ -488,21 +299,21 @@ class ValueLedger:
             return None
         cols = ("step", "lr", "first_order", "second_order")
         out: dict[str, Any] = {c: np.concatenate([t[c] for t in self._trace]) for c in cols}
-        rows = np.concatenate([t["row"] for t in self._trace])
-        out["id"] = [self._ids[r] for r in rows]
+        out["id"] = [i for t in self._trace for i in t["id"].tolist()]
         return out
 
     # -- persistence ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Everything needed to rebuild the ledger, as plain lists and arrays (trace included)."""
-        n = len(self._ids)
+        values = self.values()
+        pv = self.per_validation()
         return {
-            "ids": list(self._ids),
-            "sources": list(self._sources),
-            "first_order": self._first[:n].copy(),
-            "second_order": self._second[:n].copy(),
-            "count": self._count[:n].copy(),
-            "per_validation": None if self._per_val is None else self._per_val[:n].copy(),
+            "ids": values.ids(),
+            "sources": list(values.sources),
+            "first_order": values.first_order,
+            "second_order": values.second_order,
+            "count": values.counts,
+            "per_validation": None if pv is None else pv.values,
             "validation_names": self.validation_names,
             "trace": self.trace(),
             "skipped": list(self.skipped),
@@ -526,7 +337,7 @@ class ValueLedger:
                 {
                     "step": np.asarray(trace["step"], dtype=np.int64),
                     "lr": np.asarray(trace["lr"], dtype=np.float64),
-                    "row": ledger._rows(list(trace["id"])),
+                    "id": _id_column(list(trace["id"])),
                     "first_order": np.asarray(trace["first_order"], dtype=np.float64),
                     "second_order": np.asarray(trace["second_order"], dtype=np.float64),
                 }
@@ -536,15 +347,16 @@ class ValueLedger:
 
     def _set_values(self, state: Mapping[str, Any]) -> None:
         ids = list(state["ids"])
-        rows = self._rows(ids)
-        self._first[rows] = state["first_order"]
-        self._second[rows] = state["second_order"]
-        self._count[rows] = state["count"]
-        self._sources = list(state["sources"])
-        if state.get("per_validation") is not None:
-            pv = np.asarray(state["per_validation"], dtype=np.float64)
-            self._per_val = np.zeros((self._first.shape[0], pv.shape[1]))
-            self._per_val[rows] = pv
+        self._table = IdTable()
+        if ids:
+            pv = state.get("per_validation")
+            self._table.add(ids, np.asarray(state["first_order"], dtype=np.float64),
+                            np.asarray(state["second_order"], dtype=np.float64),
+                            per_val=None if pv is None else np.asarray(pv, dtype=np.float64),
+                            count=np.asarray(state["count"]))
+            labelled = [(i, s) for i, s in zip(ids, state["sources"]) if s is not None]
+            if labelled:
+                self._table.set_sources([i for i, _ in labelled], [s for _, s in labelled])
         self.validation_names = state.get("validation_names")
         self.skipped = list(state.get("skipped", []))
         self.steps = int(state.get("steps", 0))
@@ -559,7 +371,7 @@ class ValueLedger:
             {
                 "step": pa.array(cols["step"], type=pa.int64()),
                 "lr": pa.array(cols["lr"], type=pa.float64()),
-                "id": _id_array(cols["id"]),
+                "id": id_array(cols["id"]),
                 "first_order": pa.array(cols["first_order"], type=pa.float64()),
                 "second_order": pa.array(cols["second_order"], type=pa.float64()),
             }
@@ -597,33 +409,10 @@ class ValueLedger:
             fsync: flush the files and the directory to disk (``False``: atomic, not durable:
                 for copies that can be rewritten from a durable one, as a run's top level is).
         """
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        n = len(self._ids)
-        first, second = self._first[:n], self._second[:n]
-        id_col = _id_array(self._ids)
-        table = pa.table(
-            {
-                "id": id_col,
-                "value": first + second,
-                "first_order": first,
-                "second_order": second,
-                "count": self._count[:n],
-                "source": pa.array(self._sources, type=pa.string()),
-            }
-        )
-        files: dict[str, dict[str, Any]] = {}
-        atomic_write(directory / VALUES_FILE, lambda p: pq.write_table(table, p), fsync=fsync, sync_dir=False)
-        files[VALUES_FILE] = file_digest(directory / VALUES_FILE)
-        if self._per_val is not None:
-            pv = self._per_val[:n]
-            names = self.validation_names or [f"val_{k}" for k in range(pv.shape[1])]
-            cols = {"id": id_col, **{str(name): pv[:, k] for k, name in enumerate(names)}}
-            atomic_write(directory / PER_VALIDATION_FILE, lambda p: pq.write_table(pa.table(cols), p), fsync=fsync, sync_dir=False)
-            files[PER_VALIDATION_FILE] = file_digest(directory / PER_VALIDATION_FILE)
+        files, value_parts = partitions.write_values(self._table, directory, validation_names=self.validation_names,
+                                                     fsync=fsync)
         parts: list[dict[str, Any]] = []
         if self.keep_trace:
             if self.trace_dir is not None and self._undo is None:
@@ -636,19 +425,22 @@ class ValueLedger:
             if self._trace:  # rows not in a part yet (no trace_dir, or a mark is held)
                 parts.append(self._write_part(directory / TRACE_DIR, fsync=fsync).entry())
         meta = {
-            "format": LEDGER_FORMAT,
+            "format": LEDGER_FORMAT if VALUES_FILE in files else PARTITIONED_FORMAT,
             "steps": self.steps,
             "skipped": self.skipped,
             "keep_trace": self.keep_trace,
             "validation_names": self.validation_names,
-            "has_per_validation": self._per_val is not None,
+            "has_per_validation": bool(self._table.columns),
             "files": files,
             "trace": parts,
         }
+        if VALUES_FILE not in files:  # a table of one file keeps the format it always had
+            meta["partitions"] = value_parts
         if self.group_lrs:
             meta["group_lrs"] = {str(k): v for k, v in sorted(self.group_lrs.items())}
-        if fsync and (directory / TRACE_DIR).is_dir():
-            fsync_dir(directory / TRACE_DIR)
+        for sub in (TRACE_DIR, partitions.VALUES_DIR, partitions.PER_VALIDATION_DIR):
+            if fsync and (directory / sub).is_dir():
+                fsync_dir(directory / sub)
         write_json(directory / LEDGER_META_FILE, meta, fsync=fsync)  # (and the directory)
         listed = {Path(p["file"]).name for p in parts}
         trace_dir = directory / TRACE_DIR
@@ -680,21 +472,36 @@ class ValueLedger:
         meta = read_json(meta_path, what, require_checksum=False)
         if meta.get("format") == 1:
             return cls._load_v1(directory, meta)
-        meta = read_json(meta_path, what)  # from format 2 on, a file without its checksum is damaged
-        if meta.get("format") != LEDGER_FORMAT:
-            raise LedgerError(f"{meta_path}: unknown ledger format {meta.get('format')!r}")
-        files = meta.get("files") or {}
-        if VALUES_FILE not in files or (meta.get("has_per_validation") and PER_VALIDATION_FILE not in files):
-            raise IntegrityError(f"{meta_path} is damaged: its file list is incomplete")
-        for name, digest in files.items():
-            verify_file(directory / name, digest, f"listed in {meta_path}")
-        state = _read_values(directory, meta, IntegrityError)
-        state["group_lrs"] = meta.get("group_lrs")
+        meta, value_parts = _read_meta(directory)
+        files = meta["files"]
         ledger = cls(keep_trace=bool(meta.get("keep_trace", False)), trace_dir=trace_dir)
-        ledger._set_values(state)
+        ledger._table = partitions.read_values(directory, value_parts, files)
+        ledger._set_meta(meta)
         for entry in meta.get("trace") or []:
             ledger._parts.append(_adopt_part(directory, entry, ledger.trace_dir, meta_path))
         return ledger
+
+    def _set_meta(self, meta: Mapping[str, Any]) -> None:
+        self.validation_names = meta.get("validation_names")
+        self.skipped = list(meta.get("skipped", []))
+        self.steps = int(meta.get("steps", 0))
+        self.group_lrs = {int(k): [float(x) for x in v] for k, v in (meta.get("group_lrs") or {}).items()}
+
+    @staticmethod
+    def read(directory: str | os.PathLike, ids: Sequence[Id]) -> dict[Id, dict[str, Any]]:
+        """The saved records of ``ids`` (id, value, first_order, second_order, count, source,
+        per_validation), reading only the partitions that hold them, each verified."""
+        directory = Path(directory)
+        meta, value_parts = _read_meta(directory, verify=False)
+        return partitions.read_ids(directory, value_parts, meta["files"], list(ids))
+
+    @staticmethod
+    def read_range(directory: str | os.PathLike, lo: int, hi: int) -> Any:
+        """A ``pyarrow.Table`` of the saved int ids in ``[lo, hi]``, in id order, reading only
+        the partitions whose range overlaps (``None``: no such id)."""
+        directory = Path(directory)
+        meta, value_parts = _read_meta(directory, verify=False)
+        return partitions.read_range(directory, value_parts, meta["files"], lo, hi)
 
     @classmethod
     def _load_v1(cls, directory: Path, meta: Mapping[str, Any]) -> ValueLedger:
@@ -706,6 +513,45 @@ class ValueLedger:
             tr = _read_table(directory / TRACE_FILE).to_pydict()
             state["trace"] = {k: np.asarray(v) if k != "id" else list(v) for k, v in tr.items()}
         return cls.from_state(state)
+
+
+def _read_meta(directory: Path, verify: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``ledger.json`` of a saved ledger (format 2 or 3) and its value partitions; with
+    ``verify``, every listed file checked (a read of some ids checks only what it reads)."""
+    meta_path = directory / LEDGER_META_FILE
+    if not meta_path.exists():
+        raise LedgerError(f"{directory} has no {LEDGER_META_FILE}: not a saved ledger")
+    meta = read_json(meta_path, "the ledger's file list")
+    if meta.get("format") not in (LEDGER_FORMAT, PARTITIONED_FORMAT):
+        raise LedgerError(f"{meta_path}: unknown ledger format {meta.get('format')!r}")
+    files = meta.get("files") or {}
+    if meta.get("format") == LEDGER_FORMAT and not meta.get("partitions"):  # saved before partitions
+        entry: dict[str, Any] = {"file": VALUES_FILE, "lo": -(2**63), "hi": 2**63 - 1, "rows": 1}
+        if meta.get("has_per_validation"):
+            entry["per_validation"] = PER_VALIDATION_FILE
+        value_parts = [entry]
+    else:
+        value_parts = list(meta.get("partitions") or [])
+    needed = partitions.listed_files(value_parts)
+    if not value_parts or any(n not in files for n in needed):
+        raise IntegrityError(f"{meta_path} is damaged: its file list is incomplete")
+    if verify:
+        for name, digest in files.items():
+            verify_file(directory / name, digest, f"listed in {meta_path}")
+    return meta, value_parts
+
+
+def _id_column(ids: list[Id]) -> np.ndarray:
+    """A step's ids as one array (int64, or objects for str ids) for the trace."""
+    if ids and isinstance(ids[0], str):
+        out = np.empty(len(ids), dtype=object)
+        out[:] = ids
+        return out
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _as_list(ids: Any) -> list[Id]:
+    return ids.tolist() if isinstance(ids, np.ndarray) else ids.to_pylist()
 
 
 def _read_values(directory: Path, meta: Mapping[str, Any], error: type[Exception]) -> dict[str, Any]:
@@ -774,16 +620,6 @@ def _read_part(part: TracePart) -> dict[str, Any]:
         "first_order": t.column("first_order").to_numpy().astype(np.float64, copy=False),
         "second_order": t.column("second_order").to_numpy().astype(np.float64, copy=False),
     }
-
-
-def _id_array(ids: list[Id]) -> Any:
-    import pyarrow as pa
-
-    if all(isinstance(i, int) for i in ids):
-        return pa.array(ids, type=pa.int64())
-    if all(isinstance(i, str) for i in ids):
-        return pa.array(ids, type=pa.string())
-    raise LedgerError("ids mix int and str; use one type so they can be stored in one column")
 
 
 def merge_states(states: Sequence[dict[str, Any]]) -> ValueLedger:
@@ -866,3 +702,79 @@ def _merge_skipped(lists: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, 
                 seen.add(key)
                 out.append({"step": key[0], "reason": key[1]})
     return sorted(out, key=lambda e: e["step"])
+
+
+RANKS_DIR = "ranks"
+
+
+def save_across_ranks(ledger: ValueLedger, directory: str | os.PathLike, group: Any = None,
+                      fsync: bool = True) -> Path:
+    """The ledgers of every rank of a DDP or FSDP job saved as one, without gathering the table
+    on any rank (a collective: call it on every rank, with that rank's own ``tracker.ledger``).
+
+    Each rank saves its ledger under ``directory/ranks/rank-NNNNN/``; then the output id ranges
+    are shared out (rank ``r`` writes ranges ``r, r + W, ...``), each range reading only the
+    overlapping rows of every rank's partitions and summing them by id (:func:`partitions.merge_saved`);
+    rank 0 writes ``ledger.json`` last, listing every partition and every rank's trace parts.
+    Memory per rank: its own ledger and one output range. The directory needs to be visible to
+    every rank (a shared filesystem). ``ValueLedger.load(directory)`` reads the merged ledger.
+    """
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    directory = Path(directory)
+    ledger.save(directory / RANKS_DIR / f"rank-{rank:05d}", fsync=fsync)
+    dist.barrier(group)
+    sources = []
+    metas = []
+    for r in range(world):
+        src = directory / RANKS_DIR / f"rank-{r:05d}"
+        meta, value_parts = _read_meta(src, verify=False)
+        sources.append((src, value_parts, meta["files"]))
+        metas.append(meta)
+    files, value_parts = partitions.merge_saved(sources, directory, part=(rank, world), fsync=fsync,
+                                                validation_names=ledger.validation_names)
+    written: list[Any] = [None] * world
+    dist.all_gather_object(written, (files, value_parts), group=group)
+    if rank == 0:
+        _write_merged_meta(directory, metas, written, fsync)
+    dist.barrier(group)
+    return directory
+
+
+def _write_merged_meta(directory: Path, metas: Sequence[Mapping[str, Any]], written: Sequence[Any],
+                       fsync: bool) -> None:
+    """``ledger.json`` of ranks' ledgers merged into ``directory``: every output partition, and
+    each rank's trace parts linked in under a rank-suffixed name."""
+    files: dict[str, Any] = {}
+    value_parts: list[dict[str, Any]] = []
+    for f, p in written:
+        files.update(f)
+        value_parts += p
+    value_parts.sort(key=lambda e: int(e["lo"]))
+    trace: list[dict[str, Any]] = []
+    for r, meta in enumerate(metas):
+        for entry in meta.get("trace") or []:
+            name = Path(entry["file"])
+            renamed = f"{TRACE_DIR}/{name.stem}-r{r:05d}{name.suffix}"
+            link_or_copy(directory / RANKS_DIR / f"rank-{r:05d}" / entry["file"], directory / renamed)
+            trace.append({**entry, "file": renamed})
+    trace.sort(key=lambda e: (int(e["first_step"]), e["file"]))
+    meta = {
+        "format": PARTITIONED_FORMAT,
+        "steps": max(int(m.get("steps", 0)) for m in metas),
+        "skipped": _merge_skipped([m.get("skipped", []) for m in metas]),
+        "keep_trace": any(m.get("keep_trace", False) for m in metas),
+        "validation_names": next((m["validation_names"] for m in metas if m.get("validation_names")), None),
+        "has_per_validation": any(m.get("has_per_validation") for m in metas),
+        "files": files,
+        "trace": trace,
+        "partitions": value_parts,
+    }
+    lrs = {k: v for m in metas for k, v in (m.get("group_lrs") or {}).items()}
+    if lrs:
+        meta["group_lrs"] = lrs
+    for sub in (TRACE_DIR, partitions.VALUES_DIR, partitions.PER_VALIDATION_DIR):
+        if fsync and (directory / sub).is_dir():
+            fsync_dir(directory / sub)
+    write_json(directory / LEDGER_META_FILE, meta, fsync=fsync)

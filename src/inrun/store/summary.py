@@ -90,13 +90,21 @@ def summarize(rd: RunDir, top: int = 8) -> dict[str, Any]:
     drops = rd.drops()
     rho = length_correlation(valued)
     warnings = []
-    if rho is not None and abs(rho) >= LENGTH_WARNING:
+    packed = _packed(rd.meta(), len(frame))
+    if rho is not None and abs(rho) >= LENGTH_WARNING and packed:
+        warnings.append(
+            f"values correlate with the documents' lengths (Spearman {rho:+.2f} over {len(valued):,} documents): "
+            "a packed batch's loss is a mean over its tokens, so a document's share grows with its tokens; "
+            "compare value / length (the value per token) to rank documents alike"
+        )
+    elif rho is not None and abs(rho) >= LENGTH_WARNING:
         warnings.append(
             f"values correlate with the examples' lengths (Spearman {rho:+.2f} over {len(valued):,} examples): "
             "with a token-mean loss an example's share of the loss grows with its length; average each "
             "example's own tokens first to value examples alike (docs/guide-pytorch.md, Padding)"
         )
     return {
+        **packed,
         "run_dir": str(rd.path),
         "state": status.get("state"),
         "steps": int(metrics.step[-1]) if metrics.step else 0,
@@ -118,6 +126,30 @@ def summarize(rd: RunDir, top: int = 8) -> dict[str, Any]:
         "length_correlation": rho,
         "warnings": warnings,
     }
+
+
+def _packed(meta: dict[str, Any], documents: int) -> dict[str, Any]:
+    """``{"packed": {documents, rows, length}}`` for a run of packed documents (``data.pack``),
+    so that what reads the summary says documents; ``{}`` otherwise."""
+    rows = meta.get("packed_rows")
+    if not rows:
+        return {}
+    length = ((meta.get("config") or {}).get("data") or {}).get("length")
+    return {"packed": {"documents": documents, "rows": int(rows), "length": length}}
+
+
+def unit(summary: dict[str, Any]) -> str:
+    """What a run values: ``"documents"`` (packed several to a row) or ``"examples"``."""
+    return "documents" if summary.get("packed") else "examples"
+
+
+def packed_line(summary: dict[str, Any]) -> str:
+    """How the documents of a packed run were laid out (``""``: not packed)."""
+    p = summary.get("packed")
+    if not p:
+        return ""
+    return (f"{p['documents']:,} documents packed into {p['rows']:,} rows of {p['length']} tokens, each document "
+            "valued on its own (position_ids restart per document, so each attends only to itself)")
 
 
 def length_correlation(valued: Any) -> float | None:

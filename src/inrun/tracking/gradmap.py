@@ -317,24 +317,23 @@ def _uniform_factor(x: Tensor, T: Tensor, tol: float) -> float | None:
     ``x / T`` must lie in ``r (1 ± 2 tol)`` wherever ``T ≠ 0`` (and ``x = 0`` where ``T = 0``). ``r``
     is the quotient at the largest ``|T|``, exact to an ulp; the ratio of the norms is not (float32
     norms of 1e7 coordinates are 5e-5 off, which refused norm clipping of a large embedding). A few
-    passes over the gradient in its dtype (float32 for 16-bit ones); a NaN or an infinity fails.
-    Where the quotient refuses, the difference is checked against a bound floored at the smallest
-    normal number, since the quotient of two subnormals is loose."""
-    norms = torch._foreach_norm([x, T])
-    nx, nt = float(norms[0].double()), float(norms[1].double())
+    passes over the gradient in its dtype (float32 for 16-bit ones) and three reads of scalars; a
+    NaN or an infinity fails. Where the quotient refuses, the difference is checked against a bound
+    floored at the smallest normal number, since the quotient of two subnormals is loose."""
+    work = torch.float32 if x.element_size() < 4 else x.dtype
+    xw, tw = x.to(work).flatten(), T.to(work).flatten()
+    nx, nt, t_low, t_high = torch.stack([*torch._foreach_norm([x, T]), *torch.aminmax(tw)]).double().tolist()
     if not (math.isfinite(nx) and math.isfinite(nt)):
         return None
     if nt == 0:
         return 1.0 if nx == 0 else None
-    work = torch.float32 if x.element_size() < 4 else x.dtype
-    xw, tw = x.to(work).flatten(), T.to(work).flatten()
-    t_low, t_high = torch.aminmax(tw)
-    k = int(tw.argmax()) if float(t_high) >= -float(t_low) else int(tw.argmin())
-    r = float(xw[k]) / float(tw[k])
+    k = tw.argmax() if t_high >= -t_low else tw.argmin()
+    at_k, t_k = torch.stack([xw[k], tw[k]]).double().tolist()
+    r = at_k / t_k
     quotient = xw / tw  # 0/0 (a coordinate no example moved) is NaN: counted as r; x/0 is ±inf: fails
-    low, high = torch.aminmax(quotient.nan_to_num_(nan=r, posinf=math.inf, neginf=-math.inf))
+    low, high = torch.stack(torch.aminmax(quotient.nan_to_num_(nan=r, posinf=math.inf, neginf=-math.inf))).tolist()
     spread = 2 * tol * abs(r)
-    if r - spread <= float(low) and float(high) <= r + spread:
+    if r - spread <= low and high <= r + spread:
         return r
     scaled = tw * r
     bound = scaled.abs().mul_(2 * tol).add_(torch.finfo(x.dtype).tiny)

@@ -258,7 +258,7 @@ class StepOptimizers:
 
     def start(self) -> None:
         """A new step: nobody has stepped."""
-        self.expected, self.stepped, self.valued, self._assumed = set(), set(), False, {}
+        self.expected, self.stepped, self.valued, self._assumed, self._held = set(), set(), False, {}, {}
         self.smap = None
 
     def value_at(self, k: int, smap: Any = None) -> None:
@@ -267,6 +267,7 @@ class StepOptimizers:
         self.valued, self.smap = True, smap
         self.expected = {j for j in range(len(self.optimizers)) if self.has_gradients(j)} | {k}
         self._assumed = {j: self._fingerprint(j) for j in self.expected if j != k}
+        self._held = {j: [self.names[i] for i in self.rows[j] if self.params[i].grad is not None] for j in self.expected}
 
     def check_later(self, k: int, classify: Callable[[list[int]], Any]) -> None:
         """A later optimizer's ``step()`` in a valued step: it must be as it was valued
@@ -305,13 +306,13 @@ class StepOptimizers:
         missing = sorted(self.expected - self.stepped)
         if self.valued and missing:
             k = missing[0]
-            names = [self.names[i] for i in self.rows[k] if self.params[i].grad is not None][:3]
+            names = self._held[k][:3]
             raise StepOrderError(
-                f"{self.label(k)} holds gradients of the last step's examples ({', '.join(names)}) but did not "
-                "step before the next tracker.step(): the values counted an update it did not make. Step every "
-                "optimizer you gave the tracker once per step, or set those gradients to None before the "
-                "first optimizer.step() (e.g. detach what the other model produced), or give the tracker "
-                "only the optimizers that step together"
+                f"{self.label(k)} held gradients of the last step's examples ({', '.join(names)}) when the step was "
+                "valued but did not step before the next tracker.step(): the values counted an update it did not "
+                "make. Step every optimizer you gave the tracker once per step, or set those gradients to None "
+                "before the first optimizer.step() (e.g. detach what the other model produced), or give the "
+                "tracker only the optimizers that step together"
             )
 
     def learning_rates(self) -> list[float]:

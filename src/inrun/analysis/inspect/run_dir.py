@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ...store.rundir import RunDir
-from ...store.summary import summarize
+from ...store.summary import packed_line, summarize, unit
 from ...tracking.drop import EFFICIENCY_BAND, by_stage
 from .. import views
 
@@ -67,10 +67,12 @@ def inspect_run(
     console.print(
         f"[bold]{escape(str(rd.path))}[/]: {summary['state']}, {summary['steps']:,} steps; "
         f"{escape(str(opt.get('name', '?')))} lr {opt.get('lr', '?')}, value order {values.get('order', 1)}; "
-        f"{summary['examples_valued']:,} of {summary['examples']:,} examples valued, "
+        f"{summary['examples_valued']:,} of {summary['examples']:,} {unit(summary)} valued, "
         f"{summary['negative_share']:.1%} negative; validation loss {summary['val_loss_first']:.4g} -> "
         f"{summary['val_loss_final']:.4g}."
     )
+    if summary.get("packed"):
+        console.print(escape(packed_line(summary) + "."))
     console.print(escape(drop_line(summary.get("drop"))), soft_wrap=True)
     drops = rd.drops()
     if drops:

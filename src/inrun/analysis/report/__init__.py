@@ -38,7 +38,7 @@ from ...run.config import ConfigError, RunConfig
 from ...store.auditlog import AuditLog
 from ...store.ledger import atomic_write
 from ...store.rundir import REPORT_FILE, RunDir
-from ...store.summary import NO_SOURCE, summarize, value_frame
+from ...store.summary import NO_SOURCE, packed_line, summarize, unit, value_frame
 from ...tracking.drop import decompose
 from .. import views
 from ..baseline_run import SCORES, read_baselines
@@ -265,9 +265,12 @@ def _page(
         loop = {"library": "your training loop", "trainer": "the Hugging Face Trainer", "lightning": "Lightning"}
         header = (f'{e(str(meta.get("description") or (meta.get("model") or {}).get("class", "model")))}; '
                   f'{e(str(meta.get("optimizer", "?")))} in {e(loop.get(meta["kind"], meta["kind"]))}, {summary["steps"]:,} steps')
+    what = unit(summary)
+    if summary.get("packed"):
+        header += f"; {e(packed_line(summary))}"
     cards = [
-        (f"{summary['examples_valued']:,} / {summary['examples']:,}", "examples valued / in training set"),
-        (f"{summary['negative_share']:.1%}", "of valued examples are negative"),
+        (f"{summary['examples_valued']:,} / {summary['examples']:,}", f"{what} valued / in training set"),
+        (f"{summary['negative_share']:.1%}", f"of valued {what} are negative"),
         (f"{summary['total_value']:+.4g}", "sum of all values (every step)"),
         (f"{summary['val_loss_first']:.4g} → {summary['val_loss_final']:.4g}", "validation loss, start → end"),
         (f"{summary['steps']:,}", f"steps ({summary['state']})"),

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import DataError, ExampleSet, cap_per_source, is_held_out, preview_text, spread
+from .base import (
+    IGNORE_INDEX,
+    DataError,
+    ExampleSet,
+    cap_per_source,
+    is_held_out,
+    preview_text,
+    spread,
+)
 from .files import (
     label_classes,
     read_id_list,
@@ -18,6 +26,7 @@ from .files import (
     tabular_examples,
     text_examples,
 )
+from .packing import packed
 from .sklearn import load_sklearn_dataset
 from .stdlib import DEFAULT_PACKAGES, CodeCorpus, load_stdlib_corpus
 
@@ -46,11 +55,12 @@ def load_data(config: RunConfig) -> tuple[ExampleSet, ExampleSet]:
         raise DataError("the training split is empty")
     if len(val) == 0:
         raise DataError("the validation split is empty: raise validation.fraction or give validation.path")
-    if len(train) < config.training.batch_size:
-        raise DataError(
-            f"the training split has {len(train)} examples, fewer than training.batch_size "
-            f"({config.training.batch_size})"
-        )
+    if d.pack:
+        train = packed(train, d.length)
+    rows = len(train.packed) if train.packed is not None else len(train)
+    if rows < config.training.batch_size:
+        what = f"{rows} packed rows ({len(train)} documents)" if train.packed is not None else f"{len(train)} examples"
+        raise DataError(f"the training split has {what}, fewer than training.batch_size ({config.training.batch_size})")
     return train, val
 
 
@@ -63,17 +73,21 @@ def _stdlib(config: RunConfig) -> tuple[ExampleSet, ExampleSet]:
             val_fraction=v.fraction,
             max_train_per_source=d.max_per_source,
             max_val=v.max_examples,
+            documents=bool(d.pack),
         )
     except FileNotFoundError as exc:
         raise DataError(str(exc)) from None
 
     def convert(corpus: CodeCorpus) -> ExampleSet:
         chunks = corpus.chunks
+        targets = corpus.tokens.clone()
+        for r, n in enumerate(corpus.lengths or ()):
+            targets[r, n:] = IGNORE_INDEX  # a document's padding
         return ExampleSet(
             ids=[c.id for c in chunks],
             sources=[c.source for c in chunks],
             inputs=corpus.tokens.clone(),
-            targets=corpus.tokens.clone(),  # full chunks: no padding
+            targets=targets,
             previews=[preview_text(c.text) for c in chunks],
             locations=[c.location for c in chunks],
             task="lm",

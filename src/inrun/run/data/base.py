@@ -44,6 +44,8 @@ class ExampleSet:
         task: ``'lm'`` (causal language modelling) or ``'classify'``.
         num_classes: number of classes (``classify``), else ``None``.
         image_shape: ``(C, H, W)`` when the features are an image (digits), else ``None``.
+        packed: the examples are *documents* packed several to a row: each training row lists
+            the indices of its documents, in order (:mod:`.packing`); ``None``: one example a row.
     """
 
     ids: list[Id]
@@ -55,6 +57,7 @@ class ExampleSet:
     task: str
     num_classes: int | None = None
     image_shape: tuple[int, ...] | None = None
+    packed: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -70,7 +73,7 @@ class ExampleSet:
         return len(self.ids)
 
     def subset(self, rows: Sequence[int]) -> ExampleSet:
-        """The examples at ``rows``, in that order."""
+        """The examples at ``rows``, in that order (unpacked: pack the subset again)."""
         idx = torch.as_tensor(list(rows), dtype=torch.long)
         return ExampleSet(
             ids=[self.ids[r] for r in rows],
@@ -89,6 +92,8 @@ class ExampleSet:
         h = hashlib.sha256()
         h.update(json.dumps([self.task, self.num_classes, list(self.image_shape or ())]).encode())
         h.update(json.dumps([[i, s] for i, s in zip(self.ids, self.sources)]).encode())
+        if self.packed is not None:
+            h.update(json.dumps(self.packed).encode())
         for t in (self.inputs, self.targets):
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.contiguous().numpy().tobytes())

@@ -47,10 +47,12 @@ class Chunk:
 
 @dataclass
 class CodeCorpus:
-    """Chunks and their byte tokens ``[N, length]``."""
+    """Chunks and their byte tokens ``[N, length]`` (documents shorter than ``length`` padded
+    with 0: ``lengths`` says how many bytes each has; ``None``: all full)."""
 
     chunks: list[Chunk]
     tokens: torch.Tensor
+    lengths: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -94,6 +96,7 @@ def load_stdlib_corpus(
     max_train_per_source: int | None = None,
     max_val: int | None = None,
     root: Path | None = None,
+    documents: bool = False,
 ) -> tuple[CodeCorpus, CodeCorpus]:
     """Training chunks and held-out-module validation chunks.
 
@@ -104,6 +107,9 @@ def load_stdlib_corpus(
         max_train_per_source: keep at most this many training chunks per source, spread evenly
             over the source's chunks (so every file of a package can appear).
         max_val: at most this many validation chunks, spread evenly over the held-out files.
+        documents: cut each file into *documents* of whole lines and varying length (at most
+            ``length`` bytes; see :func:`document_pieces`) instead of fixed-length chunks: what
+            a packed run packs several to a row.
 
     Raises:
         FileNotFoundError: if the standard library's sources are not on this machine.
@@ -118,7 +124,10 @@ def load_stdlib_corpus(
             continue
         data = (root / rel).read_bytes()
         n_files += 1
-        pieces = [(s, data[s : s + length]) for s in range(0, len(data) - length + 1, length)]
+        if documents:
+            pieces = document_pieces(data, length, rel.as_posix())
+        else:
+            pieces = [(s, data[s : s + length]) for s in range(0, len(data) - length + 1, length)]
         if is_validation_file(rel, val_fraction):
             val.extend((source, rel.as_posix(), s, b) for s, b in pieces)
         else:
@@ -133,7 +142,45 @@ def load_stdlib_corpus(
         items = _spread(train[source], max_train_per_source)
         rows.extend((source, p, s, b) for p, s, b in items)
     val = _spread(val, max_val)
-    return _corpus(rows, first_id=0), _corpus(val, first_id=1_000_000)
+    return _corpus(rows, 0, length), _corpus(val, 1_000_000, length)
+
+
+MIN_DOCUMENT = 16  # bytes: shorter pieces (a blank line, a lone bracket) join the next one
+
+
+def document_pieces(data: bytes, length: int, key: str) -> list[tuple[int, bytes]]:
+    """A file cut into documents of whole lines: ``(start, bytes)``, each at most ``length``
+    bytes (a longer line is cut), most between ``length / 8`` and ``length / 2`` (about three to a
+    row when packed) by a stable hash of ``key`` and the start (the same documents on every
+    machine and run): a document ends at the last line end within its size."""
+    lines = data.splitlines(keepends=True)
+    out: list[tuple[int, bytes]] = []
+    start, piece = 0, b""
+    target = _target(key, 0, length)
+    for line in lines:
+        while len(line) > length:  # a line longer than a document: cut
+            if piece:
+                out.append((start, piece))
+                start, piece = start + len(piece), b""
+            out.append((start, line[:length]))
+            start, line = start + length, line[length:]
+            target = _target(key, start, length)
+        if piece and len(piece) + len(line) > target and len(piece) >= MIN_DOCUMENT:
+            out.append((start, piece))
+            start, piece = start + len(piece), b""
+            target = _target(key, start, length)
+        if len(piece) + len(line) > length:  # a short piece that the line would overflow: dropped
+            start, piece = start + len(piece), b""
+        piece += line
+    if len(piece) >= MIN_DOCUMENT:
+        out.append((start, piece))
+    return out
+
+
+def _target(key: str, start: int, length: int) -> int:
+    digest = hashlib.sha1(f"{key}@{start}".encode()).digest()
+    low, high = length // 8, max(length // 2, length // 8 + 1)
+    return max(MIN_DOCUMENT, low + int.from_bytes(digest[:4], "big") % (high - low + 1))
 
 
 def _spread(items: list, limit: int | None) -> list:
@@ -143,16 +190,16 @@ def _spread(items: list, limit: int | None) -> list:
     return [items[int(k * step)] for k in range(limit)]
 
 
-def _corpus(rows: list[tuple[str, str, int, bytes]], first_id: int) -> CodeCorpus:
+def _corpus(rows: list[tuple[str, str, int, bytes]], first_id: int, length: int) -> CodeCorpus:
     chunks = [
         Chunk(first_id + i, source, path, start, data.decode("utf-8", errors="replace"))
         for i, (source, path, start, data) in enumerate(rows)
     ]
-    if rows:
-        tokens = torch.tensor([list(data) for *_, data in rows], dtype=torch.long)
-    else:
-        tokens = torch.zeros(0, 0, dtype=torch.long)
-    return CodeCorpus(chunks, tokens)
+    lengths = [len(data) for *_, data in rows]
+    tokens = torch.zeros(len(rows), length if rows else 0, dtype=torch.long)
+    for r, (*_, data) in enumerate(rows):
+        tokens[r, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return CodeCorpus(chunks, tokens, None if all(n == length for n in lengths) else lengths)
 
 
 def decode(tokens: torch.Tensor) -> str:
