@@ -437,15 +437,35 @@ def muon_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
     return lr
 
 
-class MuonRule(UpdateRule):
+class MapRule(UpdateRule):
+    """A rule whose step maps the whole gradient of a parameter (a matrix function, a factored second
+    moment): each parameter's data part is valued through :func:`path_pullback` of its step map."""
+
+    elementwise = True
+    nodes = PATH_NODES
+
+    def _step_map(self, p: Tensor, group: dict, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        """``x -> `` the part of ``p``'s step its gradient ``x`` makes (up to a constant)."""
+        raise NotImplementedError
+
+    def pullbacks(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor | Pullback | None]:
+        out: list[Tensor | Pullback | None] = []
+        for p, g, group in zip(params, grads, self._groups(params)):
+            if g is None or group is None:
+                out.append(None)
+                continue
+            dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+            out.append(path_pullback(self._step_map(p, group, dtype), g.detach().to(dtype), self.nodes))
+        return out
+
+
+class MuonRule(MapRule):
     """``torch.optim.Muon``: ``Δθ = −η' NS(a + c x) − η λ θ`` with ``a`` the momentum's part (``μ² b``
     with Nesterov, ``μ b`` without; ``b`` the buffer before the step), ``c = 1 − μ²`` (Nesterov)
     or ``1 − μ``, ``η'`` the shape-adjusted learning rate; NS is scale-invariant, so with no
     momentum yet (the first step) the step does not depend on the gradient's size."""
 
     name = "muon"
-    elementwise = True
-    nodes = PATH_NODES
     carry_refusal = ("carry='momentum' credits momentum per coordinate, and Muon's step is a matrix function "
                      "of its momentum (Newton-Schulz): its carry is not valued. Use carry='off' with Muon")
 
@@ -467,17 +487,10 @@ class MuonRule(UpdateRule):
         coefficients, steps, eps = group["ns_coefficients"], int(group["ns_steps"]), float(group["eps"])
         return a, c, lambda m: newton_schulz(m, coefficients, steps, eps)
 
-    def pullbacks(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor | Pullback | None]:
-        out: list[Tensor | Pullback | None] = []
-        for p, g, group in zip(params, grads, self._groups(params)):
-            if g is None or group is None:
-                out.append(None)
-                continue
-            dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-            a, c, ns = self._map(p, group, dtype)
-            scale = -muon_lr(self._lr(group), group.get("adjust_lr_fn"), p.shape)
-            out.append(path_pullback(lambda x, a=a, c=c, ns=ns, s=scale: s * ns(a + c * x), g.detach().to(dtype), self.nodes))
-        return out
+    def _step_map(self, p: Tensor, group: dict, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        a, c, ns = self._map(p, group, dtype)
+        scale = -muon_lr(self._lr(group), group.get("adjust_lr_fn"), p.shape)
+        return lambda x: scale * ns(a + c * x)
 
     def data_free_step(self, params: Sequence[Tensor]) -> list[Tensor] | None:
         steps, any_shift = [], False
@@ -495,7 +508,7 @@ class MuonRule(UpdateRule):
         return steps if any_shift else None
 
 
-class AdafactorRule(UpdateRule):
+class AdafactorRule(MapRule):
     """``torch.optim.Adafactor``: ``Δθ = −α/max(1, RMS(u)/d) · u − η λ θ`` with ``u = x ⊙ V̂(x)^{−1/2}``,
     ``V̂`` the second moment (row and column means of ``x²`` mixed into the state, their outer
     product over the mean row; per coordinate for vectors), ``α = max(ε₂, RMS(θ)) min(η, t^{−1/2})``.
@@ -503,8 +516,6 @@ class AdafactorRule(UpdateRule):
     (as Adam's first step: the step's size barely depends on the gradient's)."""
 
     name = "adafactor"
-    elementwise = True
-    nodes = PATH_NODES
 
     def nonlinear_step(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> str | None:
         for p, g, group in zip(params, grads, self._groups(params)):
@@ -557,15 +568,8 @@ class AdafactorRule(UpdateRule):
 
         return step
 
-    def pullbacks(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor | Pullback | None]:
-        out: list[Tensor | Pullback | None] = []
-        for p, g, group in zip(params, grads, self._groups(params)):
-            if g is None or group is None:
-                out.append(None)
-                continue
-            dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-            out.append(path_pullback(self._map(p, group, dtype), g.detach().to(dtype), self.nodes))
-        return out
+    def _step_map(self, p: Tensor, group: dict, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        return self._map(p, group, dtype)
 
     def data_free_step(self, params: Sequence[Tensor]) -> list[Tensor] | None:
         steps, any_shift = [], False
