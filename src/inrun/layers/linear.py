@@ -133,10 +133,8 @@ class LinearHandler(LayerHandler):
     def validation_gram(self, module: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> GramFactors:
         """The validation factors from every ``(input, output gradient)`` call of the layer, in
         the weight's dtype (autocast leaves 16-bit activations and gradients)."""
-        dtype = module.weight.dtype
-        A = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in calls]).to(dtype)
-        D = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in calls]).to(dtype)
-        return GramFactors(A, D)
+        return GramFactors(rows_of_calls([a for a, _ in calls], module.weight.dtype),
+                           rows_of_calls([g for _, g in calls], module.weight.dtype))
 
     def gram_cost(self, module: nn.Module, n_val_tokens: int, residual_rows: int = 0) -> float:
         """Multiply-adds per training position of the Gram route for the weight."""
@@ -180,6 +178,14 @@ class HFConv1DHandler(LinearHandler):
     def in_out_features(module: nn.Module) -> tuple[int, int]:
         d, p = module.weight.shape
         return d, p
+
+
+def rows_of_calls(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``[Σ rows, features]``: the calls' tensors with their positions flattened, one after the other,
+    in ``dtype`` (one call's tensor as it is, when it needs no copy)."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1, tensors[0].shape[-1]).to(dtype)
+    return torch.cat([t.reshape(-1, t.shape[-1]) for t in tensors]).to(dtype)
 
 
 def gram_dot(A: Tensor, D: Tensor, factors: GramFactors, max_elements: int = 1 << 24) -> Tensor:
