@@ -411,3 +411,25 @@ def test_a_nonfinite_error_raised_after_the_update_blames_the_update(tmp_path, m
         run_in_process(digits_config(tmp_path / "run", steps=STEPS, every=EVERY))
     ledger = RunDir(tmp_path / "run").ledger()
     assert ledger.steps == 8 and sum(ledger.values().counts) == 7 * 16
+
+
+def test_a_refusal_waits_for_the_holder_to_record_who_it_is(tmp_path) -> None:
+    """The holder takes the flock, then writes its record: a process refused in between waits for
+    the record instead of naming nobody (two resumes started at once raced there)."""
+    import fcntl
+    import threading
+
+    from inrun.files import DirLock, LockedError
+
+    path = tmp_path / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, nothing recorded yet
+    record = json.dumps({"pid": 4242, "host": "elsewhere", "since": time.time(), "command": "inrun train"})
+    writer = threading.Timer(0.3, lambda: os.pwrite(fd, record.encode(), 0))
+    writer.start()
+    try:
+        with pytest.raises(LockedError, match="in use by pid 4242 on elsewhere since"):
+            DirLock(path, "the run directory").acquire()
+    finally:
+        writer.join()
+        os.close(fd)

@@ -136,6 +136,39 @@ def test_grouped_experts_are_valued_by_their_parts(route: str) -> None:
     tracker.close()
 
 
+@pytest.mark.parametrize("name", ["mixtral-eager-f64", "gpt-oss", "deepseek-v3"])
+def test_routers_are_valued_by_their_linear_part(name: str) -> None:
+    """A router's logits ``F.linear(x, W, b)`` (rows ``[B·T, E]``) are a linear part, exact against
+    the per-example oracle in float64 (gpt-oss: with a bias); DeepSeek's router applies a float32
+    copy of its weight (a cast in a float64 model), which the taps do not see: it is valued by the
+    fallback at the router itself, not moved to the whole mixture-of-experts block."""
+    import zoo
+    from zoo_families import FAMILIES
+    from zoo_patterns import PATTERNS
+
+    case = next(c for c in zoo.ZOO + PATTERNS + FAMILIES if c.name == name)
+    assert case.dtype == torch.float64
+    assert zoo.run_case(case) <= case.tol
+    torch.manual_seed(0)
+    model = case.build().to(case.dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    val = case.make_batch(torch.Generator().manual_seed(7), 2)
+    tracker = InRunShapley(model, opt, val_loss=lambda m: zoo.training_loss(case, m, val))
+    with tracker.step([0, 1, 2]):
+        zoo.training_loss(case, model, case.make_batch(torch.Generator().manual_seed(1), 3)).backward()
+    opt.step()
+    routers = {m for m in model.modules() if type(m).__name__.endswith("Router")}
+    assert routers
+    names = {f"{n}.{p}" for n, m in model.named_modules() if m in routers for p, _ in m.named_parameters()}
+    rows = [(n, route, at) for n, route, at in tracker.coverage().per_parameter() if n in names]
+    assert len(rows) == len(names)
+    if name == "deepseek-v3":
+        assert all(route == "fallback" and at == n.rsplit(".", 1)[0] for n, route, at in rows)
+    else:
+        assert all(route == "vector:linear_part" and at.endswith(".logits") for _, route, at in rows)
+    tracker.close()
+
+
 class LMOutput(NamedTuple):
     logits: torch.Tensor
 

@@ -38,6 +38,7 @@ from inrun import (
     InRunShapley,
     StepOrderError,
     UnsupportedModuleError,
+    UnsupportedSettingError,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -323,6 +324,8 @@ LOOPS = [
     Loop("InfoNCE declared, AdamW, clip_grad_norm_", body=lambda c: contrastive(c, True), coupled=contrastive_game,
          optimizers=adamw, between=lambda c: nn.utils.clip_grad_norm_(c.model.parameters(), 0.05),
          step_map=norm_clipped(0.05), batch=5, steps=2),
+    Loop("InfoNCE declared, order 2", body=lambda c: contrastive(c, True), options={"order": 2},
+         refused=(UnsupportedSettingError, "make the tracker with order=1")),
 ]
 
 

@@ -21,6 +21,7 @@ from .errors import (
     StepOrderError,
     UnsupportedModuleError,
     UnsupportedOptimizerError,
+    UnsupportedSettingError,
     ValidationLossError,
 )
 from .store.ledger import PerValidation, ValueLedger, ValueTable
@@ -48,6 +49,7 @@ __all__ = [
     "TrackerConfig",
     "UnsupportedModuleError",
     "UnsupportedOptimizerError",
+    "UnsupportedSettingError",
     "ValidationLossError",
     "ValueLedger",
     "ValueTable",

@@ -18,6 +18,11 @@ class UnsupportedModuleError(InRunError, TypeError):
     """A module cannot be valued per example (e.g. BatchNorm in training mode)."""
 
 
+class UnsupportedSettingError(InRunError, ValueError):
+    """A combination of settings and step arguments that has no exact value (the message names the
+    combination and what to change)."""
+
+
 class BatchMismatchError(InRunError, ValueError):
     """The ids given to ``tracker.step`` do not match the batch the model saw."""
 

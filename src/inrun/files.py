@@ -228,6 +228,11 @@ def _command() -> str:
     return text if len(text) <= 200 else text[:199] + "…"
 
 
+HOLDER_RECORD_WAIT_S = 2.0
+"""How long a refused process waits for the lock's holder to record who it is: the holder writes
+its record right after it takes the lock, and a refusal read in between would name nobody."""
+
+
 class DirLock:
     """An exclusive, non-blocking ``flock`` on ``path`` (created if needed).
 
@@ -251,6 +256,10 @@ class DirLock:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             holder = read_holder(self.path)
+            deadline = time.monotonic() + HOLDER_RECORD_WAIT_S
+            while not holder.get("pid") and time.monotonic() < deadline:
+                time.sleep(0.01)  # the holder has the flock and is writing who it is
+                holder = read_holder(self.path)
             raise LockedError(f"{self.what} is in use by {describe_holder(holder)}", holder) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": _command()}
         # The record is informational (the lock is the flock): rewrite it in place, no rename,

@@ -214,7 +214,7 @@ def moe_workload() -> Workload:
         logits = f(input_ids=ids).logits
         return F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum") / (batch_size * (seq - 1))
 
-    # attention q, k, v, o; the router (the fallback); the experts, 2 of 8 per token (gate-up and
+    # attention q, k, v, o; the router (a linear part, vector route); the experts, 2 of 8 per token (gate-up and
     # down, each on the Gram route against the validation tokens routed to its expert: 2/8 of them);
     # the LM head
     expert = [(d, 2 * inter, 2 / 8), (inter, d, 2 / 8)]

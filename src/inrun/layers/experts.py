@@ -16,6 +16,13 @@ experts are instead valued as two *linear parts* (:mod:`inrun.layers.parts`): th
 of ``gate_up_proj`` and ``down_proj`` are seen as they run, each expert's rows contracted like an
 ``nn.Linear`` call (vector route, or Gram against the validation tokens routed to that expert),
 nothing re-run. Experts with biases (added in place to the grouped output) keep the re-running route.
+
+The router in front of the experts (``MixtralTopKRouter`` and its kin: a module of its own whose
+one weight ``[E, d]``, and bias, give the routing logits ``F.linear(x, W, b)``) is one linear part
+of blocked rows (``[B·T, E]``, row ``b·T + t``), valued on the routes of ``nn.Linear`` where it ran,
+not by the fallback's directional derivative and its contraction at the step. A router that
+applies its weight any other way (a cast copy, a matmul) is not reported by the taps: the row
+verification then sees its weight's gradient without values and values it at a site.
 """
 
 from __future__ import annotations
@@ -120,3 +127,26 @@ class ExpertsHandler(LayerHandler):
 
 
 register_predicate(_is_hf_experts, ExpertsHandler())
+
+
+def _is_router(module: nn.Module) -> bool:
+    own = dict(module.named_parameters(recurse=False))
+    weight, bias = own.get("weight"), own.get("bias")
+    return (
+        type(module).__name__.endswith("Router") and next(module.children(), None) is None
+        and set(own) <= {"weight", "bias"} and weight is not None and weight.dim() == 2
+        and (bias is None or bias.dim() == 1)
+    )
+
+
+class RouterHandler(LayerHandler):
+    """A mixture-of-experts router whose weight (and bias) make the routing logits by ``F.linear``."""
+
+    name = "router"
+
+    def parts(self, module: nn.Module) -> list[LinearPart] | None:
+        bias = "bias" if isinstance(getattr(module, "bias", None), nn.Parameter) else None
+        return [LinearPart("logits", "weight", bias, sequence_first=False)]
+
+
+register_predicate(_is_router, RouterHandler())

@@ -45,6 +45,9 @@ class LinearPart:
     bias: str | None
     grouped: bool = False
     transposed: bool = False
+    sequence_first: bool = True
+    """Where an ``F.linear`` call's rows come from: sequence-first tensors (``nn.MultiheadAttention``:
+    ``[S, B, ·]`` or ``[S·B, ·]``), or the rows of an ordinary call (``[B, ·]``, ``[B·T, ·]``: a router)."""
 
 
 class PartCall(NamedTuple):

@@ -166,7 +166,7 @@ class TrainRecorder:
         independent = not depends_on_batch(args, kwargs, self.root_storages)
         if rows_like is not None:
             rows = [leaf_rows(rows_like, mb.rows, independent, entry.batch_dim)]
-        elif part is not None:
+        elif part is not None and handler.part.sequence_first:
             rows = [row_maps.sequence_first_rows(leaves[0], mb.rows)]
         else:
             declared = handler.batch_dims(entry.module, len(leaves)) or [entry.batch_dim] * len(leaves)

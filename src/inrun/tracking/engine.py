@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import InRunError, StepOrderError
+from ..errors import InRunError, StepOrderError, UnsupportedSettingError
 from ..optim import rule_for
 from . import segments as docs
 from .accounts import StepAccounts
@@ -126,7 +126,8 @@ class StepEngine:
         seg = docs.admit_documents(segments, id_list, self.table.device, token_values)
         self.declared = CoupledLoss.of(coupled_loss)
         if self.declared is not None and (self.rule.order != 1 or seg is not None):
-            raise ValueError("a coupled_loss is valued at first order, one example per row: order=1, no segments")
+            raise UnsupportedSettingError("a coupled_loss is valued by a first-order game of one example per row: make the "
+                                          "tracker with order=1 and call tracker.step(ids, coupled_loss=fn) without segments")
         timed = self.log.count >= 1
         t0 = time.perf_counter()
         opening = self.window is None
@@ -377,9 +378,9 @@ class StepEngine:
             cover.documents = docs.documents_note(self.entries, self.plan)
         return cover
 
-    def global_ledger(self) -> Ledger:
+    def global_ledger(self, rank: int | None = None) -> Ledger | None:
         self.flush()
-        return self.log.ledger if self.ddp is None else self.ddp.gather_ledger(self.log.ledger)
+        return self.log.ledger if self.ddp is None else self.ddp.gather_ledger(self.log.ledger, rank)
 
     def close(self) -> None:
         with contextlib.suppress(InRunError):

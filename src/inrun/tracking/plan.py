@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import InRunError, UnsupportedModuleError
 from ..layers import FALLBACK
+from ..layers.parts import PartHandler
 from .check import STEP_FLOOR, column_sum, refuse_hooks
 from .entries import Entry, joint_groups
 from .probes import refuse_interactions, shuffled
@@ -290,6 +291,10 @@ class RowVerifier:
             entry = engine.entries[index]
             if not entry.active:
                 continue
+            if isinstance(entry.handler, PartHandler) and not entry.handler.part.grouped \
+                    and next(entry.module.children(), None) is None:
+                self._value_in_place(entry)
+                continue
             site = self._site_for(entry)
             if site is None and documents:
                 raise UnsupportedModuleError(
@@ -306,6 +311,18 @@ class RowVerifier:
                     "register a handler for it (inrun.layers.register_handler)."
                 )
             self._move_to_site(entry, site)
+
+    def _value_in_place(self, entry: Entry) -> None:
+        """A leaf module's linear part whose call was not seen (a router that applies a cast copy of
+        its weight) is valued by the fallback at the module itself, as a module without a handler
+        is; if that fails too, the fallback's entry moves to a site."""
+        engine = self.engine
+        target = Entry(index=len(engine.entries), name=self.names[id(entry.module)] or type(entry.module).__name__,
+                       module=entry.module, handler=FALLBACK, param_names=entry.paths,
+                       param_index=entry.param_index, gram_capable=False)
+        engine.entries.append(target)
+        engine.hooks.add(target)
+        entry.active, entry.gram_capable = False, False
 
     def _move_to_site(self, entry: Entry, site: nn.Module) -> None:
         """Value ``entry``'s parameters at the enclosing module ``site`` by the fallback. The site's

@@ -1,5 +1,5 @@
 """Row layouts and interactions that change with the data: probed when a layout is proven, and one
-example checked alone at every micro-batch.
+example checked alone at every optimizer step.
 
 The row verification (:mod:`.plan`) proves, on the batch it replays, that every tracked call's rows
 belong to their examples. Two things can still change with the data after that batch:
@@ -19,21 +19,26 @@ belong to their examples. Two things can still change with the data after that b
   outputs, with the same shape (a ``[B, B]`` similarity matrix computed inside the model is an
   interaction). Run at every verification, not only the first.
 
-Every micro-batch after that (``verify="on_change"``, the default), :meth:`RowProbes.alone` runs one
-example, drawn by a generator seeded with the step (the same one when the run is repeated or
-resumed), alone through the model with the call's own random-number state, and compares its outputs
-with its row of the batch's: an interaction that touches that example at that step raises then. A
-call that drew random numbers (dropout) cannot be compared this way and is left to the probes.
+Every optimizer step after that (``verify="on_change"``, the default), :meth:`RowProbes.alone` runs
+one example of one micro-batch, both drawn by a generator seeded with the step (the same ones when
+the run is repeated), alone through the model with the call's own random-number state, and
+compares its outputs with its row of the batch's: an interaction that touches that example at that
+step raises then. The micro-batch is drawn among as many as the last step had (the first of a
+resumed run's steps takes its first). A call that drew random numbers (dropout) cannot be compared
+this way and is left to the probes. Once per step, not per micro-batch: with accumulation over
+``m`` micro-batches the check at each one took about ``m`` times a forward of one example (5% of
+an Adam-aware step of four micro-batches of 8x128, ``inrun bench`` workload A).
 
 What can still go unseen (use ``verify="every_step"``, which proves every micro-batch, probes
 included): a reordering that is the identity on the verified batch *and* on its shuffle; an
 interaction that no probe part triggers and that, at a later step, touches few examples (it is seen
-at a step with probability the share of the micro-batch it touches, by the one example checked);
+at a step with probability the share of the step's examples it touches, by the one example checked);
 any interaction in a model whose forward draws random numbers, after the verified batches.
 
 Cost: the probes add one replay (a forward and two backward passes) and a few forwards of parts of
 the batch to each verification; the per-step check is the forward of one example (about
-``1 / (3B)`` of a step in FLOPs, more on a small model where a call's overhead dominates). Measured
+``1 / (3B)`` of a step of ``B`` examples in FLOPs, more on a small model where a call's overhead
+dominates). Measured
 by ``benchmarks/loop_checks.py``.
 """
 
@@ -155,15 +160,25 @@ class RowProbes:
         self.seed = seed
         self.refused: str | None = None
         """Why the model cannot run one example alone (the check is then left out)."""
+        self._step = -1
+        self._micro_seen = 0  # micro-batches of the step being recorded (its last index + 1)
+        self._micro_per_step = 1  # of the last step: the draw's range
 
     def alone(self, calls: list[RootCall], step: int, micro: int) -> None:
-        """Run one example of the micro-batch alone and compare its outputs with its row."""
+        """At the step's drawn micro-batch, run one of its examples alone and compare its outputs
+        with its row (``micro``: the micro-batch's index in the step)."""
+        if step != self._step:
+            if self._step >= 0:
+                self._micro_per_step = max(1, self._micro_seen)
+            self._step, self._micro_seen = step, 0
+        self._micro_seen = max(self._micro_seen, micro + 1)
         if self.refused is not None or not calls:
             return
         B = calls[0].outputs[0].shape[0] if calls[0].outputs else 0
-        if B < 2:
+        draw = np.random.default_rng([self.seed, step])
+        if micro != int(draw.integers(self._micro_per_step)) or B < 2:
             return
-        z = int(np.random.default_rng([self.seed, step, micro]).integers(B))
+        z = int(draw.integers(B))
         rows = torch.tensor([z])
         tol = tolerance(self.engine.table.dtype)
         engine = self.engine

@@ -1,0 +1,68 @@
+"""The per-step check of one example alone (``verify="on_change"``): once per optimizer step, at a
+micro-batch drawn among the step's, so an interaction that only some micro-batches have is still
+caught, at the cost of one example's forward per step (not one per micro-batch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from inrun import InRunShapley
+from inrun.errors import UnsupportedModuleError
+
+MICRO, SIZE = 4, 6
+
+
+class CountingMLP(nn.Module):
+    """Counts its forwards on one example; centres its hidden rows over the batch when ``center``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(5, 8), nn.Linear(8, 3)
+        self.center = False
+        self.single = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.single += x.shape[0] == 1
+        h = torch.tanh(self.body(x))
+        return self.head(h - h.mean(0) if self.center else h)
+
+
+def loop(steps: int, centre_micro: int | None = None, centre_from: int = 2) -> tuple[CountingMLP, list[int]]:
+    """AdamW over ``MICRO`` micro-batches a step; from ``centre_from`` on, micro-batch ``centre_micro``
+    centres its rows. Returns the model and its single-example forwards counted at each step."""
+    torch.manual_seed(0)
+    model = CountingMLP().double()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    xv, yv = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    tracker = InRunShapley(model, opt, val_loss=lambda m: F.cross_entropy(m(xv), yv))
+    per_step = []
+    for step in range(steps):
+        before = model.single
+        for k in range(MICRO):
+            x, y = torch.randn(SIZE, 5, dtype=torch.float64), torch.randint(0, 3, (SIZE,))
+            model.center = centre_micro == k and step >= centre_from
+            ids = list(range((step * MICRO + k) * SIZE, (step * MICRO + k + 1) * SIZE))
+            with tracker.step(ids):
+                (F.cross_entropy(model(x), y) / MICRO).backward()
+        model.center = False
+        opt.step()
+        opt.zero_grad()
+        per_step.append(model.single - before)
+    tracker.close()
+    return model, per_step
+
+
+def test_one_example_alone_once_per_step_not_per_micro_batch() -> None:
+    _, per_step = loop(6)
+    # step 0 is verified (its probes run parts of the batch alone); each later step, one example
+    # alone once, plus the validation pass's and the drop row's forwards (batches of 4, not 1)
+    assert per_step[0] > 1 and per_step[1:] == [1] * 5
+
+
+def test_an_interaction_in_one_micro_batch_of_each_step_is_refused() -> None:
+    """Centring only in the last micro-batch from step 2: the draw reaches it at some step."""
+    with pytest.raises(UnsupportedModuleError, match="examples interact"):
+        loop(16, centre_micro=MICRO - 1)
