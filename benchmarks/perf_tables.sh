@@ -45,7 +45,7 @@ for w in $WORKLOADS; do
   start=$(date +%s)
   args=(--workloads "$w" --steps "$STEPS" --threads 2)
   if [[ -n "${METHODS[$w]}" ]]; then args+=(--methods "${METHODS[$w]}"); fi
-  PYTHONPATH=src "$PYTHON" -m inrun.cli.bench "${args[@]}" >> "$OUT"
+  PYTHONPATH=src "$PYTHON" -m inrun.cli bench "${args[@]}" >> "$OUT"
   elapsed=$(( $(date +%s) - start ))
   echo "(workload $w: ${elapsed} s wall)" | tee -a "$OUT" >&2
   echo >> "$OUT"

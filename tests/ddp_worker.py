@@ -146,7 +146,16 @@ def table_of(tracker: Any) -> dict[str, Any]:
         "per_validation": None if per_val is None else per_val[1].tolist(),
         "local_ids": tracker.ledger.values().ids(),
         "drop_values": [r["values"] for r in tracker.drops()],
+        "on_rank_0_only": _ids_values(tracker.global_ledger(rank=0)),
     }
+
+
+def _ids_values(ledger: Any) -> Any:
+    """``[ids, values]`` of a ledger, ``None`` for none (a rank that did not receive it)."""
+    if ledger is None:
+        return None
+    values = ledger.values()
+    return [values.ids(), values.value.tolist()]
 
 
 def sum_allreduce_hook(state, bucket):  # DDP checks the annotations: leave them out

@@ -35,7 +35,7 @@ from ddp_worker import (
 
 from inrun import InRunShapley, ValueLedger, exact
 from inrun.store.ledger import merge_states
-from inrun.tracking.ddp import all_gather_bytes, all_reduce_settled
+from inrun.tracking.ddp import all_gather_bytes, all_reduce_settled, gather_bytes
 
 WORLD = 2
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4}  # relative to η·‖g_z‖·‖g_val‖
@@ -145,7 +145,8 @@ VALUED = [s for s in SCENARIOS if not s.sum_hook]
 def test_ddp_equals_single_process_and_oracle(ddp_results: dict[str, Any], s: Scenario) -> None:
     rank0, rank1 = (r[s.name] for r in ddp_results["ranks"])
     assert "error" not in rank0, rank0.get("message")
-    assert rank0 == {**rank1, "local_ids": rank0["local_ids"]}, "ranks disagree on the global table"
+    own = {"local_ids": rank0["local_ids"], "on_rank_0_only": rank0["on_rank_0_only"]}  # by rank
+    assert rank0 == {**rank1, **own}, "ranks disagree on the global table"
     all_ids = [i for t in range(s.steps) for i in s.global_ids(t, WORLD)]
     assert sorted(rank0["ids"]) == all_ids and set(rank0["count"]) == {1}
     assert sorted(rank0["local_ids"] + rank1["local_ids"]) == all_ids, "each rank values its own"
@@ -242,6 +243,16 @@ def test_collectives_hold_their_tensors_until_gloo_lets_go(gloo_alone: None) -> 
         assert t.tolist() == [1.0] * 4
     assert all_gather_bytes(b"ledger") == [b"ledger"]
     assert all_gather_bytes(b"") == [b""]
+    assert gather_bytes(b"ledger", 0) == [b"ledger"]
+
+
+def test_the_global_ledger_gathered_to_one_rank_only(ddp_results: dict[str, Any]) -> None:
+    """``global_ledger(rank=0)``: rank 0 gets the same global table every rank gets from
+    ``values()``; the other ranks get nothing (no copy of the table on them)."""
+    for name in ("f64", "f64 trapezoid no_sync"):
+        rank0, rank1 = (r[name] for r in ddp_results["ranks"])
+        assert rank0["on_rank_0_only"] == [rank0["ids"], rank0["value"]], name
+        assert rank1["on_rank_0_only"] is None, name
 
 
 def test_ddp_trainer_equals_one_process(ddp_results: dict[str, Any]) -> None:

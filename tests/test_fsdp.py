@@ -60,8 +60,10 @@ def test_fsdp2_equals_single_process(fsdp_results: dict[str, Any], s: FSDPScenar
     largest value."""
     rank0, rank1 = (r[s.name] for r in fsdp_results["ranks"])
     assert "error" not in rank0, rank0.get("message")
-    assert {k: v for k, v in rank0.items() if k not in ("local_ids", "step_seconds")} == \
-        {k: v for k, v in rank1.items() if k not in ("local_ids", "step_seconds")}, "ranks disagree"
+    by_rank = ("local_ids", "step_seconds", "on_rank_0_only")
+    assert {k: v for k, v in rank0.items() if k not in by_rank} == \
+        {k: v for k, v in rank1.items() if k not in by_rank}, "ranks disagree"
+    assert rank0["on_rank_0_only"] == [rank0["ids"], rank0["value"]] and rank1["on_rank_0_only"] is None
     all_ids = [i for t in range(s.steps) for i in s.global_ids(t, WORLD)]
     assert sorted(rank0["ids"]) == all_ids and set(rank0["count"]) == {1}
     assert sorted(rank0["local_ids"] + rank1["local_ids"]) == all_ids, "each rank values its own"

@@ -433,3 +433,19 @@ def test_norm_clip_factor_is_read_exactly_on_a_large_float32_gradient() -> None:
     assert factor is not None and abs(factor - 0.3127) < 4 * torch.finfo(torch.float32).eps
     clipped[100] *= 1.001  # one coordinate off the scale is not a scale
     assert _uniform_factor(clipped, batch, tol) is None
+
+
+def test_gradient_comparison_is_bit_for_bit() -> None:
+    """The step's comparison of each gradient with its reference (memcmp on CPU) says unchanged only
+    for the same bits: a NaN left as it was is unchanged, -0.0 is not 0.0, one coordinate's last bit
+    is a change; a strided view or another dtype takes torch's comparison with the same answers."""
+    from inrun.tracking.gradmap import _same_bits
+
+    a = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    a[7] = float("nan")
+    b = a.clone()
+    assert _same_bits(a, b) and _same_bits(a[::2], b[::2]) and _same_bits(a[:0], b[:0])
+    b[999] = torch.nextafter(b[999], torch.tensor(float("inf")))
+    assert not _same_bits(a, b) and not _same_bits(a[1::2], b[1::2])
+    assert not _same_bits(torch.zeros(3), -torch.zeros(3)) and not _same_bits(a, a.double())
+    assert _same_bits(a.bfloat16(), a.bfloat16()) and not _same_bits(a[:4], a[:5])

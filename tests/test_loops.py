@@ -337,3 +337,20 @@ def test_run_directories_are_refused_by_train_resume(library_runs, capsys) -> No
     assert main(["train", "--resume", str(library_runs["root"] / "whole")]) == 1
     assert "only that loop can continue it" in capsys.readouterr().err
     shutil.rmtree(library_runs["root"] / "whole" / "curate", ignore_errors=True)
+
+
+def test_lightning_on_several_processes_is_refused_with_what_to_do_instead() -> None:
+    """Lightning's DDP calls the module's training_step as its forward and each rank would value
+    only its own examples: refused at the start, naming the alternatives (it used to fail at the
+    first step, telling the user to return per-example outputs from their forward)."""
+    from types import SimpleNamespace
+
+    from inrun import InRunError
+    from inrun.integrations.lightning import InRunCallback
+
+    model, opt, _ = build()
+    callback = InRunCallback(val_loss=lambda m: F.cross_entropy(m(XV), YV))
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(), optimizers=[opt], global_step=0)
+    with pytest.raises(InRunError, match="InRunCallback values a run of one process; this Trainer runs 2.*InRunTrainer"):
+        callback.on_train_start(trainer, model)
+    assert callback.tracker is None

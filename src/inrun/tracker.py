@@ -198,12 +198,12 @@ class InRunShapley:
     # ------------------------------------------------------------------ results
     def values(self) -> ValueTable:
         """id -> accumulated value (float64); under DDP the global table, a collective (:meth:`global_ledger`)."""
-        return self.global_ledger().values()
+        return self._engine.global_ledger().values()
 
     def per_validation(self) -> PerValidation | None:
         """Per-(train, validation) values when ``val_loss`` returns a vector, else ``None``: a :class:`~inrun.PerValidation`
         (``.to_pandas()``: a row per id, a column per validation id). Under DDP global, a collective."""
-        return self.global_ledger().per_validation()
+        return self._engine.global_ledger().per_validation()
 
     def drops(self) -> list[dict[str, Any]]:
         """Each optimizer step's drop, decomposed (:mod:`inrun.tracking.drop`); a collective under DDP."""
@@ -233,9 +233,9 @@ class InRunShapley:
         return RunWriter(Path(path), self, examples=examples, state={}, rng=False,
                          description=description, metadata=metadata).finish()
 
-    def global_ledger(self) -> ValueLedger:
-        """The whole run's ledger: ``self.ledger``; under DDP every rank's merged by id (a collective)."""
-        return self._engine.global_ledger()
+    def global_ledger(self, rank: int | None = None) -> ValueLedger | None:
+        """``self.ledger``; under DDP all ranks' merged by id (a collective) on every rank, or on ``rank`` only (else ``None``)."""
+        return self._engine.global_ledger(rank)
 
     def flush(self) -> None:
         """Finish a step waiting for ``g_val(θ_t+1)`` (trapezoid) or ``L(θ_t+1)`` (:meth:`drops`)."""

@@ -673,7 +673,7 @@ def measure_memory(workload: str, names: list[str], device: torch.device, backen
         if (workload, n) in FAILURES:
             continue
         res = subprocess.run(
-            [sys.executable, "-m", "inrun.cli.bench", "--memory-probe", workload, n, "--device", str(device),
+            [sys.executable, "-m", "inrun.cli", "bench", "--memory-probe", workload, n, "--device", str(device),
              "--compile-backend", backend],
             capture_output=True, text=True, check=True, env=env,
         )

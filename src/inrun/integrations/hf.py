@@ -370,7 +370,7 @@ class InRunTrainer(Trainer):
         if tracker is None:
             logger.warning("no training step was valued: nothing written to %s", Path(self.args.output_dir) / self.inrun_args.subdir)
             return
-        ledger = tracker.global_ledger()
+        ledger = tracker.global_ledger(rank=self._inrun_writer_rank())
         drops = tracker.drops()  # also a collective under DDP: every rank's values of each step
         if self.inrun_run is not None:
             self.inrun_run.finish(checkpoint=False, ledger=ledger, drops=drops)
@@ -463,13 +463,18 @@ class InRunTrainer(Trainer):
             self._inrun_val_chunks = chunks
         return self._inrun_val_chunks
 
+    def _inrun_writer_rank(self) -> int | None:
+        """The rank that receives the global ledger to write it: rank 0, which alone saves; every
+        rank when each node's first process saves too (``save_on_each_node``)."""
+        return None if self.args.save_on_each_node else 0
+
     def _save_inrun(self, directory: Path) -> ValueLedger | None:
         """Gather the global ledger (collective) and write it with the tracker's state and the
         curves into a checkpoint's directory; returns the ledger."""
         tracker = self.inrun_tracker
         assert tracker is not None
-        ledger = tracker.global_ledger()
-        if not self.args.should_save:
+        ledger = tracker.global_ledger(rank=self._inrun_writer_rank())
+        if not self.args.should_save or ledger is None:
             return ledger
         ledger.save(directory)
         if self.inrun_run is not None:

@@ -125,6 +125,14 @@ class InRunCallback(pl.Callback):
     # -- setting up ---------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning restored a checkpoint (its global_step and the optimizer's state).
+        if trainer.world_size > 1:
+            raise InRunError(
+                f"InRunCallback values a run of one process; this Trainer runs {trainer.world_size} "
+                f"({type(trainer.strategy).__name__}), which it does not support yet (Lightning's DDP calls "
+                "the module's training_step as its forward, and each rank's values would need the others'). "
+                "Train on one device with the callback, or use InRunShapley on the DDP-wrapped model in a "
+                "torchrun loop, or InRunTrainer (docs/scaling.md)"
+            )
         optimizers = trainer.optimizers
         if len(optimizers) != 1:
             raise InRunError(

@@ -164,10 +164,8 @@ class LinearHandler(LayerHandler):
     def validation_gram(self, module: nn.Module, calls: list[tuple[Tensor, Tensor]]) -> GramFactors:
         """The validation factors from every ``(input, output gradient)`` call of the layer, in
         the weight's dtype (autocast leaves 16-bit activations and gradients)."""
-        dtype = module.weight.dtype
-        A = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in calls]).to(dtype)
-        D = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in calls]).to(dtype)
-        return GramFactors(A, D)
+        return GramFactors(rows_of_calls([a for a, _ in calls], module.weight.dtype),
+                           rows_of_calls([g for _, g in calls], module.weight.dtype))
 
     def gram_cost(self, module: nn.Module, n_val_tokens: int, residual_rows: int = 0) -> float:
         """Multiply-adds per training position of the Gram route for the weight."""
@@ -213,27 +211,53 @@ class HFConv1DHandler(LinearHandler):
         return d, p
 
 
+def rows_of_calls(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``[Σ rows, features]``: the calls' tensors with their positions flattened, one after the other,
+    in ``dtype`` (one call's tensor as it is, when it needs no copy)."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1, tensors[0].shape[-1]).to(dtype)
+    return torch.cat([t.reshape(-1, t.shape[-1]) for t in tensors]).to(dtype)
+
+
 def gram_dot(A: Tensor, D: Tensor, factors: GramFactors, max_elements: int = 1 << 24) -> Tensor:
     """``[B]`` Gram-route dot products ``sum((A_z A_valᵀ) ⊙ (D_z D_valᵀ))`` (+ the residual rows).
 
-    ``A [B, T, d]``, ``D [B, T, p]``: a training example's layer inputs and output gradients.
+    ``A [B, T, d]``, ``D [B, T, p]``: a training example's layer inputs and output gradients. The
+    rows are taken in the order ``D`` is stored in: an output gradient stored sequence-first
+    (``[T, B, p]`` in memory: ``nn.MultiheadAttention``'s in-projection) is read in place and only
+    the narrower ``A`` is copied to match, instead of copying the wide ``D`` into example order.
     """
     A_val, D_val = factors.A, factors.D
     B, T, _ = A.shape
-    A = as_float(A, A_val).reshape(B * T, -1)
-    D = as_float(D, D_val).reshape(B * T, -1)
-    # Whole examples per chunk, with the two [rows, N] products bounded by max_elements each.
-    rows_per_chunk = max(T, (max_elements // max(1, A_val.shape[0])) // T * T)
+    N = A_val.shape[0]
+    A, D = as_float(A, A_val), as_float(D, D_val)
+    if B > 1 and T > 1 and not D.is_contiguous() and D.transpose(0, 1).is_contiguous():
+        A, D, lead = A.transpose(0, 1), D.transpose(0, 1), T  # rows t·B + z
+    else:
+        lead = B  # rows z·T + t
+    A = A.reshape(B * T, -1)
+    D = D.reshape(B * T, -1)
+    per_lead = B * T // lead
+
+    def per_example(rows: Tensor) -> Tensor:
+        """``[lead·k, M]`` products of ``k`` leading blocks -> ``[B]`` (or ``[k]`` example blocks)."""
+        if lead == B:
+            return rows.reshape(-1, per_lead * rows.shape[-1]).sum(dim=1)
+        return rows.reshape(-1, B, rows.shape[-1]).sum(dim=(0, 2))
+
+    # Whole leading blocks per chunk, with the two [rows, N] products bounded by max_elements each.
+    rows_per_chunk = max(per_lead, (max_elements // max(1, N)) // per_lead * per_lead)
     parts = []
     for start in range(0, B * T, rows_per_chunk):
         stop = min(B * T, start + rows_per_chunk)
-        prod = (A[start:stop] @ A_val.T) * (D[start:stop] @ D_val.T)  # (rows, N)
-        parts.append(prod.reshape(-1, T * A_val.shape[0]).sum(dim=1))
-    out = torch.cat(parts)
+        prod = A[start:stop] @ A_val.T
+        prod *= D[start:stop] @ D_val.T  # (rows, N)
+        parts.append(per_example(prod))
+    out = torch.cat(parts) if lead == B else torch.stack(parts).sum(dim=0)
     if factors.rows is not None:
         # Σ_t Σ_r D_z[t, r] (A_z[t] · residual[r]) over the residual rows only
         extra = (A @ factors.residual.T) * D[:, factors.rows]  # (B·T, R)
-        out = out + extra.reshape(B, -1).sum(dim=1)
+        out = out + per_example(extra)
     return out
 
 

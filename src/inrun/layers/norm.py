@@ -42,6 +42,7 @@ class _AffineNormHandler(LayerHandler):
         return first_input(module, args, kwargs).detach()
 
     def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``x̂``, a new tensor (:meth:`dot` multiplies it in place)."""
         raise NotImplementedError
 
     def feature_shape(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
@@ -62,7 +63,8 @@ class _AffineNormHandler(LayerHandler):
         if "weight" in vectors:
             with torch.no_grad():
                 x_hat = as_float(self.normalized(module, saved), like)
-            out["weight"] = stack_dot(self.sum_to_features(module, D * x_hat), vectors["weight"])
+                x_hat = x_hat.mul_(D) if x_hat.shape == D.shape else x_hat * D  # D ⊙ x̂ in x̂'s buffer
+            out["weight"] = stack_dot(self.sum_to_features(module, x_hat), vectors["weight"])
         if "bias" in vectors:
             out["bias"] = stack_dot(self.sum_to_features(module, D), vectors["bias"])
         return out

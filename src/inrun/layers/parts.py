@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .linear import GramFactors, LinearHandler, gram_dot
+from .linear import GramFactors, LinearHandler, gram_dot, rows_of_calls
 
 
 @dataclass(frozen=True)
@@ -222,8 +222,7 @@ class GroupedPartHandler(PartHandler):
 
 
 def _factors(pairs: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> GramFactors:
-    return GramFactors(torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in pairs]).to(dtype),
-                       torch.cat([g.reshape(-1, g.shape[-1]) for _, g in pairs]).to(dtype))
+    return GramFactors(rows_of_calls([a for a, _ in pairs], dtype), rows_of_calls([g for _, g in pairs], dtype))
 
 
 def row_slice(t: Tensor, whole: Tensor) -> tuple[int, int] | None:

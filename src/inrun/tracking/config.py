@@ -106,8 +106,8 @@ class TrackerConfig:
     model's call against exact per-example gradients, :mod:`inrun.tracking.plan`, on the batch and
     on a shuffled copy of it, with probes of interactions between examples,
     :mod:`inrun.tracking.probes`): ``"on_change"`` at the first step and whenever a call's row
-    layout is new, and at every micro-batch one example run alone and compared with its row of the
-    batch (an interaction caught when it happens); ``"layouts"``: the same without the per-step
+    layout is new, and at every optimizer step one example (of a micro-batch drawn by the step) run
+    alone and compared with its row of the batch (an interaction caught when it happens); ``"layouts"``: the same without the per-step
     example; ``"every_step"``: every micro-batch proven and probed (about two more forwards and
     four backward passes each)."""
     val_threads: ValThreads = setting("all", "CPU threads of the validation pass: 'all', 'one' or 'auto'")

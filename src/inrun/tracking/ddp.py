@@ -36,7 +36,9 @@ called by ``tracker.values()``, ``tracker.per_validation()`` and ``tracker.globa
 This costs one all-gather of the ledgers per read instead of one per step, and the
 per-step path stays a single small all-reduce. Every rank receives the global ledger (an
 example seen on several ranks, e.g. in different epochs, gets the sum of its values and
-counts). Reading is therefore a *collective*: call it on every rank of the group, like
+counts), or only one rank does (``tracker.global_ledger(rank=0)``: a gather, not an all-gather;
+the Trainer's and Lightning's writes take it, so the table is held once per job, not once per
+rank). Reading is therefore a *collective*: call it on every rank of the group, like
 ``dist.barrier()``; calling it on rank 0 alone blocks. With NCCL the gather uses the current
 CUDA device: call ``torch.cuda.set_device(local_rank)`` on each rank first (as DDP setups
 usually do).
@@ -141,18 +143,25 @@ class DDPSync:
         all_reduce_settled(out, self.group)
         return out
 
-    def gather_ledger(self, ledger: Ledger) -> Ledger:
-        """Merge the ledgers of every rank by example id; every rank gets the result."""
-        return gather_ledger(ledger, group=self.group)
+    def gather_ledger(self, ledger: Ledger, rank: int | None = None) -> Ledger | None:
+        """Merge the ledgers of every rank by example id; every rank gets the result, or only
+        ``rank`` (the others get ``None``)."""
+        return gather_ledger(ledger, group=self.group, rank=rank)
 
 
-def gather_ledger(ledger: Ledger, group: Any = None) -> Ledger:
+def gather_ledger(ledger: Ledger, group: Any = None, rank: int | None = None) -> Ledger | None:
     """The ledgers of all ranks of ``group`` merged by example id (a collective call).
 
-    Every rank must call it; every rank returns the merged ledger. Only ids and numbers travel.
+    Every rank must call it. Every rank returns the merged ledger; with ``rank`` (a global rank),
+    only that one does and the others return ``None``: neither the table nor the other ranks'
+    ledgers are copied to them, which is what a job whose rank 0 alone writes the results needs.
+    Only ids and numbers travel.
     """
-    states = [pickle.loads(b) for b in all_gather_bytes(pickle.dumps(_portable_state(ledger)), group)]
-    return type(ledger).from_states(states)
+    payload = pickle.dumps(_portable_state(ledger))
+    gathered = all_gather_bytes(payload, group) if rank is None else gather_bytes(payload, rank, group)
+    if gathered is None:
+        return None
+    return type(ledger).from_states([pickle.loads(b) for b in gathered])
 
 
 # Gloo runs each collective on a worker thread of the process group, and that thread drops its
@@ -207,6 +216,30 @@ def all_gather_bytes(payload: bytes, group: Any = None) -> list[bytes]:
     gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     _settle([mine, *gathered], group)
+    return [g[:n].cpu().numpy().tobytes() for g, n in zip(gathered, lengths)]
+
+
+def gather_bytes(payload: bytes, rank: int, group: Any = None) -> list[bytes] | None:
+    """Every rank's ``payload`` in rank order, on global rank ``rank`` only (``None`` on the others;
+    a collective call). The sizes travel to every rank (one integer each), the bytes to ``rank``."""
+    world = dist.get_world_size(group)
+    device = _collective_device(group)
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    _settle([size, *sizes], group)
+    lengths = [int(s.item()) for s in sizes]
+    longest = max(lengths)
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    if payload:
+        mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    mine = mine.to(device)
+    receiving = dist.get_rank() == rank
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)] if receiving else None
+    dist.gather(mine, gathered, dst=rank, group=group)
+    _settle([mine, *(gathered or [])], group)
+    if gathered is None:
+        return None
     return [g[:n].cpu().numpy().tobytes() for g, n in zip(gathered, lengths)]
 
 

@@ -378,9 +378,9 @@ class StepEngine:
             cover.documents = docs.documents_note(self.entries, self.plan)
         return cover
 
-    def global_ledger(self) -> Ledger:
+    def global_ledger(self, rank: int | None = None) -> Ledger | None:
         self.flush()
-        return self.log.ledger if self.ddp is None else self.ddp.gather_ledger(self.log.ledger)
+        return self.log.ledger if self.ddp is None else self.ddp.gather_ledger(self.log.ledger, rank)
 
     def close(self) -> None:
         with contextlib.suppress(InRunError):

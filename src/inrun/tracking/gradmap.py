@@ -31,6 +31,7 @@ gradients). Measured by ``benchmarks/loop_checks.py``.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -302,10 +303,32 @@ class GradientReference:
         return None
 
 
+def _libc_memcmp() -> Callable[[int, int, int], int] | None:
+    """The C library's ``memcmp`` (``None`` where the process has none to load by that name)."""
+    try:
+        fn = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+_MEMCMP = _libc_memcmp()
+
+
 def _same_bits(a: Tensor, b: Tensor) -> bool:
-    """Bit-for-bit equality (a NaN left as it was is unchanged)."""
+    """Bit-for-bit equality (a NaN left as it was is unchanged). Dense CPU tensors are compared as
+    memory by ``memcmp``: ``torch.equal`` reads them at a fifth of the speed of a copy (8 ms for a
+    21 MB gradient against 1.1 ms, once per parameter at every optimizer step)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
+    if (
+        _MEMCMP is not None and type(a) is Tensor and type(b) is Tensor and a.device.type == "cpu"
+        and b.device.type == "cpu" and a.layout == torch.strided and b.layout == torch.strided
+        and a.is_contiguous() and b.is_contiguous()
+    ):
+        return a.numel() == 0 or _MEMCMP(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
     if a.is_floating_point():
         ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
         return torch.equal(a.view(ints), b.view(ints))

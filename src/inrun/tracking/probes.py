@@ -1,5 +1,5 @@
 """Row layouts and interactions that change with the data: probed when a layout is proven, and one
-example checked alone at every micro-batch.
+example checked alone at every optimizer step.
 
 The row verification (:mod:`.plan`) proves, on the batch it replays, that every tracked call's rows
 belong to their examples. Two things can still change with the data after that batch:
