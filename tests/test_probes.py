@@ -66,3 +66,39 @@ def test_an_interaction_in_one_micro_batch_of_each_step_is_refused() -> None:
     """Centring only in the last micro-batch from step 2: the draw reaches it at some step."""
     with pytest.raises(UnsupportedModuleError, match="examples interact"):
         loop(16, centre_micro=MICRO - 1)
+
+
+def test_the_model_outputs_are_held_only_for_the_micro_batch_the_check_reads() -> None:
+    """Past the verified step, each block's outputs (a language model's logits: as large as its
+    output gradient) are dropped when the backward reaches them, except in the micro-batch the
+    per-step check runs: the block's end finds storage-less stand-ins of the same shape there."""
+    from inrun.tracking.replay import RootCalls
+
+    kept: list[list[bool]] = []
+    disarm = RootCalls.disarm
+
+    def recording(self: RootCalls) -> list:
+        calls = disarm(self)
+        kept[-1].append(all(t.stride() != (0, 0) for c in calls for t in c.outputs))
+        return calls
+
+    RootCalls.disarm = recording  # type: ignore[method-assign]
+    try:
+        torch.manual_seed(0)
+        model = CountingMLP().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        xv, yv = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+        tracker = InRunShapley(model, opt, val_loss=lambda m: F.cross_entropy(m(xv), yv))
+        for step in range(4):
+            kept.append([])
+            for k in range(MICRO):
+                x, y = torch.randn(SIZE, 5, dtype=torch.float64), torch.randint(0, 3, (SIZE,))
+                with tracker.step(list(range((step * MICRO + k) * SIZE, (step * MICRO + k + 1) * SIZE))):
+                    (F.cross_entropy(model(x), y) / MICRO).backward()
+            opt.step()
+            opt.zero_grad()
+        tracker.close()
+    finally:
+        RootCalls.disarm = disarm  # type: ignore[method-assign]
+    assert kept[0][0]  # the first micro-batch is verified: it keeps its outputs
+    assert [sum(s) for s in kept[1:]] == [1, 1, 1]  # then only the drawn micro-batch of each step

@@ -101,7 +101,8 @@ class StepEngine:
         )
         self.plan = Plan()
         self.root_calls = RootCalls(self.module, wanted=self._wants_output_grads, on_call=self._on_root_call,
-                                    after_call=self.ddp.agreement(self) if self.ddp is not None else None)
+                                    after_call=self.ddp.agreement(self) if self.ddp is not None else None,
+                                    outputs_read=lambda: self.probes.reads(self.window))
         self.documents_seen = False  # a micro-batch had segments (coverage says how documents were valued)
         self.verifier = RowVerifier(self)
         self.probes = RowProbes(self)

@@ -164,19 +164,32 @@ class RowProbes:
         self._micro_seen = 0  # micro-batches of the step being recorded (its last index + 1)
         self._micro_per_step = 1  # of the last step: the draw's range
 
-    def alone(self, calls: list[RootCall], step: int, micro: int) -> None:
-        """At the step's drawn micro-batch, run one of its examples alone and compare its outputs
-        with its row (``micro``: the micro-batch's index in the step)."""
+    def _drawn(self, step: int, micro: int) -> np.random.Generator | None:
+        """The step's generator when ``micro`` is the step's drawn micro-batch (``micro``: its index
+        in the step), else ``None``."""
         if step != self._step:
             if self._step >= 0:
                 self._micro_per_step = max(1, self._micro_seen)
             self._step, self._micro_seen = step, 0
         self._micro_seen = max(self._micro_seen, micro + 1)
-        if self.refused is not None or not calls:
+        draw = np.random.default_rng([self.seed, step])
+        return draw if micro == int(draw.integers(self._micro_per_step)) else None
+
+    def reads(self, window: Any) -> bool:
+        """Whether the check will read the outputs of the micro-batch being recorded in ``window``
+        (the model's outputs are kept until the block ends only then, or for a verification)."""
+        if window is None or self.refused is not None or self.engine.config.verify != "on_change":
+            return False
+        return self._drawn(window.step, len(window.micro)) is not None
+
+    def alone(self, calls: list[RootCall], step: int, micro: int) -> None:
+        """At the step's drawn micro-batch, run one of its examples alone and compare its outputs
+        with its row (``micro``: the micro-batch's index in the step)."""
+        draw = self._drawn(step, micro)
+        if self.refused is not None or not calls or draw is None:
             return
         B = calls[0].outputs[0].shape[0] if calls[0].outputs else 0
-        draw = np.random.default_rng([self.seed, step])
-        if micro != int(draw.integers(self._micro_per_step)) or B < 2:
+        if B < 2:
             return
         z = int(draw.integers(B))
         rows = torch.tensor([z])

@@ -183,14 +183,19 @@ class RootCalls:
     Armed for a micro-batch of ``B`` ids, every call is checked to have outputs with ``B`` rows
     (the ids match the batch) and its inputs and random-number state are kept; the gradient the
     user's backward sends to its outputs is kept only if ``wanted()`` says so when it arrives (a
-    model's output gradient can be as large as its logits).
+    model's output gradient can be as large as its logits), and the outputs themselves only if
+    ``wanted()`` or ``outputs_read()`` (the per-step probe's micro-batch) says so then: otherwise
+    each is replaced by a tensor of its shape without storage, so the backward's peak does not
+    hold the logits.
     """
 
     def __init__(self, module: nn.Module, wanted: Callable[[], bool] = lambda: True,
                  on_call: Callable[[tuple, dict], None] | None = None,
-                 after_call: Callable[[], None] | None = None) -> None:
+                 after_call: Callable[[], None] | None = None,
+                 outputs_read: Callable[[], bool] = lambda: True) -> None:
         self.module = module
         self.wanted = wanted
+        self.outputs_read = outputs_read
         self.on_call = on_call
         """Told each armed call's inputs as it starts (before its backward)."""
         self.after_call = after_call
@@ -289,23 +294,26 @@ class RootCalls:
         for k, t in enumerate(outputs):
             source = cast_source(t)
             if source is None:
-                t.register_hook(self._keeper(call.grads, k, t.dtype))
+                t.register_hook(self._keeper(call, k, t.dtype))
             else:
                 node, index = source
-                node.register_prehook(self._node_keeper(call.grads, k, t.dtype, index))
+                node.register_prehook(self._node_keeper(call, k, t.dtype, index))
         self.calls.append(call)
         if self.after_call is not None:
             self.after_call()
 
-    def _keeper(self, slots: list[Tensor | None], k: int, dtype: torch.dtype) -> Any:
+    def _keeper(self, call: RootCall, k: int, dtype: torch.dtype) -> Any:
         def keep(grad: Tensor) -> None:
             if self.wanted():
-                slots[k] = grad.detach().to(dtype)
+                call.grads[k] = grad.detach().to(dtype)
+            elif not self.outputs_read():
+                out = call.outputs[k]
+                call.outputs[k] = torch.empty((), dtype=out.dtype, device=out.device).expand(out.shape)
 
         return keep
 
-    def _node_keeper(self, slots: list[Tensor | None], k: int, dtype: torch.dtype, index: int) -> Any:
-        keep = self._keeper(slots, k, dtype)
+    def _node_keeper(self, call: RootCall, k: int, dtype: torch.dtype, index: int) -> Any:
+        keep = self._keeper(call, k, dtype)
 
         def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
             if grad_outputs[index] is not None:
