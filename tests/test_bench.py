@@ -74,3 +74,44 @@ def test_targets_read_the_tables_bench_prints(capsys) -> None:
     assert any(line.startswith("| R: GPT-2 4x256, 16x128, order 1 | 1.20x | 1.10x") and line.endswith("| yes |")
                for line in lines)
     assert any("T: nn.TransformerEncoder" in line and "not measured" in line for line in lines)
+
+
+def test_memory_floor_counts_what_an_adam_step_keeps() -> None:
+    """The memory floor's kept factors per micro-batch (inrun bench's analytic count) equal the
+    floating-point bytes the Adam-aware tracker holds at the step, counted storage by storage on a
+    small GPT-2 with two micro-batches (shapes where the factors are smaller than per-example
+    gradients, so the floor is what an exact route keeps)."""
+    import torch
+
+    from inrun.cli.bench import (
+        METHODS,
+        gpt2_workload,
+        kept_per_microbatch,
+        memory_floors,
+        trainable_parameters,
+    )
+
+    w = gpt2_workload("X", 1, 32, 2, 8, 8, 8, micro=2, vocab=64)
+    assert all(w.tokens * (d + p) < d * p for d, p, _ in w.linears)
+    method = METHODS["Adam-aware order 1"](w)
+    kept = []
+
+    def count(optimizer, args, kwargs) -> None:
+        seen, total = set(), 0
+        for mb in method.tracker._engine.window.micro:
+            for cap in mb.captures:
+                for t in torch.utils._pytree.tree_flatten(
+                        (cap.saved, dict(cap.grad) if isinstance(cap.grad, dict) else cap.grad))[0]:
+                    storage = t.untyped_storage() if torch.is_tensor(t) and t.is_floating_point() else None
+                    if storage is not None and storage.data_ptr() not in seen:
+                        seen.add(storage.data_ptr())
+                        total += storage.nbytes()
+        kept.append(total)
+
+    method.opt.register_step_pre_hook(count)
+    for step in range(2):
+        method.step(w.batches[step], list(range(8 * step, 8 * step + 8)))
+    assert kept == [2 * kept_per_microbatch(w)] * 2
+    floors = memory_floors(w, trainable_parameters(w))
+    theta = 4 * trainable_parameters(w)
+    assert floors["order 1"] == 2 * theta and floors["Adam-aware order 1"] == 2 * theta + kept_per_microbatch(w)

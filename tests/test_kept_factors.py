@@ -105,3 +105,59 @@ def test_autocast_keeps_linear_inputs_at_the_autocast_dtype() -> None:
         scale = sum(float((g * g).sum()) for g in per_example[z]) ** 0.5 * sum(float((w * w).sum()) for w in u) ** 0.5
         assert abs(got[z] - expected) <= 2e-2 * scale
     tracker.close()
+
+
+def held_bytes(root: object, exclude: set[int]) -> int:
+    """Bytes of the tensor storages reachable from ``root``'s attributes, except ``exclude``."""
+    seen_objects, seen_storages, total = set(), set(), 0
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen_objects or isinstance(obj, (nn.Module, torch.optim.Optimizer, type)):
+            continue
+        seen_objects.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in exclude and storage.data_ptr() not in seen_storages:
+                seen_storages.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not callable(obj):
+            stack.extend(vars(obj).values())
+    return total
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_between_steps_an_adam_tracker_holds_two_gradients(order: int) -> None:
+    """Between two AdamW steps (order 1), the tracker holds the validation gradient and the gradient
+    map's reference, plus a few per-parameter scalars: no settled window's multipliers (three
+    gradients' worth were held by the drop rows and the id check on GPT-2) and no validation Gram
+    factors, which an elementwise rule never reads. With the trapezoid the pending step (its factors
+    and Adam's slope, which wait for g_val(θ_t+1)) is held too, and nothing else."""
+    model = tiny_gpt2()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    val = torch.randint(0, 20, (1, 6), generator=torch.Generator().manual_seed(1))
+    tracker = InRunShapley(model, opt, val_loss=lambda m: m(input_ids=val, labels=val).loss, order=order)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(3):
+        batch = torch.randint(0, 20, (4, 6), generator=gen)
+        for k in range(2):
+            with tracker.step([4 * step + 2 * k, 4 * step + 2 * k + 1]):
+                (model(input_ids=batch[2 * k : 2 * k + 2], labels=batch[2 * k : 2 * k + 2]).loss / 2).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    engine = tracker._engine
+    assert engine.validation.current.gram == {}
+    exclude = {p.untyped_storage().data_ptr() for p in params}
+    exclude |= {v.untyped_storage().data_ptr() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)}
+    gradient = sum(p.numel() * p.element_size() for p in params)
+    pending = 0
+    if order == 2:
+        pending = held_bytes(engine.pending, exclude)
+        assert pending > held_bytes(engine.pending.micro, exclude) > 0
+    assert 2 * gradient <= held_bytes(engine, exclude) - pending <= 2 * gradient + 4096
+    tracker.close()

@@ -286,6 +286,29 @@ def test_trapezoid_on_the_gram_and_bookkeeping_routes(route: str) -> None:
     run_and_compare(MODEL_CASES[0], "trapezoid", **forced_route(route))
 
 
+@pytest.mark.parametrize("route", ["auto", "gram"])
+def test_trapezoid_keeps_linear_per_example_gradients_on_long_sequences(route: str, monkeypatch) -> None:
+    """With sequences longer than ``d·p / (d + p)`` each linear map keeps its per-example gradients
+    over the step instead of its input and output gradient (the smaller form); the second
+    contraction dots them with the weighted ``g_val(θ_t+1)``, also where the layer's first part
+    took the Gram route (whose coefficient is applied once, not twice)."""
+    from inrun.layers.linear import LinearHandler
+    from inrun.layers.registry import PerExampleGradients
+
+    condensed = []
+    original = LinearHandler.condense
+
+    def spy(self, module, saved, grad_out):
+        out = original(self, module, saved, grad_out)
+        condensed.append(isinstance(out, PerExampleGradients))
+        return out
+
+    monkeypatch.setattr(LinearHandler, "condense", spy)
+    case = f64(lm_case("GPT-2 d=4, 12 positions", lambda: gpt2(n_layer=1, dim=4), vocab=40, seq=12))
+    run_and_compare(case, "trapezoid", **({} if route == "auto" else forced_route(route)))
+    assert condensed and all(condensed)
+
+
 def test_hessian_variant_with_default_attention_backend() -> None:
     """The tracker runs its Hessian-vector product under SDPA's math backend by itself."""
     run_and_compare(MODEL_CASES[0], "hessian", steps=1)

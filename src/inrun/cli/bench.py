@@ -5,7 +5,10 @@ model and optimizer and runs the same batches. After warm-up, methods run in alt
 (A B C A B C ...) so drift of the machine cancels; each ratio is the median step time of a
 method over the median of plain training (≥ 20 steps each). Peak memory is measured for each
 method in a fresh process (CPU: growth of the resident-set high-water mark over the steps;
-GPU: ``max_memory_allocated``), as a ratio to plain training.
+GPU: ``max_memory_allocated``), as a ratio to plain training, beside its *memory floor*: 1 + the
+bytes an exact route must hold beyond that peak (:func:`memory_floors`: the validation gradient,
+the gradient map's reference and, for contractions after the backward, the factors of the
+micro-batches that wait) over the baseline's measured peak.
 
 Each ratio is printed beside its *FLOP floor*: 1 + the multiply-adds the method adds to
 training over training's own, counted from the shapes of the linear layers (the bulk of the
@@ -80,6 +83,11 @@ class Workload:
     the layer's Gram route meets (1 or True: all; an expert: top-k / experts; 0 or False: none)."""
     frozen: list[tuple[int, int]] = field(default_factory=list)
     """Linear layers of a frozen base: forward and input gradient only, nothing to value."""
+    embedding_width: int = 0
+    """Floats per position of the embeddings' output gradient, kept by a deferred contraction
+    (GPT-2's token and position embeddings receive one gradient, the same tensor: counted once)."""
+    norm_features: int = 0
+    """Floats per example of the norms' kept per-example gradients (weights and biases)."""
     micro: int = 1
     """Micro-batches per optimizer step (gradient accumulation): each batch is cut into ``micro``
     equal parts, each its own forward/backward (and ``tracker.step``) of the loss / ``micro``."""
@@ -149,6 +157,7 @@ def gpt2_workload(
     return Workload(
         name, make_model, batches, val, loss, example_loss, lambda m: loss(m, val), seq, val_seq,
         notes=notes + f", 1 val x {val_seq}", linears=linears, frozen=frozen, micro=micro, methods=methods,
+        embedding_width=d if lora is None else 0, norm_features=0 if lora is not None else (2 * n_layer + 1) * 2 * d,
     )
 
 
@@ -223,7 +232,7 @@ def moe_workload() -> Workload:
     return Workload(
         "E", make_model, batches, val, loss, example_loss, lambda m: loss(m, val), seq, seq, notes=(
             f"Mixtral {n_layer}x{d}, 8 experts top-2 (intermediate {inter}), vocab {vocab}, {batch}x{seq}, "
-            f"1 val x {seq}"), linears=linears,
+            f"1 val x {seq}"), linears=linears, embedding_width=d, norm_features=(2 * n_layer + 1) * d,
     )
 
 
@@ -266,6 +275,7 @@ def encoder_workload() -> Workload:
     return Workload(
         "T", make_model, batches, val, loss, example_loss, lambda m: loss(m, val), seq, seq,
         notes=f"nn.TransformerEncoder {n_layer}x{d}, vocab {vocab}, {batch}x{seq}, 1 val x {seq}", linears=linears,
+        embedding_width=d, norm_features=2 * n_layer * 2 * d,
     )
 
 
@@ -480,6 +490,45 @@ def floors(w: Workload) -> dict[str, float]:
     return out
 
 
+# ----------------------------------------------------------------------------- memory floors
+WINDOW_METHODS = ("order 2 trapezoid", "order 2 hessian", "Adam-aware order 1")
+"""Methods whose values are contracted after the backward: each call's factors wait for the step
+(Adam's slope) or the next validation pass (order 2)."""
+
+
+def kept_per_microbatch(w: Workload, bytes_per_float: int = 4) -> int:
+    """Bytes an exact deferred contraction must keep per micro-batch: per example, each trainable
+    linear map's input and output gradient at every position (``T·(d + p)``) or its per-example
+    gradient where smaller (``d·p``), the embeddings' output gradient (``T·width``) and the norms'
+    per-example gradients (:mod:`inrun.tracking.kept`)."""
+    T = w.tokens
+    per_example = sum(min(T * (d + p), d * p) for d, p, _ in w.linears) + T * w.embedding_width + w.norm_features
+    return (w.examples // w.micro) * per_example * bytes_per_float
+
+
+def memory_floors(w: Workload, params: int, bytes_per_float: int = 4) -> dict[str, float]:
+    """Bytes each method must hold beyond its baseline's peak (the lower bound of an exact route).
+
+    Every tracked method holds the validation gradient (``|θ|``) and the gradient map's reference
+    (one gradient, :mod:`inrun.tracking.gradmap`) over the step. A deferred contraction also
+    keeps every micro-batch's factors (:func:`kept_per_microbatch`) until the step or the next
+    validation pass; while the last micro-batch runs its forward and backward (the baseline's
+    peak), the ``k − 1`` before it wait: ``(k − 1)·F`` more. (With one micro-batch the factors
+    are mostly the activations autograd keeps anyway: no term.) AdamW's two moments are its
+    own (plain AdamW's floor over plain SGD); the validation pass alone holds one gradient."""
+    theta = params * bytes_per_float
+    tracked = 2 * theta
+    window = tracked + (w.micro - 1) * kept_per_microbatch(w, bytes_per_float)
+    out = {n: float(tracked) for n in ("order 1", "order 1 + book-keeping", "compiled order 1")}
+    out.update({n: float(window) for n in WINDOW_METHODS})
+    out.update({"plain": 0.0, "compiled plain": 0.0, "plain AdamW": 2.0 * theta, "plain + validation pass": float(theta)})
+    return out
+
+
+def trainable_parameters(w: Workload) -> int:
+    return sum(p.numel() for p in w.make_model().parameters() if p.requires_grad)
+
+
 # ----------------------------------------------------------------------------- measurement
 class Clock:
     """Reads the wall clock at a step's start and end. On a CUDA device a step's kernels run after
@@ -674,14 +723,15 @@ def run(args: argparse.Namespace) -> int:
         times = time_methods(on_device(w, device), names, args.steps, args.warmup, args.rounds, Clock(device))
         memory = {} if args.no_memory else measure_memory(wname, names, device, args.compile_backend)
         floor = floors(w)
+        held = memory_floors(w, trainable_parameters(w))
         print(f"### Workload {wname}: {w.notes}\n")
         print(f"(load average {os.getloadavg()[0]:.2f} after the timing)\n")
         print("| method | median step (ms) | time ratio | CPU-time ratio | FLOP floor | ratio / floor "
-              "| page faults per step | peak memory (MiB) | memory ratio |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| page faults per step | peak memory (MiB) | memory ratio | memory floor | memory / floor |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n in names:
             if (wname, n) in FAILURES:
-                print(f"| {n} | cannot run: {FAILURES[(wname, n)]} | | | | | | | |")
+                print(f"| {n} | cannot run: {FAILURES[(wname, n)]} | | | | | | | | | |")
                 continue
             base = BASELINE_OF.get(n, "plain")
             med = statistics.median(times[n].wall)
@@ -689,8 +739,15 @@ def run(args: argparse.Namespace) -> int:
             cpu = statistics.median(times[n].cpu) / statistics.median(times[base].cpu) if base in times else float("nan")
             mem = memory[n] / memory[base] if memory and base in memory else float("nan")
             mib = memory[n] / 2**20 if memory else float("nan")
+            # the floor as a ratio to the baseline's measured peak: 1 + what the route must hold / that peak
+            mem_floor = 1 + held[n] / memory[base] if memory and base in memory and n in held else float("nan")
             print(f"| {n} | {med * 1000:.0f} | {ratio:.2f}x | {cpu:.2f}x | {floor[n]:.2f}x | {ratio / floor[n]:.2f} "
-                  f"| {statistics.median(times[n].faults):.0f} | {mib:.0f} | {mem:.2f}x |")
+                  f"| {statistics.median(times[n].faults):.0f} | {mib:.0f} | {mem:.2f}x | {mem_floor:.2f}x "
+                  f"| {mem / mem_floor:.2f} |")
+        if w.micro > 1 and any(n in held for n in WINDOW_METHODS if n in names):
+            print(f"\nMemory floor: factors kept per micro-batch {kept_per_microbatch(w) / 2**20:.1f} MiB "
+                  f"({w.micro - 1} waiting while the last runs), validation gradient and gradient map "
+                  f"{held['order 1'] / 2**20:.1f} MiB.")
         if "compiled order 1" in times and "order 1" in times:
             print(f"\nCompiled against eager: plain {ratio_of(times, 'compiled plain', 'plain'):.2f}x, "
                   f"tracked {ratio_of(times, 'compiled order 1', 'order 1'):.2f}x (median step times).")

@@ -1,6 +1,7 @@
 """What a call keeps for a contraction after the backward (Adam's slope, order 2): its input as it
 was, at the precision the layer computed with, and the versions that show an in-place change; or,
-where they are much smaller (norms), its per-example gradients in place of both factors."""
+where they are smaller (norms; linear maps over sequences longer than ``d·p / (d + p)``), its
+per-example gradients in place of both factors."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def keep_for_window(cap: Capture, grad: Tensor, keep: bool, condense: bool) -> N
         cap.saved = None
         return
     cap.grad = grad
-    if condense:
+    if condense and cap.part is None:
         condensed = cap.entry.handler.condense(cap.entry.module, cap.saved, grad)
         if condensed is not None:  # the input is not read again: no in-place change can matter
             cap.saved, cap.grad, cap.versions = None, condensed, []

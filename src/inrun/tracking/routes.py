@@ -104,7 +104,9 @@ def contract_window(
                 continue
             check_versions(cap)
             e = cap.entry
-            factors = gram.get(e.index) if gram is not None and K == 1 else None
+            # condensed per-example gradients are dotted with the (weighted) vectors, not by Gram
+            condensed = isinstance(cap.grad, PerExampleGradients)
+            factors = gram.get(e.index) if gram is not None and K == 1 and not condensed else None
             by_name = {n: vectors[i] for n, i in zip(e.param_names, e.param_index)}
             if record_route:
                 e.route = route_label(e, factors is not None)

@@ -50,6 +50,10 @@ class ValueRule:
         self.immediate = not update.elementwise
         self.keeps_factors = update.elementwise or correction != "none" or carry
         self.pending = correction == "trapezoid"
+        if not self.immediate:
+            # every contraction of an elementwise rule takes the vector route (a slope per
+            # coordinate has no Gram form): the validation pass's Gram factors would go unread
+            validation.captures_gram = False
 
     @property
     def order(self) -> int:

@@ -144,11 +144,13 @@ class Window:
         return torch.cat([mb.dots for mb in self.micro], dim=1)
 
     def release(self) -> None:
-        """Drop the micro-batches and what their calls kept (a settled window may live on in the
-        step log; its factors should not)."""
+        """Drop the micro-batches, what their calls kept and the step's per-coordinate multipliers
+        (a settled window may live on in the step log and the drop rows; its parameter-sized
+        tensors should not: on A, two settled windows' multipliers held 48 MiB between steps)."""
         for mb in self.micro:
             mb.captures.clear()
         self.micro.clear()
+        self.multipliers = []
 
     def value(self, first: np.ndarray, second: np.ndarray | None, lr: list[float]) -> None:
         self.first, self.second, self.lr = first, second, lr
