@@ -102,3 +102,36 @@ def test_the_model_outputs_are_held_only_for_the_micro_batch_the_check_reads() -
         RootCalls.disarm = disarm  # type: ignore[method-assign]
     assert kept[0][0]  # the first micro-batch is verified: it keeps its outputs
     assert [sum(s) for s in kept[1:]] == [1, 1, 1]  # then only the drawn micro-batch of each step
+
+
+def test_past_the_first_steps_a_small_step_is_checked_at_a_share_of_steps() -> None:
+    """Steps of 6 examples: checked at every one of the first 8 steps, then at about
+    3 · 6 · 1% = 18% of the steps (one example's forward is about 1/18 of such a step); an
+    interaction that appears at step 60 is still refused within the run."""
+    from inrun.tracking.probes import EVERY_STEP_UNTIL, check_rate
+
+    assert check_rate(6) == pytest.approx(0.18) and check_rate(34) == 1.0
+    torch.manual_seed(0)
+    model = CountingMLP().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xv, yv = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    tracker = InRunShapley(model, opt, val_loss=lambda m: F.cross_entropy(m(xv), yv))
+    checked = []
+    refused_at = None
+    for step in range(96):
+        before = model.single
+        model.center = step >= 60
+        x, y = torch.randn(SIZE, 5, dtype=torch.float64), torch.randint(0, 3, (SIZE,))
+        try:
+            with tracker.step(list(range(step * SIZE, (step + 1) * SIZE))):
+                F.cross_entropy(model(x), y).backward()
+        except UnsupportedModuleError:
+            refused_at = step
+            break
+        opt.step()
+        opt.zero_grad()
+        checked.append(model.single - before)
+    assert checked[1:EVERY_STEP_UNTIL] == [1] * (EVERY_STEP_UNTIL - 1)
+    later = checked[EVERY_STEP_UNTIL:60]
+    assert 2 <= sum(later) <= 20, later  # 44 steps at 18%: 8 expected
+    assert refused_at is not None and refused_at >= 60, (sum(later), refused_at)

@@ -27,12 +27,18 @@ step raises then. The micro-batch is drawn among as many as the last step had (t
 resumed run's steps takes its first). A call that drew random numbers (dropout) cannot be compared
 this way and is left to the probes. Once per step, not per micro-batch: with accumulation over
 ``m`` micro-batches the check at each one took about ``m`` times a forward of one example (5% of
-an Adam-aware step of four micro-batches of 8x128, ``inrun bench`` workload A).
+an Adam-aware step of four micro-batches of 8x128, ``inrun bench`` workload A). And after the
+first :data:`EVERY_STEP_UNTIL` steps, at a share of the steps (drawn by the same generator) that
+keeps its expected cost near :data:`CHECK_SHARE` of a step's FLOPs: every step of 34 or more
+examples, one in four of 8 (the check had been the largest part of order 1's time above its FLOP
+floor: 3-5% of a step on ``inrun bench``'s R, S and T, 8% on E, whose steps have 8-16 examples).
 
 What can still go unseen (use ``verify="every_step"``, which proves every micro-batch, probes
 included): a reordering that is the identity on the verified batch *and* on its shuffle; an
 interaction that no probe part triggers and that, at a later step, touches few examples (it is seen
-at a step with probability the share of the step's examples it touches, by the one example checked);
+at a checked step with probability the share of the step's examples it touches, by the one example
+checked; past the first steps, a step of fewer than 34 examples is checked with probability
+:func:`check_rate`);
 any interaction in a model whose forward draws random numbers, after the verified batches.
 
 Cost: the probes add one replay (a forward and two backward passes) and a few forwards of parts of
@@ -152,6 +158,21 @@ def _run(call: RootCall, rows: Tensor, batch: int, rerun: bool = False) -> list[
         return None  # a part the model cannot run (a norm over one value, a fixed batch size)
 
 
+EVERY_STEP_UNTIL = 8
+"""The check runs at every step of a run's first steps (an interaction that appears early, batch
+centring switched on at step 2, is refused at that step)."""
+
+CHECK_SHARE = 0.01
+"""After those, the check runs at a share of the steps that keeps its expected cost near this share
+of a step's FLOPs: one example's forward is about ``1 / (3E)`` of a step of ``E`` examples, so steps
+of ``E ≥ 34`` examples are all checked and a step of 8 one time in four."""
+
+
+def check_rate(examples: int) -> float:
+    """The share of steps checked past :data:`EVERY_STEP_UNTIL`, for steps of ``examples`` examples."""
+    return min(1.0, 3 * max(1, examples) * CHECK_SHARE)
+
+
 class RowProbes:
     """The per-step check of one example alone (see the module docstring)."""
 
@@ -162,18 +183,23 @@ class RowProbes:
         """Why the model cannot run one example alone (the check is then left out)."""
         self._step = -1
         self._micro_seen = 0  # micro-batches of the step being recorded (its last index + 1)
+        self._examples_seen = 0  # examples of its micro-batches the check was offered
         self._micro_per_step = 1  # of the last step: the draw's range
+        self._rate = 1.0  # the share of steps checked, from the last step's examples
 
     def _drawn(self, step: int, micro: int) -> np.random.Generator | None:
-        """The step's generator when ``micro`` is the step's drawn micro-batch (``micro``: its index
-        in the step), else ``None``."""
+        """The step's generator when ``micro`` is the micro-batch the check runs on this step
+        (``micro``: its index in the step), else ``None``."""
         if step != self._step:
             if self._step >= 0:
                 self._micro_per_step = max(1, self._micro_seen)
-            self._step, self._micro_seen = step, 0
+                self._rate = check_rate(self._examples_seen)
+            self._step, self._micro_seen, self._examples_seen = step, 0, 0
         self._micro_seen = max(self._micro_seen, micro + 1)
         draw = np.random.default_rng([self.seed, step])
-        return draw if micro == int(draw.integers(self._micro_per_step)) else None
+        if micro != int(draw.integers(self._micro_per_step)):
+            return None
+        return draw if step < EVERY_STEP_UNTIL or draw.random() < self._rate else None
 
     def reads(self, window: Any) -> bool:
         """Whether the check will read the outputs of the micro-batch being recorded in ``window``
@@ -186,10 +212,9 @@ class RowProbes:
         """At the step's drawn micro-batch, run one of its examples alone and compare its outputs
         with its row (``micro``: the micro-batch's index in the step)."""
         draw = self._drawn(step, micro)
-        if self.refused is not None or not calls or draw is None:
-            return
-        B = calls[0].outputs[0].shape[0] if calls[0].outputs else 0
-        if B < 2:
+        B = calls[0].outputs[0].shape[0] if calls and calls[0].outputs else 0
+        self._examples_seen += B
+        if self.refused is not None or draw is None or B < 2:
             return
         z = int(draw.integers(B))
         rows = torch.tensor([z])
