@@ -30,14 +30,19 @@ class CountingMLP(nn.Module):
         return self.head(h - h.mean(0) if self.center else h)
 
 
+def tracked(optimizer: type[torch.optim.Optimizer], lr: float) -> tuple[CountingMLP, torch.optim.Optimizer, InRunShapley]:
+    """A float64 counting MLP, its optimizer and its tracker (the default ``verify="on_change"``)."""
+    torch.manual_seed(0)
+    model = CountingMLP().double()
+    opt = optimizer(model.parameters(), lr=lr)
+    xv, yv = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    return model, opt, InRunShapley(model, opt, val_loss=lambda m: F.cross_entropy(m(xv), yv))
+
+
 def loop(steps: int, centre_micro: int | None = None, centre_from: int = 2) -> tuple[CountingMLP, list[int]]:
     """AdamW over ``MICRO`` micro-batches a step; from ``centre_from`` on, micro-batch ``centre_micro``
     centres its rows. Returns the model and its single-example forwards counted at each step."""
-    torch.manual_seed(0)
-    model = CountingMLP().double()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    xv, yv = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
-    tracker = InRunShapley(model, opt, val_loss=lambda m: F.cross_entropy(m(xv), yv))
+    model, opt, tracker = tracked(torch.optim.AdamW, 0.01)
     per_step = []
     for step in range(steps):
         before = model.single
@@ -84,11 +89,7 @@ def test_the_model_outputs_are_held_only_for_the_micro_batch_the_check_reads() -
 
     RootCalls.disarm = recording  # type: ignore[method-assign]
     try:
-        torch.manual_seed(0)
-        model = CountingMLP().double()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        xv, yv = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
-        tracker = InRunShapley(model, opt, val_loss=lambda m: F.cross_entropy(m(xv), yv))
+        model, opt, tracker = tracked(torch.optim.SGD, 0.1)
         for step in range(4):
             kept.append([])
             for k in range(MICRO):
@@ -111,11 +112,7 @@ def test_past_the_first_steps_a_small_step_is_checked_at_a_share_of_steps() -> N
     from inrun.tracking.probes import EVERY_STEP_UNTIL, check_rate
 
     assert check_rate(6) == pytest.approx(0.18) and check_rate(34) == 1.0
-    torch.manual_seed(0)
-    model = CountingMLP().double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    xv, yv = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
-    tracker = InRunShapley(model, opt, val_loss=lambda m: F.cross_entropy(m(xv), yv))
+    model, opt, tracker = tracked(torch.optim.SGD, 0.1)
     checked = []
     refused_at = None
     for step in range(96):

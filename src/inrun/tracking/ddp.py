@@ -201,6 +201,20 @@ def all_reduce_settled(t: Tensor, group: Any = None) -> None:
 
 def all_gather_bytes(payload: bytes, group: Any = None) -> list[bytes]:
     """Every rank's ``payload``, in rank order (a collective call; sizes may differ by rank)."""
+    gathered = _gather_bytes(payload, None, group)
+    assert gathered is not None
+    return gathered
+
+
+def gather_bytes(payload: bytes, rank: int, group: Any = None) -> list[bytes] | None:
+    """Every rank's ``payload`` in rank order, on global rank ``rank`` only (``None`` on the others;
+    a collective call). The sizes travel to every rank (one integer each), the bytes to ``rank``."""
+    return _gather_bytes(payload, rank, group)
+
+
+def _gather_bytes(payload: bytes, rank: int | None, group: Any) -> list[bytes] | None:
+    """The payloads padded to the longest (whose length every rank learns first), then all-gathered
+    (``rank`` None) or gathered to ``rank``."""
     world = dist.get_world_size(group)
     device = _collective_device(group)
     size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
@@ -213,30 +227,12 @@ def all_gather_bytes(payload: bytes, group: Any = None) -> list[bytes]:
     if payload:
         mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     mine = mine.to(device)
-    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
-    _settle([mine, *gathered], group)
-    return [g[:n].cpu().numpy().tobytes() for g, n in zip(gathered, lengths)]
-
-
-def gather_bytes(payload: bytes, rank: int, group: Any = None) -> list[bytes] | None:
-    """Every rank's ``payload`` in rank order, on global rank ``rank`` only (``None`` on the others;
-    a collective call). The sizes travel to every rank (one integer each), the bytes to ``rank``."""
-    world = dist.get_world_size(group)
-    device = _collective_device(group)
-    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    _settle([size, *sizes], group)
-    lengths = [int(s.item()) for s in sizes]
-    longest = max(lengths)
-    mine = torch.zeros(longest, dtype=torch.uint8)
-    if payload:
-        mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    mine = mine.to(device)
-    receiving = dist.get_rank() == rank
+    receiving = rank is None or dist.get_rank() == rank
     gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)] if receiving else None
-    dist.gather(mine, gathered, dst=rank, group=group)
+    if rank is None:
+        dist.all_gather(gathered, mine, group=group)
+    else:
+        dist.gather(mine, gathered, dst=rank, group=group)
     _settle([mine, *(gathered or [])], group)
     if gathered is None:
         return None
